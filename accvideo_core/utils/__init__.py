@@ -1,0 +1,1 @@
+"""Small shared helpers: safe checkpoint reading and atomic writes."""
