@@ -1,0 +1,501 @@
+"""SynVid: teacher denoising trajectories on disk (one safetensors file per sample + a JSON manifest).
+
+A data set is a folder::
+
+    ROOT/manifest.json                 data-set wide facts + one entry per sample (rewritten atomically)
+    ROOT/samples/000000.safetensors    one sample: latents, conditioning, metadata
+
+Tensors of a sample (all latents in MODEL space, i.e. VAE latents x 0.476986, see ``accvideo_core.latents``):
+
+| name | shape | dtype |
+|---|---|---|
+| ``latents`` | ``[S, 16, T, H, W]``: the trajectory latents at the teacher steps ``stored_steps`` | selectable |
+| ``sigmas`` | ``[steps + 1]``: the teacher's whole sigma schedule (1 ... 0) | float32 |
+| ``text_states`` | ``[L, D]`` | selectable |
+| ``text_mask`` | ``[L]`` (1 = valid token) | bool |
+| ``pooled`` | ``[P]`` | selectable |
+| ``guidance`` | ``[1]``: the embedded guidance scale (6.0) | float32 |
+
+String metadata: see ``REQUIRED_METADATA``. ``stored_steps`` is ``key_steps`` (0, 10, ..., 50: the 6 latents the
+method uses) or every step 0..steps. The trajectory latent at step ``i`` is the teacher's Euler iterate at
+``sigmas[i]`` (step 0 = the initial noise, step ``steps`` = the final latent).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+from accvideo_core.latents import LATENT_CHANNELS, latent_shape
+from accvideo_core.utils.io import save_safetensors, write_json
+
+FORMAT_NAME = "synvid"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SAMPLES_DIR = "samples"
+TENSOR_NAMES = ("latents", "sigmas", "text_states", "text_mask", "pooled", "guidance")
+REQUIRED_METADATA = (
+    "format", "format_version", "prompt", "seed", "steps", "shift", "guidance", "sigmas", "key_steps",
+    "stored_steps", "height", "width", "frames", "latent_space", "source_model", "source_model_hash",
+)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class SynVidError(ValueError):
+    """A SynVid file or data set is unreadable or does not hold what the format requires."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"bf16"``/``"bfloat16"``/``"fp16"``/``"fp32"``... -> torch dtype, with a clear error otherwise."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise SynVidError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+
+
+def key_steps_for(steps: int, segments: int = 5) -> list[int]:
+    """Teacher step indices of the ``segments + 1`` key latents: 0, 10, ..., 50 for 50 steps and 5 segments."""
+    if steps % segments:
+        raise SynVidError(f"teacher steps ({steps}) must be a multiple of the number of segments ({segments}) "
+                          "so that the key sigmas are teacher sigmas")
+    return list(range(0, steps + 1, steps // segments))
+
+
+@dataclass
+class SynVidSample:
+    """One teacher trajectory and its conditioning (tensors without a batch dimension)."""
+
+    latents: torch.Tensor            # [S, 16, T, H, W], model space
+    stored_steps: list[int]          # teacher step index of each latent
+    sigmas: torch.Tensor             # [steps + 1] float32
+    text_states: torch.Tensor        # [L, D]
+    text_mask: torch.Tensor          # [L] bool
+    pooled: torch.Tensor             # [P]
+    guidance: float
+    prompt: str
+    seed: int
+    shift: float
+    height: int
+    width: int
+    frames: int
+    source_model: str
+    source_model_hash: str
+    key_steps: list[int] = field(default_factory=list)
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return self.sigmas.numel() - 1
+
+    def latent_at(self, step: int) -> torch.Tensor:
+        """The trajectory latent at teacher step ``step`` (must be stored)."""
+        if step not in self.stored_steps:
+            raise SynVidError(f"step {step} is not stored in this sample (stored: {self.stored_steps})")
+        return self.latents[self.stored_steps.index(step)]
+
+    def key_latents(self) -> torch.Tensor:
+        """``[len(key_steps), 16, T, H, W]`` latents at the key steps (sigma 1 first)."""
+        return torch.stack([self.latent_at(s) for s in self.key_steps])
+
+
+def sample_metadata(sample: SynVidSample) -> dict[str, str]:
+    meta = {
+        "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "prompt": sample.prompt,
+        "seed": str(int(sample.seed)), "steps": str(sample.steps), "shift": repr(float(sample.shift)),
+        "guidance": repr(float(sample.guidance)), "sigmas": json.dumps([float(s) for s in sample.sigmas.tolist()]),
+        "key_steps": json.dumps(list(sample.key_steps)), "stored_steps": json.dumps(list(sample.stored_steps)),
+        "height": str(sample.height), "width": str(sample.width), "frames": str(sample.frames),
+        "latent_space": "model", "source_model": sample.source_model, "source_model_hash": sample.source_model_hash,
+    }
+    for k, v in sample.extra.items():
+        if k in meta:
+            raise SynVidError(f"extra metadata key {k!r} collides with a format field")
+        meta[k] = str(v)
+    return meta
+
+
+def write_sample(sample: SynVidSample, path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16") -> Path:
+    """Validate and atomically write one sample; latents, text states and pooled are stored in ``dtype``."""
+    if not sample.key_steps:
+        sample.key_steps = key_steps_for(sample.steps)
+    check_sample(sample, source=str(path))
+    dt = parse_dtype(dtype)
+    tensors = {
+        "latents": sample.latents.to(dt), "sigmas": sample.sigmas.to(torch.float32),
+        "text_states": sample.text_states.to(dt), "text_mask": sample.text_mask.to(torch.bool),
+        "pooled": sample.pooled.to(dt), "guidance": torch.tensor([float(sample.guidance)], dtype=torch.float32),
+    }
+    return save_safetensors(tensors, path, metadata=sample_metadata(sample))
+
+
+def _meta_int_list(meta: Mapping[str, str], key: str, source: str) -> list[int]:
+    try:
+        value = json.loads(meta[key])
+        assert isinstance(value, list) and all(isinstance(v, int) for v in value)
+        return value
+    except Exception as err:
+        raise SynVidError(f"{source}: metadata {key!r} must be a JSON list of ints, got {meta.get(key)!r}") from err
+
+
+def read_sample(path: str | os.PathLike, *, steps: Sequence[int] | None = None, check_finite: bool = True,
+                expect: Mapping[str, tuple] | None = None) -> SynVidSample:
+    """Read and validate one sample file.
+
+    ``steps``: load only the latents at these teacher steps (e.g. the 6 key steps of a 51-latent file), reading
+    just those slices. ``expect``: optional shapes (``latent``, ``text_states``, ``pooled``) every sample of a
+    data set must share. Raises :class:`SynVidError` naming the file for every problem.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    src = str(path)
+    if not path.is_file():
+        raise SynVidError(f"{src}: file not found")
+    try:
+        with safe_open(src, framework="pt") as fh:
+            meta = fh.metadata() or {}
+            names = set(fh.keys())
+            missing = [n for n in TENSOR_NAMES if n not in names]
+            if missing:
+                raise SynVidError(f"{src}: missing tensors {missing}; a SynVid sample holds {list(TENSOR_NAMES)}")
+            _check_metadata(meta, src)
+            stored = _meta_int_list(meta, "stored_steps", src)
+            if steps is None:
+                latents = fh.get_tensor("latents")
+                kept = stored
+            else:
+                absent = [s for s in steps if s not in stored]
+                if absent:
+                    raise SynVidError(f"{src}: teacher steps {absent} are not stored (stored: {stored})")
+                sl = fh.get_slice("latents")
+                latents = torch.stack([sl[stored.index(s)] for s in steps])
+                kept = list(steps)
+            t = {n: fh.get_tensor(n) for n in TENSOR_NAMES if n != "latents"}
+    except SynVidError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise SynVidError(f"{src}: not a readable safetensors file ({err}); it is probably truncated or corrupt: "
+                          "delete it and dump it again") from err
+    sample = SynVidSample(
+        latents=latents, stored_steps=kept, sigmas=t["sigmas"].float(), text_states=t["text_states"],
+        text_mask=t["text_mask"].bool(), pooled=t["pooled"], guidance=float(t["guidance"].reshape(-1)[0]),
+        prompt=meta["prompt"], seed=int(meta["seed"]), shift=float(meta["shift"]), height=int(meta["height"]),
+        width=int(meta["width"]), frames=int(meta["frames"]), source_model=meta["source_model"],
+        source_model_hash=meta["source_model_hash"], key_steps=_meta_int_list(meta, "key_steps", src),
+        extra={k: v for k, v in meta.items() if k not in REQUIRED_METADATA},
+    )
+    check_sample(sample, source=src, expect=expect, check_finite=check_finite, n_stored=None if steps else len(stored))
+    return sample
+
+
+def _check_metadata(meta: Mapping[str, str], src: str) -> None:
+    if meta.get("format") != FORMAT_NAME:
+        raise SynVidError(f"{src}: not a SynVid sample (metadata format={meta.get('format')!r}, "
+                          f"expected {FORMAT_NAME!r})")
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        version = -1
+    if version != FORMAT_VERSION:
+        raise SynVidError(f"{src}: SynVid format version {meta.get('format_version')!r} is not supported "
+                          f"(this code reads version {FORMAT_VERSION})")
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise SynVidError(f"{src}: metadata is missing {missing}")
+    if meta["latent_space"] != "model":
+        raise SynVidError(f"{src}: latents must be stored in model (scaled) space, metadata says "
+                          f"{meta['latent_space']!r}")
+
+
+def check_sample(sample: SynVidSample, *, source: str = "sample", expect: Mapping[str, tuple] | None = None,
+                 check_finite: bool = False, n_stored: int | None = None) -> None:
+    """Validate shapes, schedule and metadata of a sample; raise :class:`SynVidError` describing the problem."""
+    def fail(msg: str) -> None:
+        raise SynVidError(f"{source}: {msg}")
+
+    sig = sample.sigmas
+    if sig.ndim != 1 or sig.numel() < 2:
+        fail(f"sigmas must be a 1-D schedule of steps+1 values, got shape {tuple(sig.shape)}")
+    if abs(float(sig[0]) - 1.0) > 1e-6 or abs(float(sig[-1])) > 1e-6 or not bool((sig[1:] < sig[:-1]).all()):
+        fail("sigmas must decrease strictly from 1 to 0")
+    steps = sig.numel() - 1
+    if any(s < 0 or s > steps for s in sample.stored_steps) or len(set(sample.stored_steps)) != len(
+            sample.stored_steps):
+        fail(f"stored_steps {sample.stored_steps} must be distinct teacher steps in 0..{steps}")
+    if any(s < 0 or s > steps for s in sample.key_steps) or sorted(sample.key_steps) != list(sample.key_steps):
+        fail(f"key_steps {sample.key_steps} must be increasing teacher steps in 0..{steps}")
+    if n_stored is not None and n_stored not in (len(sample.key_steps), steps + 1):
+        fail(f"a sample stores the {len(sample.key_steps)} key latents or all {steps + 1}, not {n_stored}")
+    try:
+        want = latent_shape(sample.frames, sample.height, sample.width)[1:]
+    except ValueError as err:
+        fail(f"invalid video size in metadata: {err}")
+    lat = sample.latents
+    if lat.ndim != 5 or tuple(lat.shape[1:]) != want or lat.shape[0] != len(sample.stored_steps):
+        fail(f"latents must have shape [{len(sample.stored_steps)}, {LATENT_CHANNELS}, {want[1]}, {want[2]}, "
+             f"{want[3]}] for {sample.frames} frames at {sample.height}x{sample.width}, got {tuple(lat.shape)}")
+    ts, mask, pooled = sample.text_states, sample.text_mask, sample.pooled
+    if ts.ndim != 2:
+        fail(f"text_states must be [L, D], got {tuple(ts.shape)}")
+    if mask.ndim != 1 or mask.shape[0] != ts.shape[0]:
+        fail(f"text_mask must be [L={ts.shape[0]}], got {tuple(mask.shape)}")
+    if not bool(mask.any()):
+        fail("text_mask has no valid token")
+    if pooled.ndim != 1:
+        fail(f"pooled must be [P], got {tuple(pooled.shape)}")
+    if not math.isfinite(sample.guidance):
+        fail("guidance is not finite")
+    if expect:
+        got = {"latent": tuple(lat.shape[1:]), "text_dim": int(ts.shape[1]), "pooled": tuple(pooled.shape)}
+        for key, value in expect.items():
+            if key in got and _norm(got[key]) != _norm(value):
+                fail(f"{key} is {got[key]} but the data set's samples have {value}; "
+                     "all samples of a data set must share latent shape and conditioning sizes")
+    if check_finite:
+        for name, t in (("latents", lat), ("text_states", ts), ("pooled", pooled)):
+            if not bool(torch.isfinite(t).all()):
+                fail(f"{name} contains NaN or Inf values")
+
+
+def _norm(v: object) -> object:
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Manifest + writer
+
+
+def sample_filename(index: int) -> str:
+    return f"{SAMPLES_DIR}/{index:06d}.safetensors"
+
+
+class SynVidWriter:
+    """Writes samples into a data-set folder and keeps ``manifest.json`` up to date (atomically).
+
+    Re-opening an existing folder continues it: ``has(seed, prompt)`` tells a dumper what is already there.
+    The manifest is rewritten every ``flush_every`` samples and on :meth:`close`; samples written after the last
+    flush are found again by :func:`rebuild_manifest`.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16", flush_every: int = 16,
+                 info: Mapping[str, object] | None = None):
+        self.root = Path(root)
+        self.dtype = parse_dtype(dtype)
+        self.flush_every = max(1, int(flush_every))
+        manifest_path = self.root / MANIFEST_NAME
+        if manifest_path.is_file():
+            self.manifest = load_manifest(self.root)
+        else:
+            self.manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dtype": dtype_name(self.dtype),
+                             "samples": []}
+        if info:
+            self.manifest.update({k: v for k, v in info.items() if k not in ("samples", "format", "format_version")})
+        self._pending = 0
+        self._done = {(e["seed"], e["prompt"]) for e in self.manifest["samples"]}
+
+    def __enter__(self) -> "SynVidWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self.manifest["samples"])
+
+    def has(self, seed: int, prompt: str) -> bool:
+        return (int(seed), prompt) in self._done
+
+    def write(self, sample: SynVidSample) -> Path:
+        index = len(self.manifest["samples"])
+        rel = sample_filename(index)
+        self._describe(sample)
+        path = write_sample(sample, self.root / rel, dtype=self.dtype)
+        self.manifest["samples"].append(_manifest_entry(sample, rel, path))
+        self._done.add((int(sample.seed), sample.prompt))
+        self._pending += 1
+        if self._pending >= self.flush_every:
+            self.flush()
+        return path
+
+    def _describe(self, sample: SynVidSample) -> None:
+        m = self.manifest
+        facts = {"steps": sample.steps, "shift": float(sample.shift), "key_steps": list(sample.key_steps),
+                 "stored": "all" if len(sample.stored_steps) == sample.steps + 1 else "key",
+                 "latent_shape": list(sample.latents.shape[1:]), "text_dim": int(sample.text_states.shape[1]),
+                 "pooled": list(sample.pooled.shape), "source_model": sample.source_model,
+                 "source_model_hash": sample.source_model_hash}
+        for k, v in facts.items():
+            if k in m and m[k] != v and k in ("latent_shape", "text_dim", "pooled", "steps", "key_steps"):
+                raise SynVidError(f"{self.root}: sample {k}={v} differs from the data set's {k}={m[k]}; "
+                                  "write it into a separate folder")
+            m.setdefault(k, v)
+
+    def flush(self) -> None:
+        write_json(self.manifest, self.root / MANIFEST_NAME)
+        self._pending = 0
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _manifest_entry(sample: SynVidSample, rel: str, path: Path) -> dict:
+    return {"file": rel, "prompt": sample.prompt, "seed": int(sample.seed), "bytes": path.stat().st_size}
+
+
+def load_manifest(root: str | os.PathLike) -> dict:
+    path = Path(root) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SynVidError(f"{path}: unreadable manifest ({err}); run `python -m accvideo_core.synvid.format "
+                          f"rebuild {root}` to recreate it from the sample files") from err
+    if manifest.get("format") != FORMAT_NAME or not isinstance(manifest.get("samples"), list):
+        raise SynVidError(f"{path}: not a SynVid manifest (expected format {FORMAT_NAME!r} and a samples list)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise SynVidError(f"{path}: manifest version {manifest.get('format_version')!r} is not supported "
+                          f"(this code reads version {FORMAT_VERSION})")
+    return manifest
+
+
+def rebuild_manifest(root: str | os.PathLike) -> dict:
+    """Recreate ``manifest.json`` from the sample files (after a crash between flushes, or by hand)."""
+    root = Path(root)
+    writer_manifest: dict = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "samples": []}
+    bad = []
+    expect: dict[str, object] | None = None
+    for path in sorted((root / SAMPLES_DIR).glob("*.safetensors")):
+        try:
+            s = read_sample(path, check_finite=False, expect=expect)
+        except SynVidError as err:
+            bad.append(str(err))
+            continue
+        if expect is None:
+            expect = {"latent": tuple(s.latents.shape[1:]), "text_dim": int(s.text_states.shape[1]),
+                      "pooled": tuple(s.pooled.shape)}
+        writer_manifest.setdefault("dtype", dtype_name(s.latents.dtype))
+        for k, v in {"steps": s.steps, "shift": s.shift, "key_steps": s.key_steps,
+                     "latent_shape": list(s.latents.shape[1:]), "text_dim": int(s.text_states.shape[1]),
+                     "pooled": list(s.pooled.shape), "source_model": s.source_model,
+                     "source_model_hash": s.source_model_hash}.items():
+            writer_manifest.setdefault(k, v)
+        writer_manifest["samples"].append(_manifest_entry(s, path.relative_to(root).as_posix(), path))
+    write_json(writer_manifest, root / MANIFEST_NAME)
+    for msg in bad:
+        warnings.warn(f"SynVid rebuild skipped a bad file: {msg}", stacklevel=2)
+    return writer_manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reader
+
+
+class SynVidDataset:
+    """Random access to a SynVid folder, validating every sample it loads.
+
+    ``load(i)`` raises :class:`SynVidError` naming the file; :meth:`iter_valid` and the trainer's batch stream
+    report such files (``on_error``) and skip them instead of stopping the epoch.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, steps: Sequence[int] | None = None, check_finite: bool = True):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SynVidError(f"SynVid folder not found: {self.root}")
+        if (self.root / MANIFEST_NAME).is_file():
+            self.manifest = load_manifest(self.root)
+        else:
+            raise SynVidError(f"{self.root}: no {MANIFEST_NAME}; if the folder holds sample files run "
+                              f"`python -m accvideo_core.synvid.format rebuild {self.root}`")
+        self.entries = list(self.manifest["samples"])
+        if not self.entries:
+            raise SynVidError(f"{self.root}: the manifest lists no samples")
+        self.steps = list(steps) if steps is not None else None
+        self.check_finite = check_finite
+        self.expect = {k: self.manifest[k] for k in ("latent_shape", "text_dim", "pooled") if k in self.manifest}
+        if "latent_shape" in self.expect:
+            self.expect["latent"] = self.expect.pop("latent_shape")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def path(self, index: int) -> Path:
+        return self.root / self.entries[index]["file"]
+
+    def load(self, index: int) -> SynVidSample:
+        return read_sample(self.path(index), steps=self.steps, check_finite=self.check_finite, expect=self.expect)
+
+    def iter_valid(self, indices: Iterable[int] | None = None, *,
+                   on_error=None) -> Iterator[tuple[int, SynVidSample]]:
+        """Yield ``(index, sample)`` for every readable sample; report the others via ``on_error(index, err)``."""
+        for i in (range(len(self)) if indices is None else indices):
+            try:
+                yield i, self.load(i)
+            except SynVidError as err:
+                (on_error or _warn_bad)(i, err)
+
+
+def _warn_bad(index: int, err: SynVidError) -> None:
+    warnings.warn(f"skipping corrupt SynVid sample: {err}", stacklevel=3)
+
+
+def verify(root: str | os.PathLike) -> tuple[int, list[str]]:
+    """Read every sample of a data set; return (number of good samples, error messages of the bad ones)."""
+    ds = SynVidDataset(root)
+    bad: list[str] = []
+    good = sum(1 for _ in ds.iter_valid(on_error=lambda i, e: bad.append(str(e))))
+    return good, bad
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """``sha256:<hex>`` of a file (the source-model hash recorded in every sample)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """``sha256:<hex>`` over names, shapes, dtypes and bytes of a state dict (for models not read from a file)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m accvideo_core.synvid.format",
+                                     description="Check or repair a SynVid data-set folder.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("verify", help="read every sample and report the bad ones").add_argument("root")
+    sub.add_parser("rebuild", help="recreate manifest.json from the sample files").add_argument("root")
+    args = parser.parse_args(argv)
+    if args.cmd == "rebuild":
+        manifest = rebuild_manifest(args.root)
+        print(f"{args.root}: manifest lists {len(manifest['samples'])} samples")
+        return 0
+    good, bad = verify(args.root)
+    for msg in bad:
+        print(f"BAD  {msg}")
+    print(f"{args.root}: {good} good, {len(bad)} bad")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""SynVid format: round trip, selective reads, validation errors, manifest, corrupt-file reporting."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from accvideo_core.synvid.format import (
+    SynVidDataset, SynVidError, SynVidSample, SynVidWriter, key_steps_for, main, read_sample, rebuild_manifest,
+    write_sample,
+)
+
+
+def make_sample(seed: int = 0, *, steps: int = 10, all_steps: bool = False, frames: int = 5) -> SynVidSample:
+    g = torch.Generator().manual_seed(seed)
+    s = torch.linspace(1, 0, steps + 1)
+    sigmas = 7 * s / (1 + 6 * s)
+    stored = list(range(steps + 1)) if all_steps else key_steps_for(steps)
+    T = (frames - 1) // 4 + 1
+    return SynVidSample(
+        latents=torch.randn(len(stored), 16, T, 4, 6, generator=g), stored_steps=stored, sigmas=sigmas,
+        text_states=torch.randn(7, 12, generator=g), text_mask=torch.tensor([1, 1, 1, 1, 0, 0, 0], dtype=torch.bool),
+        pooled=torch.randn(8, generator=g), guidance=6.0, prompt=f"prompt {seed}", seed=seed, shift=7.0,
+        height=32, width=48, frames=frames, source_model="tiny", source_model_hash="sha256:00",
+        key_steps=key_steps_for(steps))
+
+
+def test_round_trip_dtypes_and_key_slices(tmp_path):
+    full = make_sample(1, all_steps=True)
+    write_sample(full, tmp_path / "a.safetensors", dtype="float32")
+    got = read_sample(tmp_path / "a.safetensors")
+    assert torch.equal(got.latents, full.latents) and got.stored_steps == list(range(11))
+    assert got.prompt == "prompt 1" and got.seed == 1 and got.guidance == 6.0 and got.frames == 5
+    assert torch.equal(got.text_mask, full.text_mask) and torch.allclose(got.sigmas, full.sigmas)
+    keys = read_sample(tmp_path / "a.safetensors", steps=got.key_steps)  # reads 6 slices of 11
+    assert keys.stored_steps == [0, 2, 4, 6, 8, 10]
+    assert torch.equal(keys.key_latents(), full.latents[[0, 2, 4, 6, 8, 10]])
+    write_sample(full, tmp_path / "b.safetensors", dtype="bf16")
+    b = read_sample(tmp_path / "b.safetensors")
+    assert b.latents.dtype == torch.bfloat16 and torch.allclose(b.latents.float(), full.latents, atol=0.05)
+
+
+def test_validation_errors_name_the_problem(tmp_path):
+    bad = make_sample()
+    bad.latents = bad.latents[:, :, :, :3]
+    with pytest.raises(SynVidError, match="latents must have shape"):
+        write_sample(bad, tmp_path / "x.safetensors")
+    bad = make_sample()
+    bad.sigmas = bad.sigmas.flip(0)
+    with pytest.raises(SynVidError, match="decrease strictly"):
+        write_sample(bad, tmp_path / "x.safetensors")
+    bad = make_sample()
+    bad.frames = 6
+    with pytest.raises(SynVidError, match="4k\\+1"):
+        write_sample(bad, tmp_path / "x.safetensors")
+    nan = make_sample()
+    nan.latents[2, 0, 0, 0, 0] = float("nan")
+    write_sample(nan, tmp_path / "nan.safetensors", dtype="float32")
+    with pytest.raises(SynVidError, match="nan.safetensors: latents contains NaN"):
+        read_sample(tmp_path / "nan.safetensors")
+    with pytest.raises(SynVidError, match="steps \\[3\\] are not stored"):
+        read_sample(tmp_path / "nan.safetensors", steps=[0, 3])
+    with pytest.raises(SynVidError, match="multiple of the number of segments"):
+        key_steps_for(12, 5)
+
+
+def test_manifest_reader_skips_and_reports_corrupt_files(tmp_path):
+    with SynVidWriter(tmp_path, dtype="float32", flush_every=2) as w:
+        for i in range(4):
+            w.write(make_sample(i))
+        assert w.has(2, "prompt 2") and not w.has(9, "prompt 9")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert len(manifest["samples"]) == 4 and manifest["latent_shape"] == [16, 2, 4, 6]
+    with pytest.raises(SynVidError, match="differs from the data set"):
+        with SynVidWriter(tmp_path) as w:
+            w.write(make_sample(5, frames=9))
+    # truncate one file, make another one a different format
+    p1 = tmp_path / "samples" / "000001.safetensors"
+    p1.write_bytes(p1.read_bytes()[:-100])
+    other = make_sample(3)
+    other.text_states = torch.randn(7, 5)
+    write_sample(other, tmp_path / "samples" / "000003.safetensors")
+    ds = SynVidDataset(tmp_path)
+    errors: list[tuple[int, str]] = []
+    good = [i for i, _ in ds.iter_valid(on_error=lambda i, e: errors.append((i, str(e))))]
+    assert good == [0, 2]
+    assert errors[0][0] == 1 and "000001.safetensors" in errors[0][1] and "truncated or corrupt" in errors[0][1]
+    assert errors[1][0] == 3 and "text_dim is 5" in errors[1][1]
+    assert main(["verify", str(tmp_path)]) == 1
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(SynVidError, match="rebuild"):
+        SynVidDataset(tmp_path)
+    with pytest.warns(UserWarning, match="000001|000003"):
+        rebuilt = rebuild_manifest(tmp_path)
+    assert [e["file"] for e in rebuilt["samples"]] == ["samples/000000.safetensors", "samples/000002.safetensors"]
