@@ -1,22 +1,33 @@
 """Fused element-wise / normalisation kernels shared by the transformer, the VAE, the trainer and the nodes.
 
 Callers always import from here: ``from accvideo_core import kernels; kernels.rms_norm_rope(...)``.
-The backend is chosen per call: Triton when it is importable, the tensor is on CUDA and the backend is not
-forced to the reference; otherwise the pure-torch reference in ``reference.py``.
+The backend is chosen per call: the Triton kernels (``triton_kernels.py``) when the tensors are on a CUDA device,
+Triton imports and the backend is not forced to the reference; otherwise the pure-torch reference
+(``reference.py``), which defines the semantics. CPU tensors use the reference and never import Triton, unless
+``TRITON_INTERPRET=1`` is set (Triton's interpreter then runs the Triton kernels on CPU: slow, for tests).
 
-Force the reference with ``ACCVIDEO_KERNELS=torch`` in the environment or ``kernels.set_backend("torch")``.
+Force the reference with ``ACCVIDEO_KERNELS=torch`` in the environment or ``kernels.set_backend("torch")``;
+``"triton"`` makes a missing Triton path an error instead of a silent fallback.
 """
 from __future__ import annotations
 
 import os
+import warnings
+from types import ModuleType
+
+import torch
 
 from . import reference
 from .reference import group_norm_stats, rotate_adjacent_pairs, stats_to_mean_rstd
 
 _BACKENDS = ("auto", "torch", "triton")
-_backend = os.environ.get("ACCVIDEO_KERNELS", "auto").lower()
+_backend = os.environ.get("ACCVIDEO_KERNELS", "auto").strip().lower() or "auto"
 if _backend not in _BACKENDS:
     raise ValueError(f"ACCVIDEO_KERNELS={_backend!r}; expected one of {_BACKENDS}")
+
+# Triton import state, resolved once on first need: None = not tried yet, a module, or False = unavailable.
+_triton: ModuleType | bool | None = None
+_triton_error: str = ""
 
 
 def set_backend(name: str) -> None:
@@ -31,42 +42,71 @@ def get_backend() -> str:
     return _backend
 
 
-def _impl(name: str, *tensors):
-    """Pick the implementation of kernel ``name`` for these tensors."""
-    if _backend != "torch":
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
+
+
+def _load_triton() -> ModuleType | None:
+    """Import ``triton_kernels`` once per process; remember failure and why."""
+    global _triton, _triton_error
+    if _triton is None:
         try:
             from . import triton_kernels
-        except ImportError:
-            triton_kernels = None
-        if triton_kernels is not None and triton_kernels.supports(*tensors):
-            return getattr(triton_kernels, name)
-        if _backend == "triton":
-            raise RuntimeError(
-                f"kernel backend 'triton' was forced but cannot run {name} here (Triton missing, or tensors "
-                "not on a CUDA device and TRITON_INTERPRET unset); use ACCVIDEO_KERNELS=auto or torch"
-            )
+            _triton = triton_kernels
+        except Exception as exc:  # ImportError, or a broken Triton install failing at import
+            _triton, _triton_error = False, f"{type(exc).__name__}: {exc}"
+            if torch.cuda.is_available() and _backend == "auto":
+                warnings.warn(f"accvideo kernels: Triton unavailable ({_triton_error}); using the torch reference",
+                              stacklevel=3)
+    return _triton or None
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels import here (imports Triton if it was not tried yet)."""
+    return _load_triton() is not None
+
+
+def _impl(name: str, *tensors: torch.Tensor | None):
+    """Pick the implementation of kernel ``name`` for these tensors."""
+    if _backend == "torch":
+        return getattr(reference, name)
+    first = next(t for t in tensors if t is not None)
+    why = ""
+    if first.is_cuda or _interpret_requested():
+        module = _load_triton()
+        if module is not None and module.supports(*tensors):
+            return getattr(module, name)
+        why = f"Triton missing ({_triton_error})" if module is None else (
+            "tensors are not all on one kind of device Triton can use, or not fp32/fp16/bf16 "
+            f"(Triton interpreter active: {module.INTERPRET})")
+    else:
+        why = "tensors are on the CPU and TRITON_INTERPRET is unset"
+    if _backend == "triton":
+        raise RuntimeError(f"kernel backend 'triton' was forced but cannot run {name} here: {why}. "
+                           "Use ACCVIDEO_KERNELS=auto (or torch), move the tensors to CUDA, or set "
+                           "TRITON_INTERPRET=1 before Triton is imported to run the kernels on CPU.")
     return getattr(reference, name)
 
 
 def rms_norm_rope(x, weight, cos=None, sin=None, eps: float = 1e-6):
     """See ``reference.rms_norm_rope``."""
-    return _impl("rms_norm_rope", x)(x, weight, cos, sin, eps)
+    return _impl("rms_norm_rope", x, weight, cos, sin)(x, weight, cos, sin, eps)
 
 
 def layer_norm_modulate(x, shift, scale, eps: float = 1e-6):
     """See ``reference.layer_norm_modulate``."""
-    return _impl("layer_norm_modulate", x)(x, shift, scale, eps)
+    return _impl("layer_norm_modulate", x, shift, scale)(x, shift, scale, eps)
 
 
 def gated_residual(x, y, gate):
     """See ``reference.gated_residual``."""
-    return _impl("gated_residual", x)(x, y, gate)
+    return _impl("gated_residual", x, y, gate)(x, y, gate)
 
 
 def group_norm_silu(x, weight, bias, num_groups: int, eps: float = 1e-6, silu: bool = True, mean=None, rstd=None):
     """See ``reference.group_norm_silu``."""
-    return _impl("group_norm_silu", x)(x, weight, bias, num_groups, eps, silu, mean, rstd)
+    return _impl("group_norm_silu", x, weight, bias, mean, rstd)(x, weight, bias, num_groups, eps, silu, mean, rstd)
 
 
 __all__ = ["rms_norm_rope", "layer_norm_modulate", "gated_residual", "group_norm_silu", "group_norm_stats",
-           "stats_to_mean_rstd", "rotate_adjacent_pairs", "set_backend", "get_backend"]
+           "stats_to_mean_rstd", "rotate_adjacent_pairs", "set_backend", "get_backend", "triton_available"]
