@@ -1,0 +1,228 @@
+"""HunyuanVideo transformer key layouts: original (Tencent, our module names) <-> diffusers.
+
+Both directions are generic in the hidden size: H is read from tensor shapes, never hard-coded (diffusers' own
+converter assumes H = 3072 and cannot convert a small model). Conversions only slice and concatenate, so
+diffusers -> original -> diffusers round-trips bit-exactly.
+
+Layout facts (see ``docs/transformer.md``):
+- fused ``*_qkv`` rows are ``[q, k, v]``, each H rows;
+- ``single_blocks.N.linear1`` rows are ``[q, k, v, mlp]`` (H, H, H, mlp_ratio * H);
+- ``final_layer.adaLN_modulation.1`` rows are ``[shift, scale]`` in the original and ``[scale, shift]`` in
+  diffusers' ``norm_out.linear``.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+# Plain renames (original prefix -> diffusers prefix); ".weight"/".bias" follow unchanged.
+_RENAMES_GLOBAL: tuple[tuple[str, str], ...] = (
+    ("img_in.proj", "x_embedder.proj"),
+    ("time_in.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
+    ("time_in.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
+    ("guidance_in.mlp.0", "time_text_embed.guidance_embedder.linear_1"),
+    ("guidance_in.mlp.2", "time_text_embed.guidance_embedder.linear_2"),
+    ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+    ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+    ("txt_in.input_embedder", "context_embedder.proj_in"),
+    ("txt_in.t_embedder.mlp.0", "context_embedder.time_text_embed.timestep_embedder.linear_1"),
+    ("txt_in.t_embedder.mlp.2", "context_embedder.time_text_embed.timestep_embedder.linear_2"),
+    ("txt_in.c_embedder.linear_1", "context_embedder.time_text_embed.text_embedder.linear_1"),
+    ("txt_in.c_embedder.linear_2", "context_embedder.time_text_embed.text_embedder.linear_2"),
+    ("final_layer.linear", "proj_out"),
+)
+_RENAMES_REFINER: tuple[tuple[str, str], ...] = (
+    ("norm1", "norm1"),
+    ("norm2", "norm2"),
+    ("self_attn_proj", "attn.to_out.0"),
+    ("mlp.fc1", "ff.net.0.proj"),
+    ("mlp.fc2", "ff.net.2"),
+    ("adaLN_modulation.1", "norm_out.linear"),
+)
+_RENAMES_DOUBLE: tuple[tuple[str, str], ...] = (
+    ("img_mod.linear", "norm1.linear"),
+    ("txt_mod.linear", "norm1_context.linear"),
+    ("img_attn_q_norm", "attn.norm_q"),
+    ("img_attn_k_norm", "attn.norm_k"),
+    ("txt_attn_q_norm", "attn.norm_added_q"),
+    ("txt_attn_k_norm", "attn.norm_added_k"),
+    ("img_attn_proj", "attn.to_out.0"),
+    ("txt_attn_proj", "attn.to_add_out"),
+    ("img_mlp.fc1", "ff.net.0.proj"),
+    ("img_mlp.fc2", "ff.net.2"),
+    ("txt_mlp.fc1", "ff_context.net.0.proj"),
+    ("txt_mlp.fc2", "ff_context.net.2"),
+)
+_RENAMES_SINGLE: tuple[tuple[str, str], ...] = (
+    ("linear2", "proj_out"),
+    ("q_norm", "attn.norm_q"),
+    ("k_norm", "attn.norm_k"),
+    ("modulation.linear", "norm.linear"),
+)
+# Fused original tensors split into several diffusers tensors (rows in this order).
+_QKV = ("to_q", "to_k", "to_v")
+_SPLIT_REFINER = {"self_attn_qkv": tuple(f"attn.{n}" for n in _QKV)}
+_SPLIT_DOUBLE = {
+    "img_attn_qkv": tuple(f"attn.{n}" for n in _QKV),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+}
+_SPLIT_SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+
+_ORIG_REFINER = "txt_in.individual_token_refiner.blocks."
+_DIFF_REFINER = "context_embedder.token_refiner.refiner_blocks."
+
+# Keys that identify each layout (present in every checkpoint of that layout).
+ORIGINAL_MARKER = "txt_in.individual_token_refiner.blocks.0.norm1.weight"
+DIFFUSERS_MARKER = "context_embedder.token_refiner.refiner_blocks.0.norm1.weight"
+
+
+def _split_rows(tensor: torch.Tensor, hidden: int, parts: int) -> list[torch.Tensor]:
+    """Split fused rows into ``parts`` chunks; the first three are H rows each, a 4th takes the rest."""
+    if parts == 3:
+        if tensor.shape[0] != 3 * hidden:
+            raise ValueError(f"fused qkv has {tensor.shape[0]} rows; expected 3 x hidden = {3 * hidden}")
+        return list(tensor.split(hidden, dim=0))
+    if tensor.shape[0] <= 3 * hidden:
+        raise ValueError(f"single_blocks linear1 has {tensor.shape[0]} rows; expected 3 x {hidden} + mlp rows")
+    return list(tensor.split([hidden, hidden, hidden, tensor.shape[0] - 3 * hidden], dim=0))
+
+
+def hidden_size_of(sd: Mapping[str, torch.Tensor]) -> int:
+    """Hidden size H of a transformer state dict in either layout, from tensor shapes."""
+    for key in ("img_in.proj.weight", "x_embedder.proj.weight"):
+        if key in sd:
+            return int(sd[key].shape[0])
+    raise KeyError("cannot find the patch embedding (img_in.proj.weight / x_embedder.proj.weight) to read H from")
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    """[a, b] rows -> [b, a] rows (final layer shift/scale <-> scale/shift)."""
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat((second, first), dim=0)
+
+
+def _convert_block(rest: str, renames, splits, tensor, hidden, out: StateDict, out_prefix: str) -> bool:
+    """Convert one original block-local key; returns False when unknown."""
+    name, _, suffix = rest.rpartition(".")
+    for orig, diff in renames:
+        if name == orig:
+            out[f"{out_prefix}{diff}.{suffix}"] = tensor
+            return True
+    if name in splits:
+        targets = splits[name]
+        for target, piece in zip(targets, _split_rows(tensor, hidden, len(targets))):
+            out[f"{out_prefix}{target}.{suffix}"] = piece
+        return True
+    return False
+
+
+def original_to_diffusers(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """Convert an original-layout state dict to diffusers' ``HunyuanVideoTransformer3DModel`` layout.
+
+    Unknown keys raise ``KeyError`` naming them (a silent drop would hide a wrong file).
+    """
+    hidden = hidden_size_of(sd)
+    out: StateDict = {}
+    unknown = []
+    for key, tensor in sd.items():
+        if key.startswith("final_layer.adaLN_modulation.1."):
+            out["norm_out.linear." + key.rsplit(".", 1)[1]] = _swap_halves(tensor)
+            continue
+        name, _, suffix = key.rpartition(".")
+        done = False
+        for orig, diff in _RENAMES_GLOBAL:
+            if name == orig:
+                out[f"{diff}.{suffix}"] = tensor
+                done = True
+                break
+        if not done:
+            for orig_prefix, diff_prefix, renames, splits in (
+                (_ORIG_REFINER, _DIFF_REFINER, _RENAMES_REFINER, _SPLIT_REFINER),
+                ("double_blocks.", "transformer_blocks.", _RENAMES_DOUBLE, _SPLIT_DOUBLE),
+                ("single_blocks.", "single_transformer_blocks.", _RENAMES_SINGLE, _SPLIT_SINGLE),
+            ):
+                if key.startswith(orig_prefix):
+                    index, _, rest = key[len(orig_prefix):].partition(".")
+                    done = _convert_block(rest, renames, splits, tensor, hidden, out, f"{diff_prefix}{index}.")
+                    break
+        if not done:
+            unknown.append(key)
+    if unknown:
+        raise KeyError(f"{len(unknown)} keys are not part of the original HunyuanVideo layout, e.g. {unknown[:3]}")
+    return out
+
+
+def _invert(renames) -> dict[str, str]:
+    return {diff: orig for orig, diff in renames}
+
+
+def diffusers_to_original(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """Convert a diffusers-layout state dict to the original HunyuanVideo layout (exact inverse of
+    :func:`original_to_diffusers`). Missing parts of a split tensor or unknown keys raise ``KeyError``."""
+    out: StateDict = {}
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # fused original key -> {diffusers part: tensor}
+    fused_parts: dict[str, tuple[str, ...]] = {}
+    unknown = []
+    global_inv = _invert(_RENAMES_GLOBAL)
+    block_tables = (
+        (_DIFF_REFINER, _ORIG_REFINER, _invert(_RENAMES_REFINER), _SPLIT_REFINER),
+        ("transformer_blocks.", "double_blocks.", _invert(_RENAMES_DOUBLE), _SPLIT_DOUBLE),
+        ("single_transformer_blocks.", "single_blocks.", _invert(_RENAMES_SINGLE), _SPLIT_SINGLE),
+    )
+    for key, tensor in sd.items():
+        name, _, suffix = key.rpartition(".")
+        if name == "norm_out.linear":
+            out[f"final_layer.adaLN_modulation.1.{suffix}"] = _swap_halves(tensor)
+            continue
+        if name in global_inv:
+            out[f"{global_inv[name]}.{suffix}"] = tensor
+            continue
+        done = False
+        for diff_prefix, orig_prefix, inv, splits in block_tables:
+            if not key.startswith(diff_prefix):
+                continue
+            index, _, rest = key[len(diff_prefix):].partition(".")
+            local, _, suffix = rest.rpartition(".")
+            if local in inv:
+                out[f"{orig_prefix}{index}.{inv[local]}.{suffix}"] = tensor
+                done = True
+            else:
+                for fused, parts in splits.items():
+                    if local in parts:
+                        fused_key = f"{orig_prefix}{index}.{fused}.{suffix}"
+                        pending.setdefault(fused_key, {})[local] = tensor
+                        fused_parts[fused_key] = parts
+                        done = True
+                        break
+            break
+        if not done:
+            unknown.append(key)
+    if unknown:
+        raise KeyError(f"{len(unknown)} keys are not part of the diffusers HunyuanVideo layout, e.g. {unknown[:3]}")
+    for fused_key, got in pending.items():
+        parts = fused_parts[fused_key]
+        missing = [p for p in parts if p not in got]
+        if missing:
+            raise KeyError(f"cannot rebuild {fused_key}: diffusers parts {missing} are missing")
+        out[fused_key] = torch.cat([got[p] for p in parts], dim=0)
+    return out
+
+
+def strip_prefix(sd: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> tuple[StateDict, str]:
+    """Remove the first of ``prefixes`` that every key carries (e.g. ``model.diffusion_model.``).
+
+    Returns the new dict and the prefix removed ("" when none applied).
+    """
+    for prefix in prefixes:
+        if sd and all(k.startswith(prefix) for k in sd):
+            return {k[len(prefix):]: v for k, v in sd.items()}, prefix
+    # Mixed files (e.g. a full ComfyUI checkpoint with VAE and text encoders): keep only the prefixed part.
+    for prefix in prefixes:
+        sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if sub:
+            return sub, prefix
+    return dict(sd), ""
+

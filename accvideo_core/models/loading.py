@@ -1,0 +1,234 @@
+"""Load a HunyuanVideo transformer from any common file: ``load_transformer(source, dtype=..., device=...)``.
+
+Accepted: the original layout (``.pt``/``.pth``/``.bin`` read weights-only with ``module``/``ema``/``state_dict``
+wrappers unwrapped, or ``.safetensors``), ComfyUI / diffusion-pipe prefixes (``model.diffusion_model.``,
+``diffusion_model.``, ``transformer.``), the diffusers layout (converted), and fp8 (e4m3fn / e5m2) weights, which
+stay fp8 in memory and are up-cast per call to the compute dtype (ComfyUI "fp8_scaled" ``scale_weight`` honoured).
+The architecture is read from tensor shapes. A wrong or partial file raises ``CheckpointError`` naming the detected
+model family, the first missing / unexpected keys and what was expected.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..utils.io import CheckpointError, StateDict, read_state_dict, save_safetensors
+from .key_maps import DIFFUSERS_MARKER, ORIGINAL_MARKER, diffusers_to_original, strip_prefix
+from .transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig
+
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+CONFIG_METADATA_KEY = "accvideo.transformer_config"
+ORIGINAL_LAYOUT = "HunyuanVideo transformer (original layout)"
+DIFFUSERS_LAYOUT = "HunyuanVideo transformer (diffusers layout)"
+_EXPECTED = ("an original-layout HunyuanVideo / AccVideo transformer (keys like 'double_blocks.0.img_attn_qkv.weight', "
+             "optionally prefixed 'model.diffusion_model.') or a diffusers HunyuanVideoTransformer3DModel "
+             "('transformer_blocks.0.attn.to_q.weight')")
+
+
+class FP8Linear(nn.Linear):
+    """``nn.Linear`` whose weight is stored in fp8 and up-cast to the input's dtype on every call.
+
+    ``scale_weight`` (a scalar buffer, ComfyUI's "fp8_scaled" files) multiplies the up-cast weight when present.
+    """
+
+    scale_weight: torch.Tensor | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(x.dtype)
+        if getattr(self, "scale_weight", None) is not None:
+            weight = weight * self.scale_weight.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+
+def detect_family(sd: Mapping[str, torch.Tensor]) -> str:
+    """Name the model family a state dict belongs to (used for loading and for error messages)."""
+    keys = list(sd)
+    has = lambda pattern: any(re.search(pattern, k) for k in keys)  # noqa: E731
+    if ORIGINAL_MARKER in sd or has(r"^double_blocks\.\d+\.img_attn_qkv\.") or has(r"^single_blocks\.\d+\.linear1\."):
+        return ORIGINAL_LAYOUT
+    if DIFFUSERS_MARKER in sd or has(r"^transformer_blocks\.\d+\.attn\.add_q_proj\.") and has(r"^context_embedder\."):
+        return DIFFUSERS_LAYOUT
+    if has(r"lora_(A|B|up|down)\b|\.lora\.|\.alpha$"):
+        return "a LoRA (load it with the LoRA tools, not as a model)"
+    if has(r"_attn\.qkv\.") and has(r"^txt_in\.individual_token_refiner\."):
+        return "HunyuanVideo transformer (ComfyUI internal names; save it from ComfyUI with ModelSave instead)"
+    if has(r"^double_blocks\.\d+\.img_attn\.qkv\."):
+        return "Flux-style DiT (Flux / HunyuanImage)"
+    if has(r"^blocks\.\d+\.self_attn\.") or has(r"^blocks\.\d+\.cross_attn\."):
+        return "Wan 2.x transformer"
+    if has(r"^decoder\.conv_in\.") or has(r"^encoder\.down_blocks\."):
+        return "a VAE"
+    if has(r"input_blocks\.\d+\.") or has(r"down_blocks\.\d+\.resnets\."):
+        return "a Stable Diffusion UNet"
+    if has(r"(^|\.)text_model\.|^model\.layers\.\d+\.|^encoder\.block\.\d+\."):
+        return "a text encoder"
+    return "unknown"
+
+
+def _block_count(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = [int(m.group(1)) for k in sd if (m := pattern.match(k))]
+    return max(indices) + 1 if indices else 0
+
+
+def config_from_state_dict(sd: Mapping[str, torch.Tensor], *, rope_axes: tuple[int, int, int] | None = None,
+                           rope_theta: float = 256.0) -> TransformerConfig:
+    """Read the architecture of an original-layout state dict from its tensor shapes."""
+    def shape(key: str) -> torch.Size:
+        if key not in sd:
+            raise CheckpointError(f"cannot read the architecture: key {key!r} is missing; expected {_EXPECTED}")
+        return sd[key].shape
+
+    hidden, in_channels, *patch = shape("img_in.proj.weight")
+    if "double_blocks.0.img_attn_q_norm.weight" in sd:
+        head_dim = shape("double_blocks.0.img_attn_q_norm.weight")[0]
+    else:
+        head_dim = shape("single_blocks.0.q_norm.weight")[0]
+    if "double_blocks.0.img_mlp.fc1.weight" in sd:
+        mlp_hidden = shape("double_blocks.0.img_mlp.fc1.weight")[0]
+    else:
+        mlp_hidden = shape("single_blocks.0.linear1.weight")[0] - 3 * hidden
+    return TransformerConfig(
+        in_channels=in_channels,
+        out_channels=shape("final_layer.linear.weight")[0] // math.prod(patch),
+        hidden_size=hidden,
+        num_heads=hidden // head_dim,
+        num_double_blocks=_block_count(sd, "double_blocks."),
+        num_single_blocks=_block_count(sd, "single_blocks."),
+        num_refiner_blocks=_block_count(sd, "txt_in.individual_token_refiner.blocks."),
+        mlp_ratio=mlp_hidden / hidden,
+        patch_size=tuple(patch),
+        text_dim=shape("txt_in.input_embedder.weight")[1],
+        pooled_dim=shape("vector_in.in_layer.weight")[1],
+        guidance_embed=any(k.startswith("guidance_in.") for k in sd),
+        rope_axes=rope_axes,
+        rope_theta=rope_theta,
+    )
+
+
+def to_original_layout(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, str]:
+    """Strip known prefixes and convert to the original layout. Returns (state dict, detected family)."""
+    sd, _ = strip_prefix(sd, PREFIXES)
+    family = detect_family(sd)
+    if family == DIFFUSERS_LAYOUT:
+        try:
+            sd = diffusers_to_original(sd)
+        except KeyError as err:
+            raise CheckpointError(f"detected {family}, but it cannot be converted: {err.args[0]}; "
+                                  f"expected {_EXPECTED}") from err
+    elif family != ORIGINAL_LAYOUT:
+        first = ", ".join(list(sd)[:3])
+        raise CheckpointError(f"this file is not a HunyuanVideo transformer: detected {family} (first keys: "
+                              f"{first}); expected {_EXPECTED}")
+    return sd, family
+
+
+def _read_source(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[StateDict, dict, str]:
+    """-> (state dict, stored config dict or {}, name for messages)."""
+    if isinstance(source, Mapping):
+        return dict(source), {}, "state dict"
+    path = Path(source)
+    sd = read_state_dict(path)
+    stored = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        if CONFIG_METADATA_KEY in meta:
+            stored = json.loads(meta[CONFIG_METADATA_KEY])
+    return sd, stored, str(path)
+
+
+def _default_dtype(sd: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The file's own float dtype (most common by element count), bf16 when the bulk is fp8."""
+    counts: dict[torch.dtype, int] = {}
+    for t in sd.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    dtype = max(counts, key=counts.get) if counts else torch.float32
+    return torch.bfloat16 if dtype in FP8_DTYPES else dtype
+
+
+def load_transformer(source: str | os.PathLike | Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None,
+                     device: str | torch.device = "cpu", storage_dtype: torch.dtype | None = None,
+                     rope_axes: tuple[int, int, int] | None = None) -> HunyuanVideoTransformer3D:
+    """Build a :class:`HunyuanVideoTransformer3D` from a checkpoint path or a state dict (eval mode).
+
+    dtype: compute dtype (default: the file's float dtype; bf16 for fp8 files). storage_dtype: pass
+    ``torch.float8_e4m3fn`` to store the Linear weights of a bf16/fp32 file in fp8 (half the memory of bf16);
+    fp8 weights in the file are always kept in fp8. rope_axes: needed only for head dims other than 128 whose
+    file carries no config metadata (files written by :func:`save_transformer` do).
+    """
+    raw, stored, name = _read_source(source)
+    raw = {k: v for k, v in raw.items() if not k.endswith((".scale_input", "scaled_fp8"))}
+    scales = {k[: -len(".scale_weight")]: v for k, v in raw.items() if k.endswith(".scale_weight")}
+    raw = {k: v for k, v in raw.items() if not k.endswith(".scale_weight")}
+    sd, family = to_original_layout(raw)
+    scales, _ = strip_prefix(scales, PREFIXES) if scales else ({}, "")
+
+    axes = rope_axes or stored.get("rope_axes")
+    config = config_from_state_dict(sd, rope_axes=tuple(axes) if axes else None,
+                                    rope_theta=float(stored.get("rope_theta", 256.0)))
+    with torch.device("meta"):
+        model = HunyuanVideoTransformer3D(config)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong_shape = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                   if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        parts = [f"{name}: detected {family}, but it does not match the architecture read from its shapes "
+                 f"({config.num_double_blocks} double + {config.num_single_blocks} single blocks, hidden "
+                 f"{config.hidden_size})"]
+        if missing:
+            parts.append(f"{len(missing)} missing keys, first: {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, first: {unexpected[:3]}")
+        if wrong_shape:
+            parts.append(f"{len(wrong_shape)} shape mismatches, first: {wrong_shape[:2]}")
+        parts.append(f"expected {_EXPECTED}; the file may be partial (interrupted download) or another model")
+        raise CheckpointError("; ".join(parts))
+
+    compute = dtype or _default_dtype(sd)
+    if compute in FP8_DTYPES:
+        raise ValueError("dtype is the compute dtype (bf16/fp16/fp32); use storage_dtype=torch.float8_e4m3fn "
+                         "to keep weights in fp8")
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    tensors: StateDict = {}
+    for key, value in sd.items():
+        module_name, _, leaf = key.rpartition(".")
+        keep_fp8 = leaf == "weight" and module_name in linears and (
+            value.dtype in FP8_DTYPES or (storage_dtype in FP8_DTYPES and module_name.startswith(("double_blocks.",
+                                                                                                  "single_blocks."))))
+        if keep_fp8:
+            target = value.dtype if value.dtype in FP8_DTYPES else storage_dtype
+            tensors[key] = value.to(device=device, dtype=target)
+        else:
+            tensors[key] = value.to(device=device, dtype=compute if value.is_floating_point() else value.dtype)
+        if keep_fp8 or module_name in scales:
+            module = model.get_submodule(module_name)
+            module.__class__ = FP8Linear
+            scale = scales.get(module_name)
+            module.register_buffer("scale_weight", None if scale is None else scale.to(device, torch.float32))
+    model.load_state_dict(tensors, assign=True, strict=True)
+    for p in model.parameters():
+        if p.dtype in FP8_DTYPES:
+            p.requires_grad_(False)
+    return model.eval()
+
+
+def save_transformer(model: HunyuanVideoTransformer3D, path: str | os.PathLike) -> Path:
+    """Atomically write ``model`` as an original-layout safetensors file with its config in the metadata."""
+    meta = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())}
+    return save_safetensors(model.state_dict(), path, metadata=meta)

@@ -1,0 +1,98 @@
+"""Helpers shared by the test suites of every area (and the tiny demo models): small configs, random weights.
+
+Random test weights are deliberately NON-degenerate: every bias is non-zero and every norm weight is away from 1,
+so a differential test exercises every parameter (a zero bias or a unit norm weight hides wrong mappings).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .models.transformer_hunyuan_video import TransformerConfig
+
+# A config the native ComfyUI HunyuanVideo loader can build: it hard-codes head dim 128, rope axes (16, 56, 56),
+# pooled (vec) dim 768, 2 refiner blocks, mlp ratio 4 and theta 256; hidden 256 = 2 heads of 128.
+COMFY_COMPATIBLE: dict[str, Any] = dict(
+    hidden_size=256, num_heads=2, rope_axes=(16, 56, 56), pooled_dim=768, num_refiner_blocks=2,
+    mlp_ratio=4.0, rope_theta=256.0, patch_size=(1, 2, 2), in_channels=16, out_channels=16,
+    num_double_blocks=1, num_single_blocks=1, text_dim=32, guidance_embed=True,
+)
+
+TINY: dict[str, Any] = dict(
+    hidden_size=32, num_heads=2, rope_axes=(4, 6, 6), pooled_dim=24, num_refiner_blocks=2, mlp_ratio=4.0,
+    rope_theta=256.0, patch_size=(1, 2, 2), in_channels=16, out_channels=16, num_double_blocks=2,
+    num_single_blocks=2, text_dim=40, guidance_embed=True,
+)
+
+
+def tiny_transformer_config(*, comfy_compatible: bool = False, **overrides: Any) -> TransformerConfig:
+    """A small HunyuanVideo config for tests (CPU, milliseconds per forward).
+
+    Default: hidden 32 = 2 heads of 16, rope axes (4, 6, 6), 2 double + 2 single + 2 refiner blocks, text dim 40,
+    pooled dim 24, guidance embedding. ``comfy_compatible=True``: hidden 256 = 2 heads of 128, rope (16, 56, 56),
+    pooled 768, 1 double + 1 single block, text dim 32 - loadable by native ComfyUI. Any field can be overridden.
+    """
+    base = dict(COMFY_COMPATIBLE if comfy_compatible else TINY)
+    base.update(overrides)
+    if ("num_heads" in overrides or "hidden_size" in overrides) and "rope_axes" not in overrides:
+        base["rope_axes"] = None  # recomputed from the new head dim (default_rope_axes)
+    return TransformerConfig(**base)
+
+
+def _away_from(center: float, lo: float, hi: float, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+    """Values ``center +- U(lo, hi)`` with a random sign: never closer than ``lo`` to ``center``."""
+    magnitude = lo + (hi - lo) * torch.rand(shape, generator=gen)
+    sign = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+    return center + sign * magnitude
+
+
+@torch.no_grad()
+def randomize_(module: nn.Module, seed: int = 0, *, gain: float = 1.0) -> nn.Module:
+    """Fill every parameter of ``module`` with deterministic, non-degenerate random values (in place).
+
+    - weights with 2+ dims: N(0, gain / sqrt(fan_in));
+    - 1-D ``*.weight``/``*.scale`` (norm weights): 1 +- U(0.1, 0.5), never near 1;
+    - biases and any other 1-D parameter: +-U(0.02, 0.2), never near 0.
+
+    Works for any module (transformer, VAE, LoRA adapters, heads) and any parameter dtype (values are drawn in
+    fp32 and cast, fp8 included). Returns the module.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in module.named_parameters():
+        shape = param.shape
+        if param.dim() >= 2:
+            fan_in = param[0].numel()
+            values = torch.randn(shape, generator=gen) * (gain / fan_in ** 0.5)
+        elif name.endswith(("weight", "scale", "gamma")):
+            values = _away_from(1.0, 0.1, 0.5, shape, gen)
+        else:
+            values = _away_from(0.0, 0.02, 0.2, shape, gen)
+        param.copy_(values.to(param.dtype))
+    return module
+
+
+def tiny_transformer(seed: int = 0, **config_overrides: Any):
+    """A randomized tiny ``HunyuanVideoTransformer3D`` in fp32 on CPU (see :func:`tiny_transformer_config`)."""
+    from .models.transformer_hunyuan_video import HunyuanVideoTransformer3D
+
+    return randomize_(HunyuanVideoTransformer3D(tiny_transformer_config(**config_overrides)), seed).eval()
+
+
+def tiny_inputs(config: TransformerConfig, *, batch: int = 1, frames: int = 2, height: int = 4, width: int = 6,
+                text_len: int = 7, valid: list[int] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random model inputs for ``config``: latents ``[B, C, frames, height, width]``, sigma*1000 timesteps, text
+    states with a left-aligned mask (``valid[b]`` valid tokens per prompt, default all), pooled vector."""
+    gen = torch.Generator().manual_seed(seed)
+    valid = valid or [text_len] * batch
+    mask = torch.zeros(batch, text_len, dtype=torch.long)
+    for b, n in enumerate(valid):
+        mask[b, :n] = 1
+    return dict(
+        latents=torch.randn(batch, config.in_channels, frames, height, width, generator=gen),
+        timestep=torch.rand(batch, generator=gen) * 1000,
+        text_states=torch.randn(batch, text_len, config.text_dim, generator=gen),
+        text_mask=mask,
+        pooled=torch.randn(batch, config.pooled_dim, generator=gen),
+    )
