@@ -59,6 +59,27 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    """fp32 -> ``dtype`` precision with round-to-nearest-even, kept in fp32.
+
+    bf16 is rounded with integer ops: compiled Triton rounds to nearest even anyway, but the interpreter
+    truncates fp32 -> bf16, which would make the CPU tests check a different rounding than the GPU runs.
+    """
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """fp32 -> ``dtype`` with round-to-nearest-even (see ``_round``)."""
+    return _round(x, dtype).to(dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # (a) RMSNorm over the head dim + interleaved RoPE on the first n_rope tokens
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,12 +103,12 @@ def _rms_norm_rope_fwd(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     out_ty = out_ptr.dtype.element_ty
     # The reference rounds to x's dtype after normalising and again after the weight.
-    normed = ((x * rstd[:, None]).to(out_ty).to(tl.float32) * w[None, :]).to(out_ty).to(tl.float32)
+    normed = _round(_round(x * rstd[:, None], out_ty) * w[None, :], out_ty)
     if HAS_ROPE:
         partner = cols ^ 1
         x_p = tl.load(x_ptr + x_row[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
         w_p = tl.load(w_ptr + partner, mask=col_ok, other=0.0).to(tl.float32)
-        normed_p = ((x_p * rstd[:, None]).to(out_ty).to(tl.float32) * w_p[None, :]).to(out_ty).to(tl.float32)
+        normed_p = _round(_round(x_p * rstd[:, None], out_ty) * w_p[None, :], out_ty)
         rotated_half = tl.where((cols % 2 == 0)[None, :], -normed_p, normed_p)
         is_rope = token < n_rope
         rope_mask = mask & is_rope[:, None]
@@ -95,7 +116,7 @@ def _rms_norm_rope_fwd(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
         c = tl.load(cos_ptr + angle_off, mask=rope_mask, other=1.0).to(tl.float32)
         s = tl.load(sin_ptr + angle_off, mask=rope_mask, other=0.0).to(tl.float32)
         normed = tl.where(is_rope[:, None], normed * c + rotated_half * s, normed)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * head_dim + cols[None, :], normed.to(out_ty), mask=mask)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * head_dim + cols[None, :], _cast(normed, out_ty), mask=mask)
 
 
 @triton.jit
@@ -134,7 +155,7 @@ def _rms_norm_rope_bwd(grad_ptr, x_ptr, w_ptr, cos_ptr, sin_ptr, rstd_ptr, dx_pt
     dn = g * w[None, :]
     dot = tl.sum(dn * normed, axis=1) / head_dim
     dx = rstd[:, None] * (dn - normed * dot[:, None])
-    tl.store(dx_ptr + g_row[:, None] + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + g_row[:, None] + cols[None, :], _cast(dx, dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _rms_norm_rope_launch_args(x: torch.Tensor):
@@ -228,10 +249,10 @@ def _layer_norm_modulate_fwd(x_ptr, shift_ptr, scale_ptr, out_ptr, mean_ptr, rst
     shift = tl.load(shift_ptr + b.to(tl.int64) * s_shift + cols, mask=col_ok, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + b.to(tl.int64) * s_scale + cols, mask=col_ok, other=0.0)
     # As in the reference: LN output in x's dtype, (1 + scale) in scale's dtype, one fused multiply-add.
-    one_plus_scale = (scale.to(tl.float32) + 1.0).to(scale.dtype).to(tl.float32)
-    normed = (centred * rstd[:, None]).to(x_ty).to(tl.float32)
+    one_plus_scale = _round(scale.to(tl.float32) + 1.0, scale.dtype)
+    normed = _round(centred * rstd[:, None], x_ty)
     out = normed * one_plus_scale[None, :] + shift[None, :]
-    tl.store(out_ptr + row.to(tl.int64)[:, None] * channels + cols[None, :], out.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + row.to(tl.int64)[:, None] * channels + cols[None, :], _cast(out, out_ptr.dtype.element_ty),
              mask=mask)
 
 
@@ -262,7 +283,7 @@ def _layer_norm_modulate_bwd(grad_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_
     mean_dn = tl.sum(dn, axis=1) / channels
     mean_dn_n = tl.sum(dn * normed, axis=1) / channels
     dx = rstd[:, None] * (dn - mean_dn[:, None] - normed * mean_dn_n[:, None])
-    tl.store(dx_ptr + out_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + out_off, _cast(dx, dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _layer_norm_launch_args(x: torch.Tensor):
@@ -335,7 +356,7 @@ def _gated_residual_fwd(x_ptr, y_ptr, gate_ptr, out_ptr, seq_len, channels, sx_b
     gate = tl.load(gate_ptr + b64 * s_gate + cols, mask=col_ok, other=0.0).to(tl.float32)
     out = x + y * gate[None, :]
     out_off = (b64 * seq_len + t64)[:, None] * channels + cols[None, :]
-    tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + out_off, _cast(out, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -352,7 +373,7 @@ def _gated_residual_bwd(grad_ptr, y_ptr, gate_ptr, dy_ptr, dgate_part_ptr, seq_l
     g = tl.load(grad_ptr + out_off, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + (b64 * sy_b + t64 * sy_l)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(gate_ptr + b64 * s_gate + cols, mask=col_ok, other=0.0).to(tl.float32)
-    tl.store(dy_ptr + out_off, (g * gate[None, :]).to(dy_ptr.dtype.element_ty), mask=mask)
+    tl.store(dy_ptr + out_off, _cast(g * gate[None, :], dy_ptr.dtype.element_ty), mask=mask)
     part = (b64 * tl.num_programs(0) + pid_l) * channels + cols
     tl.store(dgate_part_ptr + part, tl.sum(g * y, axis=0), mask=col_ok)
 
@@ -440,14 +461,14 @@ def _group_norm_silu_apply(x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, out_ptr, cha
     x = tl.load(x_ptr + bc.to(tl.int64) * spatial + offs, mask=ok, other=0.0)
     y = (x.to(tl.float32) - mean) * rstd
     if ROUND_NORMED:  # the reference rounds to x's dtype before the affine when statistics are supplied
-        y = y.to(x.dtype).to(tl.float32)
+        y = _round(y, x.dtype)
     if HAS_WEIGHT:
         y = y * tl.load(w_ptr + c).to(tl.float32)
     if HAS_BIAS:
         y = y + tl.load(b_ptr + c).to(tl.float32)
     if SILU:
         y = y / (1.0 + tl.exp(-y))
-    tl.store(out_ptr + bc.to(tl.int64) * spatial + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + bc.to(tl.int64) * spatial + offs, _cast(y, out_ptr.dtype.element_ty), mask=ok)
 
 
 _STATS_BLOCK = 4096

@@ -1,0 +1,241 @@
+"""Every Triton kernel, run in Triton's interpreter on CPU, against the torch reference (outputs and gradients).
+
+``TRITON_INTERPRET=1`` must be set before Triton is imported and makes the dispatch route CPU tensors to Triton,
+so the kernels run in ONE subprocess (this file executed as a script: ``python tests/test_kernels_triton.py OUT``)
+that records max abs differences per case; the tests below assert on them. Nothing leaks into other tests.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FP32_TOL = 1e-5
+
+# (case id, kernel, parameters). Odd sizes on purpose: head dims / channel counts that are not powers of two,
+# partial RoPE, non-contiguous views like the ones the transformer produces, multi-chunk GroupNorm statistics.
+CASES: list[tuple[str, str, dict]] = [
+    ("rope_partial", "rms_norm_rope", dict(shape=(2, 7, 3, 8), n_rope=5)),
+    ("rope_full_odd_pairs", "rms_norm_rope", dict(shape=(1, 5, 2, 6), n_rope=5)),
+    ("rope_none", "rms_norm_rope", dict(shape=(2, 9, 3, 10), n_rope=None)),
+    ("rope_head128_qkv_view", "rms_norm_rope", dict(shape=(1, 11, 2, 128), n_rope=7, qkv_view=True)),
+    ("rope_bf16", "rms_norm_rope", dict(shape=(2, 7, 3, 16), n_rope=4, dtype="bfloat16")),
+    ("ln_mod_37", "layer_norm_modulate", dict(shape=(2, 5, 37))),
+    ("ln_mod_130_chunked_mod", "layer_norm_modulate", dict(shape=(3, 4, 130), chunked=True)),
+    ("ln_mod_offset_input", "layer_norm_modulate", dict(shape=(1, 6, 48), offset=30.0)),
+    ("ln_mod_bf16", "layer_norm_modulate", dict(shape=(2, 5, 96), dtype="bfloat16")),
+    ("gated_37", "gated_residual", dict(shape=(2, 5, 37))),
+    ("gated_1500_chunked_gate", "gated_residual", dict(shape=(1, 9, 1500), chunked=True)),
+    ("gated_bf16", "gated_residual", dict(shape=(2, 5, 96), dtype="bfloat16")),
+    ("gn_silu_5d", "group_norm_silu", dict(shape=(2, 8, 3, 5, 7), groups=4)),
+    ("gn_plain_4d_no_affine", "group_norm_silu", dict(shape=(2, 6, 5, 3), groups=3, silu=False, affine=False)),
+    ("gn_multichunk_offset", "group_norm_silu", dict(shape=(1, 4, 2, 50, 51), groups=2, offset=5.0)),
+    ("gn_given_stats_tiles", "group_norm_silu", dict(shape=(2, 8, 4, 5, 6), groups=4, tiled=True)),
+    ("gn_bf16", "group_norm_silu", dict(shape=(1, 8, 3, 9, 10), groups=4, dtype="bfloat16")),
+]
+
+
+def _diff(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _run_case(kernel: str, p: dict) -> dict:
+    """Worker side: run one case through the dispatch (forced to Triton) and through the reference."""
+    import torch
+
+    from accvideo_core import kernels
+    from accvideo_core.kernels import reference as ref
+
+    dtype = getattr(torch, p.get("dtype", "float32"))
+    low = dtype != torch.float32
+    offset = p.get("offset", 0.0)
+
+    def grads(out, inputs, grad_out):
+        return torch.autograd.grad(out, inputs, grad_out)
+
+    if kernel == "rms_norm_rope":
+        b, l, h, d = p["shape"]
+        if p.get("qkv_view"):  # q as the transformer gets it: a strided view into the fused qkv projection
+            x = torch.randn(b, l, 3, h, d)[:, :, 0]
+        else:
+            x = torch.randn(b, l, h, d)
+        weight = torch.rand(d) + 0.5
+        cos = sin = None
+        if p["n_rope"] is not None:
+            angles = torch.randn(p["n_rope"], d // 2) * 3
+            cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+        args = lambda xx, ww: (xx, ww, cos, sin, 1e-6)  # noqa: E731
+        inputs = [x, weight]
+        call = (kernels.rms_norm_rope, ref.rms_norm_rope)
+    elif kernel == "layer_norm_modulate":
+        b, l, c = p["shape"]
+        x = torch.randn(b, l, c) * 2 + offset
+        if p.get("chunked"):  # shift/scale as chunks of the block's modulation vector [B, 6C]
+            mod = torch.randn(b, 6 * c) * 0.5
+            shift, scale = mod[:, :c], mod[:, c:2 * c]
+        else:
+            shift, scale = torch.randn(b, c), torch.randn(b, c) * 0.5
+        args = lambda xx, ss, cc: (xx, ss, cc, 1e-6)  # noqa: E731
+        inputs = [x, shift, scale]
+        call = (kernels.layer_norm_modulate, ref.layer_norm_modulate)
+    elif kernel == "gated_residual":
+        b, l, c = p["shape"]
+        x, y = torch.randn(b, l, c), torch.randn(b, l, c)
+        gate = torch.randn(b, 3 * c)[:, c:2 * c] if p.get("chunked") else torch.randn(b, c)
+        args = lambda xx, yy, gg: (xx, yy, gg)  # noqa: E731
+        inputs = [x, y, gate]
+        call = (kernels.gated_residual, ref.gated_residual)
+    elif kernel == "group_norm_silu":
+        shape, groups = p["shape"], p["groups"]
+        x = torch.randn(*shape) * 1.5 + offset
+        affine = p.get("affine", True)
+        weight = torch.randn(shape[1]) * 0.5 + 1.2 if affine else None
+        bias = torch.randn(shape[1]) * 0.3 if affine else None
+        silu = p.get("silu", True)
+        if p.get("tiled"):  # whole-volume statistics, applied tile by tile along time
+            s1, q1, n1 = ref.group_norm_stats(x[:, :, :1], groups)
+            s2, q2, n2 = ref.group_norm_stats(x[:, :, 1:], groups)
+            mean, rstd = ref.stats_to_mean_rstd(s1 + s2, q1 + q2, n1 + n2, 1e-6)
+
+            def tiled(fn, xx, ww, bb):
+                return torch.cat([fn(xx[:, :, sl], ww, bb, groups, 1e-6, silu, mean, rstd)
+                                  for sl in (slice(0, 1), slice(1, None))], dim=2)
+            call = (lambda *a: tiled(kernels.group_norm_silu, *a), lambda *a: tiled(ref.group_norm_silu, *a))
+            args = lambda xx, ww, bb: (xx, ww, bb)  # noqa: E731
+        else:
+            call = (kernels.group_norm_silu, ref.group_norm_silu)
+            args = lambda xx, ww, bb: (xx, ww, bb, groups, 1e-6, silu)  # noqa: E731
+        inputs = [x, weight, bias]
+    else:
+        raise ValueError(kernel)
+
+    result: dict = {}
+    if low:
+        # Compare accuracy against the fp32 reference: the kernel must be as accurate as the reference in low
+        # precision (it rounds where the reference rounds, but otherwise computes in fp32).
+        low_in = [t.to(dtype).requires_grad_(True) if t is not None else None for t in inputs]
+        exact_in = [t.detach().float().requires_grad_(True) if t is not None else None for t in low_in]
+        exact = call[1](*args(*exact_in))
+        got = call[0](*args(*low_in))
+        want = call[1](*args(*low_in))
+        result.update(dtype_ok=got.dtype == want.dtype, err_kernel=_diff(got, exact), err_reference=_diff(want, exact),
+                      out=_diff(got, want), scale=exact.abs().max().item())
+        grad_out = torch.randn_like(exact)
+        g_exact = grads(exact, [t for t in exact_in if t is not None], grad_out)
+        g_got = grads(got, [t for t in low_in if t is not None], grad_out.to(dtype))
+        g_want = grads(want, [t for t in low_in if t is not None], grad_out.to(dtype))
+        result["grads_low"] = [dict(err_kernel=_diff(a, e), err_reference=_diff(b, e), scale=e.abs().max().item())
+                               for a, b, e in zip(g_got, g_want, g_exact)]
+        return result
+
+    grad_inputs = [t.clone().requires_grad_(True) if t is not None else None for t in inputs]
+    got = call[0](*args(*grad_inputs))
+    want = call[1](*args(*grad_inputs))
+    result["out"] = _diff(got, want)
+    result["dtype_ok"] = got.dtype == want.dtype and got.shape == want.shape
+    grad_out = torch.randn_like(want)
+    wanted = [t for t in grad_inputs if t is not None]
+    for i, (g_got, g_want) in enumerate(zip(grads(got, wanted, grad_out), grads(want, wanted, grad_out))):
+        result[f"grad{i}"] = _diff(g_got, g_want)
+        result[f"grad{i}_scale"] = g_want.abs().max().item()
+    return result
+
+
+def _worker(out_path: str) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import torch
+
+    from accvideo_core import kernels
+    from accvideo_core.kernels import triton_kernels
+
+    kernels.set_backend("triton")  # any fallback to the reference raises instead of passing silently
+    import triton
+
+    report = {"triton_version": triton.__version__, "interpret": triton_kernels.INTERPRET, "cases": {}}
+    for case_id, kernel, params in CASES:
+        torch.manual_seed(zlib.crc32(case_id.encode()))
+        chosen = kernels._impl(kernel, torch.zeros(1))
+        assert chosen is getattr(triton_kernels, kernel), f"dispatch did not choose Triton for {kernel}"
+        try:
+            report["cases"][case_id] = _run_case(kernel, params)
+        except Exception as exc:  # recorded so the failing case names itself in the parent's test
+            report["cases"][case_id] = {"error": f"{type(exc).__name__}: {exc}"}
+    errors = {}
+    x = torch.randn(2, 3, 4, 8)
+    for name, fn in [("rope_weight", lambda: kernels.rms_norm_rope(x, torch.ones(4))),
+                     ("rope_cos_too_long", lambda: kernels.rms_norm_rope(x, torch.ones(8), torch.ones(4, 8),
+                                                                         torch.ones(4, 8))),
+                     ("ln_shift", lambda: kernels.layer_norm_modulate(x[0], torch.ones(3), torch.ones(2, 8))),
+                     ("gated_gate", lambda: kernels.gated_residual(x[0], x[0], torch.ones(2, 3, 8))),
+                     ("gn_groups", lambda: kernels.group_norm_silu(x, None, None, 4))]:
+        try:
+            fn()
+            errors[name] = "no error"
+        except ValueError as exc:
+            errors[name] = str(exc)
+    report["errors"] = errors
+    Path(out_path).write_text(json.dumps(report, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------- pytest side
+
+@pytest.fixture(scope="module")
+def interpreter_report(tmp_path_factory):
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed: `pip install -r requirements-test.txt` to run the Triton kernels "
+                    "in the interpreter (the torch reference is still tested elsewhere)")
+    out = tmp_path_factory.mktemp("triton") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "ACCVIDEO_KERNELS"}
+    env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(out.read_text())
+
+
+def test_worker_ran_in_interpreter(interpreter_report):
+    assert interpreter_report["interpret"] is True
+    assert set(interpreter_report["cases"]) == {c[0] for c in CASES}
+
+
+@pytest.mark.parametrize("case_id", [c[0] for c in CASES])
+def test_kernel_matches_reference(interpreter_report, case_id):
+    res = interpreter_report["cases"][case_id]
+    assert "error" not in res, res.get("error")
+    assert res["dtype_ok"], "output dtype/shape differs from the reference"
+    if "err_kernel" in res:  # bf16: no less accurate than the reference in bf16 (+ half an ulp of slack)
+        assert res["err_kernel"] <= res["err_reference"] + res["scale"] * 2.0 ** -9, res
+        assert res["out"] <= res["scale"] * 2.0 ** -6, res  # and within ~2 bf16 ulps of the reference itself
+        assert res["grads_low"], "no gradient was checked"
+        for i, g in enumerate(res["grads_low"]):
+            assert g["err_kernel"] <= g["err_reference"] + g["scale"] * 2.0 ** -8, (i, g)
+        return
+    assert res["out"] <= FP32_TOL, res
+    grad_keys = [k for k in res if k.startswith("grad") and not k.endswith("_scale")]
+    assert grad_keys, "no gradient was checked"
+    for key in grad_keys:
+        # fp32 gradients: 1e-5 absolute, relaxed only for reductions whose magnitude exceeds 1 (weight/shift
+        # sums over many rows), where 1e-5 relative is the meaningful bound
+        assert res[key] <= FP32_TOL * max(1.0, res[f"{key}_scale"]), (key, res)
+
+
+def test_shape_errors_are_clear(interpreter_report):
+    errors = interpreter_report["errors"]
+    assert "weight [D]" in errors["rope_weight"]
+    assert "L_rope <= 3" in errors["rope_cos_too_long"]
+    assert "shift and scale [B, C]" in errors["ln_shift"]
+    assert "gate [B, C]" in errors["gated_gate"]
+    assert "divisible by num_groups=4" in errors["gn_groups"]
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
