@@ -26,6 +26,7 @@ CASES: list[tuple[str, str, dict]] = [
     ("rope_full_odd_pairs", "rms_norm_rope", dict(shape=(1, 5, 2, 6), n_rope=5)),
     ("rope_none", "rms_norm_rope", dict(shape=(2, 9, 3, 10), n_rope=None)),
     ("rope_head128_qkv_view", "rms_norm_rope", dict(shape=(1, 11, 2, 128), n_rope=7, qkv_view=True)),
+    ("rms_norm_3d_no_rope", "rms_norm_rope", dict(shape=(2, 7, 12), n_rope=None)),
     ("rope_bf16", "rms_norm_rope", dict(shape=(2, 7, 3, 16), n_rope=4, dtype="bfloat16")),
     ("ln_mod_37", "layer_norm_modulate", dict(shape=(2, 5, 37))),
     ("ln_mod_130_chunked_mod", "layer_norm_modulate", dict(shape=(3, 4, 130), chunked=True)),
@@ -61,11 +62,12 @@ def _run_case(kernel: str, p: dict) -> dict:
         return torch.autograd.grad(out, inputs, grad_out)
 
     if kernel == "rms_norm_rope":
-        b, l, h, d = p["shape"]
+        d = p["shape"][-1]
         if p.get("qkv_view"):  # q as the transformer gets it: a strided view into the fused qkv projection
+            b, l, h, d = p["shape"]
             x = torch.randn(b, l, 3, h, d)[:, :, 0]
         else:
-            x = torch.randn(b, l, h, d)
+            x = torch.randn(*p["shape"])
         weight = torch.rand(d) + 0.5
         cos = sin = None
         if p["n_rope"] is not None:

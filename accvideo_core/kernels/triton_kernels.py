@@ -202,7 +202,9 @@ class _RMSNormRoPE(torch.autograd.Function):
 
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None = None,
                   sin: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
-    """Triton ``reference.rms_norm_rope`` (x ``[B, L, heads, D]``)."""
+    """Triton ``reference.rms_norm_rope`` (x ``[B, L, heads, D]``; any shape ``[..., D]`` without RoPE)."""
+    if cos is None and sin is None and x.dim() != 4 and x.dim() >= 1 and weight.shape == (x.shape[-1],):
+        return rms_norm_rope(x.reshape(-1, 1, 1, x.shape[-1]), weight, eps=eps).reshape(x.shape)
     if x.dim() != 4 or weight.shape != (x.shape[-1],):
         raise ValueError(f"rms_norm_rope expects x [B, L, heads, D] and weight [D]; got x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)}")

@@ -1,0 +1,126 @@
+"""Kernel dispatch: backend selection, the force switch, lazy/cached Triton import, running without Triton.
+
+Each scenario runs in a fresh interpreter, because what is under test is process state (environment variables
+read at import, whether ``triton`` was ever imported, the cached import result).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from accvideo_core import kernels
+from accvideo_core.kernels import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_CALL_ALL = """
+import torch
+from accvideo_core import kernels
+from accvideo_core.kernels import reference
+torch.manual_seed(0)
+x4 = torch.randn(1, 3, 2, 4)
+x3, s = torch.randn(1, 3, 4), torch.randn(1, 4)
+cos = sin = torch.ones(2, 4)
+v = torch.randn(1, 4, 3)
+pairs = [(kernels.rms_norm_rope(x4, s[0], cos, sin), reference.rms_norm_rope(x4, s[0], cos, sin)),
+         (kernels.layer_norm_modulate(x3, s, s), reference.layer_norm_modulate(x3, s, s)),
+         (kernels.gated_residual(x3, x3, s), reference.gated_residual(x3, x3, s)),
+         (kernels.group_norm_silu(v, s[0], s[0], 2), reference.group_norm_silu(v, s[0], s[0], 2))]
+same_as_reference = all(torch.equal(a, b) for a, b in pairs)
+"""
+
+
+def _run(code: str, **env_overrides: str | None) -> dict:
+    """Run ``code`` in a fresh interpreter; it must leave a JSON-able dict in ``result``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ACCVIDEO_KERNELS", "TRITON_INTERPRET")}
+    env.update({k: v for k, v in env_overrides.items() if v is not None})
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    script = textwrap.dedent(code) + "\nimport json, sys\nprint('RESULT' + json.dumps(result))\n"
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+def test_cpu_uses_reference_and_never_imports_triton():
+    result = _run(_CALL_ALL + """
+import sys
+imported = "triton" in sys.modules
+try:
+    kernels.set_backend("triton")
+    kernels.gated_residual(x3, x3, s)
+    forced = "no error"
+except RuntimeError as exc:
+    forced = str(exc)
+result = {"same": same_as_reference, "triton_imported": imported, "tried": kernels._triton is not None,
+          "forced": forced}
+""")
+    assert result["same"]
+    assert not result["triton_imported"], "a CPU call imported triton without TRITON_INTERPRET"
+    assert not result["tried"]
+    assert "TRITON_INTERPRET is unset" in result["forced"] and "ACCVIDEO_KERNELS=auto" in result["forced"]
+
+
+def test_package_runs_without_triton_and_caches_the_failed_import():
+    # sys.modules["triton"] = None makes `import triton` raise ImportError, as on a machine without it.
+    result = _run("""
+import sys, builtins
+sys.modules["triton"] = None
+attempts = []
+real_import = builtins.__import__
+def counting_import(name, *args, **kwargs):
+    if name.split(".")[0] == "triton":
+        attempts.append(name)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = counting_import
+""" + _CALL_ALL + """
+kernels.rms_norm_rope(x4, s[0]); kernels.gated_residual(x3, x3, s)
+builtins.__import__ = real_import
+try:
+    kernels.set_backend("triton")
+    kernels.layer_norm_modulate(x3, s, s)
+    forced = "no error"
+except RuntimeError as exc:
+    forced = str(exc)
+result = {"same": same_as_reference, "attempts": len(attempts), "available": kernels.triton_available(),
+          "forced": forced}
+""", TRITON_INTERPRET="1")
+    assert result["same"]
+    assert result["attempts"] == 1, f"triton import tried {result['attempts']} times; expected once, then cached"
+    assert result["available"] is False
+    assert "Triton missing" in result["forced"]
+
+
+def test_force_reference_switch_beats_the_interpreter():
+    result = _run(_CALL_ALL + """
+import sys
+result = {"same": same_as_reference, "backend": kernels.get_backend(), "triton_imported": "triton" in sys.modules}
+""", ACCVIDEO_KERNELS="torch", TRITON_INTERPRET="1")
+    assert result == {"same": True, "backend": "torch", "triton_imported": False}
+
+
+def test_bad_backend_names_are_clear_errors():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(ACCVIDEO_KERNELS="cuda", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", "import accvideo_core.kernels"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "ACCVIDEO_KERNELS='cuda'" in proc.stderr and "'torch'" in proc.stderr
+    with pytest.raises(ValueError, match="expected one of"):
+        kernels.set_backend("fast")
+
+
+def test_set_backend_torch_is_the_reference_in_process():
+    previous = kernels.get_backend()
+    try:
+        kernels.set_backend("torch")
+        assert kernels._impl("layer_norm_modulate", torch.zeros(1)) is reference.layer_norm_modulate
+    finally:
+        kernels.set_backend(previous)
