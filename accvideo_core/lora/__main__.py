@@ -1,0 +1,69 @@
+"""CLI: ``python -m accvideo_core.lora extract --base A --tuned B --rank R --out F`` and ``inspect FILE``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from .extract import extract, progress_printer
+
+    try:
+        result = extract(args.base, args.tuned, args.rank, out=args.out, dtype=_DTYPES[args.dtype],
+                         include_qk_norms=args.include_qk_norms, svd=args.svd, device=args.device,
+                         progress=progress_printer())
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return 130
+    summary = result.summary()
+    print(json.dumps({"out": str(result.path), **summary}, indent=2))
+    if summary["skipped_qk_norms"]:
+        print(f"note: {summary['skipped_qk_norms']} q/k norm scales changed (largest relative change "
+              f"{summary['skipped_max_rel_change']:.3g}) but were left out: native ComfyUI cannot patch them. "
+              "Pass --include-qk-norms to write them (our loader applies them; ComfyUI reports them as not loaded).",
+              file=sys.stderr)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .formats import load_lora
+
+    state = load_lora(args.file)
+    ranks = sorted({p.rank for p in state.modules.values() if p.rank})
+    print(json.dumps({
+        "format": state.format, "keys": state.total_keys, "modules": len(state.modules), "ranks": ranks,
+        "with_diff": sum(p.diff is not None for p in state.modules.values()),
+        "with_diff_b": sum(p.diff_b is not None for p in state.modules.values()),
+        "unused_keys": len(state.unused), "unused_examples": list(state.unused.items())[:5],
+    }, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m accvideo_core.lora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("extract", help="LoRA of the difference tuned - base (streams both files tensor by tensor)")
+    ex.add_argument("--base", required=True, help="base transformer checkpoint (.safetensors / .pt)")
+    ex.add_argument("--tuned", required=True, help="fine-tuned transformer checkpoint, e.g. the AccVideo model")
+    ex.add_argument("--rank", type=int, required=True, help="LoRA rank (e.g. 32, 64, 128)")
+    ex.add_argument("--out", required=True, help="output .safetensors")
+    ex.add_argument("--dtype", choices=sorted(_DTYPES), default="fp16", help="dtype of the written tensors")
+    ex.add_argument("--svd", choices=("auto", "exact", "randomized"), default="auto")
+    ex.add_argument("--device", default="cpu", help="device for the SVDs (e.g. cuda)")
+    ex.add_argument("--include-qk-norms", action="store_true",
+                    help="also write q/k RMSNorm scale diffs (native ComfyUI cannot apply these)")
+    ex.set_defaults(func=_extract)
+    ins = sub.add_parser("inspect", help="detected format, modules and unused keys of a LoRA file")
+    ins.add_argument("file")
+    ins.set_defaults(func=_inspect)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""ComfyUI's internal names for the HunyuanVideo transformer, and which LoRA names its native loader accepts.
+
+ComfyUI (checked against v0.3.64 `comfy/supported_models.py` and `comfy/lora.py`) renames the original
+HunyuanVideo keys to Flux-style names when it loads a checkpoint (``img_attn_qkv`` -> ``img_attn.qkv``,
+``mlp.fc1`` -> ``mlp.0``, ``time_in.mlp.0`` -> ``time_in.in_layer``, q/k norm ``weight`` -> ``norm.query_norm.scale``,
+...). Its LoRA key map then accepts, for every ``.weight`` parameter, ``diffusion_model.<internal name>`` and
+``diffusion_model.`` / ``transformer.`` + a partial back-conversion of the internal name. The back-conversion
+misses ``time_in``, ``guidance_in``, ``txt_in.t_embedder`` and ``txt_in.c_embedder``, so LoRA keys with their
+original names are skipped ("lora key not loaded"); q/k norm scales are not patched natively under any name.
+"""
+from __future__ import annotations
+
+# Ordered (old, new) substring replacements applied to a full parameter key, as ComfyUI does on load.
+_TO_INTERNAL: tuple[tuple[str, str], ...] = (
+    ("txt_in.t_embedder.mlp.0.", "txt_in.t_embedder.in_layer."),
+    ("txt_in.t_embedder.mlp.2.", "txt_in.t_embedder.out_layer."),
+    ("txt_in.c_embedder.linear_1.", "txt_in.c_embedder.in_layer."),
+    ("txt_in.c_embedder.linear_2.", "txt_in.c_embedder.out_layer."),
+    ("_mod.linear.", "_mod.lin."),
+    ("_attn_qkv.", "_attn.qkv."),
+    ("mlp.fc1.", "mlp.0."),
+    ("mlp.fc2.", "mlp.2."),
+    ("_attn_q_norm.weight", "_attn.norm.query_norm.scale"),
+    ("_attn_k_norm.weight", "_attn.norm.key_norm.scale"),
+    (".q_norm.weight", ".norm.query_norm.scale"),
+    (".k_norm.weight", ".norm.key_norm.scale"),
+    ("_attn_proj.", "_attn.proj."),
+    (".modulation.linear.", ".modulation.lin."),
+    ("_in.mlp.2.", "_in.out_layer."),
+    ("_in.mlp.0.", "_in.in_layer."),
+)
+# The back-conversion in ComfyUI's HunyuanVideo LoRA key map (internal -> names it also accepts).
+_LORA_BACK: tuple[tuple[str, str], ...] = (
+    ("_mod.lin.", "_mod.linear."),
+    ("_attn.qkv.", "_attn_qkv."),
+    ("_attn.proj.", "_attn_proj."),
+    ("mlp.0.", "mlp.fc1."),
+    ("mlp.2.", "mlp.fc2."),
+    (".modulation.lin.", ".modulation.linear."),
+)
+
+COMFY_PREFIX = "diffusion_model."
+
+
+def _replace_all(key: str, table: tuple[tuple[str, str], ...]) -> str:
+    for old, new in table:
+        key = key.replace(old, new)
+    return key
+
+
+def to_comfy_key(key: str) -> str:
+    """Original parameter key (``double_blocks.0.img_attn_qkv.weight``) -> ComfyUI internal key."""
+    return _replace_all(key, _TO_INTERNAL)
+
+
+def to_comfy_module(module: str) -> str:
+    """Original module name -> ComfyUI internal module name (q/k norms: the ``...norm.query_norm.scale`` path)."""
+    key = to_comfy_key(f"{module}.weight")
+    return key.removesuffix(".weight")
+
+
+def natively_patchable(module: str) -> bool:
+    """Whether ComfyUI's native LoRA loader can patch this original module at all (not the q/k norm scales)."""
+    return not to_comfy_key(f"{module}.weight").endswith(".scale")
+
+
+def native_lora_names(module: str) -> set[str]:
+    """Module names (without ``diffusion_model.``) that native ComfyUI maps onto this original module."""
+    internal_key = to_comfy_key(f"{module}.weight")
+    if not internal_key.endswith(".weight"):
+        return set()
+    internal = internal_key.removesuffix(".weight")
+    back = _replace_all(f"{COMFY_PREFIX}{internal_key}", _LORA_BACK)
+    return {internal, back[len(COMFY_PREFIX):].removesuffix(".weight")}
+
+
+def lora_name_for_comfy(module: str) -> str | None:
+    """The name to write a module's LoRA keys under so native ComfyUI loads them: the original name when the
+    native loader accepts it, else ComfyUI's internal name; None when native ComfyUI cannot patch the module."""
+    accepted = native_lora_names(module)
+    if not accepted:
+        return None
+    return module if module in accepted else to_comfy_module(module)

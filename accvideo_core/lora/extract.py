@@ -1,0 +1,249 @@
+"""Extract a LoRA from two HunyuanVideo checkpoints (e.g. the AccVideo 5-step model minus the base model).
+
+Per parameter, streamed one tensor pair at a time from the two files (never two whole models in memory):
+- linear / conv weights: truncated SVD of ``tuned - base`` -> ``lora_up`` = U sqrt(S), ``lora_down`` = sqrt(S) V^T,
+  ``alpha`` = rank; when the rank is so high that the factors would be larger than the matrix, the exact
+  difference is written as ``.diff`` instead;
+- norm weights: ``.diff``; biases: ``.diff_b``; unchanged tensors: nothing.
+
+Keys are written as ``diffusion_model.<name>`` with the original name where ComfyUI's native LoRA loader accepts
+it and ComfyUI's internal name otherwise (``time_in``, ``guidance_in``, ``txt_in.t_embedder``,
+``txt_in.c_embedder``), so native ``LoraLoaderModelOnly`` and our loader both load every key. The q/k RMSNorm
+scales cannot be patched by native ComfyUI under any name: they are left out by default (their size is
+reported) and written under original names with ``include_qk_norms=True`` (our loader applies them).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from accvideo_core.utils.io import CheckpointError, save_safetensors, unwrap_state_dict
+
+from . import comfy_names, names
+
+_SOURCE_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "module.", "transformer.")
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class LayerResult:
+    key: str  # original parameter key
+    written: str  # "lora" | "diff" | "diff_b" | "skipped" | "unchanged"
+    rank: int = 0
+    rel_error: float = 0.0  # ||D - up @ down||_F / ||D||_F (0 for exact diffs)
+    rel_change: float = 0.0  # ||D||_F / ||base||_F
+
+
+@dataclass
+class ExtractResult:
+    tensors: dict[str, torch.Tensor]
+    layers: list[LayerResult] = field(default_factory=list)
+    path: Path | None = None
+
+    def summary(self) -> dict:
+        low_rank = [l for l in self.layers if l.written == "lora"]
+        skipped = [l for l in self.layers if l.written == "skipped"]
+        return {
+            "tensors": len(self.tensors),
+            "low_rank_layers": len(low_rank),
+            "diff_layers": sum(l.written in ("diff", "diff_b") for l in self.layers),
+            "unchanged": sum(l.written == "unchanged" for l in self.layers),
+            "mean_rel_error": sum(l.rel_error for l in low_rank) / max(len(low_rank), 1),
+            "max_rel_error": max((l.rel_error for l in low_rank), default=0.0),
+            "skipped_qk_norms": len(skipped),
+            "skipped_max_rel_change": max((l.rel_change for l in skipped), default=0.0),
+        }
+
+
+class WeightSource:
+    """Lazy, per-tensor access to a transformer checkpoint in original, ComfyUI or diffusers layout, by original
+    parameter keys. Safetensors are read tensor by tensor; pickles are memory-mapped (weights only)."""
+
+    def __init__(self, source: str | os.PathLike | Mapping[str, torch.Tensor], stack: contextlib.ExitStack):
+        self.name = "<state dict>" if isinstance(source, Mapping) else Path(source).name
+        if isinstance(source, Mapping):
+            get, keys = source.__getitem__, list(source)
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint not found: {path}")
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                handle = stack.enter_context(safe_open(str(path), framework="pt"))
+                get, keys = handle.get_tensor, list(handle.keys())
+            else:
+                try:
+                    sd = unwrap_state_dict(torch.load(str(path), map_location="cpu", weights_only=True, mmap=True),
+                                           source=str(path))
+                except (RuntimeError, OSError, EOFError) as err:
+                    raise CheckpointError(f"{path} could not be read as a weights-only torch checkpoint ({err})") from err
+                get, keys = sd.__getitem__, list(sd)
+        self._get = get
+        # original key -> [(file key, target)] (several parts for diffusers' split q/k/v)
+        self.parts: dict[str, list[tuple[str, names.Target]]] = {}
+        for key in keys:
+            resolved = self._resolve(key)
+            if resolved is not None:
+                original_key, target = resolved
+                self.parts.setdefault(original_key, []).append((key, target))
+        if not self.parts:
+            raise CheckpointError(
+                f"{self.name}: no HunyuanVideo transformer weights found (e.g. {keys[:3]}); expected a transformer "
+                "checkpoint in original, ComfyUI or diffusers layout"
+            )
+
+    @staticmethod
+    def _resolve(key: str) -> tuple[str, names.Target] | None:
+        bodies = [key[len(p):] for p in _SOURCE_PREFIXES if key.startswith(p)] + [key]
+        for body in bodies:
+            module, _, param = body.rpartition(".")
+            if param == "scale":  # ComfyUI's q/k norm parameter
+                target, param = names.resolve(body), "weight"
+            else:
+                target = names.resolve(module) if param in ("weight", "bias") else None
+            if target is not None:
+                return f"{target.module}.{param}", target
+        return None
+
+    def keys(self) -> list[str]:
+        return list(self.parts)
+
+    def get(self, key: str) -> torch.Tensor:
+        """One parameter in original layout, as fp32."""
+        parts = self.parts[key]
+        if len(parts) == 1 and parts[0][1].units is None:
+            return self._get(parts[0][0]).float()
+        tensors = [(self._get(k).float(), t) for k, t in parts]
+        per_unit = tensors[0][0].shape[0] // len(tensors[0][1].units)
+        total = tensors[0][1].total_units
+        if sum(len(t.units) for _, t in tensors) != total:
+            raise CheckpointError(f"{self.name}: parts of {key} are missing ({[k for k, _ in parts]})")
+        full = tensors[0][0].new_empty((per_unit * total, *tensors[0][0].shape[1:]))
+        for tensor, target in tensors:
+            for dst, src in target.place_rows(tensor, per_unit):
+                full[dst] = tensor[src]
+        return full
+
+
+def _low_rank(diff: torch.Tensor, rank: int, svd: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up [out, r], down [r, in]) with up @ down ~ diff (best rank-r approximation)."""
+    m = min(diff.shape)
+    if svd == "exact" or (svd == "auto" and (m <= 1024 or rank * 4 > m)):
+        u, s, vh = torch.linalg.svd(diff, full_matrices=False)
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    else:
+        u, s, v = torch.svd_lowrank(diff, q=min(rank + 16, m), niter=6)
+        u, s, vh = u[:, :rank], s[:rank], v[:, :rank].T
+    root = s.sqrt()
+    return u * root, root[:, None] * vh
+
+
+def extract(base: str | os.PathLike | Mapping[str, torch.Tensor], tuned: str | os.PathLike | Mapping[str, torch.Tensor],
+            rank: int, *, out: str | os.PathLike | None = None, dtype: torch.dtype = torch.float16,
+            include_qk_norms: bool = False, svd: str = "auto", device: str | torch.device = "cpu",
+            progress: Progress | None = None) -> ExtractResult:
+    """LoRA of ``tuned - base`` at ``rank`` (see the module doc); written atomically to ``out`` when given.
+
+    ``svd``: "exact" (full SVD), "randomized" (``torch.svd_lowrank``, 6 power iterations) or "auto" (exact for
+    matrices up to 1024 on the short side or ranks above a quarter of it).
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if svd not in ("auto", "exact", "randomized"):
+        raise ValueError(f"svd must be 'auto', 'exact' or 'randomized', got {svd!r}")
+    result = ExtractResult({})
+    with contextlib.ExitStack() as stack:
+        base_src, tuned_src = WeightSource(base, stack), WeightSource(tuned, stack)
+        missing = sorted(set(base_src.keys()) ^ set(tuned_src.keys()))
+        if missing:
+            raise CheckpointError(
+                f"{base_src.name} and {tuned_src.name} are not the same architecture: {len(missing)} parameters are "
+                f"in only one of them, e.g. {missing[:3]}"
+            )
+        keys = base_src.keys()
+        for i, key in enumerate(keys):
+            if progress is not None:
+                progress(i, len(keys), key)
+            base_t, tuned_t = base_src.get(key).to(device), tuned_src.get(key).to(device)
+            if base_t.shape != tuned_t.shape:
+                raise CheckpointError(f"{key}: shapes differ ({tuple(base_t.shape)} vs {tuple(tuned_t.shape)})")
+            result.layers.append(_extract_one(key, tuned_t - base_t, base_t, rank, svd, include_qk_norms,
+                                              result.tensors))
+            del base_t, tuned_t
+        if progress is not None:
+            progress(len(keys), len(keys), "")
+    result.tensors = {k: v.to(dtype) if v.is_floating_point() and v.ndim > 0 else v for k, v in result.tensors.items()}
+    if out is not None:
+        meta = {"format": "pt", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
+                "accvideo_lora": json.dumps({"rank": rank, "base": base_src.name, "tuned": tuned_src.name,
+                                             "dtype": str(dtype).removeprefix("torch."), "svd": svd,
+                                             "include_qk_norms": include_qk_norms, **result.summary()})}
+        result.path = save_safetensors(result.tensors, out, metadata=meta)
+    return result
+
+
+def _extract_one(key: str, diff: torch.Tensor, base: torch.Tensor, rank: int, svd: str, include_qk_norms: bool,
+                 tensors: dict[str, torch.Tensor]) -> LayerResult:
+    module, _, param = key.rpartition(".")
+    norm = float(diff.norm())
+    rel_change = norm / max(float(base.norm()), 1e-30)
+    if norm == 0.0:
+        return LayerResult(key, "unchanged")
+    name = comfy_names.lora_name_for_comfy(module)
+    if name is None:  # q/k RMSNorm scales
+        if not include_qk_norms:
+            return LayerResult(key, "skipped", rel_change=rel_change)
+        name = module
+    prefix = f"{comfy_names.COMFY_PREFIX}{name}"
+    if param == "bias":
+        tensors[f"{prefix}.diff_b"] = diff
+        return LayerResult(key, "diff_b", rel_change=rel_change)
+    if diff.ndim < 2:
+        tensors[f"{prefix}.diff"] = diff
+        return LayerResult(key, "diff", rel_change=rel_change)
+    matrix = diff.flatten(1)
+    rows, cols = matrix.shape
+    r = min(rank, rows, cols)
+    if r * (rows + cols) >= rows * cols:
+        tensors[f"{prefix}.diff"] = diff
+        return LayerResult(key, "diff", rank=min(rows, cols), rel_change=rel_change)
+    up, down = _low_rank(matrix, r, svd)
+    rel_error = float((matrix - up @ down).norm()) / norm
+    extra = (1,) * (diff.ndim - 2)
+    tensors[f"{prefix}.lora_up.weight"] = up.reshape(rows, r, *extra).contiguous()
+    tensors[f"{prefix}.lora_down.weight"] = down.reshape(r, *diff.shape[1:]).contiguous()
+    tensors[f"{prefix}.alpha"] = torch.tensor(float(r))
+    return LayerResult(key, "lora", rank=r, rel_error=rel_error, rel_change=rel_change)
+
+
+def progress_printer(stream=None, *, every: float = 0.5) -> Progress:
+    """A progress callback printing one updating line: count, percentage, ETA and the current tensor."""
+    import sys
+
+    stream = stream or sys.stderr
+    start = time.monotonic()
+    last = [0.0]
+
+    def show(i: int, total: int, key: str) -> None:
+        now = time.monotonic()
+        if i < total and now - last[0] < every and i:
+            return
+        last[0] = now
+        elapsed = now - start
+        eta = elapsed / i * (total - i) if i else math.nan
+        eta_text = "?" if math.isnan(eta) else f"{eta:5.0f}s"
+        end = "\n" if i >= total else ""
+        stream.write(f"\r[extract] {i}/{total} ({100 * i / max(total, 1):3.0f}%) eta {eta_text} {key[:60]:<60}{end}")
+        stream.flush()
+
+    return show
+

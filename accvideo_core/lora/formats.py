@@ -1,0 +1,329 @@
+"""Read HunyuanVideo LoRA files in every common format into one representation keyed by our module names.
+
+Formats (detected per key, so mixed files work too):
+- ComfyUI / diffusion-pipe: ``diffusion_model.`` or ``transformer.`` + original or ComfyUI-internal names,
+  ``lora_A``/``lora_B`` or ``lora_down``/``lora_up``, optional ``.alpha``;
+- kohya / musubi-tuner / OneTrainer: ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` (+ ``.alpha``);
+- diffusers / PEFT: ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``; parts of a fused original
+  weight (q, k, v; the mlp rows of ``linear1``; the swapped halves of ``norm_out``) are placed into its rows;
+  ``lora_alpha`` / ``r`` / ``alpha_pattern`` / ``use_rslora`` are read from diffusers' safetensors metadata;
+- full differences: ``.diff`` (weight), ``.diff_b`` (bias), for any module in any of the namings above.
+
+The result, :class:`LoraState`, maps each original module name (``double_blocks.0.img_attn_qkv``) to a
+:class:`ModulePatch`: ``delta_W = scale * up @ down + diff`` and ``delta_b = diff_b``, before the strength.
+Every key of the file is accounted for: keys that could not be used are kept in ``LoraState.unused`` with the
+reason, and reported in one line when the LoRA is applied.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from accvideo_core.utils.io import CheckpointError, read_state_dict
+
+from . import names
+
+# Key suffix -> role; longest first (".lora_A.default.weight" before ".lora_A.weight" ...).
+_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".lora_A.default.weight", "down"),
+    (".lora_B.default.weight", "up"),
+    (".lora_down.weight", "down"),
+    (".lora_up.weight", "up"),
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_mid.weight", "mid"),
+    (".dora_scale", "dora_scale"),
+    (".alpha", "alpha"),
+    (".diff_b", "diff_b"),
+    (".diff", "diff"),
+)
+# File prefixes, dotted and underscored; tried longest first, and no prefix last.
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "unet.")
+_UNDERSCORE_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
+_UNSUPPORTED = {"mid": "LoCon/LoHa mid weights are not supported",
+                "dora_scale": "DoRA is not supported (the magnitude vector cannot be applied as a weight delta)"}
+
+
+class LoraFormatError(ValueError):
+    """A LoRA file holds nothing this loader can apply to HunyuanVideo, or holds inconsistent tensors."""
+
+
+@dataclass
+class ModulePatch:
+    """The change a LoRA makes to one module: ``delta_W = scale * up @ down + diff``, ``delta_b = diff_b``.
+
+    ``up`` is ``[out, r(, 1, ...)]`` and ``down`` ``[r, in(, kernel...)]`` as stored (conv factors keep their
+    kernel dims); both are flattened to matrices for the product.
+    """
+
+    module: str
+    up: torch.Tensor | None = None
+    down: torch.Tensor | None = None
+    scale: float = 1.0
+    diff: torch.Tensor | None = None
+    diff_b: torch.Tensor | None = None
+    keys: list[str] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.down is None else int(self.down.shape[0])
+
+    def add_low_rank(self, up: torch.Tensor, down: torch.Tensor, scale: float) -> None:
+        """Add a low-rank term; several terms are concatenated along the rank (scales folded into ``up``)."""
+        if up.shape[1] != down.shape[0]:
+            raise LoraFormatError(f"{self.module}: lora_up has rank {up.shape[1]} but lora_down {down.shape[0]}")
+        if self.up is None:
+            self.up, self.down, self.scale = up, down, scale
+            return
+        if self.down.flatten(1).shape[1] != down.flatten(1).shape[1]:
+            raise LoraFormatError(f"{self.module}: low-rank terms with different input sizes")
+        self.up = torch.cat((self.up.flatten(1).float() * self.scale, up.flatten(1).float() * scale), dim=1)
+        self.down = torch.cat((self.down.flatten(1).float(), down.flatten(1).float()), dim=0)
+        self.scale = 1.0
+
+    def add_diff(self, diff: torch.Tensor | None, diff_b: torch.Tensor | None) -> None:
+        if diff is not None:
+            self.diff = diff if self.diff is None else self.diff.float() + diff.float()
+        if diff_b is not None:
+            self.diff_b = diff_b if self.diff_b is None else self.diff_b.float() + diff_b.float()
+
+    def weight_delta(self, shape: torch.Size | tuple[int, ...], *, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str | None = None) -> torch.Tensor | None:
+        """``scale * up @ down + diff`` shaped like the weight, or None when the patch has no weight change."""
+        delta = None
+        if self.up is not None:
+            up = self.up.to(device=device, dtype=dtype).flatten(1)
+            down = self.down.to(device=device, dtype=dtype).flatten(1)
+            product = up @ down
+            if product.numel() != math.prod(shape):
+                raise LoraFormatError(
+                    f"{self.module}: LoRA product is {tuple(product.shape)} but the weight is {tuple(shape)}; "
+                    "the LoRA was made for a different model"
+                )
+            delta = product.reshape(shape) * self.scale
+        if self.diff is not None:
+            if tuple(self.diff.shape) != tuple(shape):
+                raise LoraFormatError(
+                    f"{self.module}: diff is {tuple(self.diff.shape)} but the weight is {tuple(shape)}; "
+                    "the LoRA was made for a different model"
+                )
+            diff = self.diff.to(device=device, dtype=dtype)
+            delta = diff if delta is None else delta + diff
+        return delta
+
+    def bias_delta(self, shape: torch.Size | tuple[int, ...], *, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str | None = None) -> torch.Tensor | None:
+        if self.diff_b is None:
+            return None
+        if tuple(self.diff_b.shape) != tuple(shape):
+            raise LoraFormatError(f"{self.module}: diff_b is {tuple(self.diff_b.shape)} but the bias is {tuple(shape)}")
+        return self.diff_b.to(device=device, dtype=dtype)
+
+
+@dataclass
+class LoraState:
+    """A LoRA normalised onto our (original HunyuanVideo) module names."""
+
+    modules: dict[str, ModulePatch]
+    format: str
+    source: str
+    total_keys: int
+    unused: dict[str, str] = field(default_factory=dict)  # key -> why it cannot be used
+
+    def example_keys(self, n: int = 3) -> list[str]:
+        keys = [k for p in self.modules.values() for k in p.keys] or list(self.unused)
+        return keys[:n]
+
+
+@dataclass
+class _Group:
+    """The keys of one module name in the file (before mapping onto our modules)."""
+
+    name: str
+    target: names.Target
+    naming: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  # role -> file key
+
+
+def _split_key(key: str) -> tuple[str, str, str] | None:
+    """``key`` -> (prefix, module name, role) when the suffix is known and the module resolves."""
+    role = None
+    for suffix, r in _SUFFIXES:
+        if key.endswith(suffix):
+            role, body = r, key[: -len(suffix)]
+            break
+    if role is None:
+        return None
+    candidates = [(p, body[len(p):]) for p in (*_PREFIXES, *_UNDERSCORE_PREFIXES) if body.startswith(p)]
+    for prefix, rest in (*candidates, ("", body)):
+        if names.resolve(rest) is not None:
+            return prefix, rest, role
+    return None
+
+
+def _format_label(prefixes: set[str], namings: set[str]) -> str:
+    if prefixes & set(_UNDERSCORE_PREFIXES):
+        return "kohya/musubi-tuner"
+    if "diffusers" in namings:
+        return "diffusers/PEFT"
+    if "transformer." in prefixes:
+        return "diffusion-pipe"
+    if prefixes & {"diffusion_model.", "model.diffusion_model."}:
+        return "ComfyUI"
+    return "unprefixed"
+
+
+def guess_format(keys: list[str]) -> str:
+    """A label for files nothing could be read from (used in error messages)."""
+    if any(k.startswith(_UNDERSCORE_PREFIXES) for k in keys):
+        return "kohya-style (lora_unet_ prefix)"
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        return "PEFT-style (lora_A/lora_B)"
+    if any(k.startswith(("diffusion_model.", "model.diffusion_model.")) for k in keys):
+        return "ComfyUI-style (diffusion_model. prefix)"
+    return "unknown"
+
+
+def _peft_config(metadata: Mapping[str, str] | None) -> dict:
+    """diffusers' ``lora_adapter_metadata`` (JSON with ``transformer.`` keys), unprefixed; {} when absent."""
+    if not metadata or "lora_adapter_metadata" not in metadata:
+        return {}
+    try:
+        raw = json.loads(metadata["lora_adapter_metadata"])
+    except json.JSONDecodeError:
+        return {}
+    return {k.split(".", 1)[1] if k.startswith("transformer.") else k: v for k, v in raw.items()}
+
+
+def _peft_scale(config: dict, file_name: str, rank: int) -> float | None:
+    """PEFT scale for one module from the adapter config, None when the config has no alpha."""
+    alpha = config.get("lora_alpha")
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if file_name == pattern or file_name.endswith(f".{pattern}"):
+            alpha = value
+    if alpha is None:
+        return None
+    return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and safetensors metadata of a LoRA file (pickles: weights only, no metadata)."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+        except Exception as err:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from err
+    return read_state_dict(path), {}
+
+
+def load_lora(lora: str | os.PathLike | Mapping[str, torch.Tensor], *,
+              metadata: Mapping[str, str] | None = None, source: str | None = None) -> LoraState:
+    """Read a LoRA (file path or ``{key: tensor}``) into a :class:`LoraState`.
+
+    Raises :class:`LoraFormatError` when no key can be used, naming the detected format and example keys.
+    """
+    if isinstance(lora, Mapping):
+        tensors, source = dict(lora), source or "<state dict>"
+    else:
+        tensors, file_meta = read_lora_file(lora)
+        metadata, source = metadata or file_meta, source or str(lora)
+    peft = _peft_config(metadata)
+
+    groups: dict[str, _Group] = {}
+    unused: dict[str, str] = {}
+    for key, tensor in tensors.items():
+        parsed = _split_key(key)
+        if parsed is None:
+            unused[key] = "not a HunyuanVideo LoRA key"
+            continue
+        prefix, name, role = parsed
+        if role in _UNSUPPORTED:
+            unused[key] = _UNSUPPORTED[role]
+            continue
+        group = groups.get(prefix + name)
+        if group is None:
+            group = groups[prefix + name] = _Group(name, names.resolve(name), names.naming_of(name))
+            group.keys["prefix"] = prefix
+        group.tensors[role] = tensor
+        group.keys[role] = key
+
+    modules: dict[str, ModulePatch] = {}
+    prefixes: set[str] = set()
+    namings: set[str] = set()
+    for group in groups.values():
+        used = _add_group(group, modules, peft)
+        role_keys = {r: k for r, k in group.keys.items() if r != "prefix"}
+        if used is None:
+            for r, k in role_keys.items():
+                unused[k] = f"{r} without its partner tensors"
+            continue
+        prefixes.add(group.keys["prefix"])
+        namings.add(group.naming)
+        modules[group.target.module].keys.extend(role_keys.values())
+
+    if not modules:
+        keys = list(tensors)
+        raise LoraFormatError(
+            f"{source}: no key of this LoRA belongs to a HunyuanVideo transformer (detected format: "
+            f"{guess_format(keys)}; {len(keys)} keys, e.g. {keys[:3]}). Expected keys such as "
+            "'diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight', "
+            "'lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight' or "
+            "'transformer.transformer_blocks.0.attn.to_q.lora_A.weight'; a LoRA for another model "
+            "(Wan, Flux, SD) cannot be used with HunyuanVideo."
+        )
+    return LoraState(modules, _format_label(prefixes, namings), source, len(tensors), unused)
+
+
+def _add_group(group: _Group, modules: dict[str, ModulePatch], peft: dict) -> bool | None:
+    """Fold one file group into ``modules``; None when its tensors are incomplete."""
+    t = group.tensors
+    up, down = t.get("up"), t.get("down")
+    if (up is None) != (down is None):
+        return None
+    if up is None and "diff" not in t and "diff_b" not in t:
+        return None
+    target = group.target
+    patch = modules.setdefault(target.module, ModulePatch(target.module))
+    if up is not None:
+        rank = int(down.shape[0])
+        if "alpha" in t:
+            scale = float(t["alpha"].item()) / rank
+        else:
+            peft_scale = _peft_scale(peft, group.name, rank) if peft else None
+            scale = 1.0 if peft_scale is None else peft_scale
+        if target.units is None:
+            patch.add_low_rank(up, down, scale)
+        else:
+            patch.add_low_rank(_place(target, up.flatten(1).float() * scale, group.name), down, 1.0)
+    diff = t.get("diff")
+    diff_b = t.get("diff_b")
+    if target.units is not None:
+        diff = None if diff is None else _place(target, diff.float(), group.name)
+        diff_b = None if diff_b is None else _place(target, diff_b.float(), group.name)
+    patch.add_diff(diff, diff_b)
+    return True
+
+
+def _place(target: names.Target, part: torch.Tensor, name: str) -> torch.Tensor:
+    """Rows of one diffusers part placed into a zero tensor of the whole original module's rows."""
+    n_units = len(target.units)
+    if part.shape[0] % n_units:
+        raise LoraFormatError(f"{name}: {part.shape[0]} rows do not split into {n_units} equal parts")
+    per_unit = part.shape[0] // n_units
+    full = part.new_zeros((per_unit * target.total_units, *part.shape[1:]))
+    for dst, src in target.place_rows(part, per_unit):
+        full[dst] = part[src]
+    return full
