@@ -1,0 +1,119 @@
+"""Glue between ComfyUI's runtime and the core: run ``accvideo_core.sampling.euler_flow`` with ComfyUI's own model.
+
+The model is called through ComfyUI's guider and k-diffusion wrapper, so LoRA patches, fp8 weights, memory
+management, previews and interruption all behave as for native samplers. ComfyUI modules are imported inside the
+functions: this file is importable (and its nodes describable) without a running ComfyUI.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+
+def check_video_latent(latent: dict, prompt: dict | None, unique_id: str | None, input_name: str) -> None:
+    """Fail early with a clear message when the LATENT (or the empty-latent node that made it) has a bad size.
+
+    ComfyUI's ``EmptyHunyuanLatentVideo`` silently rounds a ``length`` that is not 4k+1 down; when the latent comes
+    straight from such a node, its ``length``/``width``/``height`` widgets are checked too.
+    """
+    from accvideo_core.flow_bridge import video_size_of_latent
+    from accvideo_core.latents import latent_shape
+
+    try:
+        video_size_of_latent(latent["samples"])
+        src = _source_node(prompt, unique_id, input_name)
+        if src is not None:
+            values = {k: src["inputs"].get(k) for k in ("length", "height", "width")}
+            if all(isinstance(v, int) for v in values.values()):
+                latent_shape(values["length"], values["height"], values["width"])
+    except ValueError as err:
+        raise ValueError(f"{input_name}: {err}") from None
+
+
+def _source_node(prompt: dict | None, unique_id: str | None, input_name: str) -> dict | None:
+    if not prompt or unique_id is None:
+        return None
+    link = prompt.get(str(unique_id), {}).get("inputs", {}).get(input_name)
+    if isinstance(link, list) and len(link) == 2:
+        return prompt.get(str(link[0]))
+    return None
+
+
+def with_guidance(positive: list, guidance: float | None) -> list:
+    """The conditioning with its embedded guidance set (like FluxGuidance), or unchanged for ``None``."""
+    if guidance is None:
+        return positive
+    import node_helpers
+
+    return node_helpers.conditioning_set_values(positive, {"guidance": float(guidance)})
+
+
+def sample_with_comfy_model(model: Any, positive: list, latent: dict, seed: int, sigmas: torch.Tensor, *,
+                            on_start=None, on_step=None) -> dict:
+    """Euler flow sampling of ``latent`` with ComfyUI's MODEL; returns the new LATENT dict.
+
+    Noise is made exactly like ``comfy.sample.prepare_noise`` (CPU generator), so with the same seed and sigmas
+    this reproduces native ``KSampler(euler)``. ``on_start(x)`` sees the initial model-space latent and
+    ``on_step(info)`` every ``euler_flow`` step (model space), e.g. for trajectory recording.
+    """
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+    import comfy.utils
+    import latent_preview
+
+    from accvideo_core.flow_bridge import DenoiserVelocity
+    from accvideo_core.sampling import euler_flow
+
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    steps = len(sigmas) - 1
+    preview = latent_preview.prepare_callback(model, steps)
+
+    def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = extra_args or {}
+        velocity = DenoiserVelocity(lambda xx, s: model_k(xx, s, **extra_args),
+                                    before_call=comfy.model_management.throw_exception_if_processing_interrupted)
+        if on_start is not None:
+            on_start(x)
+
+        def step_done(info: dict) -> None:
+            if on_step is not None:
+                on_step(info)
+            if callback is not None:
+                callback({"i": info["i"], "x": info["x"], "denoised": velocity.last_denoised,
+                          "sigma": sigmas[info["i"]], "sigma_hat": sigmas[info["i"]]})
+
+        return euler_flow(velocity, x, sigmas, callback=step_done)
+
+    guider = comfy.samplers.CFGGuider(model)  # cfg 1 and no negative: one model call per step (as BasicGuider)
+    guider.inner_set_conds({"positive": positive})
+    samples = guider.sample(noise, latent_image, comfy.samplers.KSAMPLER(sampler_function), sigmas.clone(),
+                            denoise_mask=latent.get("noise_mask"), callback=preview,
+                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    out = latent.copy()
+    out["samples"] = samples.to(comfy.model_management.intermediate_device())
+    return out
+
+
+def conditioning_tensors(positive: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(text_states [L, D], text_mask [L] bool, pooled [P]) of the first entry of a ComfyUI CONDITIONING."""
+    if not positive:
+        raise ValueError("positive conditioning is empty; connect a CLIPTextEncode output")
+    cond, extras = positive[0][0], positive[0][1]
+    text_states = cond[0].detach().float().cpu()
+    mask = extras.get("attention_mask")
+    text_mask = (mask[0].reshape(-1) > 0) if mask is not None else torch.ones(text_states.shape[0], dtype=torch.bool)
+    pooled = extras.get("pooled_output")
+    if pooled is None:
+        raise ValueError("the conditioning has no pooled_output; encode the prompt with DualCLIPLoader "
+                         "(type hunyuan_video) + CLIPTextEncode")
+    return text_states, text_mask.cpu(), pooled[0].detach().float().cpu()
+
+
+def model_file_names(folder: str) -> Sequence[str]:
+    """Files ComfyUI lists for ``folder`` (``diffusion_models``, ``loras``...); empty outside ComfyUI."""
+    import folder_paths
+
+    return folder_paths.get_filename_list(folder)

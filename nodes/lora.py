@@ -1,0 +1,141 @@
+"""AccVideo LoRA Loader and AccVideo LoRA Extract (thin over ``accvideo_core.lora``)."""
+from __future__ import annotations
+
+import logging
+
+from comfy_api.v0_0_2 import io
+
+from . import _comfy
+
+CATEGORY = "AccVideo/lora"
+EXTRACT_DTYPES = ["float16", "bfloat16", "float32"]
+log = logging.getLogger("AccVideo")
+
+_LORA_CACHE: dict[tuple, object] = {}
+
+
+def _read_lora(path: str):
+    """The normalised LoRA of a file, cached by path, size and modification time (like native LoraLoader)."""
+    import os
+
+    from accvideo_core.lora.formats import load_lora
+
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _LORA_CACHE:
+        _LORA_CACHE.clear()
+        _LORA_CACHE[key] = load_lora(path)
+    return _LORA_CACHE[key]
+
+
+def _to_comfy(patch):
+    """A core ``ComfyPatch`` as the object ModelPatcher.add_patches stores."""
+    from comfy.weight_adapter.lora import LoRAAdapter
+
+    if patch.kind == "lora":
+        return LoRAAdapter(set(), patch.weights)
+    return (patch.kind, patch.weights)
+
+
+class AccVideoLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AccVideoLoraLoader",
+            display_name="AccVideo LoRA Loader",
+            category=CATEGORY,
+            description="Applies a HunyuanVideo LoRA to a MODEL as ModelPatcher patches on a clone (the input MODEL is "
+                        "never changed). Reads every common format (ComfyUI/diffusion-pipe, kohya/musubi, "
+                        "diffusers/PEFT with split q/k/v, diff/diff_b) through one normalisation; keys that cannot "
+                        "be used are reported in the log instead of silently dropped.",
+            inputs=[
+                io.Model.Input("model", tooltip="HunyuanVideo MODEL (UNETLoader)."),
+                io.Combo.Input("lora_name", options=_comfy.model_file_names("loras"),
+                               tooltip="LoRA file in the loras folder (e.g. one made by AccVideo LoRA Extract)."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Multiplier of the LoRA's change (1.0 = as trained or extracted)."),
+            ],
+            outputs=[io.Model.Output(tooltip="A patched clone of the input MODEL.")],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength) -> io.NodeOutput:
+        import folder_paths
+
+        from accvideo_core.lora.apply import comfy_patches
+
+        if strength == 0:
+            return io.NodeOutput(model)
+        state = _read_lora(folder_paths.get_full_path_or_raise("loras", lora_name))
+        patches = {key: _to_comfy(p) for key, p in comfy_patches(state).items()}
+        patched = model.clone()
+        applied = set(patched.add_patches(patches, strength))
+        absent = sorted(k for k in patches if k not in applied)
+        if not applied:
+            raise ValueError(f"LoRA {lora_name} ({state.format}) matches no weight of this model (e.g. "
+                             f"{absent[:3]}); is it a HunyuanVideo LoRA, and is the MODEL HunyuanVideo?")
+        if absent or state.unused:
+            reasons = sorted(set(state.unused.values()) | ({"weight not in this model"} if absent else set()))
+            log.warning("AccVideo LoRA %s (%s): %d of %d keys not applied (%s), e.g. %s", lora_name, state.format,
+                        len(state.unused) + len(absent), state.total_keys, "; ".join(reasons),
+                        (absent + list(state.unused))[:3])
+        return io.NodeOutput(patched)
+
+
+class AccVideoLoraExtract(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AccVideoLoraExtract",
+            display_name="AccVideo LoRA Extract",
+            category=CATEGORY,
+            description="Extracts a LoRA (tuned - base, truncated SVD per layer, diffs for norms and biases) from two "
+                        "HunyuanVideo checkpoints in diffusion_models, streaming one tensor pair at a time, and "
+                        "writes it atomically into the loras folder. Keys load with native LoraLoaderModelOnly and "
+                        "with AccVideo LoRA Loader.",
+            inputs=[
+                io.Combo.Input("base_model", options=_comfy.model_file_names("diffusion_models"),
+                               tooltip="The base model (e.g. hunyuan_video_t2v_720p_bf16)."),
+                io.Combo.Input("distilled_model", options=_comfy.model_file_names("diffusion_models"),
+                               tooltip="The tuned model (e.g. the AccVideo 5-step checkpoint)."),
+                io.Int.Input("rank", default=64, min=1, max=3072, tooltip="LoRA rank (higher = closer, larger)."),
+                io.String.Input("filename", default="accvideo_hunyuan_video_lora.safetensors",
+                                tooltip="File name in the loras folder (.safetensors)."),
+                io.Combo.Input("dtype", options=EXTRACT_DTYPES, default=EXTRACT_DTYPES[0],
+                               tooltip="Storage precision of the LoRA tensors."),
+            ],
+            outputs=[io.String.Output(display_name="lora_name", tooltip="The written file's name in loras.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, base_model, distilled_model, rank, filename, dtype) -> io.NodeOutput:
+        import os
+
+        import comfy.model_management
+        import comfy.utils
+        import folder_paths
+        import torch
+
+        from accvideo_core.lora.extract import extract
+
+        name = os.path.basename(filename.strip())
+        if not name or name != filename.strip() or not name.endswith(".safetensors"):
+            raise ValueError(f"filename must be a plain file name ending in .safetensors, got {filename!r}")
+        if dtype not in EXTRACT_DTYPES:
+            raise ValueError(f"dtype must be one of {EXTRACT_DTYPES}, got {dtype!r}")
+        out = os.path.join(folder_paths.get_folder_paths("loras")[0], name)
+        pbar = None
+
+        def progress(done: int, total: int, key: str) -> None:
+            nonlocal pbar
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if pbar is None:
+                pbar = comfy.utils.ProgressBar(max(total, 1))
+            pbar.update_absolute(done, max(total, 1))
+
+        result = extract(folder_paths.get_full_path_or_raise("diffusion_models", base_model),
+                         folder_paths.get_full_path_or_raise("diffusion_models", distilled_model), rank, out=out,
+                         dtype=getattr(torch, dtype), progress=progress)
+        log.info("AccVideo LoRA Extract wrote %s: %s", out, result.summary())
+        return io.NodeOutput(name, ui={"text": [f"{name}: {result.summary()}"]})

@@ -1,0 +1,362 @@
+"""Writes the workflows of the pack: each graph once, as ComfyUI UI format 0.4 (drag-and-drop) and its API twin.
+
+    python -m workflows.generate          # rewrite workflows/*.json and the example_workflows/ links
+    python -m workflows.generate --check  # exit 1 when a file on disk differs from what this script writes
+
+Widget order comes from the node definitions: ours read through the test stand-in of ComfyUI's API
+(``tests/integration/comfy_standin.py``), native ones from the ``/object_info`` snapshot of the ComfyUI version we
+test against (``tests/integration/data/native_nodes.json``). ``example_workflows/`` holds relative symlinks to the
+UI files (ComfyUI's template browser), never copies.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+EXAMPLES = ROOT / "example_workflows"
+NATIVE_INFO = ROOT / "tests" / "integration" / "data" / "native_nodes.json"
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+FRONTEND_ONLY = ("Note", "MarkdownNote")  # virtual nodes: saved in the UI file, absent from the API prompt
+
+HF_HY = "https://huggingface.co/Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files"
+MODELS = {
+    "accvideo": {"name": "accvideo_t2v_5_steps.pt", "directory": "diffusion_models",
+                 "url": "https://huggingface.co/aejion/AccVideo/resolve/main/accvideo-t2v-5-steps/"
+                        "diffusion_pytorch_model.pt"},
+    "teacher": {"name": "hunyuan_video_t2v_720p_bf16.safetensors", "directory": "diffusion_models",
+                "url": f"{HF_HY}/diffusion_models/hunyuan_video_t2v_720p_bf16.safetensors"},
+    "clip_l": {"name": "clip_l.safetensors", "directory": "text_encoders",
+               "url": f"{HF_HY}/text_encoders/clip_l.safetensors"},
+    "llava": {"name": "llava_llama3_fp8_scaled.safetensors", "directory": "text_encoders",
+              "url": f"{HF_HY}/text_encoders/llava_llama3_fp8_scaled.safetensors"},
+    "vae": {"name": "hunyuan_video_vae_bf16.safetensors", "directory": "vae",
+            "url": f"{HF_HY}/vae/hunyuan_video_vae_bf16.safetensors"},
+}
+LORA_NAME = "accvideo_hunyuan_video_lora.safetensors"
+PROMPT = ("A cat walks on the grass, realistic style, warm afternoon light, the camera slowly follows it at low "
+          "height.")
+WIDTH, HEIGHT, FRAMES, FPS, SEED = 960, 544, 93, 24.0, 1024
+
+
+def node_definitions() -> dict[str, dict]:
+    """``/object_info``-style definitions of every node the workflows may use (ours and native ones)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from tests.integration import comfy_standin
+    finally:
+        sys.path.remove(str(ROOT))
+    defs = json.loads(NATIVE_INFO.read_text())["nodes"]
+    defs.update({nid: comfy_standin.object_info(s) for nid, s in comfy_standin.schemas().items()})
+    return defs
+
+
+def widget_names(definition: dict) -> list[tuple[str, bool]]:
+    """(widget name, has a control_after_generate value) in saved-workflow order."""
+    out = []
+    for section in ("required", "optional"):
+        for name in definition["input_order"].get(section, []):
+            spec = definition["input"][section][name]
+            typ, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+            if (isinstance(typ, list) or typ in WIDGET_TYPES) and not opts.get("forceInput"):
+                out.append((name, bool(opts.get("control_after_generate"))))
+    return out
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    widgets: dict[str, Any]
+    links: dict[str, tuple["Node", int]] = field(default_factory=dict)
+    title: str | None = None
+    pos: tuple[int, int] = (0, 0)
+    models: list[dict] = field(default_factory=list)
+    text: str | None = None  # for Note nodes
+
+
+class Graph:
+    def __init__(self, name: str, title: str):
+        self.name, self.title = name, title
+        self.nodes: list[Node] = []
+
+    def add(self, type: str, pos: tuple[int, int], widgets: dict | None = None, title: str | None = None,
+            models: list[str] | None = None, **links: tuple[Node, int] | Node) -> Node:
+        node = Node(len(self.nodes) + 1, type, dict(widgets or {}), title=title, pos=pos,
+                    models=[MODELS[m] for m in models or []])
+        node.links = {k: (v, 0) if isinstance(v, Node) else v for k, v in links.items()}
+        self.nodes.append(node)
+        return node
+
+    def note(self, pos: tuple[int, int], text: str) -> Node:
+        node = self.add("MarkdownNote", pos)
+        node.text = text
+        return node
+
+    # ------------------------------------------------------------------ API format
+    def api(self, defs: dict) -> dict:
+        prompt = {}
+        for n in self.nodes:
+            if n.type in FRONTEND_ONLY:
+                continue
+            d = defs[n.type]
+            inputs: dict[str, Any] = {}
+            for section in ("required", "optional"):
+                for name in d["input_order"].get(section, []):
+                    if name in n.links:
+                        src, slot = n.links[name]
+                        inputs[name] = [str(src.id), slot]
+                    elif name in n.widgets:
+                        inputs[name] = n.widgets[name]
+            unknown = set(n.widgets) | set(n.links)
+            unknown -= {name for s in d["input_order"].values() for name in s}
+            if unknown:
+                raise ValueError(f"{self.name}: node {n.id} ({n.type}) has no inputs {sorted(unknown)}")
+            missing = [w for w, _ in widget_names(d) if w not in n.widgets and w not in n.links]
+            if missing:
+                raise ValueError(f"{self.name}: node {n.id} ({n.type}) lacks widget values {missing}")
+            prompt[str(n.id)] = {"class_type": n.type, "inputs": inputs,
+                                 "_meta": {"title": n.title or d.get("display_name") or n.type}}
+        return prompt
+
+    # ------------------------------------------------------------------ UI format 0.4
+    def ui(self, defs: dict) -> dict:
+        links, node_out_links = [], {}
+        in_slots: dict[int, list[dict]] = {}
+        for n in self.nodes:
+            if n.type in FRONTEND_ONLY:
+                continue
+            d = defs[n.type]
+            slots = []
+            for section in ("required", "optional"):
+                for name in d["input_order"].get(section, []):
+                    typ, opts = d["input"][section][name][0], (d["input"][section][name] + [{}])[1]
+                    is_widget = (isinstance(typ, list) or typ in WIDGET_TYPES) and not opts.get("forceInput")
+                    if name in n.links:
+                        src, slot = n.links[name]
+                        link_id = len(links) + 1
+                        out_type = defs[src.type]["output"][slot]
+                        links.append([link_id, src.id, slot, n.id, len(slots), out_type])
+                        node_out_links.setdefault((src.id, slot), []).append(link_id)
+                        entry = {"name": name, "type": out_type if isinstance(typ, list) else typ, "link": link_id}
+                        if is_widget:
+                            entry["widget"] = {"name": name}
+                        slots.append(entry)
+                    elif not is_widget:
+                        if section == "required":
+                            raise ValueError(f"{self.name}: node {n.id} ({n.type}) input {name} is not connected")
+            in_slots[n.id] = slots
+        order = self._topological_order()
+        nodes = []
+        for n in self.nodes:
+            entry: dict[str, Any] = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": [340, 120],
+                                     "flags": {}, "order": order[n.id], "mode": 0}
+            if n.type in FRONTEND_ONLY:
+                entry.update(size=[420, 220], inputs=[], outputs=[], properties={}, widgets_values=[n.text],
+                             color="#432", bgcolor="#653")
+            else:
+                d = defs[n.type]
+                values = []
+                for name, control in widget_names(d):
+                    values.append(n.widgets[name] if name in n.widgets else None)
+                    if control:
+                        values.append("fixed")
+                entry["inputs"] = in_slots[n.id]
+                entry["outputs"] = [{"name": d["output_name"][i], "type": t,
+                                     "links": node_out_links.get((n.id, i), []), **({"slot_index": i}
+                                                                                  if (n.id, i) in node_out_links
+                                                                                  else {})}
+                                    for i, t in enumerate(d["output"])]
+                entry["properties"] = {"Node name for S&R": n.type, **({"models": n.models} if n.models else {})}
+                entry["widgets_values"] = values
+            if n.title:
+                entry["title"] = n.title
+            nodes.append(entry)
+        models = []
+        for n in self.nodes:
+            for m in n.models:
+                if m not in models:
+                    models.append(m)
+        return {"id": f"accvideo-{self.name}", "revision": 0, "last_node_id": len(self.nodes),
+                "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [], "config": {},
+                "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}, "accvideo_workflow": self.title},
+                "models": models, "version": 0.4}
+
+    def _topological_order(self) -> dict[int, int]:
+        done: dict[int, int] = {}
+
+        def visit(n: Node) -> None:
+            if n.id in done:
+                return
+            for src, _ in n.links.values():
+                visit(src)
+            done[n.id] = len(done)
+
+        for n in self.nodes:
+            visit(n)
+        return done
+
+
+# ---------------------------------------------------------------------------------------------- the workflows
+def _text_encoding(g: Graph, x: int, y: int, text: Node | None = None) -> Node:
+    clip = g.add("DualCLIPLoader", (x, y), {"clip_name1": MODELS["clip_l"]["name"],
+                                            "clip_name2": MODELS["llava"]["name"], "type": "hunyuan_video",
+                                            "device": "default"}, models=["clip_l", "llava"])
+    widgets = {} if text is not None else {"text": PROMPT}
+    links = {"clip": clip, **({"text": text} if text is not None else {})}
+    if text is not None:
+        widgets["text"] = PROMPT  # the front end keeps the value of a widget fed by a link
+    return g.add("CLIPTextEncode", (x + 380, y), widgets, title="Prompt", **links)
+
+
+def _empty_latent(g: Graph, x: int, y: int) -> Node:
+    return g.add("EmptyHunyuanLatentVideo", (x, y), {"width": WIDTH, "height": HEIGHT, "length": FRAMES,
+                                                     "batch_size": 1})
+
+
+def _decode_and_save(g: Graph, latent: Node, vae: Node, x: int, y: int, prefix: str, title: str | None = None):
+    images = g.add("AccVideoVAEDecode", (x, y), {"memory_budget": "auto", "mode": "exact"}, vae=vae,
+                   samples=latent)
+    return g.add("AccVideoSaveVideo", (x + 380, y), {"fps": FPS, "filename_prefix": prefix, "crf": 19},
+                 title=title, images=images)
+
+
+def _sampler_widgets() -> dict:
+    return {"seed": SEED, "steps": 5, "shift": 7.0, "guidance": 6.0, "guidance_source": "widget"}
+
+
+def t2v() -> Graph:
+    g = Graph("accvideo_t2v", "AccVideo text-to-video 960x544x93 (full checkpoint, 5 steps)")
+    g.note((0, -300), "## AccVideo text-to-video\nThe distilled 5-step HunyuanVideo (AccVideo) from its full "
+                      "checkpoint. Official settings: 960x544, 93 frames, 5 steps, shift 7, embedded guidance 6, "
+                      "seed 1024, 24 fps. Frames must be 4k+1 and sizes multiples of 16.\n\nModels: the AccVideo "
+                      "checkpoint in `diffusion_models`, clip_l + llava_llama3_fp8_scaled in `text_encoders`, "
+                      "hunyuan_video_vae_bf16 in `vae` (the front end offers the downloads).")
+    model = g.add("UNETLoader", (0, 0), {"unet_name": MODELS["accvideo"]["name"], "weight_dtype": "default"},
+                  models=["accvideo"])
+    cond = _text_encoding(g, 0, 160)
+    latent = _empty_latent(g, 0, 420)
+    sampled = g.add("AccVideoSampler", (800, 0), _sampler_widgets(), model=model, positive=cond,
+                    latent_image=latent)
+    vae = g.add("VAELoader", (800, 420), {"vae_name": MODELS["vae"]["name"]}, models=["vae"])
+    _decode_and_save(g, sampled, vae, 1200, 0, "AccVideo/t2v")
+    return g
+
+
+def lora() -> Graph:
+    g = Graph("accvideo_lora", "Base HunyuanVideo + AccVideo LoRA (5 steps)")
+    g.note((0, -300), "## Base HunyuanVideo + AccVideo LoRA\nNo public AccVideo LoRA exists for HunyuanVideo: make "
+                      f"`{LORA_NAME}` once with **AccVideo LoRA Extract** (base = hunyuan_video_t2v_720p_bf16, "
+                      "distilled = the AccVideo checkpoint) or `python -m accvideo_core.lora extract`. Other "
+                      "HunyuanVideo LoRAs can be stacked after it with more loaders.")
+    base = g.add("UNETLoader", (0, 0), {"unet_name": MODELS["teacher"]["name"], "weight_dtype": "default"},
+                 models=["teacher"])
+    patched = g.add("AccVideoLoraLoader", (380, 0), {"lora_name": LORA_NAME, "strength": 1.0}, model=base)
+    cond = _text_encoding(g, 0, 160)
+    latent = _empty_latent(g, 0, 420)
+    sampled = g.add("AccVideoSampler", (800, 0), _sampler_widgets(), model=patched, positive=cond,
+                    latent_image=latent)
+    vae = g.add("VAELoader", (800, 420), {"vae_name": MODELS["vae"]["name"]}, models=["vae"])
+    _decode_and_save(g, sampled, vae, 1200, 0, "AccVideo/lora")
+    return g
+
+
+def synvid_dump() -> Graph:
+    g = Graph("accvideo_synvid_dump", "SynVid: teacher trajectory dump (50 steps) for AccVideo distillation")
+    g.note((0, -300), "## SynVid trajectory dump\nThe HunyuanVideo teacher (50 steps, shift 7, guidance 6) writes "
+                      "one SynVid sample per run into `output/synvid/accvideo` (key latents at steps 0, 10, ..., "
+                      "50, the text conditioning, prompt, seed, settings). At scale, drive the API twin headless "
+                      "with `python -m accvideo_core.synvid.build --server http://127.0.0.1:8188 --workflow "
+                      "workflows/accvideo_synvid_dump_api.json --prompts prompts.txt`.")
+    teacher = g.add("UNETLoader", (0, 0), {"unet_name": MODELS["teacher"]["name"], "weight_dtype": "default"},
+                    models=["teacher"])
+    text = g.add("PrimitiveStringMultiline", (0, 160), {"value": PROMPT}, title="Prompt text")
+    cond = _text_encoding(g, 0, 380, text=text)
+    latent = _empty_latent(g, 0, 640)
+    dumped = g.add("AccVideoTrajectoryDump", (800, 0),
+                   {"seed": SEED, "steps": 50, "shift": 7.0, "guidance": 6.0, "guidance_source": "widget",
+                    "store": "key latents", "filename_prefix": "synvid/accvideo",
+                    "model_name": MODELS["teacher"]["name"], "dtype": "bfloat16"},
+                   model=teacher, positive=cond, latent_image=latent, prompt=text)
+    vae = g.add("VAELoader", (800, 640), {"vae_name": MODELS["vae"]["name"]}, models=["vae"])
+    _decode_and_save(g, dumped, vae, 1200, 0, "synvid/accvideo_videos/video")
+    return g
+
+
+def teacher_vs_student() -> Graph:
+    g = Graph("accvideo_teacher_vs_student", "HunyuanVideo teacher (50 steps) vs AccVideo (5 steps), same seed")
+    g.note((0, -300), "## Teacher 50 steps vs AccVideo 5 steps\nSame prompt, size and seed. The teacher runs on "
+                      "native SamplerCustomAdvanced with the **AccVideo Schedule** (teacher, 50 steps); the student "
+                      "on **AccVideo Sampler** (5 steps). Both use embedded guidance 6 and no CFG.")
+    teacher = g.add("UNETLoader", (0, 0), {"unet_name": MODELS["teacher"]["name"], "weight_dtype": "default"},
+                    title="Teacher (HunyuanVideo)", models=["teacher"])
+    student = g.add("UNETLoader", (0, 140), {"unet_name": MODELS["accvideo"]["name"], "weight_dtype": "default"},
+                    title="Student (AccVideo)", models=["accvideo"])
+    cond = _text_encoding(g, 0, 300)
+    latent = _empty_latent(g, 0, 560)
+    guided = g.add("FluxGuidance", (800, 300), {"guidance": 6.0}, conditioning=cond)
+    guider = g.add("BasicGuider", (1200, 300), model=teacher, conditioning=guided)
+    noise = g.add("RandomNoise", (800, 440), {"noise_seed": SEED})
+    sampler = g.add("KSamplerSelect", (800, 560), {"sampler_name": "euler"})
+    sigmas = g.add("AccVideoSchedule", (800, 680), {"schedule": "teacher (50 steps)", "steps": 50, "shift": 7.0})
+    teacher_out = g.add("SamplerCustomAdvanced", (1200, 440), noise=noise, guider=guider, sampler=sampler,
+                        sigmas=sigmas, latent_image=latent)
+    student_out = g.add("AccVideoSampler", (800, 0), _sampler_widgets(), model=student, positive=cond,
+                        latent_image=latent)
+    vae = g.add("VAELoader", (1200, 700), {"vae_name": MODELS["vae"]["name"]}, models=["vae"])
+    _decode_and_save(g, teacher_out, vae, 1600, 300, "AccVideo/compare_teacher50", title="Teacher, 50 steps")
+    _decode_and_save(g, student_out, vae, 1600, 0, "AccVideo/compare_accvideo5", title="AccVideo, 5 steps")
+    return g
+
+
+GRAPHS = (t2v, lora, synvid_dump, teacher_vs_student)
+
+
+def render() -> dict[Path, str]:
+    """``{path: file text}`` of every workflow file."""
+    defs = node_definitions()
+    files = {}
+    for make in GRAPHS:
+        g = make()
+        files[WORKFLOWS / f"{g.name}.json"] = json.dumps(g.ui(defs), indent=1) + "\n"
+        files[WORKFLOWS / f"{g.name}_api.json"] = json.dumps(g.api(defs), indent=1) + "\n"
+    return files
+
+
+def example_links() -> dict[Path, str]:
+    """``{example_workflows/<name>.json: relative symlink target}`` for every UI workflow."""
+    return {EXAMPLES / f"{make().name}.json": os.path.join("..", "workflows", f"{make().name}.json")
+            for make in GRAPHS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workflows.generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 on any difference")
+    args = parser.parse_args(argv)
+    stale = []
+    for path, text in render().items():
+        if not path.is_file() or path.read_text() != text:
+            stale.append(path)
+            if not args.check:
+                path.write_text(text)
+    for link, target in example_links().items():
+        if not link.is_symlink() or os.readlink(link) != target:
+            stale.append(link)
+            if not args.check:
+                link.parent.mkdir(exist_ok=True)
+                if link.is_symlink() or link.exists():
+                    link.unlink()
+                link.symlink_to(target)
+    for path in stale:
+        print(("stale: " if args.check else "wrote: ") + str(path.relative_to(ROOT)))
+    return 1 if (args.check and stale) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
