@@ -1,7 +1,6 @@
 """Flow-matching Euler sampling exactly as AccVideo / HunyuanVideo (k-diffusion style: short pure functions).
 
-Schedule for n steps: ``s = linspace(1, 0, n + 1)``, ``sigma = shift * s / (1 + (shift - 1) * s)`` (fp32, as the
-official pipeline); the model receives ``sigma * 1000``. Update: ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v``.
+Schedule for n steps: ``s = linspace(1, 0, n + 1)``, ``sigma = shift * s / (1 + (shift - 1) * s)`` (fp32); the model receives ``sigma * 1000``. Update: ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v``.
 Latents stay fp32 between steps whatever the model dtype.
 """
 from __future__ import annotations
@@ -21,7 +20,9 @@ def flow_sigmas(steps: int, shift: float = 7.0) -> torch.Tensor:
         raise ValueError(f"steps must be >= 1; got {steps}")
     if shift <= 0:
         raise ValueError(f"shift must be > 0; got {shift}")
-    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float32)
+    # linspace in fp64 rounded once to fp32 (numpy / diffusers style), then the shift in fp32: this reproduces the
+    # official 50-step timesteps bit for bit (an fp32 torch.linspace is off by an ulp at 9 of 51 points).
+    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).to(torch.float32)
     return shift * s / (1 + (shift - 1) * s)
 
 

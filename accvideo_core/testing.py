@@ -96,3 +96,21 @@ def tiny_inputs(config: TransformerConfig, *, batch: int = 1, frames: int = 2, h
         text_mask=mask,
         pooled=torch.randn(batch, config.pooled_dim, generator=gen),
     )
+
+
+def diffusers_transformer(config: TransformerConfig):
+    """diffusers' ``HunyuanVideoTransformer3DModel`` with the same architecture as ``config`` (test oracle; needs
+    diffusers). Load weights with ``key_maps.original_to_diffusers(model.state_dict())``."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    pt, ph, pw = config.patch_size
+    if ph != pw:
+        raise ValueError(f"diffusers needs a square spatial patch; got {config.patch_size}")
+    return HunyuanVideoTransformer3DModel(
+        in_channels=config.in_channels, out_channels=config.out_channels, num_attention_heads=config.num_heads,
+        attention_head_dim=config.head_dim, num_layers=config.num_double_blocks,
+        num_single_layers=config.num_single_blocks, num_refiner_layers=config.num_refiner_blocks,
+        mlp_ratio=config.mlp_ratio, patch_size=ph, patch_size_t=pt, qk_norm="rms_norm",
+        guidance_embeds=config.guidance_embed, text_embed_dim=config.text_dim,
+        pooled_projection_dim=config.pooled_dim, rope_theta=config.rope_theta, rope_axes_dim=config.rope_axes,
+    ).eval()

@@ -54,12 +54,12 @@ def detect_family(sd: Mapping[str, torch.Tensor]) -> str:
     """Name the model family a state dict belongs to (used for loading and for error messages)."""
     keys = list(sd)
     has = lambda pattern: any(re.search(pattern, k) for k in keys)  # noqa: E731
+    if has(r"lora_(A|B|up|down)\b|\.lora\.|\.alpha$"):
+        return "a LoRA (load it with the LoRA tools, not as a model)"
     if ORIGINAL_MARKER in sd or has(r"^double_blocks\.\d+\.img_attn_qkv\.") or has(r"^single_blocks\.\d+\.linear1\."):
         return ORIGINAL_LAYOUT
     if DIFFUSERS_MARKER in sd or has(r"^transformer_blocks\.\d+\.attn\.add_q_proj\.") and has(r"^context_embedder\."):
         return DIFFUSERS_LAYOUT
-    if has(r"lora_(A|B|up|down)\b|\.lora\.|\.alpha$"):
-        return "a LoRA (load it with the LoRA tools, not as a model)"
     if has(r"_attn\.qkv\.") and has(r"^txt_in\.individual_token_refiner\."):
         return "HunyuanVideo transformer (ComfyUI internal names; save it from ComfyUI with ModelSave instead)"
     if has(r"^double_blocks\.\d+\.img_attn\.qkv\."):
@@ -133,6 +133,22 @@ def to_original_layout(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, str]:
     return sd, family
 
 
+# Widths of released HunyuanVideo transformers -> (double, single) block counts. A file of such a width with fewer
+# blocks is a partial download or a pruned model, never a loadable release.
+RELEASED_DEPTHS = {3072: (20, 40)}
+
+
+def _check_released_depth(config: TransformerConfig, name: str) -> None:
+    depth = RELEASED_DEPTHS.get(config.hidden_size)
+    got = (config.num_double_blocks, config.num_single_blocks)
+    if depth is not None and got != depth:
+        raise CheckpointError(
+            f"{name}: detected {ORIGINAL_LAYOUT} of hidden size {config.hidden_size}, which is released with "
+            f"{depth[0]} double + {depth[1]} single blocks, but the file has {got[0]} + {got[1]}: it is partial "
+            "(interrupted download or a shard of a split checkpoint); download the complete file"
+        )
+
+
 def _read_source(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[StateDict, dict, str]:
     """-> (state dict, stored config dict or {}, name for messages)."""
     if isinstance(source, Mapping):
@@ -178,8 +194,12 @@ def load_transformer(source: str | os.PathLike | Mapping[str, torch.Tensor], *, 
     scales, _ = strip_prefix(scales, PREFIXES) if scales else ({}, "")
 
     axes = rope_axes or stored.get("rope_axes")
-    config = config_from_state_dict(sd, rope_axes=tuple(axes) if axes else None,
-                                    rope_theta=float(stored.get("rope_theta", 256.0)))
+    try:
+        config = config_from_state_dict(sd, rope_axes=tuple(axes) if axes else None,
+                                        rope_theta=float(stored.get("rope_theta", 256.0)))
+    except CheckpointError as err:
+        raise CheckpointError(f"{name}: detected {family}, but it is incomplete: {err}") from err
+    _check_released_depth(config, name)
     with torch.device("meta"):
         model = HunyuanVideoTransformer3D(config)
     expected = model.state_dict()
@@ -220,7 +240,11 @@ def load_transformer(source: str | os.PathLike | Mapping[str, torch.Tensor], *, 
             module = model.get_submodule(module_name)
             module.__class__ = FP8Linear
             scale = scales.get(module_name)
-            module.register_buffer("scale_weight", None if scale is None else scale.to(device, torch.float32))
+            if scale is None:
+                module.register_buffer("scale_weight", None)
+            else:
+                tensors[f"{module_name}.scale_weight"] = scale.to(device, torch.float32)
+                module.register_buffer("scale_weight", tensors[f"{module_name}.scale_weight"])
     model.load_state_dict(tensors, assign=True, strict=True)
     for p in model.parameters():
         if p.dtype in FP8_DTYPES:

@@ -1,0 +1,118 @@
+"""AccVideo / HunyuanVideo flow-matching schedule and Euler sampler."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from accvideo_core import euler_flow, flow_sigmas, sample_flow
+from accvideo_core.sampling import ACCVIDEO_STUDENT, HUNYUAN_TEACHER, PRESETS
+from accvideo_core.testing import tiny_inputs, tiny_transformer
+
+# Shift-7 teacher timesteps for 50 steps, from the reference file (/work/shared/reference/accvideo.md).
+TEACHER_TIMESTEPS = [
+    1000.0, 997.093018, 994.082886, 990.963867, 987.730103, 984.375, 980.891785, 977.272766, 973.509888,
+    969.594543, 965.517212, 961.267639, 956.834473, 952.205933, 947.368408, 942.3078, 937.007935, 931.45166,
+    925.619751, 919.491516, 913.043457, 906.25, 899.08252, 891.509399, 883.495178, 875.0, 865.97937, 856.382996,
+    846.15387, 835.227234, 823.529358, 810.975525, 797.468323, 782.894775, 767.123291, 750.0, 731.343262,
+    710.9375, 688.524536, 663.793091, 636.363647, 605.769287, 571.428528, 532.608704, 488.37207, 437.5,
+    378.378357, 308.823517, 225.806442, 125.0,
+]
+
+
+def test_student_sigmas():
+    expected = torch.tensor([1.0, 0.965517, 0.913043, 0.823529, 0.636364, 0.0])
+    got = flow_sigmas(5, 7.0)
+    assert got.shape == (6,) and got.dtype == torch.float32
+    assert (got - expected).abs().max() <= 1e-6
+    assert torch.equal(got[:-1] * 1000, torch.tensor([1000.0, 965.517212, 913.043457, 823.529358, 636.363647]))
+
+
+def test_student_sigmas_are_every_tenth_teacher_sigma():
+    assert torch.equal(flow_sigmas(50, 7.0)[::10], flow_sigmas(5, 7.0))
+
+
+def test_teacher_timesteps_match_the_reference_list():
+    timesteps = flow_sigmas(50, 7.0)[:-1] * 1000
+    assert len(TEACHER_TIMESTEPS) == 50
+    assert torch.equal(timesteps, torch.tensor(TEACHER_TIMESTEPS))  # bit-exact fp32 (the list has 9 digits)
+
+
+def test_presets():
+    assert PRESETS["accvideo_student"] is ACCVIDEO_STUDENT
+    assert (ACCVIDEO_STUDENT.steps, ACCVIDEO_STUDENT.shift, ACCVIDEO_STUDENT.guidance,
+            ACCVIDEO_STUDENT.cfg_scale) == (5, 7.0, 6.0, 1.0)
+    assert (HUNYUAN_TEACHER.steps, HUNYUAN_TEACHER.shift, HUNYUAN_TEACHER.guidance) == (50, 7.0, 6.0)
+    assert torch.equal(ACCVIDEO_STUDENT.sigmas(), flow_sigmas(5, 7.0))
+    with pytest.raises(ValueError, match="steps must be"):
+        flow_sigmas(0)
+
+
+def test_euler_follows_straight_flow_paths_exactly():
+    """With the exact velocity of a straight path x_s = (1 - s) data + s noise, Euler hits every point of it."""
+    data, noise = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    sigmas = flow_sigmas(5)
+    seen = []
+
+    def callback(info):
+        seen.append(info)
+        expected = (1 - info["sigma_next"]) * data.float() + info["sigma_next"] * noise.float()
+        torch.testing.assert_close(info["x"], expected, atol=1e-5, rtol=0)
+
+    calls = []
+    out = euler_flow(lambda x, s: calls.append(s) or (noise - data), noise, sigmas, callback=callback)
+    assert out.dtype == torch.float32  # latents are fp32 between and after steps
+    torch.testing.assert_close(out, data.float(), atol=1e-5, rtol=0)
+    assert [i["i"] for i in seen] == list(range(5)) and calls == [float(s) for s in sigmas[:-1]]
+    assert all(isinstance(s, float) for s in calls)
+    assert [i["sigma_next"] for i in seen] == [float(s) for s in sigmas[1:]]
+
+
+def test_euler_update_rule_on_a_nonlinear_field():
+    x0 = torch.tensor([0.5, -1.0])
+    sigmas = [1.0, 0.7, 0.2, 0.0]
+    expected = x0.clone()
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        expected = expected + (s_next - s) * torch.sin(expected * s)
+    torch.testing.assert_close(euler_flow(lambda x, s: torch.sin(x * s), x0, sigmas), expected)
+
+
+def test_sample_flow_with_the_transformer():
+    model = tiny_transformer(seed=31)
+    inp = tiny_inputs(model.config, batch=2, valid=[7, 3], seed=32)
+    noise = torch.randn_like(inp["latents"])
+    cond = dict(text_states=inp["text_states"], text_mask=inp["text_mask"], pooled=inp["pooled"])
+    sigmas = flow_sigmas(3)
+    steps = []
+    out = sample_flow(model, noise, sigmas, **cond, guidance=6.0, callback=steps.append)
+    x = noise.clone()
+    with torch.no_grad():
+        for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+            x = x + (s_next - s) * model(x, torch.full((2,), s * 1000), **cond, guidance=6.0)
+    torch.testing.assert_close(out, x, atol=1e-6, rtol=1e-6)
+    assert len(steps) == 3 and torch.equal(steps[-1]["x"], out)
+
+
+def test_sample_flow_keeps_fp32_latents_with_a_bf16_model():
+    model = tiny_transformer(seed=33).to(torch.bfloat16)
+    inp = tiny_inputs(model.config, batch=1, seed=34)
+    dtypes = []
+    out = sample_flow(model, inp["latents"], flow_sigmas(2), text_states=inp["text_states"],
+                      text_mask=inp["text_mask"], pooled=inp["pooled"], callback=lambda i: dtypes.append(i["x"].dtype))
+    assert out.dtype == torch.float32 and dtypes == [torch.float32, torch.float32] and torch.isfinite(out).all()
+
+
+def test_sample_flow_real_cfg():
+    model = tiny_transformer(seed=35)
+    inp = tiny_inputs(model.config, batch=1, valid=[6], seed=36)
+    neg = tiny_inputs(model.config, batch=1, valid=[2], seed=37)
+    neg_cond = dict(text_states=neg["text_states"], text_mask=neg["text_mask"], pooled=neg["pooled"])
+    cond = dict(text_states=inp["text_states"], text_mask=inp["text_mask"], pooled=inp["pooled"])
+    sigmas = [1.0, 0.5]
+    out = sample_flow(model, inp["latents"], sigmas, **cond, cfg_scale=4.0, negative=neg_cond)
+    with torch.no_grad():
+        t = torch.tensor([1000.0])
+        v_pos = model(inp["latents"], t, **cond, guidance=6.0)
+        v_neg = model(inp["latents"], t, **neg_cond, guidance=6.0)
+    torch.testing.assert_close(out, inp["latents"] - 0.5 * (v_neg + 4.0 * (v_pos - v_neg)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs a negative"):
+        sample_flow(model, inp["latents"], sigmas, **cond, cfg_scale=4.0)

@@ -1,0 +1,191 @@
+"""Key layouts, checkpoint loading (original / prefixed / diffusers / fp8), error messages, attention dispatch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from accvideo_core import load_transformer
+from accvideo_core.models import attention as attn
+from accvideo_core.models.key_maps import diffusers_to_original, original_to_diffusers
+from accvideo_core.models.loading import FP8Linear, config_from_state_dict, detect_family, save_transformer
+from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig
+from accvideo_core.testing import (diffusers_transformer, randomize_, tiny_inputs, tiny_transformer,
+                                   tiny_transformer_config)
+from accvideo_core.utils.io import CheckpointError, save_safetensors, save_torch
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_transformer(seed=21)
+
+
+@pytest.fixture(scope="module")
+def inputs(model):
+    return tiny_inputs(model.config, batch=2, valid=[7, 4], seed=22)
+
+
+def _out(m, inputs):
+    with torch.no_grad():
+        return m(**inputs)
+
+
+def test_state_dict_is_the_original_layout(model):
+    keys = set(model.state_dict())
+    for key in ("img_in.proj.weight", "time_in.mlp.0.weight", "time_in.mlp.2.bias", "guidance_in.mlp.2.weight",
+                "vector_in.in_layer.weight", "vector_in.out_layer.bias", "txt_in.input_embedder.weight",
+                "txt_in.t_embedder.mlp.0.weight", "txt_in.c_embedder.linear_2.bias",
+                "txt_in.individual_token_refiner.blocks.1.norm1.weight",
+                "txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight",
+                "txt_in.individual_token_refiner.blocks.0.self_attn_proj.bias",
+                "txt_in.individual_token_refiner.blocks.0.mlp.fc2.weight",
+                "txt_in.individual_token_refiner.blocks.0.adaLN_modulation.1.weight",
+                "double_blocks.1.img_mod.linear.weight", "double_blocks.0.txt_mod.linear.bias",
+                "double_blocks.0.img_attn_qkv.weight", "double_blocks.0.img_attn_q_norm.weight",
+                "double_blocks.0.txt_attn_k_norm.weight", "double_blocks.0.img_attn_proj.weight",
+                "double_blocks.0.txt_mlp.fc1.bias", "single_blocks.1.linear1.weight", "single_blocks.0.linear2.bias",
+                "single_blocks.0.q_norm.weight", "single_blocks.0.k_norm.weight",
+                "single_blocks.0.modulation.linear.weight", "final_layer.linear.weight",
+                "final_layer.adaLN_modulation.1.bias"):
+        assert key in keys, key
+    assert not [k for k in keys if "norm1." in k and "refiner" not in k]  # parameter-free LayerNorms have no keys
+
+
+def test_diffusers_original_diffusers_round_trip_is_bit_exact():
+    config = tiny_transformer_config(hidden_size=48, num_heads=3, rope_axes=(4, 6, 6))
+    ref = randomize_(diffusers_transformer(config), seed=23)
+    sd = ref.state_dict()
+    back = original_to_diffusers(diffusers_to_original(sd))
+    assert set(back) == set(sd)
+    for key, value in sd.items():
+        assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+
+
+def test_final_layer_shift_scale_reorder_and_linear1_split(model):
+    sd = model.state_dict()
+    h = model.config.hidden_size
+    conv = original_to_diffusers(sd)
+    ada = sd["final_layer.adaLN_modulation.1.weight"]
+    assert torch.equal(conv["norm_out.linear.weight"][:h], ada[h:])  # diffusers: scale first
+    lin1 = sd["single_blocks.0.linear1.weight"]
+    assert torch.equal(conv["single_transformer_blocks.0.attn.to_k.weight"], lin1[h:2 * h])
+    assert torch.equal(conv["single_transformer_blocks.0.proj_mlp.weight"], lin1[3 * h:])
+
+
+def test_config_is_read_from_shapes(model):
+    assert config_from_state_dict(model.state_dict()) == model.config
+    no_guidance = tiny_transformer(seed=0, guidance_embed=False, num_double_blocks=0, num_single_blocks=3)
+    assert config_from_state_dict(no_guidance.state_dict()) == no_guidance.config
+
+
+def test_pt_wrappers_prefixes_and_diffusers_layout_load_identically(model, inputs, tmp_path):
+    ref = _out(model, inputs)
+    sd = model.state_dict()
+    save_torch({"module": sd}, tmp_path / "wrapped.pt")
+    save_torch({"ema": sd}, tmp_path / "ema.pt")
+    save_safetensors({"model.diffusion_model." + k: v for k, v in sd.items()}, tmp_path / "comfy.safetensors")
+    save_safetensors(original_to_diffusers(sd), tmp_path / "diffusers.safetensors")
+    for name in ("wrapped.pt", "ema.pt", "comfy.safetensors", "diffusers.safetensors"):
+        loaded = load_transformer(tmp_path / name)
+        assert loaded.config == model.config, name
+        assert torch.equal(_out(loaded, inputs), ref), name
+    assert torch.equal(_out(load_transformer({"diffusion_model." + k: v for k, v in sd.items()}), inputs), ref)
+
+
+def test_saved_file_keeps_its_rope_axes(tmp_path):
+    model = tiny_transformer(seed=24, rope_axes=(2, 6, 8))
+    path = save_transformer(model, tmp_path / "m.safetensors")
+    assert load_transformer(path).config.rope_axes == (2, 6, 8)
+    assert load_transformer(model.state_dict(), rope_axes=(2, 6, 8)).config == model.config
+
+
+def test_fp8_weights_stay_fp8_and_compute_in_the_compute_dtype(model, inputs, tmp_path):
+    sd = model.state_dict()
+    sd8 = {k: v.to(FP8) if v.dim() == 2 else v for k, v in sd.items()}
+    save_safetensors(sd8, tmp_path / "fp8.safetensors")
+    loaded = load_transformer(tmp_path / "fp8.safetensors", dtype=torch.float32)
+    qkv = loaded.double_blocks[0].img_attn_qkv
+    assert isinstance(qkv, FP8Linear) and qkv.weight.dtype == FP8 and qkv.bias.dtype == torch.float32
+    assert loaded.dtype == torch.float32
+    dequantized = load_transformer({k: v.float() for k, v in sd8.items()})
+    torch.testing.assert_close(_out(loaded, inputs), _out(dequantized, inputs), atol=1e-5, rtol=1e-5)
+    assert load_transformer(tmp_path / "fp8.safetensors").dtype == torch.bfloat16  # default compute dtype
+
+    scaled = dict(sd8)
+    scale = torch.tensor(0.5)
+    w = sd["single_blocks.0.linear1.weight"]
+    scaled["single_blocks.0.linear1.weight"] = (w / scale).to(FP8)
+    scaled["single_blocks.0.linear1.scale_weight"] = scale
+    scaled["scaled_fp8"] = torch.zeros(0, dtype=FP8)
+    loaded = load_transformer({"model.diffusion_model." + k: v for k, v in scaled.items()}, dtype=torch.float32)
+    expected = dict(sd8, **{"single_blocks.0.linear1.weight": (w / scale).to(FP8).float() * scale})
+    torch.testing.assert_close(_out(loaded, inputs),
+                               _out(load_transformer({k: v.float() for k, v in expected.items()}), inputs),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_storage_dtype_fp8_quantizes_block_linears(model, inputs):
+    loaded = load_transformer(model.state_dict(), dtype=torch.float32, storage_dtype=FP8)
+    assert loaded.single_blocks[1].linear2.weight.dtype == FP8
+    assert loaded.txt_in.input_embedder.weight.dtype == torch.float32  # small embedders stay in compute dtype
+    out = _out(loaded, inputs)
+    ref = _out(model, inputs)
+    assert torch.isfinite(out).all() and (out - ref).norm() / ref.norm() < 0.2
+
+
+def test_wrong_and_partial_files_name_the_problem(model, tmp_path):
+    sd = model.state_dict()
+    partial = {k: v for k, v in sd.items() if k != "double_blocks.1.txt_mlp.fc2.bias"}
+    with pytest.raises(CheckpointError, match=r"original layout.*missing keys, first: \['double_blocks.1.txt_mlp"):
+        load_transformer(partial)
+    with pytest.raises(CheckpointError, match=r"unexpected keys, first: \['extra.weight'\]"):
+        load_transformer({**sd, "extra.weight": torch.zeros(2)})
+    bad_shape = dict(sd, **{"double_blocks.0.img_attn_proj.weight": torch.zeros(3, 3)})
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        load_transformer(bad_shape)
+    with pytest.raises(CheckpointError, match="detected a VAE.*expected an original-layout"):
+        load_transformer({"decoder.conv_in.conv.weight": torch.zeros(4, 16, 3, 3, 3)})
+    with pytest.raises(CheckpointError, match="detected a LoRA"):
+        load_transformer({"diffusion_model.double_blocks.0.img_attn_qkv.lora_A.weight": torch.zeros(4, 32)})
+    with pytest.raises(CheckpointError, match="Wan 2.x"):
+        load_transformer({"blocks.0.self_attn.q.weight": torch.zeros(4, 4)})
+    diff = original_to_diffusers(sd)
+    del diff["transformer_blocks.0.attn.to_k.weight"]
+    with pytest.raises(CheckpointError, match="diffusers layout.*to_k"):
+        load_transformer(diff)
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match="unknown checkpoint type"):
+        load_transformer(tmp_path / "x.gguf")
+
+
+def test_released_architecture_must_be_complete():
+    """A 13B-width file (hidden 3072) with blocks cut off is partial, not a smaller model (meta tensors: no RAM)."""
+    with torch.device("meta"):
+        full = HunyuanVideoTransformer3D(TransformerConfig()).state_dict()
+    assert detect_family(full).startswith("HunyuanVideo transformer (original")
+    assert config_from_state_dict(full) == TransformerConfig()
+    cut = {k: v for k, v in full.items() if not k.startswith(("double_blocks.1", "single_blocks.3"))}
+    with pytest.raises(CheckpointError, match="20 double \\+ 40 single blocks, but the file has 10 \\+ 30"):
+        load_transformer(cut)
+
+
+def test_attention_dispatcher():
+    q, k, v = (torch.randn(2, 5, 3, 8) for _ in range(3))
+    ref = torch.softmax(torch.einsum("blhd,bmhd->bhlm", q, k) / 8 ** 0.5, -1)
+    expected = torch.einsum("bhlm,bmhd->blhd", ref, v).reshape(2, 5, 24)
+    torch.testing.assert_close(attn.attention(q, k, v), expected, atol=1e-5, rtol=1e-5)
+    key_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    masked = attn.attention(q, k, v, key_mask)
+    torch.testing.assert_close(masked[:1], attn.attention(q[:1], k[:1, :3], v[:1, :3]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attn.set_attention_backend("xformers2")
+    for name in ("flash", "sage"):
+        if not attn.is_available(name):
+            with pytest.raises(ImportError, match="pip install"):
+                attn.set_attention_backend(name)
+    attn.set_attention_backend("auto")  # on CPU tensors 'auto' runs SDPA
+    try:
+        torch.testing.assert_close(attn.attention(q, k, v), expected, atol=1e-5, rtol=1e-5)
+    finally:
+        attn.set_attention_backend("sdpa")
