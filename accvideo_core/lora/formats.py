@@ -183,14 +183,20 @@ def _format_label(prefixes: set[str], namings: set[str]) -> str:
 
 
 def guess_format(keys: list[str]) -> str:
-    """A label for files nothing could be read from (used in error messages)."""
+    """A label for files nothing could be read from (used in error messages): prefix style + factor names."""
     if any(k.startswith(_UNDERSCORE_PREFIXES) for k in keys):
-        return "kohya-style (lora_unet_ prefix)"
+        style = "kohya-style (lora_unet_ prefix)"
+    elif any(k.startswith(("diffusion_model.", "model.diffusion_model.")) for k in keys):
+        style = "ComfyUI-style (diffusion_model. prefix)"
+    elif any(k.startswith("transformer.") for k in keys):
+        style = "diffusers/diffusion-pipe-style (transformer. prefix)"
+    else:
+        style = "unknown prefix"
     if any(".lora_A." in k or ".lora_B." in k for k in keys):
-        return "PEFT-style (lora_A/lora_B)"
-    if any(k.startswith(("diffusion_model.", "model.diffusion_model.")) for k in keys):
-        return "ComfyUI-style (diffusion_model. prefix)"
-    return "unknown"
+        return f"{style}, lora_A/lora_B"
+    if any(".lora_down." in k or ".lora_up." in k for k in keys):
+        return f"{style}, lora_down/lora_up"
+    return style
 
 
 def _peft_config(metadata: Mapping[str, str] | None) -> dict:
