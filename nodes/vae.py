@@ -60,7 +60,7 @@ class AccVideoVAEDecode(io.ComfyNode):
         except ValueError as err:
             raise ValueError(f"samples: {err}") from None
         comfy.model_management.load_models_gpu([vae.patcher])  # the native weights, on the decode device
-        decoder = load_vae(vae.first_stage_model.state_dict())
+        decoder = load_vae(vae, device=None)  # wraps those tensors in place: no second copy
         pbar = comfy.utils.ProgressBar(1)
 
         def progress(done: int, total: int) -> None:

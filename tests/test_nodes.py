@@ -1,0 +1,201 @@
+"""CI tier for the node pack (no ComfyUI): import safety, schema conventions, published input order, and the core
+helpers the nodes delegate to. Node execution inside ComfyUI is covered by tests/integration/."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from accvideo_core.flow_bridge import DenoiserVelocity, TrajectoryRecorder, video_size_of_latent
+from accvideo_core.sampling import euler_flow, flow_sigmas
+from accvideo_core.video import count_frames, read_mp4_metadata, video_to_frames, write_mp4
+from tests.integration import comfy_standin
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The published contract: saved workflows store widget values by position. Append new inputs at the end only.
+PUBLISHED_INPUTS = {
+    "AccVideoSampler": ["model", "positive", "latent_image", "seed", "steps", "shift", "guidance",
+                        "guidance_source"],
+    "AccVideoSchedule": ["schedule", "steps", "shift"],
+    "AccVideoLoraLoader": ["model", "lora_name", "strength"],
+    "AccVideoLoraExtract": ["base_model", "distilled_model", "rank", "filename", "dtype"],
+    "AccVideoVAEDecode": ["vae", "samples", "memory_budget", "mode"],
+    "AccVideoTrajectoryDump": ["model", "positive", "latent_image", "seed", "steps", "shift", "guidance",
+                               "guidance_source", "store", "filename_prefix", "model_name", "dtype", "prompt"],
+    "AccVideoSaveVideo": ["images", "fps", "filename_prefix", "crf"],
+}
+
+
+def test_package_imports_outside_comfyui_without_registering():
+    """ComfyUI imports the pack by file location; outside ComfyUI that must work and register nothing."""
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('accvideo_pack', {str(ROOT / '__init__.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['accvideo_pack'] = m; spec.loader.exec_module(m)\n"
+        "import accvideo_core, accvideo_core.sampling, accvideo_core.flow_bridge, accvideo_core.video\n"
+        "assert not hasattr(m, 'comfy_entrypoint'), 'registered outside ComfyUI'\n"
+        "bad = [n for n in sys.modules if n.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths')]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_core_never_imports_comfyui():
+    banned = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "node_helpers", "latent_preview", "nodes"}
+    for path in (ROOT / "accvideo_core").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            hit = [n for n in names if n.split(".")[0] in banned]
+            assert not hit, f"{path.relative_to(ROOT)} imports {hit}"
+
+
+def test_nodes_import_comfy_api_only_through_the_pinned_version():
+    for path in (ROOT / "nodes").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("comfy_api"):
+                assert node.module == "comfy_api.v0_0_2", f"{path.name}: import {node.module}, pin v0_0_2"
+
+
+@pytest.fixture(scope="module")
+def schemas():
+    return comfy_standin.schemas()
+
+
+def test_schemas_follow_the_conventions(schemas):
+    assert set(schemas) == set(PUBLISHED_INPUTS)
+    for nid, s in schemas.items():
+        assert nid.startswith("AccVideo") and s.kwargs["category"].startswith("AccVideo/"), nid
+        assert s.kwargs["display_name"].startswith("AccVideo ") and len(s.kwargs["description"]) > 60, nid
+        for inp in s.inputs:
+            assert len(inp.kwargs.get("tooltip") or "") > 10, f"{nid}.{inp.id} has no tooltip"
+        assert [i.id for i in s.inputs] == PUBLISHED_INPUTS[nid], f"{nid}: inputs were reordered or renamed"
+
+
+def test_sampler_defaults_are_the_official_accvideo_settings(schemas):
+    kw = {i.id: i.kwargs for i in schemas["AccVideoSampler"].inputs}
+    assert (kw["steps"]["default"], kw["shift"]["default"], kw["guidance"]["default"]) == (5, 7.0, 6.0)
+    assert kw["seed"]["control_after_generate"] is True
+    dump = {i.id: i.kwargs for i in schemas["AccVideoTrajectoryDump"].inputs}
+    assert (dump["steps"]["default"], dump["shift"]["default"], dump["guidance"]["default"]) == (50, 7.0, 6.0)
+    assert dump["prompt"].get("optional") and dump["prompt"].get("force_input")
+    assert "frame-causal" in schemas["AccVideoVAEDecode"].kwargs["description"]
+
+
+def test_dump_rejects_prefixes_that_leave_the_output_folder(tmp_path):
+    with comfy_standin.standin() as pkg:
+        sys.modules["folder_paths"].get_output_directory = lambda: str(tmp_path / "output")
+        from nodes.sampling import _dataset_folder
+
+        out_dir, root = _dataset_folder("synvid/run1")
+        assert root == (tmp_path / "output" / "synvid" / "run1").resolve() and out_dir in root.parents
+        for bad in ("../escape", "/etc/synvid", "synvid/../../x", "", "."):
+            with pytest.raises(ValueError, match="filename_prefix"):
+                _dataset_folder(bad)
+        assert pkg.NODES
+
+
+def test_vae_budget_choices_parse():
+    with comfy_standin.standin():
+        from nodes.vae import BUDGETS, budget_bytes
+
+        assert budget_bytes("auto") == "auto" and budget_bytes("4GB") == 4 * 2**30
+        assert all(isinstance(budget_bytes(b), (int, str)) for b in BUDGETS)
+        with pytest.raises(ValueError, match="memory_budget"):
+            budget_bytes("3TB")
+
+
+def test_denoiser_velocity_recovers_the_flow_velocity_and_drives_euler():
+    """A CONST denoiser (denoised = x - sigma * v) wrapped by DenoiserVelocity reproduces direct Euler sampling."""
+    w = torch.randn(4, 4)
+
+    def velocity(x, sigma):
+        return torch.tanh(x @ w) * (1 + sigma)
+
+    def denoise(x, sigma_batch):
+        assert sigma_batch.shape == (x.shape[0],)
+        return x - sigma_batch.view(-1, 1) * velocity(x, float(sigma_batch[0]))
+
+    calls = []
+    wrapped = DenoiserVelocity(denoise, before_call=lambda: calls.append(1))
+    x0 = torch.randn(3, 4)
+    sigmas = flow_sigmas(5, 7.0)
+    direct = euler_flow(velocity, x0, sigmas)
+    via = euler_flow(wrapped, x0, sigmas)
+    torch.testing.assert_close(via, direct, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 5 and wrapped.last_denoised is not None
+    with pytest.raises(ValueError, match="sigma"):
+        wrapped(x0, 0.0)
+
+
+def test_trajectory_recorder_keeps_the_requested_steps():
+    sigmas = flow_sigmas(10, 7.0)
+    rec = TrajectoryRecorder([0, 5, 10])
+    x0 = torch.randn(2, 16, 1, 2, 2)
+    rec.start(x0)
+    xs = []
+    out = euler_flow(lambda x, s: -x, x0, sigmas, callback=lambda info: (rec.on_step(info), xs.append(info["x"])))
+    stacked = rec.stacked()
+    assert stacked.shape == (3, 2, 16, 1, 2, 2)
+    torch.testing.assert_close(stacked[0], x0)
+    torch.testing.assert_close(stacked[1], xs[4])
+    torch.testing.assert_close(stacked[2], out)
+    partial = TrajectoryRecorder([0, 3])
+    partial.start(x0)
+    with pytest.raises(RuntimeError, match="missing steps"):
+        partial.stacked()
+
+
+def test_latent_validation_messages():
+    assert video_size_of_latent(torch.zeros(1, 16, 24, 68, 120)) == (93, 544, 960)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        video_size_of_latent(torch.zeros(1, 16, 3, 67, 120))
+    with pytest.raises(ValueError, match="16 latent channels"):
+        video_size_of_latent(torch.zeros(1, 4, 3, 8, 8))
+    with pytest.raises(ValueError, match="EmptyHunyuanLatentVideo"):
+        video_size_of_latent(torch.zeros(1, 16, 8, 8))
+
+
+def test_check_video_latent_reads_the_empty_latent_widgets():
+    with comfy_standin.standin():
+        from nodes._comfy import check_video_latent
+
+        latent = {"samples": torch.zeros(1, 16, 8, 4, 4)}
+        prompt = {"1": {"class_type": "EmptyHunyuanLatentVideo",
+                        "inputs": {"width": 32, "height": 32, "length": 30, "batch_size": 1}},
+                  "2": {"class_type": "AccVideoSampler", "inputs": {"latent_image": ["1", 0]}}}
+        with pytest.raises(ValueError, match=r"latent_image: frames must be 4k\+1.*got 30, try 29 or 33"):
+            check_video_latent(latent, prompt, "2", "latent_image")
+        prompt["1"]["inputs"]["length"] = 29
+        check_video_latent(latent, prompt, "2", "latent_image")
+        check_video_latent(latent, None, None, "latent_image")
+
+
+def test_video_to_frames_matches_comfyui_image_convention():
+    video = torch.rand(2, 3, 5, 4, 6) * 2.4 - 1.2
+    frames = video_to_frames(video)
+    assert frames.shape == (10, 4, 6, 3)
+    torch.testing.assert_close(frames[7], ((video[1, :, 2] + 1) / 2).clamp(0, 1).permute(1, 2, 0))
+
+
+def test_mp4_has_all_frames_and_the_metadata(tmp_path):
+    prompt = {"3": {"class_type": "AccVideoSampler", "inputs": {"seed": 1, "text": "a=b; c\nd\\e"}}}
+    workflow = {"nodes": [{"id": 1, "widgets_values": ["x;y=z#"]}], "version": 0.4}
+    path = write_mp4(torch.rand(13, 32, 48, 3), tmp_path / "v.mp4", fps=24,
+                     metadata={"prompt": json.dumps(prompt), "workflow": json.dumps(workflow)})
+    assert count_frames(path) == 13
+    meta = read_mp4_metadata(path)
+    assert json.loads(meta["prompt"]) == prompt and json.loads(meta["workflow"]) == workflow
+    assert not list(tmp_path.glob(".*.tmp")), "temporary file left behind"
