@@ -1,0 +1,180 @@
+"""HunyuanVideo causal 3D VAE: differential tests against diffusers' AutoencoderKLHunyuanVideo (same random
+weights), exact chunked decoding vs untiled, fast tiled decoding vs diffusers' tiled decode, error paths."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from accvideo_core import load_vae
+from accvideo_core.models.vae_hunyuan_video import (CausalConv3d, FastTiling, HunyuanVideoVAE, NonFiniteDecodeError,
+                                                    VAEConfig, frame_causal_attention)
+
+diffusers = pytest.importorskip("diffusers")
+
+TINY = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4)
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> None:
+    """Non-degenerate random weights: norm weights away from 1, non-zero biases everywhere."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.3 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    ref = diffusers.AutoencoderKLHunyuanVideo(latent_channels=16, **TINY).eval()
+    randomize(ref)
+    # diffusers decodes more than 4 latent frames in overlapping temporal tiles by default: compare untiled.
+    ref.use_framewise_decoding = ref.use_framewise_encoding = False
+    ours = load_vae(ref.state_dict(), norm_num_groups=4)
+    return ref, ours
+
+
+def test_config_and_parameter_count_of_released_vae():
+    with torch.device("meta"):
+        vae = HunyuanVideoVAE(VAEConfig())
+    assert sum(p.numel() for p in vae.parameters()) == 246_478_803
+    assert VAEConfig().up_factors() == [(1, 2), (2, 2), (2, 2), None]
+
+
+@torch.no_grad()
+def test_decode_matches_diffusers(pair):
+    ref, ours = pair
+    z = torch.randn(2, 16, 3, 4, 6)
+    expected = ref.decode(z).sample
+    got = ours.decode(z, mode="untiled")
+    assert got.shape == (2, 3, 9, 32, 48)
+    assert (got - expected).abs().max().item() <= 1e-4
+    # the default (exact) mode runs untiled when it fits and is bit-identical to it
+    default = ours.decode(z)
+    assert ours.last_decode_info.mode == "exact(untiled)"
+    assert torch.equal(default, got)
+
+
+@torch.no_grad()
+def test_encode_matches_diffusers(pair):
+    ref, ours = pair
+    video = torch.rand(1, 3, 9, 32, 40) * 2 - 1
+    expected = ref.encode(video).latent_dist
+    got = ours.encode(video)
+    assert got.shape == (1, 16, 3, 4, 5)
+    assert (got - expected.mean).abs().max().item() <= 1e-4
+    sampled = ours.encode(video, sample=True, generator=torch.Generator().manual_seed(1))
+    spread = (sampled - got).std().item()
+    assert 0.5 * expected.std.mean().item() < spread < 2 * expected.std.mean().item()
+
+
+@torch.no_grad()
+def test_causal_building_blocks():
+    """Convs never look at future frames; the attention of frame t sees exactly frames <= t."""
+    conv = CausalConv3d(4, 5, 3)
+    x = torch.randn(1, 4, 5, 6, 6)
+    x2 = x.clone()
+    x2[:, :, 3] += 1.0
+    assert torch.equal(conv(x)[:, :, :3], conv(x2)[:, :, :3])
+    assert not torch.equal(conv(x)[:, :, 3], conv(x2)[:, :, 3])
+
+    frames, hw, c = 3, 4, 8
+    q, k, v = (torch.randn(2, frames * hw, c) for _ in range(3))
+    frame = torch.arange(frames).repeat_interleave(hw)
+    allowed = frame[None, :] <= frame[:, None]
+    scores = (q @ k.transpose(1, 2)) / c ** 0.5
+    expected = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    assert torch.allclose(frame_causal_attention(q, k, v, hw), expected, atol=1e-6)
+
+
+@torch.no_grad()
+def test_exact_chunked_decode_equals_untiled_within_budget(pair):
+    _, ours = pair
+    z = torch.randn(1, 16, 3, 4, 6)
+    untiled = ours.decode(z, mode="untiled")
+    budget = ours.weight_bytes() + 400_000
+    progress = []
+    exact = ours.decode(z, mode="exact", memory_budget=budget, measure=True,
+                        progress=lambda done, total: progress.append((done, total)))
+    info = ours.last_decode_info
+    assert info.mode == "exact"
+    assert info.max_time_chunks > 1 and info.max_space_chunks > 1, info
+    assert info.device_peak_bytes <= budget, info
+    assert (exact - untiled).abs().max().item() <= 1e-3
+    assert progress[-1][0] == progress[-1][1] and len(progress) == progress[-1][1]
+
+
+@torch.no_grad()
+def test_exact_decode_can_be_interrupted(pair):
+    _, ours = pair
+
+    def stop(done: int, total: int) -> None:
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ours.decode(torch.randn(1, 16, 2, 2, 2), mode="exact", memory_budget=ours.weight_bytes() + 200_000,
+                    progress=stop)
+
+
+@torch.no_grad()
+def test_exact_budget_too_small_is_a_clear_error(pair):
+    _, ours = pair
+    with pytest.raises(MemoryError, match="decoder weights"):
+        ours.decode(torch.randn(1, 16, 2, 2, 2), memory_budget=1000)
+
+
+@torch.no_grad()
+def test_fast_decode_matches_diffusers_tiled(pair):
+    ref, ours = pair
+    z = torch.randn(1, 16, 4, 6, 6)
+    tiling = FastTiling(tile_size=32, tile_stride=24, tile_frames=8, tile_stride_frames=4)
+    ref.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24,
+                      tile_sample_stride_width=24, tile_sample_min_num_frames=8, tile_sample_stride_num_frames=4)
+    ref.use_framewise_decoding = True
+    try:
+        expected = ref.decode(z).sample
+    finally:
+        ref.disable_tiling()
+        ref.use_framewise_decoding = False
+    got = ours.decode(z, mode="fast", tiling=tiling)
+    info = ours.last_decode_info
+    assert info.max_time_chunks > 1 and info.max_space_chunks > 1
+    assert got.shape == expected.shape == (1, 3, 13, 48, 48)
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
+def test_fast_decode_picks_tiles_from_budget(pair):
+    _, ours = pair
+    z = torch.randn(1, 16, 3, 16, 16)
+    budget = ours.weight_bytes() + ours.estimate_untiled_bytes(z.shape) // 4
+    video = ours.decode(z, mode="fast", memory_budget=budget)
+    assert video.shape == (1, 3, 9, 128, 128)
+    assert ours.last_decode_info.max_space_chunks > 1
+    assert torch.isfinite(video).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@torch.no_grad()
+def test_half_precision_overflow_raises_instead_of_black_frames(pair, dtype):
+    _, ours = pair
+    vae = load_vae(ours.state_dict(), norm_num_groups=4, dtype=dtype)
+    vae.decoder.conv_out.conv.weight.mul_(torch.finfo(dtype).max)  # overflows to inf in this dtype
+    with pytest.raises(NonFiniteDecodeError, match=str(dtype)) as err:
+        vae.decode(torch.randn(1, 16, 1, 2, 2), mode="untiled")
+    assert "float32" in str(err.value)
+
+
+def test_bad_latents_are_clear_errors(pair):
+    _, ours = pair
+    with pytest.raises(ValueError, match=r"\[B, 16, T, H, W\]"):
+        ours.decode(torch.randn(1, 16, 4, 4))
+    with pytest.raises(NonFiniteDecodeError, match="NaN"):
+        ours.decode(torch.full((1, 16, 1, 2, 2), float("nan")))
+    with pytest.raises(ValueError, match="mode"):
+        ours.decode(torch.randn(1, 16, 1, 2, 2), mode="tiled")
+    with pytest.raises(ValueError, match="4k\\+1"):
+        ours.encode(torch.randn(1, 3, 8, 16, 16))
