@@ -129,7 +129,7 @@ def test_exact_budget_too_small_is_a_clear_error(pair):
 @torch.no_grad()
 def test_fast_decode_matches_diffusers_tiled(pair):
     ref, ours = pair
-    z = torch.randn(1, 16, 4, 6, 6)
+    z = torch.randn(1, 16, 3, 5, 5)
     tiling = FastTiling(tile_size=32, tile_stride=24, tile_frames=8, tile_stride_frames=4)
     ref.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24,
                       tile_sample_stride_width=24, tile_sample_min_num_frames=8, tile_sample_stride_num_frames=4)
@@ -142,17 +142,17 @@ def test_fast_decode_matches_diffusers_tiled(pair):
     got = ours.decode(z, mode="fast", tiling=tiling)
     info = ours.last_decode_info
     assert info.max_time_chunks > 1 and info.max_space_chunks > 1
-    assert got.shape == expected.shape == (1, 3, 13, 48, 48)
+    assert got.shape == expected.shape == (1, 3, 9, 40, 40)
     assert (got - expected).abs().max().item() <= 1e-4
 
 
 @torch.no_grad()
 def test_fast_decode_picks_tiles_from_budget(pair):
     _, ours = pair
-    z = torch.randn(1, 16, 3, 16, 16)
+    z = torch.randn(1, 16, 2, 16, 16)
     budget = ours.weight_bytes() + ours.estimate_untiled_bytes(z.shape) // 4
     video = ours.decode(z, mode="fast", memory_budget=budget)
-    assert video.shape == (1, 3, 9, 128, 128)
+    assert video.shape == (1, 3, 5, 128, 128)
     assert ours.last_decode_info.max_space_chunks > 1
     assert torch.isfinite(video).all()
 

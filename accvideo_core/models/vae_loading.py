@@ -293,6 +293,8 @@ def load_vae(source: Any, *, dtype: torch.dtype | None = None, device: torch.dev
     else:
         if hasattr(source, "first_stage_model"):  # ComfyUI's VAE wrapper (duck-typed: no ComfyUI import)
             source = source.first_stage_model
+        if isinstance(source, HunyuanVideoVAE):
+            overrides = source.config.to_dict()
         if isinstance(source, nn.Module):
             source = source.state_dict()
         if not isinstance(source, Mapping):
