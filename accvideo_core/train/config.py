@@ -1,0 +1,221 @@
+"""Trainer configuration: one dataclass per section, loaded from JSON or TOML, overridable from the CLI.
+
+Every choice the AccVideo paper leaves open is a field here; docs/training.md justifies each default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = ""                       # teacher checkpoint (any layout load_transformer reads)
+    teacher_dtype: str = "auto"             # frozen teacher weights: auto = bf16 on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = True     # student and (for the adversarial path) teacher
+
+
+@dataclass
+class DataConfig:
+    root: str = ""                          # SynVid folder
+    val_root: str = ""                      # held-out SynVid folder; empty = hold out the last val_samples of root
+    val_samples: int = 4                    # held-out samples used for validation
+    segments: int = 5                       # m: key timesteps are m+1 teacher steps 0, S/m, ..., S
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 1200                       # iterations (each consumes total_batch samples)
+    total_batch: int = 32                   # samples per iteration over all ranks (by gradient accumulation)
+    micro_batch: int = 1                    # samples per forward on one rank
+    lr: float = 5e-6                        # student (AdamW)
+    head_lr: float = 5e-6                   # discriminator heads (AdamW)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0                   # linear lr warm-up (iterations)
+    grad_clip: float = 1.0                  # max global grad norm of the student (0 = off)
+    segment_updates: str = "sequential"     # "sequential": one update per segment k as in Alg. 1; "joint": one per iteration
+    ema_decay: float = 0.0                  # 0 = no EMA of the student; else e.g. 0.999 (exported as student_ema)
+    seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    traj_reduction: str = "mean"            # "mean" over latent elements (scale-free) or "sum" per sample
+    adversarial: bool = True
+    lambda_adv: float = 0.1
+    gan_loss: str = "nonsaturating"         # or "hinge"
+    adv_start_step: int = 0                 # iterations before the adversarial term is switched on
+    feature_layers: Optional[list[int]] = None  # teacher layer per key timestep k = 0..m-1 (1-based); None = paper default
+    head_width: int = 256
+    head_blocks: int = 1                    # residual 3x3 conv blocks per head
+    head_kernel: int = 3
+    head_groups: int = 32                   # GroupNorm groups (batch-size independent)
+    queue_capacity: int = 64                # max entries per queue Q_k (oldest dropped); Q_0 keeps the last ones
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"                    # auto = cuda:LOCAL_RANK if available, else cpu
+    precision: str = "auto"                 # auto = bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
+    fsdp: str = "auto"                      # auto = FSDP2 when WORLD_SIZE > 1; "on" / "off"
+    reshard_after_forward: bool = True
+    deterministic: bool = False             # torch.use_deterministic_algorithms
+
+
+@dataclass
+class LogConfig:
+    out_dir: str = "runs/accvideo"
+    log_every: int = 1                      # progress line every N iterations (JSONL gets every iteration)
+    val_every: int = 100                    # 0 = only at start and end
+    ckpt_every: int = 100                   # 0 = only at the end (and on Ctrl-C)
+    keep_checkpoints: int = 2
+    save_dtype: str = "bf16"                # dtype of the exported student safetensors
+    plot: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """The training configuration is invalid; the message says which field and how to fix it."""
+
+
+_CHOICES = {
+    ("optim", "segment_updates"): ("sequential", "joint"),
+    ("loss", "traj_reduction"): ("mean", "sum"),
+    ("loss", "gan_loss"): ("nonsaturating", "hinge"),
+    ("runtime", "precision"): ("auto", "bf16", "fp32"),
+    ("runtime", "fsdp"): ("auto", "on", "off"),
+    ("model", "teacher_dtype"): ("auto", "bf16", "fp16", "fp32"),
+    ("log", "save_dtype"): ("bf16", "fp16", "fp32"),
+}
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    text = str(typ)
+    if value is None:
+        if "Optional" in text or "None" in text:
+            return None
+        raise ConfigError(f"{where} must not be null")
+    if typ in (int, "int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if typ in (float, "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if typ in (bool, "bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if typ in (str, "str"):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if "tuple" in text:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ConfigError(f"{where} must be a list of two numbers, got {value!r}")
+        return tuple(float(v) for v in value)
+    if "list" in text:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) for v in value):
+            raise ConfigError(f"{where} must be a list of integers (or null), got {value!r}")
+        return list(value)
+    return value
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Build and validate a config; unknown sections or keys are errors listing the known ones."""
+    cfg = TrainConfig()
+    sections = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for section, values in data.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section [{section}]; known sections: {sorted(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section [{section}] must be a table/object")
+        obj = getattr(cfg, section)
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"unknown key {key!r} in [{section}]; known keys: {sorted(fields)}")
+            setattr(obj, key, _coerce(value, fields[key].type, f"{section}.{key}"))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    for (section, key), options in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in options:
+            raise ConfigError(f"{section}.{key} = {value!r}; expected one of {list(options)}")
+    o, lo = cfg.optim, cfg.loss
+    if o.steps < 1 or o.micro_batch < 1 or o.total_batch < 1:
+        raise ConfigError("optim.steps, optim.total_batch and optim.micro_batch must be >= 1")
+    if not 0.0 <= o.ema_decay < 1.0:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
+    if cfg.data.segments < 1:
+        raise ConfigError("data.segments must be >= 1")
+    if lo.feature_layers is not None and len(lo.feature_layers) != cfg.data.segments:
+        raise ConfigError(f"loss.feature_layers needs one layer per key timestep k = 0..{cfg.data.segments - 1} "
+                          f"({cfg.data.segments} values), got {lo.feature_layers}")
+    if lo.lambda_adv < 0:
+        raise ConfigError("loss.lambda_adv must be >= 0")
+
+
+def check_batching(cfg: TrainConfig, world_size: int) -> int:
+    """Number of micro-batches per rank per update; errors when total_batch does not split evenly."""
+    per_step = cfg.optim.micro_batch * world_size
+    if cfg.optim.total_batch % per_step:
+        raise ConfigError(f"optim.total_batch ({cfg.optim.total_batch}) must be a multiple of micro_batch x ranks "
+                          f"({cfg.optim.micro_batch} x {world_size} = {per_step})")
+    return cfg.optim.total_batch // per_step
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:
+    if "." not in dotted:
+        raise ConfigError(f"override {dotted!r} must be SECTION.KEY=VALUE, e.g. optim.steps=100")
+    section, key = dotted.split(".", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # plain strings need no quotes
+    data.setdefault(section, {})[key] = value
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a ``.json`` or ``.toml`` config and apply ``SECTION.KEY=VALUE`` overrides (values parsed as JSON)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"{path}: config must be .json or .toml")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must be SECTION.KEY=VALUE")
+        k, v = item.split("=", 1)
+        _set_dotted(data, k.strip(), v.strip())
+    return config_from_dict(data)

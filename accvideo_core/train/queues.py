@@ -1,0 +1,54 @@
+"""The m+1 FIFO queues Q_0..Q_m of AccVideo's Alg. 1 (fake samples without forward diffusion).
+
+Q_m holds fresh Gaussian noise with the conditioning of the sample it was drawn for; Q_k (k < m) holds the
+student's own latents at t'_k, made by one Euler step of the student from an entry popped from Q_{k+1}.
+Entries are per sample (latent + its conditioning), so micro-batch sizes may differ between push and pop.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from accvideo_core.train.batching import Record, collate, split
+
+
+class TrajectoryQueues:
+    def __init__(self, segments: int, capacity: int):
+        self.segments = segments
+        self.capacity = capacity
+        self.queues: list[deque[Record]] = [deque() for _ in range(segments + 1)]
+        self.dropped = [0] * (segments + 1)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.queues)
+
+    def push(self, k: int, latents: torch.Tensor, cond: dict[str, torch.Tensor]) -> None:
+        """Append a batch of (detached) latents at t'_k with their conditioning; the oldest entries beyond
+        ``capacity`` are dropped (only Q_0, which nobody pops, normally fills up)."""
+        batch = dict(cond, latent=latents.detach())
+        q = self.queues[k]
+        for rec in split(batch):
+            q.append(rec)
+            if len(q) > self.capacity:
+                q.popleft()
+                self.dropped[k] += 1
+
+    def pop(self, k: int, n: int, device: torch.device | str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Remove the ``n`` oldest entries of Q_k: ``(latents [n, ...], conditioning batch)``."""
+        q = self.queues[k]
+        if len(q) < n:
+            raise RuntimeError(f"queue Q_{k} holds {len(q)} entries, {n} needed; raise loss.queue_capacity")
+        batch = collate([q.popleft() for _ in range(n)], device)
+        latents = batch.pop("latent")
+        return latents, batch
+
+    def state_dict(self) -> dict:
+        return {"queues": [[{k: v.to("cpu") for k, v in rec.items()} for rec in q] for q in self.queues],
+                "dropped": list(self.dropped)}
+
+    def load_state_dict(self, d: dict, device: torch.device | str) -> None:
+        if len(d["queues"]) != self.segments + 1:
+            raise ValueError(f"checkpoint has {len(d['queues'])} queues, this run needs {self.segments + 1}")
+        self.queues = [deque({k: v.to(device) for k, v in rec.items()} for rec in q) for q in d["queues"]]
+        self.dropped = list(d["dropped"])
