@@ -450,27 +450,29 @@ def _group_norm_partial_stats(x_ptr, part_ptr, group_numel, n_chunks, BLOCK: tl.
 
 
 @triton.jit
-def _group_norm_silu_apply(x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, out_ptr, channels, groups, spatial,
+def _group_norm_silu_apply(x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, out_ptr, groups, channels_per_group, spatial,
                            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_NORMED: tl.constexpr,
                            SILU: tl.constexpr, BLOCK: tl.constexpr):
-    bc = tl.program_id(0)
+    """One (batch, group) per program row: its channels x spatial elements are contiguous in memory."""
+    bg = tl.program_id(0)
+    group_numel = channels_per_group * spatial
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < spatial
-    c = bc % channels
-    bg = (bc // channels) * groups + c // (channels // groups)
+    ok = offs < group_numel
+    c = (bg % groups) * channels_per_group + offs // spatial
     mean = tl.load(mean_ptr + bg).to(tl.float32)
     rstd = tl.load(rstd_ptr + bg).to(tl.float32)
-    x = tl.load(x_ptr + bc.to(tl.int64) * spatial + offs, mask=ok, other=0.0)
+    base = bg.to(tl.int64) * group_numel
+    x = tl.load(x_ptr + base + offs, mask=ok, other=0.0)
     y = (x.to(tl.float32) - mean) * rstd
     if ROUND_NORMED:  # the reference rounds to x's dtype before the affine when statistics are supplied
         y = _round(y, x.dtype)
     if HAS_WEIGHT:
-        y = y * tl.load(w_ptr + c).to(tl.float32)
+        y = y * tl.load(w_ptr + c, mask=ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        y = y + tl.load(b_ptr + c).to(tl.float32)
+        y = y + tl.load(b_ptr + c, mask=ok, other=0.0).to(tl.float32)
     if SILU:
         y = y / (1.0 + tl.exp(-y))
-    tl.store(out_ptr + bc.to(tl.int64) * spatial + offs, _cast(y, out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + base + offs, _cast(y, out_ptr.dtype.element_ty), mask=ok)
 
 
 _STATS_BLOCK = 4096
@@ -506,10 +508,11 @@ def _group_norm_silu_forward(x, weight, bias, num_groups, eps, silu, mean, rstd)
     batch, channels = x.shape[:2]
     spatial = x[0, 0].numel()
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    block = min(4096, triton.next_power_of_2(max(spatial, 1)))
-    grid = (batch * channels, triton.cdiv(spatial, block))
+    group_numel = channels // num_groups * spatial
+    block = min(4096, triton.next_power_of_2(group_numel))
+    grid = (batch * num_groups, triton.cdiv(group_numel, block))
     _group_norm_silu_apply[grid](x, mean_f, rstd_f, weight if weight is not None else x,
-                                 bias if bias is not None else x, out, channels, num_groups, spatial,
+                                 bias if bias is not None else x, out, num_groups, channels // num_groups, spatial,
                                  HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                                  ROUND_NORMED=stats_given, SILU=silu, BLOCK=block, num_warps=_num_warps(block))
     return out
