@@ -111,7 +111,7 @@ def test_comfy_internal_names_match_comfyui_table():
     assert comfy_names.lora_name_for_comfy("time_in.mlp.0") == "time_in.in_layer"
     assert comfy_names.lora_name_for_comfy("txt_in.c_embedder.linear_2") == "txt_in.c_embedder.out_layer"
     assert comfy_names.lora_name_for_comfy("double_blocks.0.img_mlp.fc1") == "double_blocks.0.img_mlp.fc1"
-    assert comfy_names.lora_name_for_comfy("single_blocks.0.q_norm") is None
+    assert comfy_names.lora_name_for_comfy("single_blocks.0.q_norm") == "single_blocks.0.norm.query_norm.scale"
 
 
 def test_diff_and_diff_b(base_sd, tmp_path):
@@ -254,10 +254,10 @@ def test_comfy_patches_keyed_by_internal_names(base_sd):
     want = {f"diffusion_model.{COMFY_INTERNAL[m]}.weight" for m in factors}
     want.add("diffusion_model.single_blocks.0.norm.query_norm.scale")
     assert set(patches) == want
-    assert not patches["diffusion_model.single_blocks.0.norm.query_norm.scale"].native
+    assert patches["diffusion_model.single_blocks.0.norm.query_norm.scale"].kind == "diff"
     # ComfyUI's LoRAAdapter computes (alpha / rank) * up @ down: the patch must reproduce the hand formula
     up, down, alpha = factors["time_in.mlp.0"]
-    kind, weights, native = patches["diffusion_model.time_in.in_layer.weight"]
-    assert kind == "lora" and native
+    kind, weights = patches["diffusion_model.time_in.in_layer.weight"]
+    assert kind == "lora"
     torch.testing.assert_close(weights[2] / weights[1].shape[0] * weights[0] @ weights[1],
                                alpha / down.shape[0] * up @ down)

@@ -15,7 +15,7 @@ def _extract(args: argparse.Namespace) -> int:
 
     try:
         result = extract(args.base, args.tuned, args.rank, out=args.out, dtype=_DTYPES[args.dtype],
-                         include_qk_norms=args.include_qk_norms, svd=args.svd, device=args.device,
+                         qk_norms=args.qk_norms, svd=args.svd, device=args.device,
                          progress=progress_printer())
     except KeyboardInterrupt:
         print("\ninterrupted: nothing was written", file=sys.stderr)
@@ -24,9 +24,7 @@ def _extract(args: argparse.Namespace) -> int:
     print(json.dumps({"out": str(result.path), **summary}, indent=2))
     if summary["skipped_qk_norms"]:
         print(f"note: {summary['skipped_qk_norms']} q/k norm scales changed (largest relative change "
-              f"{summary['skipped_max_rel_change']:.3g}) but were left out: native ComfyUI cannot patch them. "
-              "Pass --include-qk-norms to write them (our loader applies them; ComfyUI reports them as not loaded).",
-              file=sys.stderr)
+              f"{summary['skipped_max_rel_change']:.3g}) but were left out (--qk-norms skip).", file=sys.stderr)
     return 0
 
 
@@ -55,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--dtype", choices=sorted(_DTYPES), default="fp16", help="dtype of the written tensors")
     ex.add_argument("--svd", choices=("auto", "exact", "randomized"), default="auto")
     ex.add_argument("--device", default="cpu", help="device for the SVDs (e.g. cuda)")
-    ex.add_argument("--include-qk-norms", action="store_true",
-                    help="also write q/k RMSNorm scale diffs (native ComfyUI cannot apply these)")
+    ex.add_argument("--qk-norms", choices=("comfy", "original", "skip"), default="comfy",
+                    help="how to write the q/k RMSNorm scale diffs: under ComfyUI's '...norm.query_norm.scale' names "
+                         "(default; native ComfyUI applies them), under original names (our loader only), or not")
     ex.set_defaults(func=_extract)
     ins = sub.add_parser("inspect", help="detected format, modules and unused keys of a LoRA file")
     ins.add_argument("file")

@@ -71,16 +71,14 @@ def match(state: LoraState, shapes: Mapping[str, torch.Size]) -> MatchReport:
     """
     patches, absent = {}, []
     for module, patch in state.modules.items():
-        weight, bias = shapes.get(f"{module}.weight"), shapes.get(f"{module}.bias")
+        weight = shapes.get(f"{module}.weight")
         if weight is None:
             absent.append(module)
             continue
-        if patch.up is not None or patch.diff is not None:
-            patch.weight_delta(weight, device="meta")  # shape check only
-        if patch.diff_b is not None:
-            if bias is None:
-                raise LoraFormatError(f"{state.source}: {module} has a diff_b but the model's module has no bias")
-            patch.bias_delta(bias, device="meta")
+        try:
+            patch.check_shapes(weight, shapes.get(f"{module}.bias"))
+        except LoraFormatError as err:
+            raise LoraFormatError(f"{state.source}: {err}") from None
         patches[module] = patch
     report = MatchReport(state, patches, absent)
     if not patches:
@@ -311,11 +309,10 @@ class LoraStack:
 class ComfyPatch(NamedTuple):
     """One ModelPatcher patch. ``kind`` "lora": ``weights`` = ``(up, down, alpha, None, None, None)`` as ComfyUI's
     ``LoRAAdapter`` takes it (``alpha / rank`` = scale); "diff": ``weights`` = ``(delta,)`` as in
-    ``("diff", weights)``. ``native`` is False for q/k norm scales, which ComfyUI cannot patch in low-VRAM mode."""
+    ``("diff", weights)``."""
 
     kind: str
     weights: tuple
-    native: bool
 
 
 def comfy_patches(lora: LoraLike, *, prefix: str = comfy_names.COMFY_PREFIX) -> dict[str, ComfyPatch]:
@@ -324,13 +321,11 @@ def comfy_patches(lora: LoraLike, *, prefix: str = comfy_names.COMFY_PREFIX) -> 
     state = as_lora(lora)
     out: dict[str, ComfyPatch] = {}
     for module, patch in state.modules.items():
-        native = comfy_names.natively_patchable(module)
         weight_key = prefix + comfy_names.to_comfy_key(f"{module}.weight")
         if patch.diff is not None:
-            out[weight_key] = ComfyPatch("diff", (patch.weight_delta(patch.diff.shape),), native)
+            out[weight_key] = ComfyPatch("diff", (patch.weight_delta(patch.diff.shape),))
         elif patch.up is not None:
-            out[weight_key] = ComfyPatch("lora", (patch.up, patch.down, patch.scale * patch.rank, None, None, None),
-                                         native)
+            out[weight_key] = ComfyPatch("lora", (patch.up, patch.down, patch.scale * patch.rank, None, None, None))
         if patch.diff_b is not None:
-            out[prefix + comfy_names.to_comfy_key(f"{module}.bias")] = ComfyPatch("diff", (patch.diff_b,), native)
+            out[prefix + comfy_names.to_comfy_key(f"{module}.bias")] = ComfyPatch("diff", (patch.diff_b,))
     return out

@@ -4,9 +4,10 @@ ComfyUI (checked against v0.3.64 `comfy/supported_models.py` and `comfy/lora.py`
 HunyuanVideo keys to Flux-style names when it loads a checkpoint (``img_attn_qkv`` -> ``img_attn.qkv``,
 ``mlp.fc1`` -> ``mlp.0``, ``time_in.mlp.0`` -> ``time_in.in_layer``, q/k norm ``weight`` -> ``norm.query_norm.scale``,
 ...). Its LoRA key map then accepts, for every ``.weight`` parameter, ``diffusion_model.<internal name>`` and
-``diffusion_model.`` / ``transformer.`` + a partial back-conversion of the internal name. The back-conversion
-misses ``time_in``, ``guidance_in``, ``txt_in.t_embedder`` and ``txt_in.c_embedder``, so LoRA keys with their
-original names are skipped ("lora key not loaded"); q/k norm scales are not patched natively under any name.
+``diffusion_model.`` / ``transformer.`` + a partial back-conversion of the internal name; other parameters (the
+q/k norm ``scale``) only under their full internal key (``diffusion_model.<...>.norm.query_norm.scale.diff``).
+The back-conversion misses ``time_in``, ``guidance_in``, ``txt_in.t_embedder`` and ``txt_in.c_embedder``, and
+q/k norm diffs under original names, so such keys are skipped ("lora key not loaded").
 """
 from __future__ import annotations
 
@@ -59,25 +60,19 @@ def to_comfy_module(module: str) -> str:
     return key.removesuffix(".weight")
 
 
-def natively_patchable(module: str) -> bool:
-    """Whether ComfyUI's native LoRA loader can patch this original module at all (not the q/k norm scales)."""
-    return not to_comfy_key(f"{module}.weight").endswith(".scale")
-
-
 def native_lora_names(module: str) -> set[str]:
-    """Module names (without ``diffusion_model.``) that native ComfyUI maps onto this original module."""
+    """Module names (without ``diffusion_model.``) that native ComfyUI maps onto this original module; for the
+    q/k norms this is the parameter path ``...norm.query_norm.scale`` (keys ``<that>.diff``)."""
     internal_key = to_comfy_key(f"{module}.weight")
     if not internal_key.endswith(".weight"):
-        return set()
+        return {internal_key}
     internal = internal_key.removesuffix(".weight")
     back = _replace_all(f"{COMFY_PREFIX}{internal_key}", _LORA_BACK)
     return {internal, back[len(COMFY_PREFIX):].removesuffix(".weight")}
 
 
-def lora_name_for_comfy(module: str) -> str | None:
+def lora_name_for_comfy(module: str) -> str:
     """The name to write a module's LoRA keys under so native ComfyUI loads them: the original name when the
-    native loader accepts it, else ComfyUI's internal name; None when native ComfyUI cannot patch the module."""
+    native loader accepts it, else ComfyUI's internal name (for q/k norms the ``...scale`` parameter path)."""
     accepted = native_lora_names(module)
-    if not accepted:
-        return None
     return module if module in accepted else to_comfy_module(module)

@@ -8,9 +8,12 @@ Per parameter, streamed one tensor pair at a time from the two files (never two 
 
 Keys are written as ``diffusion_model.<name>`` with the original name where ComfyUI's native LoRA loader accepts
 it and ComfyUI's internal name otherwise (``time_in``, ``guidance_in``, ``txt_in.t_embedder``,
-``txt_in.c_embedder``), so native ``LoraLoaderModelOnly`` and our loader both load every key. The q/k RMSNorm
-scales cannot be patched by native ComfyUI under any name: they are left out by default (their size is
-reported) and written under original names with ``include_qk_norms=True`` (our loader applies them).
+``txt_in.c_embedder``), so native ``LoraLoaderModelOnly`` and our loader both load every key.
+
+q/k RMSNorm scales (``qk_norms``): "comfy" (default) writes them as ``diffusion_model.<...>.norm.query_norm.scale.diff``,
+which ComfyUI 0.3.64 loads and applies when it loads the model fully (measured, see docs/lora.md); "original"
+writes ``diffusion_model.<...>.img_attn_q_norm.diff`` (our loader only; native ComfyUI reports "lora key not
+loaded"); "skip" leaves them out and reports their size.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from accvideo_core.utils.io import CheckpointError, save_safetensors, unwrap_sta
 
 from . import comfy_names, names
 
+QK_NORM_MODES = ("comfy", "original", "skip")
 _SOURCE_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "module.", "transformer.")
 Progress = Callable[[int, int, str], None]
 
@@ -149,7 +153,7 @@ def _low_rank(diff: torch.Tensor, rank: int, svd: str) -> tuple[torch.Tensor, to
 
 def extract(base: str | os.PathLike | Mapping[str, torch.Tensor], tuned: str | os.PathLike | Mapping[str, torch.Tensor],
             rank: int, *, out: str | os.PathLike | None = None, dtype: torch.dtype = torch.float16,
-            include_qk_norms: bool = False, svd: str = "auto", device: str | torch.device = "cpu",
+            qk_norms: str = "comfy", svd: str = "auto", device: str | torch.device = "cpu",
             progress: Progress | None = None) -> ExtractResult:
     """LoRA of ``tuned - base`` at ``rank`` (see the module doc); written atomically to ``out`` when given.
 
@@ -158,6 +162,8 @@ def extract(base: str | os.PathLike | Mapping[str, torch.Tensor], tuned: str | o
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
+    if qk_norms not in QK_NORM_MODES:
+        raise ValueError(f"qk_norms must be one of {QK_NORM_MODES}, got {qk_norms!r}")
     if svd not in ("auto", "exact", "randomized"):
         raise ValueError(f"svd must be 'auto', 'exact' or 'randomized', got {svd!r}")
     result = ExtractResult({})
@@ -176,7 +182,7 @@ def extract(base: str | os.PathLike | Mapping[str, torch.Tensor], tuned: str | o
             base_t, tuned_t = base_src.get(key).to(device), tuned_src.get(key).to(device)
             if base_t.shape != tuned_t.shape:
                 raise CheckpointError(f"{key}: shapes differ ({tuple(base_t.shape)} vs {tuple(tuned_t.shape)})")
-            result.layers.append(_extract_one(key, tuned_t - base_t, base_t, rank, svd, include_qk_norms,
+            result.layers.append(_extract_one(key, tuned_t - base_t, base_t, rank, svd, qk_norms,
                                               result.tensors))
             del base_t, tuned_t
         if progress is not None:
@@ -186,12 +192,12 @@ def extract(base: str | os.PathLike | Mapping[str, torch.Tensor], tuned: str | o
         meta = {"format": "pt", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
                 "accvideo_lora": json.dumps({"rank": rank, "base": base_src.name, "tuned": tuned_src.name,
                                              "dtype": str(dtype).removeprefix("torch."), "svd": svd,
-                                             "include_qk_norms": include_qk_norms, **result.summary()})}
+                                             "qk_norms": qk_norms, **result.summary()})}
         result.path = save_safetensors(result.tensors, out, metadata=meta)
     return result
 
 
-def _extract_one(key: str, diff: torch.Tensor, base: torch.Tensor, rank: int, svd: str, include_qk_norms: bool,
+def _extract_one(key: str, diff: torch.Tensor, base: torch.Tensor, rank: int, svd: str, qk_norms: str,
                  tensors: dict[str, torch.Tensor]) -> LayerResult:
     module, _, param = key.rpartition(".")
     norm = float(diff.norm())
@@ -199,8 +205,8 @@ def _extract_one(key: str, diff: torch.Tensor, base: torch.Tensor, rank: int, sv
     if norm == 0.0:
         return LayerResult(key, "unchanged")
     name = comfy_names.lora_name_for_comfy(module)
-    if name is None:  # q/k RMSNorm scales
-        if not include_qk_norms:
+    if names.module_kind(module) == "rmsnorm" and qk_norms != "comfy":
+        if qk_norms == "skip":
             return LayerResult(key, "skipped", rel_change=rel_change)
         name = module
     prefix = f"{comfy_names.COMFY_PREFIX}{name}"

@@ -95,32 +95,47 @@ class ModulePatch:
         if diff_b is not None:
             self.diff_b = diff_b if self.diff_b is None else self.diff_b.float() + diff_b.float()
 
+    def check_shapes(self, weight: torch.Size | tuple[int, ...], bias: torch.Size | tuple[int, ...] | None) -> None:
+        """Raise :class:`LoraFormatError` unless this patch fits a module with these weight / bias shapes."""
+        self._check_weight(weight)
+        if self.diff_b is not None:
+            if bias is None:
+                raise LoraFormatError(f"{self.module}: the LoRA has a diff_b but the model's module has no bias")
+            if tuple(self.diff_b.shape) != tuple(bias):
+                raise LoraFormatError(f"{self.module}: diff_b is {tuple(self.diff_b.shape)} but the bias is "
+                                      f"{tuple(bias)}; the LoRA was made for a different model")
+
+    def _check_weight(self, weight: torch.Size | tuple[int, ...]) -> None:
+        if self.up is not None:
+            rows, cols = self.up.shape[0], self.down.flatten(1).shape[1]
+            if rows != weight[0] or rows * cols != math.prod(weight):
+                raise LoraFormatError(
+                    f"{self.module}: LoRA product is {rows}x{cols} but the weight is {tuple(weight)}; "
+                    "the LoRA was made for a different model"
+                )
+        if self.diff is not None and tuple(self.diff.shape) != tuple(weight):
+            raise LoraFormatError(
+                f"{self.module}: diff is {tuple(self.diff.shape)} but the weight is {tuple(weight)}; "
+                "the LoRA was made for a different model"
+            )
+
     def weight_delta(self, shape: torch.Size | tuple[int, ...], *, dtype: torch.dtype = torch.float32,
                      device: torch.device | str | None = None) -> torch.Tensor | None:
         """``scale * up @ down + diff`` shaped like the weight, or None when the patch has no weight change."""
+        self._check_weight(shape)
         delta = None
         if self.up is not None:
             up = self.up.to(device=device, dtype=dtype).flatten(1)
             down = self.down.to(device=device, dtype=dtype).flatten(1)
-            product = up @ down
-            if product.numel() != math.prod(shape):
-                raise LoraFormatError(
-                    f"{self.module}: LoRA product is {tuple(product.shape)} but the weight is {tuple(shape)}; "
-                    "the LoRA was made for a different model"
-                )
-            delta = product.reshape(shape) * self.scale
+            delta = (up @ down).reshape(shape) * self.scale
         if self.diff is not None:
-            if tuple(self.diff.shape) != tuple(shape):
-                raise LoraFormatError(
-                    f"{self.module}: diff is {tuple(self.diff.shape)} but the weight is {tuple(shape)}; "
-                    "the LoRA was made for a different model"
-                )
             diff = self.diff.to(device=device, dtype=dtype)
             delta = diff if delta is None else delta + diff
         return delta
 
     def bias_delta(self, shape: torch.Size | tuple[int, ...], *, dtype: torch.dtype = torch.float32,
                    device: torch.device | str | None = None) -> torch.Tensor | None:
+        """``diff_b`` (bias change) or None."""
         if self.diff_b is None:
             return None
         if tuple(self.diff_b.shape) != tuple(shape):
