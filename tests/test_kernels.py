@@ -124,3 +124,19 @@ def test_set_backend_torch_is_the_reference_in_process():
         assert kernels._impl("layer_norm_modulate", torch.zeros(1)) is reference.layer_norm_modulate
     finally:
         kernels.set_backend(previous)
+
+
+def test_torch_compile_traces_the_reference():
+    """Under torch.compile the dispatch hands Dynamo the reference (no opaque launch); forced 'triton' on CPU would
+    raise if it were asked for the Triton path there."""
+    previous = kernels.get_backend()
+    x, y, gate = torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.randn(2, 5)
+    try:
+        kernels.set_backend("triton")
+        with pytest.raises(RuntimeError, match="forced"):
+            kernels.gated_residual(x, y, gate)
+        compiled = torch.compile(lambda a, b, g: kernels.gated_residual(a, b, g), backend="eager", fullgraph=True)
+        assert torch.equal(compiled(x, y, gate), reference.gated_residual(x, y, gate))
+    finally:
+        kernels.set_backend(previous)
+        torch._dynamo.reset()

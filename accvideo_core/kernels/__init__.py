@@ -7,7 +7,8 @@ Triton imports and the backend is not forced to the reference; otherwise the pur
 ``TRITON_INTERPRET=1`` is set (Triton's interpreter then runs the Triton kernels on CPU: slow, for tests).
 
 Force the reference with ``ACCVIDEO_KERNELS=torch`` in the environment or ``kernels.set_backend("torch")``;
-``"triton"`` makes a missing Triton path an error instead of a silent fallback.
+``"triton"`` makes a missing Triton path an error instead of a silent fallback. Code traced by ``torch.compile``
+always uses the reference (Inductor generates its own fused kernels from it).
 """
 from __future__ import annotations
 
@@ -46,6 +47,13 @@ def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
 
 
+def _compiling() -> bool:
+    """Inside ``torch.compile`` the reference is traced instead: Inductor fuses it into its own kernels, with no
+    graph break at an opaque launch."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())
+
+
 def _load_triton() -> ModuleType | None:
     """Import ``triton_kernels`` once per process; remember failure and why."""
     global _triton, _triton_error
@@ -68,7 +76,7 @@ def triton_available() -> bool:
 
 def _impl(name: str, *tensors: torch.Tensor | None):
     """Pick the implementation of kernel ``name`` for these tensors."""
-    if _backend == "torch":
+    if _backend == "torch" or _compiling():
         return getattr(reference, name)
     first = next(t for t in tensors if t is not None)
     why = ""
