@@ -125,6 +125,13 @@ def rope_cos_sin(grid: tuple[int, int, int], axes: tuple[int, int, int], theta: 
     return ang.cos(), ang.sin()
 
 
+def _gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
+    """In-place tanh-GELU (inference only; works on strided views)."""
+    if hasattr(torch.ops.aten, "gelu_"):
+        return torch.ops.aten.gelu_(x, approximate="tanh")
+    return x.copy_(F.gelu(x, approximate="tanh"))
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim with a learned weight (q/k norm of the attention heads)."""
 
@@ -148,7 +155,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
-        h = F.gelu(h, approximate="tanh") if self.activation == "gelu_tanh" else F.silu(h)
+        if torch.is_grad_enabled():
+            h = F.gelu(h, approximate="tanh") if self.activation == "gelu_tanh" else F.silu(h)
+        elif self.activation == "gelu_tanh":
+            _gelu_tanh_(h)  # inference: in place, one [tokens, mlp_hidden] buffer less at the peak
+        else:
+            F.silu(h, inplace=True)
         return self.fc2(h)
 
 
@@ -279,6 +291,7 @@ class DoubleStreamBlock(nn.Module):
         tk = kernels.rms_norm_rope(tk, self.txt_attn_k_norm.weight)
 
         out = attention(torch.cat((iq, tq), 1), torch.cat((ik, tk), 1), torch.cat((iv, tv), 1), key_mask)
+        del iq, ik, iv, tq, tk, tv  # free before the MLPs (inference peak memory)
         img_attn, txt_attn = out.split((img.shape[1], txt.shape[1]), dim=1)
 
         img = kernels.gated_residual(img, self.img_attn_proj(img_attn), i_gate1)
@@ -308,13 +321,22 @@ class SingleStreamBlock(nn.Module):
                 key_mask: torch.Tensor | None) -> torch.Tensor:
         """x: ``[B, N_img + L_txt, dim]`` with image tokens first (RoPE covers the first ``cos.shape[0]``)."""
         shift, scale, gate = self.modulation(vec_act)
-        qkv, mlp = self.linear1(kernels.layer_norm_modulate(x, shift, scale)).split(
-            (3 * self.dim, self.mlp_hidden), dim=-1)
-        q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).unbind(2)
+        fused = self.linear1(kernels.layer_norm_modulate(x, shift, scale))  # [q | k | v | mlp]
+        q, k, v = fused[..., : 3 * self.dim].unflatten(-1, (3, self.heads, -1)).unbind(2)
         q = kernels.rms_norm_rope(q, self.q_norm.weight, cos, sin)
         k = kernels.rms_norm_rope(k, self.k_norm.weight, cos, sin)
-        out = self.linear2(torch.cat((attention(q, k, v, key_mask), F.gelu(mlp, approximate="tanh")), dim=-1))
-        return kernels.gated_residual(x, out, gate)
+        attn = attention(q, k, v, key_mask)
+        del q, k, v  # free before the output projection (inference peak memory)
+        if torch.is_grad_enabled():
+            hidden = torch.cat((attn, F.gelu(fused[..., 3 * self.dim:], approximate="tanh")), dim=-1)
+        else:
+            # Inference: the [v | mlp] columns of the fused buffer become linear2's input [attention | gelu(mlp)]
+            # in place (v is consumed), so neither the GELU output nor the concatenation is allocated.
+            hidden = fused[..., 2 * self.dim:]
+            hidden[..., : self.dim] = attn
+            del attn
+            _gelu_tanh_(hidden[..., self.dim:])
+        return kernels.gated_residual(x, self.linear2(hidden), gate)
 
 
 class FinalLayer(nn.Module):
@@ -462,6 +484,7 @@ class HunyuanVideoTransformer3D(nn.Module):
     def _run_blocks(self, p: _Prepared, layers: int) -> torch.Tensor:
         """Run the first ``layers`` blocks (double first); returns the image tokens ``[B, N, hidden]``."""
         img, txt = p.img, p.txt
+        p.img = p.txt = None  # hold no stale activations (inference peak memory)
         for block in self.double_blocks[:layers]:
             img, txt = self._call(block, img, txt, p.vec_act, p.cos, p.sin, p.key_mask)
         n_single = layers - len(self.double_blocks)
@@ -469,6 +492,7 @@ class HunyuanVideoTransformer3D(nn.Module):
             return img
         n_img = img.shape[1]
         x = torch.cat((img, txt), dim=1)
+        del img, txt
         for block in self.single_blocks[:n_single]:
             x = self._call(block, x, p.vec_act, p.cos, p.sin, p.key_mask)
         return x[:, :n_img]
