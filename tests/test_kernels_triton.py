@@ -1,8 +1,10 @@
-"""Every Triton kernel, run in Triton's interpreter on CPU, against the torch reference (outputs and gradients).
+"""Every Triton kernel, run in Triton's interpreter on CPU, against the torch reference (outputs and gradients),
+and compiled ahead of time to a CUDA binary (no GPU needed) to catch what the interpreter cannot.
 
 ``TRITON_INTERPRET=1`` must be set before Triton is imported and makes the dispatch route CPU tensors to Triton,
-so the kernels run in ONE subprocess (this file executed as a script: ``python tests/test_kernels_triton.py OUT``)
-that records max abs differences per case; the tests below assert on them. Nothing leaks into other tests.
+so the kernels run in a subprocess (this file executed as a script: ``python tests/test_kernels_triton.py OUT``)
+that records max abs differences per case; the tests below assert on them. Nothing leaks into other tests. The
+compile check runs alongside in a second subprocess (``... --compile ARCH OUT``) without the interpreter.
 """
 from __future__ import annotations
 
@@ -239,20 +241,110 @@ def _worker(out_path: str) -> None:
     Path(out_path).write_text(json.dumps(report, indent=1))
 
 
+def _compile_worker(out_path: str, arch: int) -> None:
+    """Compile every kernel launch the wrappers make (bf16, HunyuanVideo-like block sizes, forward and backward) to
+    a CUDA binary for ``sm_<arch>`` ahead of time: no GPU needed, catches what the interpreter cannot (codegen,
+    types, constexpr handling). Launches are intercepted and compiled instead of run."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from accvideo_core.kernels import triton_kernels as tk
+
+    type_names = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+    compiled: dict[str, dict] = {}
+
+    def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        values = dict(zip(self.arg_names, args)) | kwargs
+        signature, constexprs = {}, {}
+        for param in self.params:
+            value = values[param.name]
+            if param.is_constexpr:
+                signature[param.name], constexprs[param.name] = "constexpr", value
+            elif torch.is_tensor(value):
+                signature[param.name] = type_names[value.dtype]
+            elif isinstance(value, float):
+                signature[param.name] = "fp32"
+            else:
+                signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        key = f"{self.fn.__name__}{sorted(constexprs.items())}{sorted(signature.items())}"
+        if key not in compiled:
+            kernel = triton.compile(ASTSource(self, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                                    options=options)
+            compiled[key] = {"kernel": self.fn.__name__, "cubin_bytes": len(kernel.asm["cubin"]),
+                             "constexprs": {k: str(v) for k, v in constexprs.items()}}
+
+    JITFunction.run = compile_instead_of_launch
+    bf16 = dict(dtype=torch.bfloat16)
+    q = torch.randn(1, 6, 3, 2, 128, **bf16)[:, :, 0].requires_grad_()
+    w = torch.randn(128, **bf16).requires_grad_()
+    cos = sin = torch.ones(4, 128)
+    (tk.rms_norm_rope(q, w, cos, sin).float().sum() + tk.rms_norm_rope(q, w).float().sum()).backward()
+    x = torch.randn(1, 4, 3072, **bf16).requires_grad_()
+    mod = torch.randn(1, 3072, **bf16).requires_grad_()
+    tk.layer_norm_modulate(x, mod, mod).float().sum().backward()
+    tk.gated_residual(x, x, mod).float().sum().backward()
+    v = torch.randn(1, 8, 2, 32, 32, **bf16)
+    gw = torch.ones(8, **bf16)
+    tk.group_norm_silu(v, gw, gw, 2)
+    tk.group_norm_silu(v, gw, gw, 2, mean=torch.zeros(1, 2), rstd=torch.ones(1, 2))
+    defined = sorted(name for name, obj in vars(tk).items()  # launched kernels (pointer args), not jit helpers
+                     if isinstance(obj, JITFunction) and obj.arg_names[0].endswith("_ptr"))
+    Path(out_path).write_text(json.dumps({"arch": arch, "triton_version": triton.__version__, "defined": defined,
+                                          "compiled": list(compiled.values())}, indent=1))
+
+
 # ----------------------------------------------------------------------------------------------- pytest side
 
+COMPILE_ARCH = 80  # sm_80 (A100); everything newer compiles from the same Triton IR
+
+
 @pytest.fixture(scope="module")
-def interpreter_report(tmp_path_factory):
+def worker_reports(tmp_path_factory):
+    """Run the interpreter worker and the ahead-of-time CUDA compile worker side by side (one core each)."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed: `pip install -r requirements-test.txt` to run the Triton kernels "
                     "in the interpreter (the torch reference is still tested elsewhere)")
-    out = tmp_path_factory.mktemp("triton") / "report.json"
-    env = {k: v for k, v in os.environ.items() if k != "ACCVIDEO_KERNELS"}
-    env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(out.read_text())
+    out_dir = tmp_path_factory.mktemp("triton")
+    base_env = {k: v for k, v in os.environ.items() if k not in ("ACCVIDEO_KERNELS", "TRITON_INTERPRET")}
+    jobs = {
+        "interpret": ([str(out_dir / "interpret.json")], {**base_env, "TRITON_INTERPRET": "1"}),
+        "compile": (["--compile", str(COMPILE_ARCH), str(out_dir / "compile.json")],
+                    {**base_env, "TRITON_CACHE_DIR": str(out_dir / "cache")}),
+    }
+    procs = {name: subprocess.Popen([sys.executable, __file__, *argv], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for name, (argv, env) in jobs.items()}
+    reports = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        reports[name] = (proc.returncode, stdout + stderr, Path(jobs[name][0][-1]))
+    return reports
+
+
+def _report(worker_reports, name):
+    code, output, path = worker_reports[name]
+    assert code == 0, f"{name} worker failed:\n{output}"
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def interpreter_report(worker_reports):
+    return _report(worker_reports, "interpret")
+
+
+def test_every_kernel_compiles_for_cuda(worker_reports):
+    report = _report(worker_reports, "compile")
+    assert len(report["defined"]) == 8, report["defined"]
+    assert {c["kernel"] for c in report["compiled"]} == set(report["defined"]), report
+    assert all(c["cubin_bytes"] > 0 for c in report["compiled"])
+    # both RoPE variants (image tokens, text tokens) and both GroupNorm variants (own / supplied statistics)
+    assert len(report["compiled"]) == 11, [(c["kernel"], c["constexprs"]) for c in report["compiled"]]
 
 
 def test_worker_ran_in_interpreter(interpreter_report):
@@ -305,4 +397,7 @@ def test_shape_errors_are_clear(interpreter_report):
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    if sys.argv[1] == "--compile":
+        _compile_worker(sys.argv[3], int(sys.argv[2]))
+    else:
+        _worker(sys.argv[1])
