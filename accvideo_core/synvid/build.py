@@ -202,10 +202,12 @@ def build(client: ComfyClient, workflow: dict, jobs: Iterable[Job], state_path: 
     total = len(todo)
     in_flight: list[tuple[Job, str, float]] = []
     finished = 0
+    last_note = 0.0
 
     def record(job: Job, status: str, **extra: Any) -> None:
-        nonlocal finished
+        nonlocal finished, last_note
         finished += 1
+        last_note = 0.0
         counts["done" if status == "done" else "failed"] += 1
         _append_state(state_path, {"key": job.key, "line": job.line, "seed": job.seed, "prompt": job.prompt,
                                    "status": status, "time": time.time(), **extra})
@@ -238,8 +240,13 @@ def build(client: ComfyClient, workflow: dict, jobs: Iterable[Job], state_path: 
                 in_flight.pop(0)
                 record(job, "error", prompt_id=prompt_id, error=f"no result after {job_timeout:.0f} s")
                 continue
-            print(f"\r[{finished}/{total}] line {job.line}: running {time.monotonic() - started:6.0f} s",
-                  end="", file=log, flush=True)
+            elapsed = time.monotonic() - started
+            if log.isatty():
+                print(f"\r[{finished}/{total}] line {job.line}: running {elapsed:6.0f} s", end="", file=log,
+                      flush=True)
+            elif elapsed - last_note >= 60:  # logs: one line a minute
+                last_note = elapsed
+                print(f"[{finished}/{total}] line {job.line}: running {elapsed:.0f} s", file=log, flush=True)
             sleep(poll)
     except KeyboardInterrupt:
         client.delete_queued([pid for _, pid, _ in in_flight[1:]])

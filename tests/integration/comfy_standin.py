@@ -155,6 +155,8 @@ def _input_info(inp: _Input) -> list:
     info = {_KEY_NAMES[k]: v for k, v in inp.kwargs.items() if k in _KEY_NAMES and v is not None}
     if inp.io_type == "COMBO":
         info["multiselect"] = False
+    if inp.io_type == "STRING":
+        info.setdefault("multiline", False)
     return [inp.io_type, info]
 
 
@@ -167,6 +169,12 @@ def object_info(schema: _Schema) -> dict:
     if optional:
         inputs["optional"], order["optional"] = optional, list(optional)
     kw = schema.kwargs
+    hidden = list(kw.get("hidden") or [])
+    if kw.get("is_output_node"):  # ComfyUI adds these to every output node
+        hidden += [h for h in (_Hidden.prompt, _Hidden.extra_pnginfo) if h not in hidden]
+    if hidden:
+        inputs["hidden"] = {h.name: [h.value] for h in hidden}
+        order["hidden"] = [h.name for h in hidden]
     return {
         "input": inputs, "input_order": order,
         "output": [o.io_type for o in schema.outputs],
