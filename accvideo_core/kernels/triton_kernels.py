@@ -260,32 +260,39 @@ def _layer_norm_modulate_fwd(x_ptr, shift_ptr, scale_ptr, out_ptr, mean_ptr, rst
 
 @triton.jit
 def _layer_norm_modulate_bwd(grad_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, dshift_part_ptr,
-                             dscale_part_ptr, seq_len, channels, sx_b, sx_l, s_scale,
+                             dscale_part_ptr, seq_len, channels, tokens_per_program, sx_b, sx_l, s_scale,
                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Each program walks ``tokens_per_program`` tokens of one batch row, accumulating d(shift), d(scale)."""
     pid_l = tl.program_id(0)
     b = tl.program_id(1)
-    tokens = pid_l * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < channels
-    tok_ok = tokens < seq_len
-    mask = tok_ok[:, None] & col_ok[None, :]
-    row = b * seq_len + tokens
-    out_off = row.to(tl.int64)[:, None] * channels + cols[None, :]
-    x_row = b.to(tl.int64) * sx_b + tokens.to(tl.int64) * sx_l
-    x = tl.load(x_ptr + x_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(grad_ptr + out_off, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + row, mask=tok_ok, other=0.0)
-    rstd = tl.load(rstd_ptr + row, mask=tok_ok, other=0.0)
     scale = tl.load(scale_ptr + b.to(tl.int64) * s_scale + cols, mask=col_ok, other=0.0).to(tl.float32)
-    normed = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    acc_shift = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc_scale = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    first = pid_l * tokens_per_program
+    for start in range(0, tokens_per_program, BLOCK_R):
+        tokens = first + start + tl.arange(0, BLOCK_R)
+        tok_ok = (tokens < seq_len) & (start + tl.arange(0, BLOCK_R) < tokens_per_program)
+        mask = tok_ok[:, None] & col_ok[None, :]
+        row = b * seq_len + tokens
+        out_off = row.to(tl.int64)[:, None] * channels + cols[None, :]
+        x_row = b.to(tl.int64) * sx_b + tokens.to(tl.int64) * sx_l
+        x = tl.load(x_ptr + x_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + out_off, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + row, mask=tok_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + row, mask=tok_ok, other=0.0)
+        normed = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        acc_shift += tl.sum(g, axis=0)
+        acc_scale += tl.sum(g * normed, axis=0)
+        dn = g * (1.0 + scale[None, :])
+        mean_dn = tl.sum(dn, axis=1) / channels
+        mean_dn_n = tl.sum(dn * normed, axis=1) / channels
+        dx = rstd[:, None] * (dn - mean_dn[:, None] - normed * mean_dn_n[:, None])
+        tl.store(dx_ptr + out_off, _cast(dx, dx_ptr.dtype.element_ty), mask=mask)
     part = (b.to(tl.int64) * tl.num_programs(0) + pid_l) * channels + cols
-    tl.store(dshift_part_ptr + part, tl.sum(g, axis=0), mask=col_ok)
-    tl.store(dscale_part_ptr + part, tl.sum(g * normed, axis=0), mask=col_ok)
-    dn = g * (1.0 + scale[None, :])
-    mean_dn = tl.sum(dn, axis=1) / channels
-    mean_dn_n = tl.sum(dn * normed, axis=1) / channels
-    dx = rstd[:, None] * (dn - mean_dn[:, None] - normed * mean_dn_n[:, None])
-    tl.store(dx_ptr + out_off, _cast(dx, dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dshift_part_ptr + part, acc_shift, mask=col_ok)
+    tl.store(dscale_part_ptr + part, acc_scale, mask=col_ok)
 
 
 def _layer_norm_launch_args(x: torch.Tensor):
@@ -293,6 +300,17 @@ def _layer_norm_launch_args(x: torch.Tensor):
     block_c = triton.next_power_of_2(channels)
     block_r = _rows_per_program(block_c, cap=16)
     return block_r, block_c, (triton.cdiv(seq_len, block_r), batch)
+
+
+# Backward kernels that reduce over tokens give each program a run of tokens, so the fp32 partial sums they
+# write stay at most this many rows per batch (instead of one row per token block: GBs at 50k tokens).
+_MAX_PARTIAL_ROWS = 512
+
+
+def _token_split(seq_len: int, block_r: int) -> tuple[int, int]:
+    """(tokens per program, programs) covering ``seq_len`` tokens in whole ``block_r`` steps."""
+    per_program = triton.cdiv(triton.cdiv(seq_len, _MAX_PARTIAL_ROWS), block_r) * block_r
+    return per_program, triton.cdiv(seq_len, per_program)
 
 
 class _LayerNormModulate(torch.autograd.Function):
@@ -317,13 +335,15 @@ class _LayerNormModulate(torch.autograd.Function):
         x, scale, mean, rstd = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         batch, seq_len, channels = x.shape
-        block_r, block_c, grid = _layer_norm_launch_args(x)
+        block_r, block_c, _ = _layer_norm_launch_args(x)
+        per_program, programs = _token_split(seq_len, block_r)
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        dshift_part = torch.empty(batch, grid[0], channels, dtype=torch.float32, device=x.device)
+        dshift_part = torch.empty(batch, programs, channels, dtype=torch.float32, device=x.device)
         dscale_part = torch.empty_like(dshift_part)
-        _layer_norm_modulate_bwd[grid](grad_out, x, scale, mean, rstd, dx, dshift_part, dscale_part, seq_len,
-                                       channels, x.stride(0), x.stride(1), scale.stride(0), BLOCK_R=block_r,
-                                       BLOCK_C=block_c, num_warps=_num_warps(block_r * block_c))
+        _layer_norm_modulate_bwd[(programs, batch)](
+            grad_out, x, scale, mean, rstd, dx, dshift_part, dscale_part, seq_len, channels, per_program,
+            x.stride(0), x.stride(1), scale.stride(0), BLOCK_R=block_r, BLOCK_C=block_c,
+            num_warps=_num_warps(block_r * block_c))
         dshift = dshift_part.sum(1).to(ctx.shift_dtype) if ctx.needs_input_grad[1] else None
         dscale = dscale_part.sum(1).to(scale.dtype) if ctx.needs_input_grad[2] else None
         return dx, dshift, dscale, None
@@ -362,22 +382,27 @@ def _gated_residual_fwd(x_ptr, y_ptr, gate_ptr, out_ptr, seq_len, channels, sx_b
 
 
 @triton.jit
-def _gated_residual_bwd(grad_ptr, y_ptr, gate_ptr, dy_ptr, dgate_part_ptr, seq_len, channels, sy_b, sy_l, s_gate,
-                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gated_residual_bwd(grad_ptr, y_ptr, gate_ptr, dy_ptr, dgate_part_ptr, seq_len, channels, tokens_per_program,
+                        sy_b, sy_l, s_gate, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Each program walks ``tokens_per_program`` tokens of one batch row and column block, accumulating d(gate)."""
     pid_l = tl.program_id(0)
-    b = tl.program_id(1)
-    tokens = pid_l * BLOCK_R + tl.arange(0, BLOCK_R)
+    b64 = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < channels
-    mask = (tokens < seq_len)[:, None] & col_ok[None, :]
-    b64, t64 = b.to(tl.int64), tokens.to(tl.int64)
-    out_off = (b64 * seq_len + t64)[:, None] * channels + cols[None, :]
-    g = tl.load(grad_ptr + out_off, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + (b64 * sy_b + t64 * sy_l)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(gate_ptr + b64 * s_gate + cols, mask=col_ok, other=0.0).to(tl.float32)
-    tl.store(dy_ptr + out_off, _cast(g * gate[None, :], dy_ptr.dtype.element_ty), mask=mask)
-    part = (b64 * tl.num_programs(0) + pid_l) * channels + cols
-    tl.store(dgate_part_ptr + part, tl.sum(g * y, axis=0), mask=col_ok)
+    acc_gate = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    first = pid_l * tokens_per_program
+    for start in range(0, tokens_per_program, BLOCK_R):
+        tokens = first + start + tl.arange(0, BLOCK_R)
+        tok_ok = (tokens < seq_len) & (start + tl.arange(0, BLOCK_R) < tokens_per_program)
+        mask = tok_ok[:, None] & col_ok[None, :]
+        t64 = tokens.to(tl.int64)
+        out_off = (b64 * seq_len + t64)[:, None] * channels + cols[None, :]
+        g = tl.load(grad_ptr + out_off, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + (b64 * sy_b + t64 * sy_l)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(dy_ptr + out_off, _cast(g * gate[None, :], dy_ptr.dtype.element_ty), mask=mask)
+        acc_gate += tl.sum(g * y, axis=0)
+    tl.store(dgate_part_ptr + (b64 * tl.num_programs(0) + pid_l) * channels + cols, acc_gate, mask=col_ok)
 
 
 def _gated_residual_launch_args(x: torch.Tensor):
@@ -409,11 +434,12 @@ class _GatedResidual(torch.autograd.Function):
         if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
             return dx, None, None
         block_r, block_c, grid = _gated_residual_launch_args(y)
+        per_program, programs = _token_split(y.shape[1], block_r)
         dy = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-        dgate_part = torch.empty(y.shape[0], grid[0], y.shape[2], dtype=torch.float32, device=y.device)
-        _gated_residual_bwd[grid](grad_out, y, gate, dy, dgate_part, y.shape[1], y.shape[2], y.stride(0),
-                                  y.stride(1), gate.stride(0), BLOCK_R=block_r, BLOCK_C=block_c,
-                                  num_warps=_num_warps(block_r * block_c))
+        dgate_part = torch.empty(y.shape[0], programs, y.shape[2], dtype=torch.float32, device=y.device)
+        _gated_residual_bwd[(programs, grid[1], grid[2])](
+            grad_out, y, gate, dy, dgate_part, y.shape[1], y.shape[2], per_program, y.stride(0), y.stride(1),
+            gate.stride(0), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_num_warps(block_r * block_c))
         dgate = dgate_part.sum(1).to(gate.dtype) if ctx.needs_input_grad[2] else None
         return dx, dy, dgate
 
