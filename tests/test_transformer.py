@@ -137,6 +137,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
 
 
+def test_frozen_teacher_features_pass_gradients_to_the_input():
+    """The discriminator backpropagates through the frozen teacher into the student's latents."""
+    model = tiny_transformer(seed=16).requires_grad_(False)
+    inp = tiny_inputs(model.config, batch=1, valid=[5], seed=17)
+
+    def input_grad():
+        latents = inp["latents"].clone().requires_grad_(True)
+        model.image_features(**{**inp, "latents": latents}, layer=3).square().mean().backward()
+        return latents.grad
+
+    plain = input_grad()
+    model.enable_gradient_checkpointing()
+    assert plain.abs().max() > 0
+    torch.testing.assert_close(input_grad(), plain, atol=1e-6, rtol=1e-5)
+
+
 def test_bf16_forward_on_cpu_close_to_fp32():
     model = tiny_transformer(seed=13)
     inp = tiny_inputs(model.config, batch=2, valid=[7, 5], seed=14)
