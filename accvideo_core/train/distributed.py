@@ -6,6 +6,7 @@ under ``torchrun --nproc_per_node N`` each transformer block is ``fully_shard``-
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -73,6 +74,8 @@ def shard_transformer(model: nn.Module, *, param_dtype: torch.dtype | None, resh
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    # Our callers never modify a model output in place, so FSDP2's "returned a view tensor" warning is moot.
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*", category=UserWarning)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kwargs = {"reshard_after_forward": reshard_after_forward}
     if mp is not None:
