@@ -29,6 +29,7 @@ CASES: list[tuple[str, str, dict]] = [
     ("rope_none", "rms_norm_rope", dict(shape=(2, 9, 3, 10), n_rope=None)),
     ("rope_head128_qkv_view", "rms_norm_rope", dict(shape=(1, 11, 2, 128), n_rope=7, qkv_view=True)),
     ("rms_norm_3d_no_rope", "rms_norm_rope", dict(shape=(2, 7, 12), n_rope=None)),
+    ("rope_row_loop", "rms_norm_rope", dict(shape=(2, 90, 4, 64), n_rope=50, partial_rows=1)),
     ("rope_bf16", "rms_norm_rope", dict(shape=(2, 7, 3, 16), n_rope=4, dtype="bfloat16")),
     ("ln_mod_37", "layer_norm_modulate", dict(shape=(2, 5, 37))),
     ("ln_mod_130_chunked_mod", "layer_norm_modulate", dict(shape=(3, 4, 130), chunked=True)),

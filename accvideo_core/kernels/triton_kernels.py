@@ -80,6 +80,17 @@ def _cast(x, dtype: tl.constexpr):
     return _round(x, dtype).to(dtype)
 
 
+# Backward kernels that reduce over tokens give each program a run of rows, so the fp32 partial sums they write
+# stay small (at most ``_MAX_PARTIAL_ROWS`` rows per batch, or ``max_programs``) instead of one row per block.
+_MAX_PARTIAL_ROWS = 1024
+
+
+def _token_split(n_rows: int, block_r: int, max_programs: int | None = None) -> tuple[int, int]:
+    """(rows per program, programs) covering ``n_rows`` rows in whole ``block_r`` steps."""
+    per_program = triton.cdiv(triton.cdiv(n_rows, max_programs or _MAX_PARTIAL_ROWS), block_r) * block_r
+    return per_program, triton.cdiv(n_rows, per_program)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # (a) RMSNorm over the head dim + interleaved RoPE on the first n_rope tokens
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,41 +132,45 @@ def _rms_norm_rope_fwd(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
 
 @triton.jit
 def _rms_norm_rope_bwd(grad_ptr, x_ptr, w_ptr, cos_ptr, sin_ptr, rstd_ptr, dx_ptr, dw_part_ptr,
-                       n_rows, seq_len, heads, head_dim, n_rope, sx_b, sx_l, sx_h,
+                       n_rows, seq_len, heads, head_dim, n_rope, rows_per_program, sx_b, sx_l, sx_h,
                        HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Each program walks ``rows_per_program`` (token, head) rows, accumulating d(weight)."""
     pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < n_rows
     col_ok = cols < head_dim
-    mask = row_ok[:, None] & col_ok[None, :]
-    b = rows // (seq_len * heads)
-    token = (rows // heads) % seq_len
-    head = rows % heads
-    x_row = b.to(tl.int64) * sx_b + token.to(tl.int64) * sx_l + head.to(tl.int64) * sx_h
-    g_row = rows.to(tl.int64) * head_dim
-    x = tl.load(x_ptr + x_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(grad_ptr + g_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    normed = x * rstd[:, None]
-    if HAS_ROPE:
-        # y[d] = c[d] z[d] + s[d] rot(z)[d] with rot(z)[2i] = -z[2i+1], rot(z)[2i+1] = z[2i]
-        # => dz[d] = c[d] g[d] + (+s[d+1] g[d+1] for even d, -s[d-1] g[d-1] for odd d)
-        partner = cols ^ 1
-        is_rope = token < n_rope
-        rope_mask = mask & is_rope[:, None]
-        angle_row = token.to(tl.int64)[:, None] * head_dim
-        c = tl.load(cos_ptr + angle_row + cols[None, :], mask=rope_mask, other=1.0).to(tl.float32)
-        s_p = tl.load(sin_ptr + angle_row + partner[None, :], mask=rope_mask, other=0.0).to(tl.float32)
-        g_p = tl.load(grad_ptr + g_row[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-        cross = s_p * g_p
-        g = c * g + tl.where((cols % 2 == 0)[None, :], cross, -cross)
-    tl.store(dw_part_ptr + pid.to(tl.int64) * head_dim + cols, tl.sum(g * normed, axis=0), mask=col_ok)
-    dn = g * w[None, :]
-    dot = tl.sum(dn * normed, axis=1) / head_dim
-    dx = rstd[:, None] * (dn - normed * dot[:, None])
-    tl.store(dx_ptr + g_row[:, None] + cols[None, :], _cast(dx, dx_ptr.dtype.element_ty), mask=mask)
+    acc_w = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for start in range(0, rows_per_program, BLOCK_R):
+        rows = pid * rows_per_program + start + tl.arange(0, BLOCK_R)
+        row_ok = (rows < n_rows) & (start + tl.arange(0, BLOCK_R) < rows_per_program)
+        mask = row_ok[:, None] & col_ok[None, :]
+        b = rows // (seq_len * heads)
+        token = (rows // heads) % seq_len
+        head = rows % heads
+        x_row = b.to(tl.int64) * sx_b + token.to(tl.int64) * sx_l + head.to(tl.int64) * sx_h
+        g_row = rows.to(tl.int64) * head_dim
+        x = tl.load(x_ptr + x_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + g_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        normed = x * rstd[:, None]
+        if HAS_ROPE:
+            # y[d] = c[d] z[d] + s[d] rot(z)[d] with rot(z)[2i] = -z[2i+1], rot(z)[2i+1] = z[2i]
+            # => dz[d] = c[d] g[d] + (+s[d+1] g[d+1] for even d, -s[d-1] g[d-1] for odd d)
+            partner = cols ^ 1
+            is_rope = token < n_rope
+            rope_mask = mask & is_rope[:, None]
+            angle_row = token.to(tl.int64)[:, None] * head_dim
+            c = tl.load(cos_ptr + angle_row + cols[None, :], mask=rope_mask, other=1.0).to(tl.float32)
+            s_p = tl.load(sin_ptr + angle_row + partner[None, :], mask=rope_mask, other=0.0).to(tl.float32)
+            g_p = tl.load(grad_ptr + g_row[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+            cross = s_p * g_p
+            g = c * g + tl.where((cols % 2 == 0)[None, :], cross, -cross)
+        acc_w += tl.sum(g * normed, axis=0)
+        dn = g * w[None, :]
+        dot = tl.sum(dn * normed, axis=1) / head_dim
+        dx = rstd[:, None] * (dn - normed * dot[:, None])
+        tl.store(dx_ptr + g_row[:, None] + cols[None, :], _cast(dx, dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_part_ptr + pid.to(tl.int64) * head_dim + cols, acc_w, mask=col_ok)
 
 
 def _rms_norm_rope_launch_args(x: torch.Tensor):
@@ -189,13 +204,14 @@ class _RMSNormRoPE(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, w, cos_f, sin_f, rstd = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        n_rows, block_r, block_d, grid = _rms_norm_rope_launch_args(x)
+        n_rows, block_r, block_d, _ = _rms_norm_rope_launch_args(x)
+        per_program, programs = _token_split(n_rows, block_r, max_programs=8 * _MAX_PARTIAL_ROWS)
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        dw_part = torch.empty(grid[0], x.shape[3], dtype=torch.float32, device=x.device)
-        _rms_norm_rope_bwd[grid](grad_out, x, w, cos_f, sin_f, rstd, dx, dw_part, n_rows, x.shape[1], x.shape[2],
-                                 x.shape[3], ctx.n_rope, x.stride(0), x.stride(1), x.stride(2),
-                                 HAS_ROPE=ctx.has_rope, BLOCK_R=block_r, BLOCK_D=block_d,
-                                 num_warps=_num_warps(block_r * block_d))
+        dw_part = torch.empty(programs, x.shape[3], dtype=torch.float32, device=x.device)
+        _rms_norm_rope_bwd[(programs,)](grad_out, x, w, cos_f, sin_f, rstd, dx, dw_part, n_rows, x.shape[1],
+                                        x.shape[2], x.shape[3], ctx.n_rope, per_program, x.stride(0), x.stride(1),
+                                        x.stride(2), HAS_ROPE=ctx.has_rope, BLOCK_R=block_r, BLOCK_D=block_d,
+                                        num_warps=_num_warps(block_r * block_d))
         dw = dw_part.sum(0).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         return dx, dw, None, None, None
 
@@ -300,17 +316,6 @@ def _layer_norm_launch_args(x: torch.Tensor):
     block_c = triton.next_power_of_2(channels)
     block_r = _rows_per_program(block_c, cap=16)
     return block_r, block_c, (triton.cdiv(seq_len, block_r), batch)
-
-
-# Backward kernels that reduce over tokens give each program a run of tokens, so the fp32 partial sums they
-# write stay at most this many rows per batch (instead of one row per token block: GBs at 50k tokens).
-_MAX_PARTIAL_ROWS = 512
-
-
-def _token_split(seq_len: int, block_r: int) -> tuple[int, int]:
-    """(tokens per program, programs) covering ``seq_len`` tokens in whole ``block_r`` steps."""
-    per_program = triton.cdiv(triton.cdiv(seq_len, _MAX_PARTIAL_ROWS), block_r) * block_r
-    return per_program, triton.cdiv(seq_len, per_program)
 
 
 class _LayerNormModulate(torch.autograd.Function):
