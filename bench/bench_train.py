@@ -1,0 +1,148 @@
+"""Benchmark one AccVideo training iteration with and without gradient checkpointing (tiny teacher).
+
+Each variant runs in a fresh subprocess on the same SynVid folder (made once by the core dumper): build the
+trainer, one warm-up iteration, then ``--iters`` timed iterations (median). Peak memory: CUDA
+``max_memory_allocated`` growth over the timed iterations on GPU; on CPU the peak RSS growth (VmHWM reset via
+``/proc/self/clear_refs`` after warm-up, ``malloc_trim`` first). Prints a table and writes
+``bench/out/bench_train.json`` with the ratios measured side by side.
+
+    python bench/bench_train.py [--iters 3] [--frames 9] [--height 64] [--width 96] [--batch 2] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from accvideo_core.utils.io import write_json  # noqa: E402
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def make_data(root: Path, args) -> None:
+    from accvideo_core.models.loading import save_transformer
+    from accvideo_core.synvid.dump import dump_synvid
+    from accvideo_core.testing import tiny_transformer
+
+    g = torch.Generator().manual_seed(0)
+    emb = {"text_states": torch.randn(2, 16, 40, generator=g), "text_mask": torch.ones(2, 16, dtype=torch.long),
+           "pooled": torch.randn(2, 24, generator=g), "prompts": ["a", "b"]}
+    save_transformer(tiny_transformer(seed=0), root / "teacher.safetensors")
+    dump_synvid(tiny_transformer(seed=0), emb, root / "data", num=args.batch * 2 + 1, frames=args.frames,
+                height=args.height, width=args.width, steps=10, dtype="float32", progress=lambda m: None)
+
+
+def child(args) -> None:
+    """Subprocess: time ``args.iters`` iterations and measure peak memory for one checkpointing setting."""
+    import ctypes
+    import gc
+
+    from accvideo_core.train.config import config_from_dict
+    from accvideo_core.train.loop import Trainer
+
+    data = Path(args.data)
+    cfg = config_from_dict({
+        "model": {"teacher": str(data / "teacher.safetensors"), "gradient_checkpointing": bool(args.checkpointing)},
+        "data": {"root": str(data / "data"), "val_samples": 1},
+        "optim": {"steps": 1000, "total_batch": args.batch, "micro_batch": args.batch, "lr": 1e-4},
+        "loss": {"head_width": 32, "head_groups": 8},
+        "runtime": {"device": args.device},
+        "log": {"out_dir": str(data / f"run_{int(args.checkpointing)}"), "plot": False},
+    })
+    tr = Trainer(cfg)
+    cuda = tr.device.type == "cuda"
+    tr.train_step(0)  # warm-up
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        base = _status_kib("VmRSS") * 1024
+    times = []
+    for i in range(args.iters):
+        t0 = time.perf_counter()
+        tr.train_step(i + 1)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024) - base
+    print(json.dumps({"step_seconds": statistics.median(times), "all_step_seconds": times, "peak_growth_bytes": peak}))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--frames", type=int, default=9)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=96)
+    p.add_argument("--batch", type=int, default=2, help="samples per iteration (one micro-batch)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=str(ROOT / "bench" / "out" / "bench_train.json"))
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--checkpointing", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args)
+        return 0
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        make_data(Path(tmp), args)
+        for ckpt in (0, 1):
+            cmd = [sys.executable, __file__, "--child", "--data", tmp, "--checkpointing", str(ckpt),
+                   "--iters", str(args.iters), "--batch", str(args.batch), "--device", args.device]
+            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode:
+                raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
+            out = proc.stdout
+            results["checkpointing" if ckpt else "no_checkpointing"] = json.loads(out.strip().splitlines()[-1])
+    off, on = results["no_checkpointing"], results["checkpointing"]
+    report = {
+        "benchmark": "accvideo train iteration (traj + adversarial, 5 segments, sequential updates)",
+        "device": args.device, "torch": torch.__version__, "machine": platform.machine(),
+        "threads": torch.get_num_threads(), "model": "accvideo_core.testing.tiny_transformer (hidden 32, 2+2 blocks)",
+        "latent": [16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8], "batch": args.batch,
+        "iters": args.iters, "memory_method": "cuda max_memory_allocated growth" if args.device.startswith("cuda")
+        else "peak RSS growth over the timed iterations (fresh subprocess per variant)",
+        "results": results,
+        "time_ratio_checkpointing_vs_not": on["step_seconds"] / off["step_seconds"],
+        "memory_ratio_checkpointing_vs_not": (on["peak_growth_bytes"] / off["peak_growth_bytes"]
+                                              if off["peak_growth_bytes"] > 0 else None),
+    }
+    print(f"{'variant':<20}{'s/iter':>10}{'peak MiB':>12}")
+    for name, r in results.items():
+        print(f"{name:<20}{r['step_seconds']:>10.3f}{r['peak_growth_bytes'] / 2**20:>12.1f}")
+    mr = report["memory_ratio_checkpointing_vs_not"]
+    print(f"checkpointing / none: time x{report['time_ratio_checkpointing_vs_not']:.2f}, memory "
+          f"x{mr:.2f}" if mr is not None else "memory ratio n/a")
+    write_json(report, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
