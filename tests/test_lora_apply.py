@@ -153,3 +153,14 @@ def test_forward_with_diffusers_lora_equals_diffusers_peft(tmp_path):
         got = ours(**inputs, guidance=6.0)
     assert (want - before).abs().max() > 0.1, "the LoRA must change the output for this test to mean anything"
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+
+
+def test_one_stack_per_model():
+    model = tiny_transformer(seed=3)
+    stack = LoraStack.for_model(model)
+    stack.add(_random_lora(_state(model), MODULES_B, 2, 2), 1.0, name="b")
+    assert LoraStack.for_model(model) is stack
+    with pytest.raises(ValueError, match="another LoraStack"):
+        LoraStack(model)
+    stack.clear()
+    LoraStack(model)  # allowed once the first stack holds nothing

@@ -261,3 +261,18 @@ def test_comfy_patches_keyed_by_internal_names(base_sd):
     assert kind == "lora"
     torch.testing.assert_close(weights[2] / weights[1].shape[0] * weights[0] @ weights[1],
                                alpha / down.shape[0] * up @ down)
+
+
+def test_comfy_patches_matched_against_comfy_model_shapes(base_sd, caplog):
+    """The node passes the ComfyUI model's own state dict (internal names): the LoRA is accounted against it."""
+    comfy_shapes = {f"diffusion_model.{comfy_names.to_comfy_key(k)}": v.shape for k, v in base_sd.items()}
+    factors = _factors(base_sd, rank=2, seed=8)
+    tensors = dict(_formats(factors)["ComfyUI-original"][0])
+    tensors["diffusion_model.double_blocks.5.img_attn_qkv.lora_up.weight"] = torch.randn(3 * H, 2)
+    tensors["diffusion_model.double_blocks.5.img_attn_qkv.lora_down.weight"] = torch.randn(2, H)
+    with caplog.at_level(logging.WARNING, logger="accvideo_core.lora"):
+        patches = comfy_patches(tensors, comfy_shapes)
+    assert set(patches) == {f"diffusion_model.{COMFY_INTERNAL[m]}.weight" for m in factors}
+    assert len([r for r in caplog.records if r.name == "accvideo_core.lora"]) == 1
+    with pytest.raises(LoraFormatError):
+        comfy_patches({k: v for k, v in tensors.items() if ".5." in k}, comfy_shapes)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, NamedTuple
 
@@ -22,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import comfy_names
+from . import comfy_names, names
 from .formats import LoraFormatError, LoraState, ModulePatch, load_lora
 
 log = logging.getLogger("accvideo_core.lora")
 
+_STACK_ATTR = "_accvideo_lora_stack"
 LoraLike = LoraState | str | os.PathLike | Mapping[str, torch.Tensor]
 
 
@@ -137,6 +139,13 @@ class LoraStack:
     """
 
     def __init__(self, model: nn.Module, *, exact_restore: bool = True, backup_device: str | torch.device = "cpu"):
+        other = self._registered(model)
+        if other is not None and other.entries:
+            raise ValueError(
+                f"this model already has LoRAs applied by another LoraStack ({other.names}); use that stack "
+                "(LoraStack.for_model(model) returns it) or clear() it first"
+            )
+        model.__dict__[_STACK_ATTR] = weakref.ref(self)
         self.model = model
         self.exact_restore = exact_restore
         self.backup_device = backup_device
@@ -146,6 +155,16 @@ class LoraStack:
         self._base: dict[str, torch.Tensor] = {}  # param -> base weights (exact_restore)
         self._merged: dict[str, dict[str, float]] = {}  # param -> {entry: strength merged in} (no exact_restore)
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}  # module -> runtime hook
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **kwargs) -> "LoraStack":
+        """The stack already managing ``model``, or a new one."""
+        return cls._registered(model) or cls(model, **kwargs)
+
+    @staticmethod
+    def _registered(model: nn.Module) -> "LoraStack | None":
+        ref = model.__dict__.get(_STACK_ATTR)
+        return None if ref is None else ref()
 
     # ----------------------------------------------------------------- public
     def add(self, lora: LoraLike, strength: float = 1.0, *, name: str | None = None) -> str:
@@ -194,9 +213,7 @@ class LoraStack:
     def _check_runtime_ok(self, module: str) -> None:
         if not self._runtime(module):
             return
-        mod = self._modules[module]
-        if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and self._params[
-                f"{module}.weight"].ndim != 2:
+        if not isinstance(self._modules[module], (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             raise LoraFormatError(
                 f"{module} holds fp8 weights but is not a linear or conv layer; a LoRA can only be applied to it "
                 "merged: load the model with this module in bf16/fp32"
@@ -315,12 +332,26 @@ class ComfyPatch(NamedTuple):
     weights: tuple
 
 
-def comfy_patches(lora: LoraLike, *, prefix: str = comfy_names.COMFY_PREFIX) -> dict[str, ComfyPatch]:
+def comfy_patches(lora: LoraLike, shapes: Mapping[str, torch.Size] | None = None, *,
+                  prefix: str = comfy_names.COMFY_PREFIX) -> dict[str, ComfyPatch]:
     """A LoRA as ComfyUI patches keyed by ComfyUI internal parameter names
-    (``diffusion_model.double_blocks.0.img_attn.qkv.weight``); strength is ModelPatcher's ``add_patches`` one."""
+    (``diffusion_model.double_blocks.0.img_attn.qkv.weight``); strength is ModelPatcher's ``add_patches`` one.
+
+    ``shapes``: the ComfyUI model's ``{key: shape}`` (``model.model.state_dict()``, internal names, any prefix).
+    When given, the LoRA is matched against it like :func:`match` (error when nothing fits, one warning line for
+    a partial match) and only patches for parameters the model has are returned.
+    """
     state = as_lora(lora)
+    modules = state.modules
+    if shapes is not None:
+        original = {}
+        for key, shape in shapes.items():
+            resolved = names.resolve_param(key, (f"model.{prefix}", prefix))
+            if resolved is not None:
+                original[resolved[0]] = shape
+        modules = match(state, original).patches
     out: dict[str, ComfyPatch] = {}
-    for module, patch in state.modules.items():
+    for module, patch in modules.items():
         weight_key = prefix + comfy_names.to_comfy_key(f"{module}.weight")
         if patch.diff is not None:
             out[weight_key] = ComfyPatch("diff", (patch.weight_delta(patch.diff.shape),))

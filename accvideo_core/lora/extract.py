@@ -95,7 +95,7 @@ class WeightSource:
         # original key -> [(file key, target)] (several parts for diffusers' split q/k/v)
         self.parts: dict[str, list[tuple[str, names.Target]]] = {}
         for key in keys:
-            resolved = self._resolve(key)
+            resolved = names.resolve_param(key, _SOURCE_PREFIXES)
             if resolved is not None:
                 original_key, target = resolved
                 self.parts.setdefault(original_key, []).append((key, target))
@@ -104,19 +104,6 @@ class WeightSource:
                 f"{self.name}: no HunyuanVideo transformer weights found (e.g. {keys[:3]}); expected a transformer "
                 "checkpoint in original, ComfyUI or diffusers layout"
             )
-
-    @staticmethod
-    def _resolve(key: str) -> tuple[str, names.Target] | None:
-        bodies = [key[len(p):] for p in _SOURCE_PREFIXES if key.startswith(p)] + [key]
-        for body in bodies:
-            module, _, param = body.rpartition(".")
-            if param == "scale":  # ComfyUI's q/k norm parameter
-                target, param = names.resolve(body), "weight"
-            else:
-                target = names.resolve(module) if param in ("weight", "bias") else None
-            if target is not None:
-                return f"{target.module}.{param}", target
-        return None
 
     def keys(self) -> list[str]:
         return list(self.parts)

@@ -202,21 +202,29 @@ def resolve(name: str) -> Target | None:
 
 
 def naming_of(name: str) -> str:
-    """Which naming a resolvable module name uses: "original", "comfyui", "diffusers" (dots or underscores)."""
-    dotted_name = name
+    """Which naming a module name uses: "original", "comfyui" or "diffusers" (dotted or underscored forms);
+    "unknown" when it does not resolve. Names equal in several namings count as original."""
     target = resolve(name)
     if target is None:
         return "unknown"
-    if "." not in name:
-        dotted_name = None
-    if dotted_name is None:
-        if name == target.module.replace(".", "_"):
-            return "original"
-        if name == comfy_names.to_comfy_module(target.module).replace(".", "_"):
-            return "comfyui"
-        return "diffusers"
-    if name == target.module:
-        return "original"
-    if comfy_names.to_comfy_module(target.module) in (name, f"{name}.scale"):
-        return "comfyui"
+    if target.units is None:
+        comfy = comfy_names.to_comfy_module(target.module)
+        for naming, forms in (("original", {target.module}), ("comfyui", {comfy, comfy.removesuffix(".scale")})):
+            if name in forms or name in {f.replace(".", "_") for f in forms}:
+                return naming
     return "diffusers"
+
+
+def resolve_param(key: str, prefixes: tuple[str, ...] = ()) -> tuple[str, Target] | None:
+    """Original parameter key and target of a checkpoint key in original, ComfyUI-internal (incl. the q/k norm
+    ``...norm.query_norm.scale``) or diffusers naming, after removing the first of ``prefixes`` it carries."""
+    bodies = [key[len(p):] for p in prefixes if key.startswith(p)] + [key]
+    for body in bodies:
+        module, _, param = body.rpartition(".")
+        if param == "scale":  # ComfyUI's q/k norm parameter
+            target, param = resolve(body), "weight"
+        else:
+            target = resolve(module) if param in ("weight", "bias") else None
+        if target is not None:
+            return f"{target.module}.{param}", target
+    return None
