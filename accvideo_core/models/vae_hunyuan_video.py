@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
@@ -576,7 +577,7 @@ class _LockstepDecoder:
                 del skip
             if acc is not None:
                 acc.add(y)
-            out[:, :, t0:t1, h0:h1, w0:w1].copy_(y, non_blocking=True)
+            out[:, :, t0:t1, h0:h1, w0:w1].copy_(y)
             del y
         self._step()
         return out, acc
@@ -606,8 +607,8 @@ class _LockstepDecoder:
         values = self._store_empty((t, hw, c))
         for (t0, t1), (r0, r1), _ in self._plan((t, h, 1), kv_bytes, "attention keys/values"):
             normed = tokens(t0, t1, r0, r1)
-            keys[t0:t1, r0 * w:r1 * w].copy_(attn.to_k(normed).reshape(t1 - t0, -1, c), non_blocking=True)
-            values[t0:t1, r0 * w:r1 * w].copy_(attn.to_v(normed).reshape(t1 - t0, -1, c), non_blocking=True)
+            keys[t0:t1, r0 * w:r1 * w].copy_(attn.to_k(normed).reshape(t1 - t0, -1, c))
+            values[t0:t1, r0 * w:r1 * w].copy_(attn.to_v(normed).reshape(t1 - t0, -1, c))
             del normed
 
         # Query tiles x key chunks, with an online softmax; scores in fp32.
@@ -645,7 +646,7 @@ class _LockstepDecoder:
             y = self._to_device(x[:, :, t0:t1, r0:r1]) + attended
             acc.add(y)
             del attended, q
-            x[:, :, t0:t1, r0:r1].copy_(y, non_blocking=True)  # K/V were taken before: in place is safe
+            x[:, :, t0:t1, r0:r1].copy_(y)  # K/V were taken before: in place is safe
         self._step()
         return x, acc
 
@@ -771,12 +772,28 @@ class HunyuanVideoVAE(nn.Module):
                 ft, fs = factors[i - 1]
                 t, h, w = (t if ft == 1 else 1 + ft * (t - 1)), h * fs, w * fs
             c = max(widths[max(i - 1, 0)], widths[min(i, len(widths) - 1)])
-            # a resnet holds its input, the normalised copy, the padded copy, the conv output and the sum
-            peak = max(peak, 5 * c * (t + 2) * (h + 2) * (w + 2) * es)
+            # a resnet holds its input, the normalised copy and the padded copy while its conv output grows
+            # (measured on CPU: ~3 such tensors at the widest stage; 3.5 leaves room for allocator workspaces)
+            peak = max(peak, 3.5 * c * (t + 2) * (h + 2) * (w + 2) * es)
         if self.config.mid_block_add_attention:
             _, _, t0, h0, w0 = latent_shape
             peak = max(peak, 8 * h0 * w0 * t0 * h0 * w0 + 6 * widths[0] * t0 * h0 * w0 * es)
         return int(peak)
+
+    def estimate_exact_host_bytes(self, latent_shape: tuple[int, ...]) -> int:
+        """Estimated host bytes of the activation store of an exact chunked decode of one sample."""
+        _, _, t, h, w = latent_shape
+        es = torch.empty((), dtype=self.dtype).element_size()
+        widths = list(reversed(self.config.block_out_channels))
+        factors = self.config.up_factors()
+        peak = 0
+        for i in range(len(widths) + 1):
+            if i > 0 and factors[i - 1] is not None:
+                ft, fs = factors[i - 1]
+                t, h, w = (t if ft == 1 else 1 + ft * (t - 1)), h * fs, w * fs
+            c_in, c_out = widths[max(i - 1, 0)], widths[min(i, len(widths) - 1)]
+            peak = max(peak, (c_in + 2 * c_out) * t * h * w * es)
+        return int(peak + self.config.out_channels * t * h * w * es)
 
     def resolve_budget(self, memory_budget: int | str | None) -> int:
         """``"auto"`` -> 90 % of the free device memory (a quarter of the available RAM on the CPU)."""
@@ -827,6 +844,14 @@ class HunyuanVideoVAE(nn.Module):
                 video = torch.cat([self.decoder(self.post_quant_conv(z[i:i + 1])) for i in range(z.shape[0])])
                 if output_device is not None:
                     video = video.to(output_device)
+            elif mode == "exact" and self.estimate_exact_host_bytes(latents.shape) > 0.9 * _available_host_memory():
+                message = (f"exact VAE decode needs ~{self.estimate_exact_host_bytes(latents.shape) / 2**30:.1f} GiB "
+                           "of host memory for its activation store, more than is available: falling back to "
+                           "mode='fast' (blended tiles)")
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                info.mode = "fast(fallback)"
+                info.notes.append(message)
+                video = self._decode_fast(z, tiling, activation_budget, info, progress, output_device)
             elif mode == "exact":
                 video = self._decode_exact(z, activation_budget, info, progress, output_device, tracker.meter)
             else:
@@ -874,22 +899,36 @@ class HunyuanVideoVAE(nn.Module):
         return video
 
     def _fast_tiling_for_budget(self, latent_shape: tuple[int, ...], budget: int) -> FastTiling:
-        """Largest tiles with the official 0.25 overlap whose untiled decode fits the budget."""
+        """The cheapest tiling (fewest decoded voxels, overlaps included) whose tiles fit the budget.
+
+        Blend extents follow the official decoder: 64 pixels and 16 frames, but at most a quarter of the tile
+        (the official 0.25 overlap factor for its 256-pixel / 64-frame tiles).
+        """
         _, c, t, h, w = latent_shape
         s, tc = self.config.spatial_compression, self.config.temporal_compression
-        size, frames = max(h, w) * s, (t - 1) * tc
-        size = max(64, -(-size // 32) * 32)
-        frames = max(16, -(-frames // 16) * 16)
-        while True:
-            lt = min(t, frames // tc + 1)
-            lh, lw = min(h, size // s), min(w, size // s)
-            if self.estimate_untiled_bytes((1, c, lt, lh, lw)) <= budget or (size <= 64 and frames <= 16):
-                break
-            if size >= 2 * frames or frames <= 16:
-                size = max(64, size // 2 // 32 * 32)
-            else:
-                frames = max(16, frames // 2 // 16 * 16)
-        return FastTiling(size, size * 3 // 4, frames, frames * 3 // 4)
+        best: tuple[float, FastTiling] | None = None
+        max_size = max(32, -(-max(h, w) * s // 32) * 32)
+        max_frames = max(16, -(-(t - 1) * tc // 16) * 16)
+        frame_options = [8, 12] + list(range(16, max_frames + 1, 16))
+        for size in range(32, max_size + 1, 32):
+            blend = min(64, size // 4 // s * s)
+            lat_size = size // s
+            n_h = len(range(0, h, (size - blend) // s)) if h > lat_size else 1
+            n_w = len(range(0, w, (size - blend) // s)) if w > lat_size else 1
+            for frames in frame_options:
+                frame_blend = max(tc, min(16, frames // 4 // tc * tc))
+                lat_frames = frames // tc
+                n_t = len(range(0, t, (frames - frame_blend) // tc)) if t > lat_frames else 1
+                tile = (1, c, min(t, lat_frames + 1), min(h, lat_size), min(w, lat_size))
+                if self.estimate_untiled_bytes(tile) > budget:
+                    continue
+                cost = n_t * n_h * n_w * tile[2] * tile[3] * tile[4] * (1 + 0.02 * n_t * n_h * n_w)
+                if best is None or cost < best[0]:
+                    best = (cost, FastTiling(size, size - blend, frames, frames - frame_blend))
+        if best is None:
+            raise MemoryError(f"fast VAE decode: even 32-pixel, 8-frame tiles need more than the budget of "
+                              f"{budget / 2**20:.1f} MiB beyond the weights; raise memory_budget")
+        return best[1]
 
     def _decode_fast(self, z: torch.Tensor, tiling: FastTiling | None, budget: int, info: DecodeInfo,
                      progress: ProgressFn | None, output_device) -> torch.Tensor:

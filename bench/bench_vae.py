@@ -1,0 +1,186 @@
+"""Benchmark VAE decoding side by side: untiled vs exact (lockstep chunks) vs fast (blended tiles).
+
+For each size every mode runs in its own fresh subprocess (so peak process memory is that mode's own), on the same
+random non-degenerate weights and latents. Reported per mode: wall time of one decode, peak process RSS (and its
+growth over the loaded model), peak device-side working set (CUDA: ``max_memory_allocated``; CPU: the live bytes
+of tensors allocated during the decode, measured by ``WorkingSetMeter`` in a second, untimed decode; weights
+included), the budget given, the chunking chosen, and max abs / PSNR against the untiled output.
+
+Budgets: exact gets weights + ``--exact-fraction`` of the untiled run's measured activation peak, fast gets weights
++ ``--fast-fraction`` of it. Targets (issue 3): fast peak <= 1/4 of untiled at <= 1.3x its time; exact max abs
+<= 1e-3 with the device working set within its budget.
+
+    python bench/bench_vae.py                       # short default run (mid-width VAE, two sizes)
+    python bench/bench_vae.py --big                 # adds the largest size that fits untiled in ~10 GB
+    python bench/bench_vae.py --config full --sizes 5x16x16   # the released widths (slow on CPU)
+
+Writes ``bench/out/bench_vae.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from accvideo_core.models.vae_hunyuan_video import HunyuanVideoVAE, VAEConfig  # noqa: E402
+from accvideo_core.utils.io import write_json  # noqa: E402
+
+CONFIGS = {
+    "full": VAEConfig(),  # the released HunyuanVideo VAE widths (246.5 M parameters)
+    "mid": VAEConfig(block_out_channels=(32, 64, 128, 128)),  # a quarter of the widths, same depth and groups
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_SIZES = ["5x16x16", "9x24x32"]  # latent T x H x W -> 17x128x128 and 33x192x256 pixels
+BIG_SIZES = {"mid": "17x48x64", "full": "9x32x48"}  # largest untiled decodes that fit ~10 GB here (fp32)
+
+
+def build(config_name: str, dtype: torch.dtype, device: str) -> HunyuanVideoVAE:
+    torch.manual_seed(0)
+    vae = HunyuanVideoVAE(CONFIGS[config_name])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.05 * noise)
+            else:  # keep activations O(1) through the depth
+                p.copy_(noise * (1.0 / p[0].numel()) ** 0.5)
+    return vae.to(device, dtype).eval()
+
+
+def rss_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_now_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One mode, one size, in this fresh process: time one decode, then measure its working set."""
+    device, dtype = args.device, DTYPES[args.dtype]
+    vae = build(args.config, dtype, device)
+    t, h, w = (int(v) for v in args.size.split("x"))
+    z = torch.randn(1, vae.config.latent_channels, t, h, w, generator=torch.Generator().manual_seed(1))
+    budget = args.budget if args.budget > 0 else "auto"
+    rss_model = rss_now_bytes()
+    sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
+    sync()
+    started = time.perf_counter()
+    try:
+        video = vae.decode(z, mode=args.mode, memory_budget=budget, measure=device.startswith("cuda"))
+    except MemoryError as err:  # the planner refused the budget: report it as this mode's result
+        write_json({"error": str(err)}, args.json)
+        return
+    sync()
+    seconds = time.perf_counter() - started
+    info = vae.last_decode_info
+    if not device.startswith("cuda"):
+        del video
+        video = vae.decode(z, mode=args.mode, memory_budget=budget, measure=True)
+        info = vae.last_decode_info
+    torch.save(video.float().cpu(), args.out)
+    write_json({"seconds": seconds, "rss_peak_bytes": rss_peak_bytes(), "rss_model_bytes": rss_model,
+                "device_peak_bytes": info.device_peak_bytes, "budget_bytes": info.budget_bytes,
+                "weight_bytes": info.weight_bytes, "chosen": info.mode, "time_chunks": info.max_time_chunks,
+                "space_chunks": info.max_space_chunks, "tiles": info.tiles, "notes": info.notes,
+                "video_shape": list(video.shape)}, args.json)
+
+
+def run_mode(args: argparse.Namespace, size: str, mode: str, budget: int, tmp: Path) -> tuple[dict, torch.Tensor]:
+    out, js = tmp / f"{mode}_{size}.pt", tmp / f"{mode}_{size}.json"
+    cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--size", size, "--budget", str(budget),
+           "--config", args.config, "--dtype", args.dtype, "--device", args.device, "--out", str(out),
+           "--json", str(js)]
+    subprocess.run(cmd, check=True)
+    stats = json.loads(js.read_text())
+    return stats, (None if "error" in stats else torch.load(out, weights_only=True))
+
+
+def compare(video: torch.Tensor, reference: torch.Tensor) -> dict:
+    diff = (video - reference).abs()
+    mse = diff.pow(2).mean().item()
+    return {"max_abs": diff.max().item(), "psnr_db": math.inf if mse == 0 else 10 * math.log10(4.0 / mse)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="mid")
+    parser.add_argument("--sizes", nargs="+", default=None, help="latent sizes TxHxW (default: %s)" % DEFAULT_SIZES)
+    parser.add_argument("--big", action="store_true", help="also run the largest size that fits untiled in ~10 GB")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--exact-fraction", type=float, default=0.125)
+    parser.add_argument("--fast-fraction", type=float, default=0.25)
+    parser.add_argument("--output", default=str(ROOT / "bench" / "out" / "bench_vae.json"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
+    parser.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    sizes = list(args.sizes or DEFAULT_SIZES) + ([BIG_SIZES[args.config]] if args.big else [])
+    results = []
+    header = (f"{'latent':>10} {'video':>14} {'mode':>8} {'time s':>8} {'x untiled':>9} {'RSS MiB':>8} "
+              f"{'dev MiB':>8} {'budget':>8} {'dev/untiled':>11} {'chunks t/s':>10} {'max abs':>9} {'PSNR':>6}")
+    print(f"config={args.config} dtype={args.dtype} device={args.device} torch={torch.__version__} "
+          f"threads={torch.get_num_threads()}")
+    print(header)
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        for size in sizes:
+            base, reference = run_mode(args, size, "untiled", 0, tmp)
+            weights = base["weight_bytes"]
+            activations = base["device_peak_bytes"] - weights
+            budgets = {"untiled": 0, "exact": weights + int(args.exact_fraction * activations),
+                       "fast": weights + int(args.fast_fraction * activations)}
+            rows = {"untiled": (base, reference)}
+            for mode in ("exact", "fast"):
+                rows[mode] = run_mode(args, size, mode, budgets[mode], tmp)
+            for mode, (stats, video) in rows.items():
+                if video is None:
+                    results.append({"latent": size, "mode": mode, "budget_bytes": budgets[mode], **stats})
+                    print(f"{size:>10} {'':>14} {mode:>8} refused: {stats['error']}", flush=True)
+                    continue
+                row = {"latent": size, "mode": mode, **stats, **compare(video, reference),
+                       "time_vs_untiled": stats["seconds"] / base["seconds"],
+                       "device_peak_vs_untiled": stats["device_peak_bytes"] / base["device_peak_bytes"],
+                       "within_budget": mode == "untiled" or stats["device_peak_bytes"] <= budgets[mode]}
+                results.append(row)
+                print(f"{size:>10} {'x'.join(map(str, stats['video_shape'][2:])):>14} {mode:>8} "
+                      f"{stats['seconds']:8.2f} {row['time_vs_untiled']:9.2f} {stats['rss_peak_bytes'] / 2**20:8.0f} "
+                      f"{stats['device_peak_bytes'] / 2**20:8.1f} "
+                      f"{(budgets[mode] / 2**20) if budgets[mode] else float('nan'):8.1f} "
+                      f"{row['device_peak_vs_untiled']:11.3f} {stats['time_chunks']:>4}/{stats['space_chunks']:<5} "
+                      f"{row['max_abs']:9.2e} {row['psnr_db']:6.1f}", flush=True)
+    write_json({"config": args.config, "block_out_channels": list(CONFIGS[args.config].block_out_channels),
+                "dtype": args.dtype, "device": args.device, "torch": torch.__version__,
+                "threads": torch.get_num_threads(), "machine": platform.platform(),
+                "exact_fraction": args.exact_fraction, "fast_fraction": args.fast_fraction, "results": results},
+               args.output)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
