@@ -122,7 +122,7 @@ def test_adversarial_gradients_reach_heads_and_student_with_the_right_sign(synvi
 
     def losses():
         tr.queues = TrajectoryQueues(tr.m, 8)
-        return tr.segment_losses(batch, k, adversarial=True)
+        return tr.adversarial_losses(batch, k)
 
     students = list(tr.student.parameters())
     heads = list(tr.heads[k].parameters())

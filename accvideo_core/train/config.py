@@ -64,6 +64,7 @@ class RuntimeConfig:
     precision: str = "auto"                 # auto = bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "fp32"
     fsdp: str = "auto"                      # auto = FSDP2 when WORLD_SIZE > 1; "on" / "off"
     reshard_after_forward: bool = True
+    unsharded_accumulation: bool = False    # True: reduce-scatter once per update (needs full-size fp32 grads)
     deterministic: bool = False             # torch.use_deterministic_algorithms
 
 

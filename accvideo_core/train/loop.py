@@ -185,34 +185,35 @@ class Trainer:
     def _cond(self, batch: dict[str, torch.Tensor]) -> tuple:
         return batch["text_states"], batch["text_mask"], batch["pooled"], batch["guidance"]
 
-    def segment_losses(self, batch: dict[str, torch.Tensor], k: int, adversarial: bool) -> dict[str, torch.Tensor]:
-        """Losses of segment k (t'_{k+1} -> t'_k) for one micro-batch: ``traj`` and, if on, ``adv_g``/``adv_d``."""
-        m, sig = self.m, self.key_sigmas
-        j_noisy, j_clean = m - 1 - k, m - k               # indices in sampling order (sigma 1 first)
-        s_noisy, s_clean = sig[j_noisy], sig[j_clean]
+    def _segment(self, batch: dict[str, torch.Tensor], k: int) -> tuple:
+        """(x at t'_{k+1}, x at t'_k, sigma t'_{k+1}, sigma t'_k) of segment k from a batch of key latents."""
+        j_noisy, j_clean = self.m - 1 - k, self.m - k          # indices in sampling order (sigma 1 first)
         lat = batch["key_latents"]
-        x_noisy, x_clean = lat[:, j_noisy], lat[:, j_clean]
+        return lat[:, j_noisy], lat[:, j_clean], self.key_sigmas[j_noisy], self.key_sigmas[j_clean]
+
+    def trajectory_losses(self, batch: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+        """Eq. 6 for segment k (t'_{k+1} -> t'_k): the student at the noisier key latent vs the average velocity."""
+        x_noisy, x_clean, s_noisy, s_clean = self._segment(batch, k)
+        t = torch.full((x_noisy.shape[0],), s_noisy * 1000.0, device=self.device)
+        with self._autocast():
+            v = self.student(x_noisy, t, *self._cond(batch))
         target = segment_target(x_clean, x_noisy, s_clean, s_noisy)
+        return {"traj": trajectory_loss(v, target, self.cfg.loss.traj_reduction)}
+
+    def adversarial_losses(self, batch: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+        """Alg. 1 for segment k: fake = one student Euler step from Q_{k+1} (pushed to Q_k); ``adv_g`` trains the
+        student only (heads detached), ``adv_d`` trains head H_k only (teacher features of the fake detached)."""
+        m = self.m
+        x_noisy, x_clean, s_noisy, s_clean = self._segment(batch, k)
         b = x_noisy.shape[0]
-        out: dict[str, torch.Tensor] = {}
-        cond = {key: batch[key] for key in ("text_states", "text_mask", "pooled", "guidance", "uid")}
-        if not adversarial:
-            t = torch.full((b,), s_noisy * 1000.0, device=self.device)
-            with self._autocast():
-                v = self.student(x_noisy, t, *self._cond(batch))
-            out["traj"] = trajectory_loss(v, target, self.cfg.loss.traj_reduction)
-            return out
         if k == m - 1:
+            cond = {key: batch[key] for key in ("text_states", "text_mask", "pooled", "guidance", "uid")}
             noise = noise_for(batch["uid"], tuple(x_noisy.shape[1:]), self.cfg.optim.seed).to(self.device)
             self.queues.push(m, noise, cond)
         z, cond_fake = self.queues.pop(k + 1, b, self.device)
-        both = collate([{**{key: v[i] for key, v in cond.items()}} for i in range(b)] +
-                       [{**{key: v[i] for key, v in cond_fake.items()}} for i in range(b)], self.device)
-        t = torch.full((2 * b,), s_noisy * 1000.0, device=self.device)
+        t = torch.full((b,), s_noisy * 1000.0, device=self.device)
         with self._autocast():
-            v = self.student(torch.cat([x_noisy, z]), t, *self._cond(both))
-        v_real, v_fake = v[:b], v[b:]
-        out["traj"] = trajectory_loss(v_real, target, self.cfg.loss.traj_reduction)
+            v_fake = self.student(z, t, *self._cond(cond_fake))
         fake = z.float() + (s_clean - s_noisy) * v_fake.float()   # one student Euler step to t'_k
         self.queues.push(k, fake.detach(), cond_fake)
         layer, head, kind = self.feature_layers[k], self.heads[k], self.cfg.loss.gan_loss
@@ -225,11 +226,9 @@ class Trainer:
             logits_fake_d = head(f_fake.detach())
             frozen = {name: p.detach() for name, p in head.named_parameters()}
             logits_fake_g = functional_call(head, frozen, (f_fake,))
-        out["adv_d"] = discriminator_loss(logits_real, logits_fake_d, kind)
-        out["adv_g"] = generator_loss(logits_fake_g, kind)
-        out["d_real"] = logits_real.detach().float().mean()
-        out["d_fake"] = logits_fake_d.detach().float().mean()
-        return out
+        return {"adv_d": discriminator_loss(logits_real, logits_fake_d, kind),
+                "adv_g": generator_loss(logits_fake_g, kind),
+                "d_real": logits_real.detach().float().mean(), "d_fake": logits_fake_d.detach().float().mean()}
 
     def _set_lr(self, step: int) -> float:
         o = self.cfg.optim
@@ -255,18 +254,22 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             self.head_opt.zero_grad(set_to_none=True)
             for i, mb in enumerate(micro):
-                D.set_gradient_sync(self.student, i == self.n_micro - 1)
                 batch = {k: v.to(self.device) for k, v in mb.items()}
-                total = torch.zeros((), device=self.device)
-                for k in group:
-                    losses = self.segment_losses(batch, k, adversarial)
-                    total = total + losses["traj"]
+                scale = 1.0 / (len(group) * self.n_micro)
+                for n, k in enumerate(group):
+                    last = i == self.n_micro - 1 and n == len(group) - 1
+                    # two backward passes per segment: only one student graph is alive at a time (memory)
+                    self._grad_sync(last and not adversarial)
+                    losses = self.trajectory_losses(batch, k)
+                    (scale * losses["traj"]).backward()
                     if adversarial:
-                        total = total + lam * (losses["adv_g"] + losses["adv_d"])
+                        self._grad_sync(last)
+                        adv = self.adversarial_losses(batch, k)
+                        (scale * lam * (adv["adv_g"] + adv["adv_d"])).backward()
+                        losses.update(adv)
                     for name, value in losses.items():
                         for key in (name, f"{name}_k{k}"):
                             sums[key] = sums.get(key, 0.0) + float(value.detach()) / self.n_micro
-                (total / (len(group) * self.n_micro)).backward()
             self._sync_head_grads()
             if cfg.optim.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
@@ -288,6 +291,12 @@ class Trainer:
         out = {n: float(v) for n, v in zip(names, values.tolist())}
         out["lr"] = lr
         return out
+
+    def _grad_sync(self, last_backward: bool) -> None:
+        """FSDP2 reduce-scatters after every backward (sharded gradient memory) unless
+        ``runtime.unsharded_accumulation`` keeps full gradients until the group's last backward (less traffic)."""
+        if self.info.fsdp and self.cfg.runtime.unsharded_accumulation:
+            D.set_gradient_sync(self.student, last_backward)
 
     def _sync_head_grads(self) -> None:
         grads = [p.grad for p in self.heads.parameters() if p.grad is not None]
