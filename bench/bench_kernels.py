@@ -120,9 +120,10 @@ def forward_backward(fn: Callable, args: tuple, grad_idx: tuple[int, ...]) -> Ca
     leaves = tuple(a.detach().requires_grad_(i in grad_idx) if torch.is_tensor(a) else a for i, a in enumerate(args))
     wanted = [leaves[i] for i in grad_idx]
 
+    grad_out = torch.ones_like(fn(*leaves))
+
     def run():
-        out = fn(*leaves)
-        return torch.autograd.grad(out, wanted, torch.ones_like(out))
+        return torch.autograd.grad(fn(*leaves), wanted, grad_out)
     return run
 
 
@@ -167,8 +168,12 @@ def bench(args: argparse.Namespace) -> dict:
             fn = get(case.name)
             for pass_name, wrap in passes:
                 t0 = time.perf_counter()
-                run = wrap(fn)
-                run()  # warm-up; compiles torch.compile / Triton kernels
+                try:
+                    run = wrap(fn)
+                    run()  # warm-up; compiles torch.compile / Triton kernels
+                except Exception as exc:  # e.g. torch.compile without a working backend: report, keep going
+                    row.setdefault("errors", {})[f"{impl_name} {pass_name}"] = f"{type(exc).__name__}: {exc}"[:300]
+                    continue
                 if device == "cuda":
                     torch.cuda.synchronize()
                 first_s = time.perf_counter() - t0
@@ -209,7 +214,8 @@ def bench(args: argparse.Namespace) -> dict:
 def print_row(row: dict) -> None:
     timings = "  ".join(f"{k}: {v:.3f} ms" for k, v in row["ms"].items())
     print(f"{row['kernel']:<20} {timings}")
-    for key in ("gbs", "pct_of_peak", "speedup_vs_torch", "speedup_triton_vs_compile", "compile_first_call_s"):
+    for key in ("gbs", "pct_of_peak", "speedup_vs_torch", "speedup_triton_vs_compile", "compile_first_call_s",
+                "errors"):
         if key in row:
             print(f"{'':<20} {key}: " + "  ".join(f"{k}={v}" for k, v in row[key].items()))
 

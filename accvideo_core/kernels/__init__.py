@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 
 from . import reference
-from .reference import group_norm_stats, rotate_adjacent_pairs, stats_to_mean_rstd
+from .reference import rotate_adjacent_pairs, stats_to_mean_rstd
 
 _BACKENDS = ("auto", "torch", "triton")
 _backend = os.environ.get("ACCVIDEO_KERNELS", "auto").strip().lower() or "auto"
@@ -114,6 +114,11 @@ def gated_residual(x, y, gate):
 def group_norm_silu(x, weight, bias, num_groups: int, eps: float = 1e-6, silu: bool = True, mean=None, rstd=None):
     """See ``reference.group_norm_silu``."""
     return _impl("group_norm_silu", x, weight, bias, mean, rstd)(x, weight, bias, num_groups, eps, silu, mean, rstd)
+
+
+def group_norm_stats(x, num_groups: int):
+    """See ``reference.group_norm_stats`` (the Triton version reads x once, without an fp64 copy)."""
+    return _impl("group_norm_stats", x)(x, num_groups)
 
 
 __all__ = ["rms_norm_rope", "layer_norm_modulate", "gated_residual", "group_norm_silu", "group_norm_stats",

@@ -464,13 +464,19 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
 # ---------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _group_norm_partial_stats(x_ptr, part_ptr, group_numel, n_chunks, BLOCK: tl.constexpr):
-    """Per (batch*group, chunk): element count, chunk mean and the chunk's sum of squared deviations."""
+def _group_norm_partial_stats(x_ptr, part_ptr, groups, channels_per_group, inner, sx_b, sx_c, n_chunks,
+                              BLOCK: tl.constexpr):
+    """Per (batch*group, chunk): element count, chunk mean and the chunk's sum of squared deviations.
+
+    Each channel's ``inner`` elements are contiguous; batch and channel strides are free (time slices of a video).
+    """
     bg = tl.program_id(0)
     chunk = tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < group_numel
-    x = tl.load(x_ptr + bg.to(tl.int64) * group_numel + offs, mask=ok, other=0.0).to(tl.float32)
+    ok = offs < channels_per_group * inner
+    channel = (bg % groups) * channels_per_group + offs // inner
+    ptrs = x_ptr + (bg // groups).to(tl.int64) * sx_b + channel.to(tl.int64) * sx_c + offs % inner
+    x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
     count = tl.sum(ok.to(tl.float32), axis=0)
     mean = tl.sum(x, axis=0) / count
     dev = tl.where(ok, x - mean, 0.0)
@@ -509,24 +515,57 @@ def _group_norm_silu_apply(x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, out_ptr, gro
 _STATS_BLOCK = 4096
 
 
-def _group_mean_rstd(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole-tensor per-(batch, group) mean and 1/std: chunk statistics in Triton, Chan's combination in fp64."""
-    batch_groups = x.shape[0] * num_groups
-    group_numel = x.numel() // batch_groups
+def _channel_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x, or a contiguous copy unless every ``x[b, c]`` is already contiguous (e.g. a time slice of a video)."""
+    inner = x[0, 0] if x.shape[0] and x.shape[1] else x
+    return x if inner.is_contiguous() else x.contiguous()
+
+
+def _chunk_stats(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Per (batch*group, chunk) (count, mean, M2) in fp32, from one Triton pass over ``x`` (channel-contiguous)."""
+    batch, channels = x.shape[:2]
+    inner = x[0, 0].numel()
+    group_numel = channels // num_groups * inner
     block = min(_STATS_BLOCK, triton.next_power_of_2(group_numel))
     n_chunks = triton.cdiv(group_numel, block)
-    part = torch.empty(batch_groups, n_chunks, 3, dtype=torch.float32, device=x.device)
-    _group_norm_partial_stats[(batch_groups, n_chunks)](x, part, group_numel, n_chunks, BLOCK=block,
-                                                        num_warps=_num_warps(block))
-    count, chunk_mean, chunk_m2 = part.double().unbind(-1)
+    part = torch.empty(batch * num_groups, n_chunks, 3, dtype=torch.float32, device=x.device)
+    _group_norm_partial_stats[(batch * num_groups, n_chunks)](x, part, num_groups, channels // num_groups, inner,
+                                                              x.stride(0), x.stride(1), n_chunks, BLOCK=block,
+                                                              num_warps=_num_warps(block))
+    return part
+
+
+def _group_mean_rstd(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole-tensor per-(batch, group) mean and 1/std: chunk statistics in Triton, Chan's combination in fp64."""
+    count, chunk_mean, chunk_m2 = _chunk_stats(x, num_groups).double().unbind(-1)
+    group_numel = x[0].numel() // num_groups
     mean = (count * chunk_mean).sum(1) / group_numel
     m2 = chunk_m2.sum(1) + (count * (chunk_mean - mean[:, None]) ** 2).sum(1)
     rstd = torch.rsqrt(m2 / group_numel + eps)
     return mean.float().reshape(x.shape[0], num_groups), rstd.float().reshape(x.shape[0], num_groups)
 
 
+def group_norm_stats(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Triton ``reference.group_norm_stats``: per (batch, group) fp64 sum and sum of squares, and the count.
+
+    Reads ``x`` once (a time slice of a video is read in place) instead of making an fp64 copy. Chunk sums are
+    fp32 over <= 4096 elements each, combined in fp64; the sum of squares is rebuilt from chunk mean and squared
+    deviations, so it stays accurate when the mean is large.
+    """
+    if x.dim() < 2 or x.shape[1] % num_groups:
+        raise ValueError(f"group_norm_stats expects x [B, C, ...] with C divisible by num_groups={num_groups}; "
+                         f"got {tuple(x.shape)}")
+    if x.numel() == 0 or _needs_grad(x):
+        return reference.group_norm_stats(x, num_groups)
+    count, chunk_mean, chunk_m2 = _chunk_stats(_channel_contiguous(x), num_groups).double().unbind(-1)
+    total = (count * chunk_mean).sum(1)
+    total_sq = (chunk_m2 + count * chunk_mean * chunk_mean).sum(1)
+    batch = x.shape[0]
+    return total.reshape(batch, num_groups), total_sq.reshape(batch, num_groups), x[0].numel() // num_groups
+
+
 def _group_norm_silu_forward(x, weight, bias, num_groups, eps, silu, mean, rstd):
-    x = x.contiguous()
+    x = x.contiguous()  # the apply pass writes a contiguous output with the same flat indexing
     stats_given = mean is not None
     if stats_given:
         mean_f, rstd_f = mean.float().contiguous(), rstd.float().contiguous()
