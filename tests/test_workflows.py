@@ -1,8 +1,8 @@
 """CI tier for the workflows (no ComfyUI needed).
 
 What is checked, and against what:
-- every file parses; every UI workflow (format 0.4) has an API twin and vice versa; example_workflows/ holds only
-  relative symlinks to the UI files; the files equal what ``python -m workflows.generate`` writes;
+- every file parses; every UI workflow (format 0.4) has an API twin and vice versa; example_workflows/ holds exact
+  copies of the UI files; the files equal what ``python -m workflows.generate`` writes;
 - every ``class_type`` is one of our nodes (schemas read through ``tests/integration/comfy_standin.py``) or a native
   node of the ``/object_info`` snapshot of the ComfyUI version we test against
   (``tests/integration/data/native_nodes.json``; the integration tier checks both against a live ComfyUI);
@@ -15,7 +15,6 @@ Not checked here (integration tier): that ComfyUI's front end accepts the files 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -24,8 +23,8 @@ from tests.integration import comfy_standin
 from workflows import generate
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS = ROOT / "workflows"
-UI_FILES = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
+UI_DIR, API_DIR = ROOT / "workflows" / "ui", ROOT / "workflows" / "api"
+UI_FILES = sorted(UI_DIR.glob("*.json"))
 NATIVE = json.loads((ROOT / "tests/integration/data/native_nodes.json").read_text())
 MODEL_FOLDERS = {"diffusion_models", "text_encoders", "vae", "loras", "checkpoints", "clip"}
 
@@ -37,15 +36,21 @@ def defs() -> dict:
     return {**NATIVE["nodes"], **ours}
 
 
+def api_twin_path(ui: Path) -> Path:
+    return API_DIR / f"{ui.stem}_api.json"
+
+
 def test_every_workflow_has_its_twin_and_parses():
     assert len(UI_FILES) == 4, [p.name for p in UI_FILES]
+    assert not list((ROOT / "workflows").glob("*.json")), \
+        "no JSON directly in workflows/: ComfyUI would list it in the template browser next to example_workflows/"
     for ui in UI_FILES:
-        api = ui.with_name(ui.stem + "_api.json")
+        api = api_twin_path(ui)
         assert api.is_file(), f"{ui.name} has no API twin"
         data = json.loads(ui.read_text())
         assert data["version"] == 0.4 and isinstance(data["nodes"], list) and isinstance(data["links"], list)
         assert isinstance(json.loads(api.read_text()), dict)
-    assert {p.name for p in WORKFLOWS.glob("*_api.json")} == {p.stem + "_api.json" for p in UI_FILES}
+    assert {p.name for p in API_DIR.glob("*.json")} == {p.stem + "_api.json" for p in UI_FILES}
 
 
 def test_files_are_what_the_generator_writes():
@@ -53,12 +58,12 @@ def test_files_are_what_the_generator_writes():
         assert path.read_text() == text, f"{path.name} is stale: run python -m workflows.generate"
 
 
-def test_example_workflows_are_links_to_the_ui_files():
+def test_example_workflows_are_copies_of_the_ui_files():
+    """The template browser's folder holds the UI files (generated copies: its static handler refuses symlinks)."""
     examples = sorted((ROOT / "example_workflows").iterdir())
     assert [p.name for p in examples] == [p.name for p in UI_FILES]
     for p in examples:
-        assert p.is_symlink() and not os.path.isabs(os.readlink(p)), f"{p} must be a relative symlink"
-        assert p.resolve() == (WORKFLOWS / p.name).resolve()
+        assert not p.is_symlink() and p.read_bytes() == (UI_DIR / p.name).read_bytes()
 
 
 def _widget_specs(definition: dict) -> list[tuple[str, list]]:
@@ -118,7 +123,7 @@ def ui_to_api(ui: dict, defs: dict) -> dict:
 @pytest.mark.parametrize("ui_path", UI_FILES, ids=[p.stem for p in UI_FILES])
 def test_ui_workflow_matches_schemas_and_api_twin(ui_path: Path, defs: dict):
     ui = json.loads(ui_path.read_text())
-    api = json.loads(ui_path.with_name(ui_path.stem + "_api.json").read_text())
+    api = json.loads(api_twin_path(ui_path).read_text())
     by_id = {n["id"]: n for n in ui["nodes"]}
     assert len(by_id) == len(ui["nodes"]) and ui["last_node_id"] >= max(by_id)
     assert ui["last_link_id"] >= max(l[0] for l in ui["links"])

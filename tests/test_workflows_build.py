@@ -18,7 +18,7 @@ import pytest
 from accvideo_core.synvid import build
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW = json.loads((ROOT / "workflows/accvideo_synvid_dump_api.json").read_text())
+WORKFLOW = json.loads((ROOT / "workflows/api/accvideo_synvid_dump_api.json").read_text())
 
 
 class FakeComfy:
@@ -117,10 +117,10 @@ def test_builder_reports_errors_per_prompt_and_resumes(tmp_path):
 
 def test_builder_rejects_unusable_workflows(tmp_path):
     ui = tmp_path / "ui.json"
-    ui.write_text((ROOT / "workflows/accvideo_synvid_dump.json").read_text())
+    ui.write_text((ROOT / "workflows/ui/accvideo_synvid_dump.json").read_text())
     with pytest.raises(build.BuildError, match="UI-format"):
         build.load_workflow(ui)
-    t2v = json.loads((ROOT / "workflows/accvideo_t2v_api.json").read_text())
+    t2v = json.loads((ROOT / "workflows/api/accvideo_t2v_api.json").read_text())
     with pytest.raises(build.BuildError, match="exactly one AccVideoTrajectoryDump"):
         build.find_targets(t2v)
     unlinked = json.loads(json.dumps(WORKFLOW))

@@ -1,25 +1,28 @@
 """Writes the workflows of the pack: each graph once, as ComfyUI UI format 0.4 (drag-and-drop) and its API twin.
 
-    python -m workflows.generate          # rewrite workflows/*.json and the example_workflows/ links
+    python -m workflows.generate          # rewrite workflows/ui/*.json, workflows/api/*_api.json and
+                                          # example_workflows/*.json
     python -m workflows.generate --check  # exit 1 when a file on disk differs from what this script writes
 
 Widget order comes from the node definitions: ours read through the test stand-in of ComfyUI's API
 (``tests/integration/comfy_standin.py``), native ones from the ``/object_info`` snapshot of the ComfyUI version we
-test against (``tests/integration/data/native_nodes.json``). ``example_workflows/`` holds relative symlinks to the
-UI files (ComfyUI's template browser), never copies.
+test against (``tests/integration/data/native_nodes.json``). ``example_workflows/`` (ComfyUI's template browser)
+gets generated copies of the UI files: the browser's static file handler refuses symlinks.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
+UI_DIR = WORKFLOWS / "ui"  # not workflows/*.json: ComfyUI also lists a pack's workflows/*.json as templates
+API_DIR = WORKFLOWS / "api"
 EXAMPLES = ROOT / "example_workflows"
 NATIVE_INFO = ROOT / "tests" / "integration" / "data" / "native_nodes.json"
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
@@ -183,7 +186,8 @@ class Graph:
             for m in n.models:
                 if m not in models:
                     models.append(m)
-        return {"id": f"accvideo-{self.name}", "revision": 0, "last_node_id": len(self.nodes),
+        workflow_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-accvideo/workflows/{self.name}"))
+        return {"id": workflow_id, "revision": 0, "last_node_id": len(self.nodes),
                 "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [], "config": {},
                 "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}, "accvideo_workflow": self.title},
                 "models": models, "version": 0.4}
@@ -273,7 +277,7 @@ def synvid_dump() -> Graph:
                       "one SynVid sample per run into `output/synvid/accvideo` (key latents at steps 0, 10, ..., "
                       "50, the text conditioning, prompt, seed, settings). At scale, drive the API twin headless "
                       "with `python -m accvideo_core.synvid.build --server http://127.0.0.1:8188 --workflow "
-                      "workflows/accvideo_synvid_dump_api.json --prompts prompts.txt`.")
+                      "workflows/api/accvideo_synvid_dump_api.json --prompts prompts.txt`.")
     teacher = g.add("UNETLoader", (0, 0), {"unet_name": MODELS["teacher"]["name"], "weight_dtype": "default"},
                     models=["teacher"])
     text = g.add("PrimitiveStringMultiline", (0, 160), {"value": PROMPT}, title="Prompt text")
@@ -324,15 +328,12 @@ def render() -> dict[Path, str]:
     files = {}
     for make in GRAPHS:
         g = make()
-        files[WORKFLOWS / f"{g.name}.json"] = json.dumps(g.ui(defs), indent=1) + "\n"
-        files[WORKFLOWS / f"{g.name}_api.json"] = json.dumps(g.api(defs), indent=1) + "\n"
+        files[UI_DIR / f"{g.name}.json"] = json.dumps(g.ui(defs), indent=1) + "\n"
+        # ComfyUI's template browser serves example_workflows/ with aiohttp's static handler, which refuses
+        # symlinks leaving the folder: these are generated copies, checked identical by the CI tier
+        files[EXAMPLES / f"{g.name}.json"] = files[UI_DIR / f"{g.name}.json"]
+        files[API_DIR / f"{g.name}_api.json"] = json.dumps(g.api(defs), indent=1) + "\n"
     return files
-
-
-def example_links() -> dict[Path, str]:
-    """``{example_workflows/<name>.json: relative symlink target}`` for every UI workflow."""
-    return {EXAMPLES / f"{make().name}.json": os.path.join("..", "workflows", f"{make().name}.json")
-            for make in GRAPHS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,21 +341,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 on any difference")
     args = parser.parse_args(argv)
     stale = []
-    for path, text in render().items():
-        if not path.is_file() or path.read_text() != text:
+    files = render()
+    for path, text in files.items():
+        if path.is_symlink() or not path.is_file() or path.read_text() != text:
             stale.append(path)
             if not args.check:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if path.is_symlink():
+                    path.unlink()
                 path.write_text(text)
-    for link, target in example_links().items():
-        if not link.is_symlink() or os.readlink(link) != target:
-            stale.append(link)
+    for extra in sorted(set(UI_DIR.glob("*.json")) | set(API_DIR.glob("*.json")) | set(EXAMPLES.glob("*.json"))):
+        if extra not in files:
+            stale.append(extra)
             if not args.check:
-                link.parent.mkdir(exist_ok=True)
-                if link.is_symlink() or link.exists():
-                    link.unlink()
-                link.symlink_to(target)
+                extra.unlink()
     for path in stale:
-        print(("stale: " if args.check else "wrote: ") + str(path.relative_to(ROOT)))
+        print(("stale: " if args.check else "updated: ") + str(path.relative_to(ROOT)))
     return 1 if (args.check and stale) else 0
 
 

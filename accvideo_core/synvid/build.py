@@ -1,7 +1,7 @@
 """Headless SynVid building: drive a running ComfyUI with the trajectory-dump workflow, one prompt per line.
 
     python -m accvideo_core.synvid.build --server http://127.0.0.1:8188 \\
-        --workflow workflows/accvideo_synvid_dump_api.json --prompts prompts.txt
+        --workflow workflows/api/accvideo_synvid_dump_api.json --prompts prompts.txt
 
 For every non-empty line of the prompts file the API workflow is copied, the line is written into the text that
 feeds the AccVideo Trajectory Dump node (its ``prompt`` input's source, e.g. PrimitiveStringMultiline, which also
@@ -127,7 +127,7 @@ def load_workflow(path: str | Path) -> dict:
     except (OSError, ValueError) as err:
         raise BuildError(f"cannot read the workflow {path}: {err}") from err
     if isinstance(data, dict) and "nodes" in data and "links" in data:
-        raise BuildError(f"{path} is a UI-format workflow; use its API twin (workflows/*_api.json, or 'Export "
+        raise BuildError(f"{path} is a UI-format workflow; use its API twin (workflows/api/*_api.json, or 'Export "
                          "(API)' in ComfyUI)")
     if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v for v in data.values()):
         raise BuildError(f"{path} is not an API-format workflow ({{id: {{class_type, inputs}}}})")
@@ -266,7 +266,7 @@ def _output_texts(entry: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m accvideo_core.synvid.build", description=__doc__.split("\n")[0])
     parser.add_argument("--server", required=True, help="ComfyUI URL, e.g. http://127.0.0.1:8188")
-    parser.add_argument("--workflow", required=True, help="API-format dump workflow (workflows/*_api.json)")
+    parser.add_argument("--workflow", required=True, help="API-format dump workflow (workflows/api/*_api.json)")
     parser.add_argument("--prompts", required=True, help="text file, one prompt per line")
     parser.add_argument("--state", help="JSON-lines progress file (default: <prompts>.build.jsonl)")
     parser.add_argument("--seed", type=int, default=1024, help="seed of line 1; line n gets seed + n - 1")

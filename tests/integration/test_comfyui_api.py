@@ -28,7 +28,7 @@ PROJECTED = ("default", "min", "max", "step", "control_after_generate", "forceIn
 
 
 def api_twin(name: str) -> dict:
-    return json.loads((ROOT / "workflows" / f"{name}_api.json").read_text())
+    return json.loads((ROOT / "workflows" / "api" / f"{name}_api.json").read_text())
 
 
 def tiny(workflow: dict, *, width: int = W, height: int = H, length: int = FRAMES) -> dict:
@@ -104,6 +104,15 @@ def test_native_snapshot_matches_this_comfyui(comfy_api):
                     spec[0] = []
         for key, value in snap.items():
             assert live[key] == value, f"{name}.{key} changed in this ComfyUI: refresh native_nodes.json"
+
+
+def test_template_browser_lists_exactly_the_example_workflows(comfy_api):
+    templates = comfy_api.get("/workflow_templates")
+    names = sorted(p.stem for p in (ROOT / "workflows" / "ui").glob("*.json"))
+    assert sorted(templates.get("ComfyUI-AccVideo", [])) == names  # no duplicates, no API twins
+    for name in names:
+        served = json.loads(comfy_api.get_bytes(f"/api/workflow_templates/ComfyUI-AccVideo/{name}.json"))
+        assert served == json.loads((ROOT / "workflows" / "ui" / f"{name}.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
@@ -296,7 +305,7 @@ def test_t2v_workflow_saves_an_mp4_with_prompt_and_workflow(comfy_api, tmp_path)
     from accvideo_core.video import count_frames, read_mp4_metadata
 
     wf = tiny(api_twin("accvideo_t2v"))
-    ui = json.loads((ROOT / "workflows/accvideo_t2v.json").read_text())
+    ui = json.loads((ROOT / "workflows/ui/accvideo_t2v.json").read_text())
     entry = comfy_api.run(wf, workflow=ui)
     assert error_of(entry) is None, error_of(entry)
     videos = _video_outputs(entry)
