@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from accvideo_core.models.key_maps import original_to_diffusers
+from accvideo_core.models.loading import config_from_state_dict
 from accvideo_core.models.transformer_hunyuan_video import (HunyuanVideoTransformer3D, TransformerConfig,
                                                             default_rope_axes, rope_cos_sin, timestep_embedding)
 from accvideo_core.testing import (diffusers_transformer, randomize_, tiny_inputs, tiny_transformer,
@@ -57,6 +58,7 @@ def test_comfy_compatible_config_matches_diffusers():
     assert (config.head_dim, config.rope_axes, config.pooled_dim, config.num_refiner_blocks) == (128, (16, 56, 56),
                                                                                                   768, 2)
     model = randomize_(HunyuanVideoTransformer3D(config), seed=3).eval()
+    assert config_from_state_dict(model.state_dict()) == config  # what a loader reading shapes rebuilds
     ref = _diffusers_twin(model)
     inp = tiny_inputs(config, batch=1, valid=[5], frames=2, height=4, width=4, text_len=8, seed=4)
     with torch.no_grad():
@@ -76,6 +78,8 @@ def test_image_tokens_ignore_appended_padding():
         features = model.image_features(**inp, layer=3)
         features_padded = model.image_features(**padded, layer=3)
     torch.testing.assert_close(with_padding, plain, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(model(**{**inp, "text_mask": None}), plain)  # no mask = every token valid
     torch.testing.assert_close(features_padded, features, atol=1e-5, rtol=1e-5)
 
 

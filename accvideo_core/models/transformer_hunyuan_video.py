@@ -424,6 +424,8 @@ class HunyuanVideoTransformer3D(nn.Module):
         b = latents.shape[0]
         if text_states.dim() != 3 or text_states.shape[0] != b or text_states.shape[2] != c.text_dim:
             problems.append(f"text_states must be [B={b}, L, {c.text_dim}]; got {tuple(text_states.shape)}")
+        if text_mask is None:
+            return self._check_inputs(latents, text_states, text_states.new_ones(text_states.shape[:2]), pooled)
         if text_mask.shape != text_states.shape[:2]:
             problems.append(f"text_mask must be [B, L] = {tuple(text_states.shape[:2])}; got {tuple(text_mask.shape)}")
         elif not bool(text_mask.bool().any(1).all()):
@@ -448,7 +450,10 @@ class HunyuanVideoTransformer3D(nn.Module):
         dtype, device = self.dtype, self.device
         b = latents.shape[0]
         timestep = self._batch_vector(timestep, b, device, "timestep")
-        mask = text_mask.to(device=device).bool()
+        if text_mask is None:  # no mask (as ComfyUI usually gives): every token is valid
+            mask = torch.ones(text_states.shape[:2], dtype=torch.bool, device=device)
+        else:
+            mask = text_mask.to(device=device).bool()
 
         vec = self.time_in(timestep, dtype) + self.vector_in(pooled.to(device, dtype))
         if self.guidance_in is not None:
@@ -499,12 +504,12 @@ class HunyuanVideoTransformer3D(nn.Module):
 
     # ------------------------------------------------------------------ public API
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor | float, text_states: torch.Tensor,
-                text_mask: torch.Tensor, pooled: torch.Tensor,
+                text_mask: torch.Tensor | None, pooled: torch.Tensor,
                 guidance: torch.Tensor | float | None = None) -> torch.Tensor:
         """Velocity ``[B, C_out, T, H, W]`` (in ``latents``' dtype).
 
         latents ``[B, C, T, H, W]`` (model space); timestep ``[B]`` or float = sigma x 1000; text_states
-        ``[B, L, text_dim]``; text_mask ``[B, L]`` (1 = valid); pooled ``[B, pooled_dim]``; guidance = the plain
+        ``[B, L, text_dim]``; text_mask ``[B, L]`` (1 = valid; None = all valid); pooled ``[B, pooled_dim]``; guidance = the plain
         embedded-guidance scale (default 6.0; ignored by models without a guidance embedding).
         """
         p = self._prepare(latents, timestep, text_states, text_mask, pooled, guidance)
