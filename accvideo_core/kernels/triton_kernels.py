@@ -13,6 +13,7 @@ Backward passes:
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -32,15 +33,28 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def supports(*tensors: torch.Tensor | None) -> bool:
-    """True when these kernels can run on these tensors: CUDA (or CPU in interpreter mode), float dtypes."""
+    """True when these kernels can run on these tensors: one CUDA device (or the CPU in interpreter mode),
+    fp32/fp16/bf16."""
     present = [t for t in tensors if t is not None]
     if not present:
         return False
-    on_cuda = all(t.is_cuda for t in present)
-    on_cpu = all(t.device.type == "cpu" for t in present)
-    if not (on_cuda or (INTERPRET and on_cpu)):
+    if len({t.device for t in present}) != 1:  # mixed devices: the reference raises torch's clear error
+        return False
+    device_type = present[0].device.type
+    if not (device_type == "cuda" or (INTERPRET and device_type == "cpu")):
         return False
     return all(t.dtype in _FLOAT_DTYPES for t in present)
+
+
+def _on_input_device(fn):
+    """Launch on the device of the first tensor argument (Triton launches on the *current* CUDA device)."""
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        if x.is_cuda and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return fn(x, *args, **kwargs)
+        return fn(x, *args, **kwargs)
+    return wrapper
 
 
 def _rows_per_program(block_cols: int, budget: int = 4096, cap: int = 64) -> int:
@@ -216,6 +230,7 @@ class _RMSNormRoPE(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
+@_on_input_device
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None = None,
                   sin: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """Triton ``reference.rms_norm_rope`` (x ``[B, L, heads, D]``; any shape ``[..., D]`` without RoPE)."""
@@ -354,6 +369,7 @@ class _LayerNormModulate(torch.autograd.Function):
         return dx, dshift, dscale, None
 
 
+@_on_input_device
 def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                         eps: float = 1e-6) -> torch.Tensor:
     """Triton ``reference.layer_norm_modulate`` (x ``[B, L, C]``, shift/scale ``[B, C]``)."""
@@ -449,6 +465,7 @@ class _GatedResidual(torch.autograd.Function):
         return dx, dy, dgate
 
 
+@_on_input_device
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """Triton ``reference.gated_residual`` (x, y ``[B, L, C]``, gate ``[B, C]``)."""
     if x.dim() != 3 or y.shape != x.shape or gate.shape != (x.shape[0], x.shape[2]):
@@ -545,6 +562,7 @@ def _group_mean_rstd(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torc
     return mean.float().reshape(x.shape[0], num_groups), rstd.float().reshape(x.shape[0], num_groups)
 
 
+@_on_input_device
 def group_norm_stats(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Triton ``reference.group_norm_stats``: per (batch, group) fp64 sum and sum of squares, and the count.
 
@@ -612,6 +630,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         return x_g, w_g, b_g, None, None, None, m_g, r_g
 
 
+@_on_input_device
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int,
                     eps: float = 1e-6, silu: bool = True, mean: torch.Tensor | None = None,
                     rstd: torch.Tensor | None = None) -> torch.Tensor:
