@@ -314,8 +314,15 @@ def teacher_vs_student() -> Graph:
     student_out = g.add("AccVideoSampler", (800, 0), _sampler_widgets(), model=student, positive=cond,
                         latent_image=latent)
     vae = g.add("VAELoader", (1200, 700), {"vae_name": MODELS["vae"]["name"]}, models=["vae"])
-    _decode_and_save(g, teacher_out, vae, 1600, 300, "AccVideo/compare_teacher50", title="Teacher, 50 steps")
-    _decode_and_save(g, student_out, vae, 1600, 0, "AccVideo/compare_accvideo5", title="AccVideo, 5 steps")
+    teacher_video = _decode_and_save(g, teacher_out, vae, 1600, 300, "AccVideo/compare_teacher50",
+                                     title="Teacher, 50 steps")
+    student_video = _decode_and_save(g, student_out, vae, 1600, 0, "AccVideo/compare_accvideo5",
+                                     title="AccVideo, 5 steps")
+    both = g.add("ImageStitch", (2000, 600), {"direction": "right", "match_image_size": True, "spacing_width": 16,
+                                              "spacing_color": "white"}, title="Teacher | AccVideo",
+                 image1=teacher_video.links["images"][0], image2=student_video.links["images"][0])
+    g.add("AccVideoSaveVideo", (2400, 600), {"fps": FPS, "filename_prefix": "AccVideo/compare_side_by_side",
+                                             "crf": 19}, title="Side by side", images=both)
     return g
 
 

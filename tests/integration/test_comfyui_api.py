@@ -320,7 +320,7 @@ def test_t2v_workflow_saves_an_mp4_with_prompt_and_workflow(comfy_api, tmp_path)
     assert json.loads(meta["workflow"]) == ui
 
 
-@pytest.mark.parametrize("name,videos", [("accvideo_lora", 1), ("accvideo_teacher_vs_student", 2)])
+@pytest.mark.parametrize("name,videos", [("accvideo_lora", 1), ("accvideo_teacher_vs_student", 3)])
 def test_other_workflows_run(comfy_api, name, videos):
     entry = comfy_api.run(tiny(api_twin(name)))
     assert error_of(entry) is None, error_of(entry)
