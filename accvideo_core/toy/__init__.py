@@ -1,0 +1,1 @@
+"""Small, fast experiments that reproduce the paper's toy claims, and the dependency-free plotting they use."""
