@@ -191,6 +191,7 @@ def load_transformer(source: str | os.PathLike | Mapping[str, torch.Tensor], *, 
     scales = {k[: -len(".scale_weight")]: v for k, v in raw.items() if k.endswith(".scale_weight")}
     raw = {k: v for k, v in raw.items() if not k.endswith(".scale_weight")}
     sd, family = to_original_layout(raw)
+    del raw  # only `sd` references the tensors from here on; they are released one by one below
     scales, _ = strip_prefix(scales, PREFIXES) if scales else ({}, "")
 
     axes = rope_axes or stored.get("rope_axes")
@@ -226,7 +227,8 @@ def load_transformer(source: str | os.PathLike | Mapping[str, torch.Tensor], *, 
                          "to keep weights in fp8")
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     tensors: StateDict = {}
-    for key, value in sd.items():
+    for key in list(sd):
+        value = sd.pop(key)  # frees each source tensor once converted (peak ~ one copy, not two)
         module_name, _, leaf = key.rpartition(".")
         keep_fp8 = leaf == "weight" and module_name in linears and (
             value.dtype in FP8_DTYPES or (storage_dtype in FP8_DTYPES and module_name.startswith(("double_blocks.",
