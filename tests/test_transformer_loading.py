@@ -184,8 +184,20 @@ def test_attention_dispatcher():
         if not attn.is_available(name):
             with pytest.raises(ImportError, match="pip install"):
                 attn.set_attention_backend(name)
+    previous = attn.get_attention_backend()
     attn.set_attention_backend("auto")  # on CPU tensors 'auto' runs SDPA
     try:
         torch.testing.assert_close(attn.attention(q, k, v), expected, atol=1e-5, rtol=1e-5)
     finally:
-        attn.set_attention_backend("sdpa")
+        attn.set_attention_backend(previous)
+
+
+def test_attention_backend_choice(monkeypatch):
+    q = torch.randn(1, 4, 2, 8)
+    assert attn._pick("flash", q, None) == "sdpa"  # CPU fp32: the CUDA kernels cannot run, SDPA does
+    monkeypatch.setattr(attn, "_kernel_can_run", lambda q, mask: True)
+    monkeypatch.setattr(attn, "is_available", lambda name: name == "sage")
+    assert attn._pick("auto", q, None) == "sage"  # flash missing -> sage
+    assert attn._pick("flash", q, None) == "flash"
+    monkeypatch.setattr(attn, "is_available", lambda name: False)
+    assert attn._pick("auto", q, None) == "sdpa"
