@@ -216,11 +216,17 @@ def _model_cases() -> dict:
     return out
 
 
-def _worker(out_path: str) -> None:
-    os.environ["TRITON_INTERPRET"] = "1"
+def _worker(out_path: str, device: str = "cpu") -> None:
+    """Run every case on the Triton path: in the interpreter on CPU, or compiled on ``device="cuda"``."""
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     import torch
+
+    torch.set_default_device(device)
 
     from accvideo_core import kernels
     from accvideo_core.kernels import triton_kernels
@@ -241,10 +247,12 @@ def _worker(out_path: str) -> None:
         except Exception as exc:  # recorded so the failing case names itself in the parent's test
             report["cases"][case_id] = {"error": f"{type(exc).__name__}: {exc}"}
     triton_kernels._MAX_PARTIAL_ROWS = default_partial_rows
-    try:
-        report["models"] = _model_cases()
-    except Exception as exc:
-        report["models"] = {"error": f"{type(exc).__name__}: {exc}"}
+    torch.set_default_device("cpu")
+    if device == "cpu":
+        try:
+            report["models"] = _model_cases()
+        except Exception as exc:
+            report["models"] = {"error": f"{type(exc).__name__}: {exc}"}
     errors = {}
     x = torch.randn(2, 3, 4, 8)
     for name, fn in [("rope_weight", lambda: kernels.rms_norm_rope(x, torch.ones(4))),
@@ -376,7 +384,10 @@ def test_worker_ran_in_interpreter(interpreter_report):
 
 @pytest.mark.parametrize("case_id", [c[0] for c in CASES])
 def test_kernel_matches_reference(interpreter_report, case_id):
-    res = interpreter_report["cases"][case_id]
+    _check_case(interpreter_report["cases"][case_id])
+
+
+def _check_case(res: dict) -> None:
     assert "error" not in res, res.get("error")
     assert res["dtype_ok"], "output dtype/shape differs from the reference"
     if "err_kernel" in res:  # bf16: no less accurate than the reference in bf16 (+ half an ulp of slack)
@@ -396,6 +407,28 @@ def test_kernel_matches_reference(interpreter_report, case_id):
         # fp32 gradients: 1e-5 absolute, relaxed only for reductions whose magnitude exceeds 1 (weight/shift
         # sums over many rows), where 1e-5 relative is the meaningful bound
         assert res[key] <= FP32_TOL * max(1.0, res[f"{key}_scale"]), (key, res)
+
+
+def test_compiled_kernels_on_cuda(tmp_path):
+    """The same cases with the compiled kernels on a GPU (runs only where CUDA and Triton are present)."""
+    import torch
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        pytest.skip("no CUDA device (or no Triton): compiled kernels are covered here by the sm_80 compile test")
+    out = tmp_path / "cuda.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("ACCVIDEO_KERNELS", "TRITON_INTERPRET")}
+    proc = subprocess.run([sys.executable, __file__, "--cuda", str(out)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert set(report["cases"]) == {c[0] for c in CASES}
+    failures = {}
+    for case_id, res in report["cases"].items():
+        try:
+            _check_case(res)
+        except AssertionError as exc:
+            failures[case_id] = str(exc)
+    assert not failures, failures
 
 
 @pytest.mark.parametrize("model", ["transformer", "vae_decode"])
@@ -424,5 +457,7 @@ def test_shape_errors_are_clear(interpreter_report):
 if __name__ == "__main__":
     if sys.argv[1] == "--compile":
         _compile_worker(sys.argv[3], int(sys.argv[2]))
+    elif sys.argv[1] == "--cuda":
+        _worker(sys.argv[2], device="cuda")
     else:
         _worker(sys.argv[1])
