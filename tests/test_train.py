@@ -237,3 +237,61 @@ def test_torchrun_two_ranks_fsdp2_matches_single_process(synvid, tmp_path):
     val = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
     assert val[-1]["type"] == "val"
     assert val[-1]["student_mse"] == pytest.approx(r1["val"]["student_mse"], rel=1e-4)
+
+
+_COMFY_PROBE = r'''
+import sys
+comfy_path, model_path, inputs_path, out_path = sys.argv[1:5]
+sys.path.insert(0, comfy_path)
+from comfy.cli_args import args
+args.cpu = True
+import torch
+import comfy.sd
+from safetensors.torch import load_file, save_file
+patcher = comfy.sd.load_diffusion_model(model_path, model_options={"dtype": torch.float32})
+dm = patcher.model.diffusion_model.float()
+x = load_file(inputs_path)
+with torch.no_grad():
+    v = dm(x["latents"], x["timestep"], x["text_states"], y=x["pooled"], guidance=x["guidance"])
+save_file({"velocity": v.float().contiguous()}, out_path)
+print("PROBE", type(patcher.model).__name__)
+'''
+
+
+@pytest.mark.integration
+def test_exported_student_loads_in_native_comfyui(tmp_path):
+    """The trainer's exported student (bf16, original layout) loads with ComfyUI's UNETLoader code path
+    (``comfy.sd.load_diffusion_model``) and predicts the same velocity as our transformer."""
+    comfy = os.environ.get("COMFYUI_PATH")
+    if not comfy or not (Path(comfy) / "main.py").is_file():
+        pytest.skip("integration tier: set COMFYUI_PATH to a ComfyUI checkout (>= 0.3.64) to run it")
+    from safetensors.torch import save_file
+
+    teacher = tiny_transformer(seed=5, comfy_compatible=True)
+    g = torch.Generator().manual_seed(2)
+    emb = {"text_states": torch.randn(2, 6, 32, generator=g), "text_mask": torch.ones(2, 6, dtype=torch.long),
+           "pooled": torch.randn(2, 768, generator=g), "prompts": ["a", "b"]}
+    dump_synvid(teacher, emb, tmp_path / "data", num=3, frames=1, height=16, width=16, steps=10, dtype="float32",
+                progress=lambda msg: None)
+    cfg = config_from_dict({
+        "data": {"root": str(tmp_path / "data"), "val_samples": 1},
+        "optim": {"steps": 1, "total_batch": 2, "lr": 1e-4}, "loss": {"head_width": 32, "head_groups": 8},
+        "log": {"out_dir": str(tmp_path / "run"), "plot": False, "save_dtype": "bf16"}})
+    Trainer(cfg, teacher=teacher).run()
+    path = tmp_path / "run" / "student.safetensors"
+    ours = load_transformer(path, dtype=torch.float32)
+    x = {"latents": torch.randn(1, 16, 1, 2, 2, generator=g), "timestep": torch.tensor([636.3636]),
+         "text_states": emb["text_states"][:1], "pooled": emb["pooled"][:1], "guidance": torch.tensor([6.0])}
+    save_file(x, str(tmp_path / "inputs.safetensors"))
+    (tmp_path / "probe.py").write_text(_COMFY_PROBE)
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    run = subprocess.run([python, str(tmp_path / "probe.py"), comfy, str(path), str(tmp_path / "inputs.safetensors"),
+                          str(tmp_path / "out.safetensors")], cwd=comfy, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "PROBE HunyuanVideo" in run.stdout
+    from safetensors.torch import load_file
+
+    theirs = load_file(tmp_path / "out.safetensors")["velocity"]
+    with torch.no_grad():
+        mine = ours(x["latents"], x["timestep"], x["text_states"], torch.ones(1, 6), x["pooled"], 6.0)
+    torch.testing.assert_close(theirs, mine, atol=2e-3, rtol=2e-3)

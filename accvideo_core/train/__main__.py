@@ -12,7 +12,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m accvideo_core.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m accvideo_core.train", description=(
+        "AccVideo distillation trainer; the same command runs under torchrun (FSDP2). See docs/training.md."))
     parser.add_argument("--config", help="JSON or TOML config (see docs/training.md); omitted = all defaults")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config field, value parsed as JSON (repeatable), e.g. optim.steps=100")
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.info.is_main:
             print(json.dumps({k: v for k, v in result.items() if k != "bad_samples"}, indent=2))
     except Interrupted as err:
-        print(str(err), file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(str(err), file=sys.stderr)
         code = 130
     except (ConfigError, SynVidError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

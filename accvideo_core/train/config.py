@@ -207,8 +207,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"config file not found: {path}")
         text = path.read_text()
         if path.suffix == ".toml":
-            import tomllib
-
+            try:
+                import tomllib
+            except ImportError as err:  # Python 3.10
+                raise ConfigError(f"{path}: TOML configs need Python 3.11+; use a .json config") from err
             data = tomllib.loads(text)
         elif path.suffix == ".json":
             data = json.loads(text)

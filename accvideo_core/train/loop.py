@@ -18,6 +18,7 @@ import random
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from accvideo_core.utils.io import atomic_path, load_torch, read_state_dict, sav
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CHECKPOINT_DIR = "checkpoints"
+SIGNAL_DEBOUNCE = 5.0  # seconds
 
 
 class Interrupted(Exception):
@@ -72,6 +74,7 @@ class Trainer:
         self.step = 0
         self.teacher5: float | None = None
         self.interrupted = False
+        self._signal_time = 0.0
         if resume:
             self._load_checkpoint(self._resolve_resume(resume))
         self.monitor = Monitor(self.out, total_steps=cfg.optim.steps, start_step=self.step,
@@ -452,9 +455,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
     def _on_signal(self, signum: int, frame: Any) -> None:
+        # Under torchrun a Ctrl-C reaches a worker twice (terminal + the agent forwarding it): repeats within
+        # SIGNAL_DEBOUNCE seconds are the same request; a later one aborts without saving.
+        now = time.monotonic()
         if self.interrupted:
-            raise KeyboardInterrupt
-        self.interrupted = True
+            if now - self._signal_time > SIGNAL_DEBOUNCE:
+                raise KeyboardInterrupt
+            return
+        self.interrupted, self._signal_time = True, now
         print(f"\nsignal {signum}: finishing this iteration, writing a checkpoint, then exiting "
               "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
