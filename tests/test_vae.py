@@ -99,11 +99,28 @@ def test_exact_chunked_decode_equals_untiled_within_budget(pair):
     exact = ours.decode(z, mode="exact", memory_budget=budget, measure=True,
                         progress=lambda done, total: progress.append((done, total)))
     info = ours.last_decode_info
-    assert info.mode == "exact"
+    assert info.mode == "exact" and "store=host" in info.notes
     assert info.max_time_chunks > 1 and info.max_space_chunks > 1, info
     assert info.device_peak_bytes <= budget, info
     assert (exact - untiled).abs().max().item() <= 1e-3
     assert progress[-1][0] == progress[-1][1] and len(progress) == progress[-1][1]
+
+
+@torch.no_grad()
+def test_exact_decode_with_the_store_on_the_device(pair):
+    """A budget that holds the activation store but not an untiled decode: store on the device, tiles in the rest."""
+    _, ours = pair
+    z = torch.randn(1, 16, 3, 4, 6)
+    untiled = ours.decode(z, mode="untiled")
+    activations = int(1.3 * ours.estimate_exact_host_bytes(z.shape))
+    assert activations < ours.estimate_untiled_bytes(z.shape)
+    budget = ours.weight_bytes() + activations
+    exact = ours.decode(z, memory_budget=budget, measure=True)
+    info = ours.last_decode_info
+    assert info.mode == "exact" and "store=device" in info.notes
+    assert info.max_time_chunks > 1 or info.max_space_chunks > 1, info
+    assert info.device_peak_bytes <= budget, info
+    assert (exact - untiled).abs().max().item() <= 1e-3
 
 
 @torch.no_grad()

@@ -456,7 +456,8 @@ class _LockstepDecoder:
     """Exact chunked decoding of one sample, layer by layer, with the activations in a store."""
 
     def __init__(self, vae: "HunyuanVideoVAE", budget: int, store: torch.device, info: DecodeInfo,
-                 progress: ProgressFn | None, meter: WorkingSetMeter | None = None) -> None:
+                 progress: ProgressFn | None, meter: WorkingSetMeter | None = None,
+                 store_on_device: bool = False) -> None:
         self.vae, self.dec = vae, vae.decoder
         self.device = vae.device
         self.dtype = vae.dtype
@@ -464,6 +465,7 @@ class _LockstepDecoder:
         self.groups = vae.config.norm_num_groups
         self.budget, self.store, self.info, self.progress = budget, store, info, progress
         self.meter = meter
+        self.store_on_device = store_on_device
         self.layers_done, self.layers_total = 0, self._count_layers()
 
     def _count_layers(self) -> int:
@@ -485,7 +487,10 @@ class _LockstepDecoder:
             return torch.empty(shape, dtype=dtype or self.dtype, device=device or self.store)
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        """Host -> device copy of a store region (always a fresh tensor, also when both are the CPU)."""
+        """A store region on the device: a fresh copy from a host store (also when host and device are both the
+        CPU), the region itself when the store is on the device (no caller modifies it in place)."""
+        if self.store_on_device:
+            return x
         if x.device == self.device:
             return x.clone(memory_format=torch.contiguous_format)
         return x.to(self.device, non_blocking=True)
@@ -844,7 +849,13 @@ class HunyuanVideoVAE(nn.Module):
                 video = torch.cat([self.decoder(self.post_quant_conv(z[i:i + 1])) for i in range(z.shape[0])])
                 if output_device is not None:
                     video = video.to(output_device)
-            elif mode == "exact" and self.estimate_exact_host_bytes(latents.shape) > 0.9 * _available_host_memory():
+            elif mode == "exact" and (store_bytes := self.estimate_exact_host_bytes(latents.shape)) * 1.15 \
+                    <= activation_budget:
+                # the activation store itself fits the device: no host round trips, tiles get the rest
+                info.notes.append("store=device")
+                video = self._decode_exact(z, activation_budget - store_bytes, info, progress, output_device,
+                                           tracker.meter, store_on_device=True)
+            elif mode == "exact" and store_bytes > 0.9 * _available_host_memory():
                 message = (f"exact VAE decode needs ~{self.estimate_exact_host_bytes(latents.shape) / 2**30:.1f} GiB "
                            "of host memory for its activation store, more than is available: falling back to "
                            "mode='fast' (blended tiles)")
@@ -853,7 +864,9 @@ class HunyuanVideoVAE(nn.Module):
                 info.notes.append(message)
                 video = self._decode_fast(z, tiling, activation_budget, info, progress, output_device)
             elif mode == "exact":
-                video = self._decode_exact(z, activation_budget, info, progress, output_device, tracker.meter)
+                info.notes.append("store=host")
+                video = self._decode_exact(z, activation_budget, info, progress, output_device, tracker.meter,
+                                           store_on_device=False)
             else:
                 video = self._decode_fast(z, tiling, activation_budget, info, progress, output_device)
         info.device_peak_bytes = None if tracker.peak is None else tracker.peak + info.weight_bytes
@@ -883,18 +896,19 @@ class HunyuanVideoVAE(nn.Module):
                                    f"as black frames; {hint}")
 
     def _decode_exact(self, z: torch.Tensor, budget: int, info: DecodeInfo, progress: ProgressFn | None,
-                      output_device, meter: WorkingSetMeter | None) -> torch.Tensor:
-        store = torch.device("cpu")
+                      output_device, meter: WorkingSetMeter | None, store_on_device: bool) -> torch.Tensor:
+        store = self.device if store_on_device else torch.device("cpu")
+        host_meter = None if store_on_device else meter  # host-store buffers are not device memory
         out_device = torch.device(output_device) if output_device is not None else store
         b, _, t, h, w = z.shape
         s, tc = self.config.spatial_compression, self.config.temporal_compression
-        ctx = meter.ignoring() if meter is not None else contextlib.nullcontext()
+        ctx = host_meter.ignoring() if host_meter is not None else contextlib.nullcontext()
         with ctx:
             video = torch.empty((b, self.config.out_channels, tc * (t - 1) + 1, s * h, s * w), dtype=self.dtype,
                                 device=out_device)
             z = z.to(store)
         for i in range(b):
-            runner = _LockstepDecoder(self, budget, store, info, progress, meter)
+            runner = _LockstepDecoder(self, budget, store, info, progress, host_meter, store_on_device)
             runner(z[i:i + 1], video[i:i + 1])
         return video
 
