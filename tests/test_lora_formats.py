@@ -276,3 +276,15 @@ def test_comfy_patches_matched_against_comfy_model_shapes(base_sd, caplog):
     assert len([r for r in caplog.records if r.name == "accvideo_core.lora"]) == 1
     with pytest.raises(LoraFormatError):
         comfy_patches({k: v for k, v in tensors.items() if ".5." in k}, comfy_shapes)
+
+
+def test_module_catalogue_is_the_transformer_layout():
+    """names.all_modules (used to resolve every naming) lists exactly the transformer's weighted modules."""
+    from accvideo_core.lora import names
+
+    model_modules = [k.removesuffix(".weight") for k in tiny_transformer(seed=1).state_dict() if k.endswith(".weight")]
+    assert sorted(names.all_modules(n_double=2, n_single=2, n_refiner=2)) == sorted(model_modules)
+    for module in model_modules:
+        assert names.resolve(module).module == module
+        assert names.resolve(module.replace(".", "_")).module == module
+        assert names.resolve(comfy_names.to_comfy_module(module)).module == module

@@ -49,10 +49,6 @@ class MatchReport:
     patches: dict[str, ModulePatch]  # module -> patch, modules present in the model only
     absent: list[str]  # modules of the LoRA the model does not have
 
-    @property
-    def applied_keys(self) -> int:
-        return sum(len(p.keys) for p in self.patches.values())
-
     def message(self) -> str | None:
         """One warning line for a partial match, None when every key is used."""
         skipped = [k for m in self.absent for k in self.state.modules[m].keys] + list(self.state.unused)
@@ -110,13 +106,13 @@ def merge_into_state_dict(sd: Mapping[str, torch.Tensor], loras: Iterable[tuple[
     return out
 
 
-def _deltas(patch: ModulePatch, shapes: Mapping[str, torch.Size], module: str, *, device=None
-            ) -> list[tuple[str, torch.Tensor]]:
+def _deltas(patch: ModulePatch, shapes: Mapping[str, torch.Size], module: str) -> list[tuple[str, torch.Tensor]]:
+    """(parameter key, fp32 delta) pairs of one module patch."""
     out = []
-    weight = patch.weight_delta(shapes[f"{module}.weight"], device=device)
+    weight = patch.weight_delta(shapes[f"{module}.weight"])
     if weight is not None:
         out.append((f"{module}.weight", weight))
-    bias = patch.bias_delta(shapes[f"{module}.bias"], device=device) if patch.diff_b is not None else None
+    bias = patch.bias_delta(shapes[f"{module}.bias"]) if patch.diff_b is not None else None
     if bias is not None:
         out.append((f"{module}.bias", bias))
     return out

@@ -120,7 +120,7 @@ class WeightSource:
             raise CheckpointError(f"{self.name}: parts of {key} are missing ({[k for k, _ in parts]})")
         full = tensors[0][0].new_empty((per_unit * total, *tensors[0][0].shape[1:]))
         for tensor, target in tensors:
-            for dst, src in target.place_rows(tensor, per_unit):
+            for dst, src in target.place_rows(per_unit):
                 full[dst] = tensor[src]
         return full
 

@@ -285,9 +285,8 @@ def load_lora(lora: str | os.PathLike | Mapping[str, torch.Tensor], *,
     prefixes: set[str] = set()
     namings: set[str] = set()
     for group in groups.values():
-        used = _add_group(group, modules, peft)
         role_keys = {r: k for r, k in group.keys.items() if r != "prefix"}
-        if used is None:
+        if not _add_group(group, modules, peft):
             for r, k in role_keys.items():
                 unused[k] = f"{r} without its partner tensors"
             continue
@@ -308,14 +307,14 @@ def load_lora(lora: str | os.PathLike | Mapping[str, torch.Tensor], *,
     return LoraState(modules, _format_label(prefixes, namings), source, len(tensors), unused)
 
 
-def _add_group(group: _Group, modules: dict[str, ModulePatch], peft: dict) -> bool | None:
-    """Fold one file group into ``modules``; None when its tensors are incomplete."""
+def _add_group(group: _Group, modules: dict[str, ModulePatch], peft: dict) -> bool:
+    """Fold one file group into ``modules``; False (nothing added) when its tensors are incomplete."""
     t = group.tensors
     up, down = t.get("up"), t.get("down")
     if (up is None) != (down is None):
-        return None
+        return False
     if up is None and "diff" not in t and "diff_b" not in t:
-        return None
+        return False
     target = group.target
     patch = modules.setdefault(target.module, ModulePatch(target.module))
     if up is not None:
@@ -345,6 +344,6 @@ def _place(target: names.Target, part: torch.Tensor, name: str) -> torch.Tensor:
         raise LoraFormatError(f"{name}: {part.shape[0]} rows do not split into {n_units} equal parts")
     per_unit = part.shape[0] // n_units
     full = part.new_zeros((per_unit * target.total_units, *part.shape[1:]))
-    for dst, src in target.place_rows(part, per_unit):
+    for dst, src in target.place_rows(per_unit):
         full[dst] = part[src]
     return full

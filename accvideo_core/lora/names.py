@@ -88,8 +88,8 @@ class Target:
     units: tuple[int, ...] | None = None
     total_units: int = 1
 
-    def place_rows(self, part: torch.Tensor, rows_per_unit: int) -> list[tuple[slice, slice]]:
-        """(rows in the full module, rows in ``part``) pairs that copy ``part`` into the full module."""
+    def place_rows(self, rows_per_unit: int) -> list[tuple[slice, slice]]:
+        """(rows in the full module, rows in the part) pairs that copy a part named by this target into place."""
         assert self.units is not None
         return [
             (slice(u * rows_per_unit, (u + 1) * rows_per_unit), slice(k * rows_per_unit, (k + 1) * rows_per_unit))
