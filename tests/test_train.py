@@ -76,6 +76,18 @@ def test_config_errors_are_clear(tmp_path):
     assert (cfg.loss.lambda_adv, cfg.optim.lr, cfg.optim.head_lr) == (0.1, 5e-6, 5e-6)  # paper defaults
 
 
+def test_memory_estimate_of_the_13b_run():
+    from accvideo_core.models.transformer_hunyuan_video import TransformerConfig
+    from accvideo_core.train.estimate import estimate
+
+    e = estimate(TransformerConfig(), frames=93, height=544, width=960, gpus=8)
+    assert e.params == 12_821_012_544 and e.tokens == 24 * 34 * 60 + 256
+    assert e.static["AdamW states"] == pytest.approx(8 * e.params / 8 / 1e9)
+    assert 70 < e.peak < 76  # docs/training.md: ~73 GB per GPU without sequence parallelism
+    sp = estimate(TransformerConfig(), frames=93, height=544, width=960, gpus=8, sp=8)
+    assert sp.activations["adversarial phase"] == pytest.approx(e.activations["adversarial phase"] / 8)
+
+
 def test_distillation_beats_teacher_few_steps_and_skips_corrupt_sample(synvid, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(synvid / "data", data)
