@@ -93,6 +93,30 @@ def test_pt_wrappers_prefixes_and_diffusers_layout_load_identically(model, input
     assert torch.equal(_out(load_transformer({"diffusion_model." + k: v for k, v in sd.items()}), inputs), ref)
 
 
+def _comfy_internal_names(key: str) -> str:
+    """ComfyUI's own renaming of original HunyuanVideo keys on load (comfy/supported_models.py, v0.3.x)."""
+    key = key.replace("txt_in.t_embedder.mlp.0.", "txt_in.t_embedder.in_layer.").replace(
+        "txt_in.t_embedder.mlp.2.", "txt_in.t_embedder.out_layer.")
+    key = key.replace("txt_in.c_embedder.linear_1.", "txt_in.c_embedder.in_layer.").replace(
+        "txt_in.c_embedder.linear_2.", "txt_in.c_embedder.out_layer.")
+    key = key.replace("_mod.linear.", "_mod.lin.").replace("_attn_qkv.", "_attn.qkv.")
+    key = key.replace("mlp.fc1.", "mlp.0.").replace("mlp.fc2.", "mlp.2.")
+    key = key.replace("_attn_q_norm.weight", "_attn.norm.query_norm.scale").replace(
+        "_attn_k_norm.weight", "_attn.norm.key_norm.scale")
+    key = key.replace(".q_norm.weight", ".norm.query_norm.scale").replace(".k_norm.weight", ".norm.key_norm.scale")
+    key = key.replace("_attn_proj.", "_attn.proj.")
+    key = key.replace(".modulation.linear.", ".modulation.lin.")
+    return key.replace("_in.mlp.2.", "_in.out_layer.").replace("_in.mlp.0.", "_in.in_layer.")
+
+
+def test_comfyui_internal_names_load(model, inputs):
+    internal = {"model.model." + _comfy_internal_names(k): v for k, v in model.state_dict().items()}
+    assert "model.model.double_blocks.0.img_attn.norm.query_norm.scale" in internal
+    assert "model.model.time_in.in_layer.weight" in internal
+    loaded = load_transformer(internal)
+    assert loaded.config == model.config and torch.equal(_out(loaded, inputs), _out(model, inputs))
+
+
 def test_saved_file_keeps_its_rope_axes(tmp_path):
     model = tiny_transformer(seed=24, rope_axes=(2, 6, 8))
     path = save_transformer(model, tmp_path / "m.safetensors")

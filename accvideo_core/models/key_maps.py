@@ -226,3 +226,40 @@ def strip_prefix(sd: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> t
             return sub, prefix
     return dict(sd), ""
 
+
+
+# ComfyUI's internal (Flux-style) names for the same tensors, as its HunyuanVideo model renames the original keys
+# on load. Inverse replacements, applied in this order to a key in ComfyUI's names.
+_COMFY_TO_ORIGINAL: tuple[tuple[str, str], ...] = (
+    ("mlp.0.", "mlp.fc1."),  # block MLPs; must run before the embedders below produce "mlp.0."
+    ("mlp.2.", "mlp.fc2."),
+    ("txt_in.t_embedder.in_layer.", "txt_in.t_embedder.mlp.0."),
+    ("txt_in.t_embedder.out_layer.", "txt_in.t_embedder.mlp.2."),
+    ("txt_in.c_embedder.in_layer.", "txt_in.c_embedder.linear_1."),
+    ("txt_in.c_embedder.out_layer.", "txt_in.c_embedder.linear_2."),
+    ("time_in.in_layer.", "time_in.mlp.0."),
+    ("time_in.out_layer.", "time_in.mlp.2."),
+    ("guidance_in.in_layer.", "guidance_in.mlp.0."),
+    ("guidance_in.out_layer.", "guidance_in.mlp.2."),
+    ("_mod.lin.", "_mod.linear."),
+    (".modulation.lin.", ".modulation.linear."),
+    ("_attn.qkv.", "_attn_qkv."),
+    ("_attn.proj.", "_attn_proj."),
+    ("_attn.norm.query_norm.scale", "_attn_q_norm.weight"),
+    ("_attn.norm.key_norm.scale", "_attn_k_norm.weight"),
+    (".norm.query_norm.scale", ".q_norm.weight"),
+    (".norm.key_norm.scale", ".k_norm.weight"),
+)
+
+
+def comfy_internal_to_original(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """ComfyUI-internal HunyuanVideo names (``double_blocks.0.img_attn.qkv.weight``, ``img_mod.lin``,
+    ``img_attn.norm.query_norm.scale``, ``time_in.in_layer``, ...) -> original names. Tensors are unchanged."""
+    out: StateDict = {}
+    for key, tensor in sd.items():
+        new = key
+        for comfy, original in _COMFY_TO_ORIGINAL:
+            if comfy in new:
+                new = new.replace(comfy, original)
+        out[new] = tensor
+    return out

@@ -2,7 +2,8 @@
 
 Accepted: the original layout (``.pt``/``.pth``/``.bin`` read weights-only with ``module``/``ema``/``state_dict``
 wrappers unwrapped, or ``.safetensors``), ComfyUI / diffusion-pipe prefixes (``model.diffusion_model.``,
-``diffusion_model.``, ``transformer.``), the diffusers layout (converted), and fp8 (e4m3fn / e5m2) weights, which
+``diffusion_model.``, ``transformer.``, ``model.model.``), the diffusers layout and ComfyUI's internal (Flux-style)
+names (both converted), and fp8 (e4m3fn / e5m2) weights, which
 stay fp8 in memory and are up-cast per call to the compute dtype (ComfyUI "fp8_scaled" ``scale_weight`` honoured).
 The architecture is read from tensor shapes. A wrong or partial file raises ``CheckpointError`` naming the detected
 model family, the first missing / unexpected keys and what was expected.
@@ -21,14 +22,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..utils.io import CheckpointError, StateDict, read_state_dict, save_safetensors
-from .key_maps import DIFFUSERS_MARKER, ORIGINAL_MARKER, diffusers_to_original, strip_prefix
+from .key_maps import (DIFFUSERS_MARKER, ORIGINAL_MARKER, comfy_internal_to_original, diffusers_to_original,
+                       strip_prefix)
 from .transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig
 
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
+PREFIXES = ("model.diffusion_model.", "model.model.", "diffusion_model.", "transformer.")
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 CONFIG_METADATA_KEY = "accvideo.transformer_config"
 ORIGINAL_LAYOUT = "HunyuanVideo transformer (original layout)"
 DIFFUSERS_LAYOUT = "HunyuanVideo transformer (diffusers layout)"
+COMFY_LAYOUT = "HunyuanVideo transformer (ComfyUI internal names)"
 _EXPECTED = ("an original-layout HunyuanVideo / AccVideo transformer (keys like 'double_blocks.0.img_attn_qkv.weight', "
              "optionally prefixed 'model.diffusion_model.') or a diffusers HunyuanVideoTransformer3DModel "
              "('transformer_blocks.0.attn.to_q.weight')")
@@ -56,12 +59,12 @@ def detect_family(sd: Mapping[str, torch.Tensor]) -> str:
     has = lambda pattern: any(re.search(pattern, k) for k in keys)  # noqa: E731
     if has(r"lora_(A|B|up|down)\b|\.lora\.|\.alpha$"):
         return "a LoRA (load it with the LoRA tools, not as a model)"
+    if has(r"^double_blocks\.\d+\.img_attn\.qkv\.") and has(r"^txt_in\.individual_token_refiner\."):
+        return COMFY_LAYOUT
     if ORIGINAL_MARKER in sd or has(r"^double_blocks\.\d+\.img_attn_qkv\.") or has(r"^single_blocks\.\d+\.linear1\."):
         return ORIGINAL_LAYOUT
     if DIFFUSERS_MARKER in sd or has(r"^transformer_blocks\.\d+\.attn\.add_q_proj\.") and has(r"^context_embedder\."):
         return DIFFUSERS_LAYOUT
-    if has(r"_attn\.qkv\.") and has(r"^txt_in\.individual_token_refiner\."):
-        return "HunyuanVideo transformer (ComfyUI internal names; save it from ComfyUI with ModelSave instead)"
     if has(r"^double_blocks\.\d+\.img_attn\.qkv\."):
         return "Flux-style DiT (Flux / HunyuanImage)"
     if has(r"^blocks\.\d+\.self_attn\.") or has(r"^blocks\.\d+\.cross_attn\."):
@@ -126,6 +129,8 @@ def to_original_layout(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, str]:
         except KeyError as err:
             raise CheckpointError(f"detected {family}, but it cannot be converted: {err.args[0]}; "
                                   f"expected {_EXPECTED}") from err
+    elif family == COMFY_LAYOUT:
+        sd = comfy_internal_to_original(sd)
     elif family != ORIGINAL_LAYOUT:
         first = ", ".join(list(sd)[:3])
         raise CheckpointError(f"this file is not a HunyuanVideo transformer: detected {family} (first keys: "
