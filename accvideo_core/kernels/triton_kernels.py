@@ -9,7 +9,7 @@ Backward passes:
 - ``rms_norm_rope``, ``layer_norm_modulate``, ``gated_residual``: Triton backward kernels (one fused pass each;
   per-program partial sums for the weight / shift / scale / gate gradients are reduced with ``torch.sum``).
 - ``group_norm_silu`` (VAE only, not trained): forward in Triton, backward recomputes with the reference under
-  autograd (correct, not fused).
+  autograd (correct, not fused). ``group_norm_stats`` has no backward (with grad enabled it uses the reference).
 """
 from __future__ import annotations
 
