@@ -84,6 +84,9 @@ def make_cases(tokens: int, text_tokens: int, hidden: int, head_dim: int, vae_sh
         c = vae_shape[1]
         return (rand(*vae_shape), rand(c, scale=0.2) + 1, rand(c, scale=0.1), 32), {}
 
+    def gn_stats_args():  # statistics of a time slice, as the VAE's exact chunked decode accumulates them
+        return (rand(*vae_shape)[:, :, 1:], 32), {}
+
     vae_numel = 1
     for s in vae_shape:
         vae_numel *= s
@@ -94,6 +97,7 @@ def make_cases(tokens: int, text_tokens: int, hidden: int, head_dim: int, vae_sh
         Case("gated_residual", gated_args, 3 * n * es + hidden * es, 3 * n * es, (0, 1, 2)),
         # GroupNorm computes its own statistics: one read for them, one read + one write to apply.
         Case("group_norm_silu", gn_args, 3 * vae_numel * es, 0, ()),
+        Case("group_norm_stats", gn_stats_args, vae_numel // vae_shape[2] * (vae_shape[2] - 1) * es, 0, ()),
     ]
 
 

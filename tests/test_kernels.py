@@ -32,7 +32,8 @@ v = torch.randn(1, 4, 3)
 pairs = [(kernels.rms_norm_rope(x4, s[0], cos, sin), reference.rms_norm_rope(x4, s[0], cos, sin)),
          (kernels.layer_norm_modulate(x3, s, s), reference.layer_norm_modulate(x3, s, s)),
          (kernels.gated_residual(x3, x3, s), reference.gated_residual(x3, x3, s)),
-         (kernels.group_norm_silu(v, s[0], s[0], 2), reference.group_norm_silu(v, s[0], s[0], 2))]
+         (kernels.group_norm_silu(v, s[0], s[0], 2), reference.group_norm_silu(v, s[0], s[0], 2)),
+         (kernels.group_norm_stats(v, 2)[1], reference.group_norm_stats(v, 2)[1])]
 same_as_reference = all(torch.equal(a, b) for a, b in pairs)
 """
 
