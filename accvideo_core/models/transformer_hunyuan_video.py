@@ -359,14 +359,17 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+@dataclass
 class _Prepared:
     """Everything the blocks need, computed once per forward."""
 
-    __slots__ = ("img", "txt", "vec_act", "cos", "sin", "key_mask", "grid")
-
-    def __init__(self, **kw: Any) -> None:
-        for k, v in kw.items():
-            setattr(self, k, v)
+    img: torch.Tensor | None  # [B, N_img, hidden]
+    txt: torch.Tensor | None  # [B, L_valid, hidden] (padding dropped or left-packed)
+    vec_act: torch.Tensor  # silu(conditioning vector) [B, hidden]
+    cos: torch.Tensor  # RoPE tables [N_img, head_dim] fp32
+    sin: torch.Tensor
+    key_mask: torch.Tensor | None  # [B, N_img + L_valid] bool, only for mixed valid lengths
+    grid: tuple[int, int, int]  # (T', H', W') token grid
 
 
 class HunyuanVideoTransformer3D(nn.Module):
