@@ -169,12 +169,15 @@ def extract(base: str | os.PathLike | Mapping[str, torch.Tensor], tuned: str | o
             base_t, tuned_t = base_src.get(key).to(device), tuned_src.get(key).to(device)
             if base_t.shape != tuned_t.shape:
                 raise CheckpointError(f"{key}: shapes differ ({tuple(base_t.shape)} vs {tuple(tuned_t.shape)})")
-            result.layers.append(_extract_one(key, tuned_t - base_t, base_t, rank, svd, qk_norms,
-                                              result.tensors))
-            del base_t, tuned_t
+            base_norm = float(base_t.norm())
+            diff = tuned_t - base_t
+            del base_t, tuned_t  # only the difference stays alive during the SVD
+            layer, tensors = _extract_one(key, diff, base_norm, rank, svd, qk_norms)
+            result.layers.append(layer)
+            result.tensors.update({k: v.to("cpu", dtype) if v.ndim else v for k, v in tensors.items()})
+            del diff, tensors
         if progress is not None:
             progress(len(keys), len(keys), "")
-    result.tensors = {k: v.to(dtype) if v.is_floating_point() and v.ndim > 0 else v for k, v in result.tensors.items()}
     if out is not None:
         meta = {"format": "pt", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
                 "accvideo_lora": json.dumps({"rank": rank, "base": base_src.name, "tuned": tuned_src.name,
@@ -184,38 +187,36 @@ def extract(base: str | os.PathLike | Mapping[str, torch.Tensor], tuned: str | o
     return result
 
 
-def _extract_one(key: str, diff: torch.Tensor, base: torch.Tensor, rank: int, svd: str, qk_norms: str,
-                 tensors: dict[str, torch.Tensor]) -> LayerResult:
+def _extract_one(key: str, diff: torch.Tensor, base_norm: float, rank: int, svd: str, qk_norms: str
+                 ) -> tuple[LayerResult, dict[str, torch.Tensor]]:
+    """The LoRA tensors (fp32) of one parameter's difference, and what was written."""
     module, _, param = key.rpartition(".")
     norm = float(diff.norm())
-    rel_change = norm / max(float(base.norm()), 1e-30)
+    rel_change = norm / max(base_norm, 1e-30)
     if norm == 0.0:
-        return LayerResult(key, "unchanged")
+        return LayerResult(key, "unchanged"), {}
     name = comfy_names.lora_name_for_comfy(module)
     if names.module_kind(module) == "rmsnorm" and qk_norms != "comfy":
         if qk_norms == "skip":
-            return LayerResult(key, "skipped", rel_change=rel_change)
+            return LayerResult(key, "skipped", rel_change=rel_change), {}
         name = module
     prefix = f"{comfy_names.COMFY_PREFIX}{name}"
     if param == "bias":
-        tensors[f"{prefix}.diff_b"] = diff
-        return LayerResult(key, "diff_b", rel_change=rel_change)
+        return LayerResult(key, "diff_b", rel_change=rel_change), {f"{prefix}.diff_b": diff}
     if diff.ndim < 2:
-        tensors[f"{prefix}.diff"] = diff
-        return LayerResult(key, "diff", rel_change=rel_change)
+        return LayerResult(key, "diff", rel_change=rel_change), {f"{prefix}.diff": diff}
     matrix = diff.flatten(1)
     rows, cols = matrix.shape
     r = min(rank, rows, cols)
     if r * (rows + cols) >= rows * cols:
-        tensors[f"{prefix}.diff"] = diff
-        return LayerResult(key, "diff", rank=min(rows, cols), rel_change=rel_change)
+        return LayerResult(key, "diff", rank=min(rows, cols), rel_change=rel_change), {f"{prefix}.diff": diff}
     up, down = _low_rank(matrix, r, svd)
-    rel_error = float((matrix - up @ down).norm()) / norm
+    rel_error = float(torch.addmm(matrix, up, down, alpha=-1).norm()) / norm
     extra = (1,) * (diff.ndim - 2)
-    tensors[f"{prefix}.lora_up.weight"] = up.reshape(rows, r, *extra).contiguous()
-    tensors[f"{prefix}.lora_down.weight"] = down.reshape(r, *diff.shape[1:]).contiguous()
-    tensors[f"{prefix}.alpha"] = torch.tensor(float(r))
-    return LayerResult(key, "lora", rank=r, rel_error=rel_error, rel_change=rel_change)
+    tensors = {f"{prefix}.lora_up.weight": up.reshape(rows, r, *extra).contiguous(),
+               f"{prefix}.lora_down.weight": down.reshape(r, *diff.shape[1:]).contiguous(),
+               f"{prefix}.alpha": torch.tensor(float(r))}
+    return LayerResult(key, "lora", rank=r, rel_error=rel_error, rel_change=rel_change), tensors
 
 
 def progress_printer(stream=None, *, every: float = 0.5) -> Progress:
