@@ -496,10 +496,10 @@ class _LockstepDecoder:
         return x.to(self.device, non_blocking=True)
 
     # -- tile planning -------------------------------------------------------------------------------------------
-    def _plan(self, shape: tuple[int, int, int], bytes_fn: Callable[[int, int, int], int],
-              what: str) -> list[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]:
+    def _plan(self, shape: tuple[int, int, int], bytes_fn: Callable[[int, int, int], int], what: str,
+              min_time_parts: int = 1) -> list[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]:
         """Largest tiles (halving the longest side) whose estimated working set fits the budget."""
-        parts = [1, 1, 1]
+        parts = [min(min_time_parts, shape[0]), 1, 1]
         while True:
             sizes = [-(-n // p) for n, p in zip(shape, parts)]
             if bytes_fn(*sizes) <= self.budget:
@@ -526,8 +526,14 @@ class _LockstepDecoder:
                    up: tuple[int, int] | None = None, residual: torch.Tensor | None = None,
                    shortcut: CausalConv3d | None = None, out: torch.Tensor | None = None,
                    out_device: torch.device | None = None, out_dtype: torch.dtype | None = None,
-                   want_stats: bool = True) -> tuple[torch.Tensor, _Stats | None]:
-        """``conv(upsample(norm_silu(pre(src))))`` (+ residual), tile by tile, into ``out``."""
+                   want_stats: bool = True, overwrite_src: bool = False) -> tuple[torch.Tensor, _Stats | None]:
+        """``conv(upsample(norm_silu(pre(src))))`` (+ residual), tile by tile, into ``out``.
+
+        ``overwrite_src``: write the result over ``src`` itself (same width, no upsampling), saving a full-volume
+        buffer. Temporal chunks then run from the last to the first, each computed into a chunk buffer and
+        copied back once complete: a chunk only reads its own and earlier frames (causal), which are untouched
+        until then.
+        """
         _, c_in, t_in, h_in, w_in = src.shape
         ft, fs = up or (1, 1)
         t_up = t_in if ft == 1 else 1 + ft * (t_in - 1)
@@ -535,7 +541,11 @@ class _LockstepDecoder:
         c_out, k = conv.conv.out_channels, conv.kernel_size
         c_mid = pre.out_channels if pre is not None else c_in
         pad = k // 2
-        if out is None:
+        if overwrite_src:
+            if up is not None or c_out != c_in or out is not None:
+                raise ValueError("overwrite_src needs a same-width convolution without upsampling")
+            out = src
+        elif out is None:
             out = self._store_empty((1, c_out, t_up, h_up, w_up), out_dtype, out_device)
         mean = rstd = None
         if norm is not None:
@@ -554,7 +564,32 @@ class _LockstepDecoder:
             return int(1.1 * es * (moved + normed + expanded + 2 * y + res) + stats_tmp)
 
         acc = _Stats(self.groups) if want_stats else None
-        for (t0, t1), (h0, h1), (w0, w1) in self._plan((t_up, h_up, w_up), tile_bytes, f"{c_out}-channel conv"):
+        tiles = self._plan((t_up, h_up, w_up), tile_bytes, f"{c_out}-channel conv", 4 if overwrite_src else 1)
+        if overwrite_src:
+            spans = sorted({tile[0] for tile in tiles}, reverse=True)
+            schedule = [(span, [tile for tile in tiles if tile[0] == span]) for span in spans]
+        else:
+            schedule = [(None, tiles)]
+        for span, span_tiles in schedule:
+            self._conv_tiles(src, conv, span_tiles, out, span, norm, mean, rstd, pre, residual, shortcut, acc,
+                             (t_up, h_up, w_up), (ft, fs))
+        self._step()
+        return out, acc
+
+    def _conv_tiles(self, src: torch.Tensor, conv: CausalConv3d, tiles: list, out: torch.Tensor,
+                    span: tuple[int, int] | None, norm: nn.GroupNorm | None, mean: torch.Tensor | None,
+                    rstd: torch.Tensor | None, pre: nn.Conv3d | None, residual: torch.Tensor | None,
+                    shortcut: CausalConv3d | None, acc: _Stats | None, up_shape: tuple[int, int, int],
+                    factors: tuple[int, int]) -> None:
+        """The tiles of ``conv_layer``; with a temporal ``span``, into a chunk buffer copied onto ``out`` at the end."""
+        t_up, h_up, w_up = up_shape
+        ft, fs = factors
+        k, pad = conv.kernel_size, conv.kernel_size // 2
+        target, t_offset = out, 0
+        if span is not None:
+            target = self._store_empty((1, out.shape[1], span[1] - span[0], h_up, w_up))
+            t_offset = span[0]
+        for (t0, t1), (h0, h1), (w0, w1) in tiles:
             idx = []
             for lo, hi, before, size, factor, is_time in ((t0, t1, k - 1, t_up, ft, True),
                                                           (h0, h1, pad, h_up, fs, False),
@@ -582,17 +617,18 @@ class _LockstepDecoder:
                 del skip
             if acc is not None:
                 acc.add(y)
-            out[:, :, t0:t1, h0:h1, w0:w1].copy_(y)
+            target[:, :, t0 - t_offset:t1 - t_offset, h0:h1, w0:w1].copy_(y)
             del y
-        self._step()
-        return out, acc
+        if span is not None:
+            out[:, :, span[0]:span[1]].copy_(target)
 
     def resnet(self, x: torch.Tensor, stats: _Stats, block: ResnetBlockCausal3D) -> tuple[torch.Tensor, _Stats]:
         hidden, hidden_stats = self.conv_layer(x, block.conv1, norm=block.norm1, stats=stats)
-        in_place = x if block.conv_shortcut is None else None  # each output tile reads only its own skip tile
-        out, out_stats = self.conv_layer(hidden, block.conv2, norm=block.norm2, stats=hidden_stats, residual=x,
-                                         shortcut=block.conv_shortcut, out=in_place)
-        return out, out_stats
+        if block.conv_shortcut is None:  # each output tile reads only its own skip tile: write over x
+            return self.conv_layer(hidden, block.conv2, norm=block.norm2, stats=hidden_stats, residual=x, out=x)
+        # widths differ: x must survive for the skip, so write over the hidden activation instead
+        return self.conv_layer(hidden, block.conv2, norm=block.norm2, stats=hidden_stats, residual=x,
+                               shortcut=block.conv_shortcut, overwrite_src=True)
 
     # -- frame-causal attention with streamed keys/values --------------------------------------------------------
     def attention(self, x: torch.Tensor, stats: _Stats, attn: CausalFrameAttention) -> tuple[torch.Tensor, _Stats]:
@@ -797,7 +833,8 @@ class HunyuanVideoVAE(nn.Module):
                 ft, fs = factors[i - 1]
                 t, h, w = (t if ft == 1 else 1 + ft * (t - 1)), h * fs, w * fs
             c_in, c_out = widths[max(i - 1, 0)], widths[min(i, len(widths) - 1)]
-            peak = max(peak, (c_in + 2 * c_out) * t * h * w * es)
+            # a resnet's input and hidden activation, plus one temporal chunk (<= 1/4) when they differ in width
+            peak = max(peak, (c_in + c_out * (1.25 if c_in != c_out else 1)) * t * h * w * es)
         return int(peak + self.config.out_channels * t * h * w * es)
 
     def resolve_budget(self, memory_budget: int | str | None) -> int:
