@@ -218,10 +218,42 @@ def test_attention_dispatcher():
 
 def test_attention_backend_choice(monkeypatch):
     q = torch.randn(1, 4, 2, 8)
+    mask = torch.ones(1, 4, dtype=torch.bool)
     assert attn._pick("flash", q, None) == "sdpa"  # CPU fp32: the CUDA kernels cannot run, SDPA does
-    monkeypatch.setattr(attn, "_kernel_can_run", lambda q, mask: True)
+    monkeypatch.setattr(attn, "_kernel_can_run", lambda q: True)
     monkeypatch.setattr(attn, "is_available", lambda name: name == "sage")
     assert attn._pick("auto", q, None) == "sage"  # flash missing -> sage
+    assert attn._pick("auto", q, mask) == "sdpa"  # sage has no masks
+    monkeypatch.setattr(attn, "is_available", lambda name: True)
     assert attn._pick("flash", q, None) == "flash"
+    assert attn._pick("auto", q, mask) == "flash_varlen"
+    assert attn._pick("flash", q, mask[:, None].expand(1, 4, 4)) == "sdpa"  # per-query masks: SDPA
     monkeypatch.setattr(attn, "is_available", lambda name: False)
     assert attn._pick("auto", q, None) == "sdpa"
+
+
+def test_flash_varlen_packing(monkeypatch):
+    """The varlen path packs each row's valid tokens into one sequence (checked with a torch stand-in kernel)."""
+    import sys
+    import types
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+        outs = []
+        for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            outs.append(attn.attention(q[None, start:end], k[None, start:end], v[None, start:end],
+                                       backend="sdpa").view(end - start, *q.shape[1:]))
+        return torch.cat(outs)
+
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_varlen_func = varlen
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    monkeypatch.setattr(attn, "_kernel_can_run", lambda q: True)
+    monkeypatch.setattr(attn, "is_available", lambda name: True)
+    q, k, v = (torch.randn(2, 6, 3, 8) for _ in range(3))
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    out = attn.attention(q, k, v, mask, backend="flash").view(2, 6, 3, 8)
+    torch.testing.assert_close(out[0, :4].reshape(4, 24), attn.attention(q[:1, :4], k[:1, :4], v[:1, :4],
+                                                                       backend="sdpa")[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out[1].reshape(6, 24), attn.attention(q[1:], k[1:], v[1:], backend="sdpa")[0],
+                               atol=1e-6, rtol=1e-6)
+    assert torch.equal(out[0, 4:], torch.zeros_like(out[0, 4:]))

@@ -9,9 +9,10 @@
 - ``"auto"``: flash, then sage, when installed and the tensors are CUDA fp16/bf16; otherwise SDPA.
 
 Choose with ``set_attention_backend(name)`` or ``ACCVIDEO_ATTENTION=name``. Asking for flash or sage when the
-package is missing raises an error that says how to install it; on CPU / fp32 tensors, or when a key mask is needed
-(batches of prompts with different valid lengths), the explicit choice falls back to SDPA for that call, because
-these kernels cannot run there.
+package is missing raises an error that says how to install it. flash and sage run only on CUDA fp16/bf16 tensors;
+elsewhere the call falls back to SDPA. With a per-key mask (a batch of prompts with different valid lengths) flash
+runs variable-length (``flash_attn_varlen_func``, the original HunyuanVideo path); sage, and any per-query mask
+(the token refiner), use SDPA.
 """
 from __future__ import annotations
 
@@ -67,16 +68,38 @@ def get_attention_backend() -> str:
     return _backend
 
 
-def _kernel_can_run(q: torch.Tensor, key_mask: torch.Tensor | None) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and key_mask is None
+def _kernel_can_run(q: torch.Tensor) -> bool:
+    """flash / sage kernels need CUDA fp16/bf16 tensors."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def _pick(backend: str, q: torch.Tensor, key_mask: torch.Tensor | None) -> str:
-    if backend == "sdpa" or not _kernel_can_run(q, key_mask):
+    """The implementation for this call: "sdpa", "flash", "flash_varlen" (flash with a per-key mask) or "sage"."""
+    if backend == "sdpa" or not _kernel_can_run(q):
         return "sdpa"
-    if backend == "auto":
-        return next((b for b in ("flash", "sage") if is_available(b)), "sdpa")
-    return backend
+    for name in (("flash", "sage") if backend == "auto" else (backend,)):
+        if not is_available(name):
+            continue
+        if key_mask is None:
+            return name
+        if name == "flash" and key_mask.dim() == 2:
+            return "flash_varlen"
+    return "sdpa"
+
+
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Variable-length flash attention, as the original HunyuanVideo: the True positions of each row form one
+    sequence; rows at False positions get zeros (their outputs are never used)."""
+    from flash_attn import flash_attn_varlen_func
+
+    b, length, heads, dim = q.shape
+    index = key_mask.reshape(-1).nonzero().squeeze(1)
+    lengths = key_mask.sum(1, dtype=torch.int32)
+    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    max_len = int(lengths.max())
+    packed = [t.reshape(b * length, heads, dim).index_select(0, index) for t in (q, k, v)]
+    out = flash_attn_varlen_func(*packed, cu_seqlens, cu_seqlens, max_len, max_len)
+    return q.new_zeros(b * length, heads, dim).index_copy(0, index, out).view(b, length, heads, dim)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
@@ -84,13 +107,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     """Scaled dot-product attention over ``[B, L, heads, D]`` tensors -> ``[B, L, heads * D]``.
 
     ``key_mask``: optional bool, True where attending is allowed: ``[B, L]`` (per key) or ``[B, L, L]`` (per query
-    and key). Every query row must keep at least one key.
+    and key). Every query row must keep at least one key. Outputs at masked-out positions of a ``[B, L]`` mask are
+    unspecified (flash varlen returns zeros there, SDPA attends them to the valid keys).
     """
     chosen = _pick(_check_backend(backend) if backend else _backend, q, key_mask)
     if chosen == "flash":
         from flash_attn import flash_attn_func
 
         out = flash_attn_func(q, k, v)
+    elif chosen == "flash_varlen":
+        out = _flash_varlen(q, k, v, key_mask)
     elif chosen == "sage":
         from sageattention import sageattn
 
