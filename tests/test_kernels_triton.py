@@ -31,11 +31,13 @@ CASES: list[tuple[str, str, dict]] = [
     ("rms_norm_3d_no_rope", "rms_norm_rope", dict(shape=(2, 7, 12), n_rope=None)),
     ("rope_row_loop", "rms_norm_rope", dict(shape=(2, 90, 4, 64), n_rope=50, partial_rows=1)),
     ("rope_bf16", "rms_norm_rope", dict(shape=(2, 7, 3, 16), n_rope=4, dtype="bfloat16")),
+    ("rope_fp16", "rms_norm_rope", dict(shape=(1, 6, 2, 32), n_rope=4, dtype="float16")),
     ("ln_mod_37", "layer_norm_modulate", dict(shape=(2, 5, 37))),
     ("ln_mod_130_chunked_mod", "layer_norm_modulate", dict(shape=(3, 4, 130), chunked=True)),
     ("ln_mod_offset_input", "layer_norm_modulate", dict(shape=(1, 6, 48), offset=30.0)),
     ("ln_mod_token_loop", "layer_norm_modulate", dict(shape=(2, 37, 20), partial_rows=2)),
     ("ln_mod_bf16", "layer_norm_modulate", dict(shape=(2, 5, 96), dtype="bfloat16")),
+    ("ln_mod_fp16", "layer_norm_modulate", dict(shape=(2, 3, 80), dtype="float16")),
     ("gated_37", "gated_residual", dict(shape=(2, 5, 37))),
     ("gated_1500_chunked_gate", "gated_residual", dict(shape=(1, 9, 1500), chunked=True)),
     ("gated_token_loop", "gated_residual", dict(shape=(2, 70, 20), partial_rows=2)),
@@ -390,7 +392,7 @@ def test_kernel_matches_reference(interpreter_report, case_id):
 def _check_case(res: dict) -> None:
     assert "error" not in res, res.get("error")
     assert res["dtype_ok"], "output dtype/shape differs from the reference"
-    if "err_kernel" in res:  # bf16: no less accurate than the reference in bf16 (+ half an ulp of slack)
+    if "err_kernel" in res:  # bf16/fp16: no less accurate than the reference (+ half a bf16 ulp of slack)
         assert res["err_kernel"] <= res["err_reference"] + res["scale"] * 2.0 ** -9, res
         assert res["out"] <= res["scale"] * 2.0 ** -6, res  # and within ~2 bf16 ulps of the reference itself
         assert res["grads_low"], "no gradient was checked"
