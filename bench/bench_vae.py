@@ -150,8 +150,8 @@ def main() -> None:
     results = []
     header = (f"{'latent':>10} {'video':>14} {'mode':>8} {'time s':>8} {'x untiled':>9} {'RSS MiB':>8} "
               f"{'dev MiB':>8} {'budget':>8} {'dev/untiled':>11} {'chunks t/s':>10} {'max abs':>9} {'PSNR':>6}")
-    print(f"config={args.config} weights={args.weights or 'random'} dtype={args.dtype} device={args.device} torch={torch.__version__} "
-          f"threads={torch.get_num_threads()}")
+    print(f"config={args.config} weights={args.weights or 'random'} dtype={args.dtype} device={args.device} "
+          f"torch={torch.__version__} threads={torch.get_num_threads()}")
     print(header)
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
@@ -180,7 +180,8 @@ def main() -> None:
                       f"{(budgets[mode] / 2**20) if budgets[mode] else float('nan'):8.1f} "
                       f"{row['device_peak_vs_untiled']:11.3f} {stats['time_chunks']:>4}/{stats['space_chunks']:<5} "
                       f"{row['max_abs']:9.2e} {row['psnr_db']:6.1f}", flush=True)
-    write_json({"config": args.config, "weights": args.weights or "random", "block_out_channels": list(CONFIGS[args.config].block_out_channels),
+    write_json({"config": args.config, "weights": args.weights or "random",
+                "block_out_channels": list(CONFIGS[args.config].block_out_channels),
                 "dtype": args.dtype, "device": args.device, "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "machine": platform.platform(),
                 "exact_fraction": args.exact_fraction, "fast_fraction": args.fast_fraction, "results": results},

@@ -128,6 +128,17 @@ def upsampled_frame_source(index: torch.Tensor, time_factor: int) -> torch.Tenso
     return torch.where(index == 0, index, 1 + (index - 1).div(time_factor, rounding_mode="floor"))
 
 
+def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)``, with fp32 CPU inputs sent to oneDNN directly: PyTorch routes small fp32 CPU conv3d calls
+    (``N * C * T * H <= 20480``, common at batch 1 in narrow VAEs) to its slow native kernel. Same result."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
+            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return torch.mkldnn_convolution(x.contiguous(), conv.weight, conv.bias, conv.padding, conv.stride,
+                                        conv.dilation, conv.groups)
+    return conv(x)
+
+
 class CausalConv3d(nn.Module):
     """3D convolution, causal in time: replicate-pad ``k - 1`` past frames and ``k // 2`` pixels on each side."""
 
@@ -144,7 +155,7 @@ class CausalConv3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_size > 1:
             x = F.pad(x, self.padding, mode="replicate")
-        return self.conv(x)
+        return conv3d(self.conv, x)
 
 
 class ResnetBlockCausal3D(nn.Module):
@@ -601,18 +612,18 @@ class _LockstepDecoder:
             highs = [int(i[-1]) + 1 for i in idx]
             x = self._to_device(src[:, :, lows[0]:highs[0], lows[1]:highs[1], lows[2]:highs[2]])
             if pre is not None:
-                x = pre(x)
+                x = conv3d(pre, x)
             if norm is not None:
                 x = norm_silu(norm, x, True, mean, rstd)
             for dim, (index, low, high) in enumerate(zip(idx, lows, highs)):
                 if len(index) != high - low or bool((index.diff() != 1).any()):
                     x = x.index_select(dim + 2, (index - low).to(self.device))
-            y = conv.conv(x)
+            y = conv3d(conv.conv, x)
             del x
             if residual is not None:
                 skip = self._to_device(residual[:, :, t0:t1, h0:h1, w0:w1])
                 if shortcut is not None:
-                    skip = shortcut.conv(skip)
+                    skip = conv3d(shortcut.conv, skip)
                 y += skip
                 del skip
             if acc is not None:
@@ -663,13 +674,13 @@ class _LockstepDecoder:
             nq_frames, nq_rows = t1 - t0, r1 - r0
             q = attn.to_q(tokens(t0, t1, r0, r1)).float() * scale
             q_frame = torch.arange(t0, t1, device=self.device).repeat_interleave(nq_rows * w)
-            key_chunk = max(1, (nq_frames * nq_rows * w) // w)  # keys per chunk ~ queries per tile, whole rows
+            key_rows = nq_frames * nq_rows  # a key chunk holds about as many tokens as the query tile
             run_max = torch.full((q.shape[0], 1), -math.inf, device=self.device)
             run_sum = torch.zeros((q.shape[0], 1), device=self.device)
             run_out = torch.zeros((q.shape[0], c), device=self.device)
             for kf in range(t1):
-                for kr0 in range(0, h, key_chunk):
-                    kr1 = min(h, kr0 + key_chunk)
+                for kr0 in range(0, h, key_rows):
+                    kr1 = min(h, kr0 + key_rows)
                     k_chunk = self._to_device(keys[kf, kr0 * w:kr1 * w]).float()
                     v_chunk = self._to_device(values[kf, kr0 * w:kr1 * w]).float()
                     scores = q @ k_chunk.T
@@ -787,7 +798,7 @@ class HunyuanVideoVAE(nn.Module):
         s, tc = self.config.spatial_compression, self.config.temporal_compression
         if (t - 1) % tc or h % s or w % s:
             raise ValueError(f"encode needs {tc}k+1 frames and height/width multiples of {s}; got {t}x{h}x{w}")
-        moments = self.quant_conv(self.encoder(video.to(self.device, self.dtype)))
+        moments = conv3d(self.quant_conv, self.encoder(video.to(self.device, self.dtype)))
         mean, logvar = moments.chunk(2, dim=1)
         if not sample:
             return mean
@@ -852,7 +863,7 @@ class HunyuanVideoVAE(nn.Module):
                tiling: FastTiling | None = None, output_device: torch.device | str | None = None,
                progress: ProgressFn | None = None, measure: bool = False) -> torch.Tensor:
         """VAE-space latents ``[B, C, T, H, W]`` (ComfyUI LATENT, unscaled) -> video ``[B, 3, 4(T-1)+1, 8H, 8W]``
-        in [-1, 1] (float32 unless the model runs in a lower dtype... see below).
+        in [-1, 1], in the model's dtype.
 
         mode:
           - ``"exact"`` (default): untiled when it fits ``memory_budget``, otherwise lockstep chunking in time and
@@ -883,7 +894,7 @@ class HunyuanVideoVAE(nn.Module):
             if mode == "untiled" or (mode == "exact" and fits):
                 info.mode = "untiled" if mode == "untiled" else "exact(untiled)"
                 z = z.to(self.device)
-                video = torch.cat([self.decoder(self.post_quant_conv(z[i:i + 1])) for i in range(z.shape[0])])
+                video = torch.cat([self.decoder(conv3d(self.post_quant_conv, z[i:i + 1])) for i in range(z.shape[0])])
                 if output_device is not None:
                     video = video.to(output_device)
             elif mode == "exact" and (store_bytes := self.estimate_exact_host_bytes(latents.shape)) * 1.15 \
@@ -1018,7 +1029,7 @@ class HunyuanVideoVAE(nn.Module):
         return torch.cat(pieces, dim=2)[:, :, :tc * (t - 1) + 1]
 
     def _untiled_tile(self, z: torch.Tensor, tick: Callable[[], None]) -> torch.Tensor:
-        video = self.decoder(self.post_quant_conv(z))
+        video = self.decoder(conv3d(self.post_quant_conv, z))
         tick()
         return video
 
