@@ -98,9 +98,9 @@ class AccVideoSchedule(io.ComfyNode):
     def execute(cls, schedule, steps, shift) -> io.NodeOutput:
         from accvideo_core.sampling import ACCVIDEO_STUDENT, HUNYUAN_TEACHER, flow_sigmas
 
-        n = {SCHEDULES[0]: ACCVIDEO_STUDENT.steps, SCHEDULES[1]: HUNYUAN_TEACHER.steps}.get(schedule, steps)
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        n = {SCHEDULES[0]: ACCVIDEO_STUDENT.steps, SCHEDULES[1]: HUNYUAN_TEACHER.steps}.get(schedule, steps)
         return io.NodeOutput(flow_sigmas(n, shift))
 
 
@@ -174,7 +174,8 @@ class AccVideoTrajectoryDump(io.ComfyNode):
                                         "(samples/NNNNNN.safetensors + manifest.json)."),
                 io.String.Input("model_name", default="hunyuan_video_t2v_720p_bf16.safetensors",
                                 tooltip="Teacher name recorded in the sample; when it names a file in "
-                                        "diffusion_models, the file's sha256 is recorded too."),
+                                        "diffusion_models, the file's sha256 is recorded too (hashed once per "
+                                        "server run: about a minute for the 26 GB bf16 teacher)."),
                 io.Combo.Input("dtype", options=DUMP_DTYPES, default=DUMP_DTYPES[0],
                                tooltip="Storage precision of latents and text states (sigmas stay float32)."),
                 io.String.Input("prompt", optional=True, force_input=True, multiline=True,

@@ -199,3 +199,20 @@ def test_mp4_has_all_frames_and_the_metadata(tmp_path):
     meta = read_mp4_metadata(path)
     assert json.loads(meta["prompt"]) == prompt and json.loads(meta["workflow"]) == workflow
     assert not list(tmp_path.glob(".*.tmp")), "temporary file left behind"
+
+
+def test_schedule_node_gives_the_official_sigmas():
+    """AccVideo Schedule runs on the core only; its teacher steps 0, 10, ..., 50 are the AccVideo sigmas."""
+    with comfy_standin.standin():
+        from nodes.sampling import SCHEDULES, AccVideoSchedule
+
+        student = AccVideoSchedule.execute(SCHEDULES[0], 123, 7.0).args[0]
+        teacher = AccVideoSchedule.execute(SCHEDULES[1], 123, 7.0).args[0]
+        custom = AccVideoSchedule.execute(SCHEDULES[2], 8, 3.0).args[0]
+        with pytest.raises(ValueError, match="schedule must be one of"):
+            AccVideoSchedule.execute("fast", 5, 7.0)
+    want = torch.tensor([1.0, 0.965517, 0.913043, 0.823529, 0.636364, 0.0])
+    torch.testing.assert_close(student, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(teacher[::10], student, atol=1e-6, rtol=0)
+    assert teacher.shape == (51,) and custom.shape == (9,)
+    torch.testing.assert_close(custom, flow_sigmas(8, 3.0))
