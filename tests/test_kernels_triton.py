@@ -38,10 +38,12 @@ CASES: list[tuple[str, str, dict]] = [
     ("ln_mod_token_loop", "layer_norm_modulate", dict(shape=(2, 37, 20), partial_rows=2)),
     ("ln_mod_bf16", "layer_norm_modulate", dict(shape=(2, 5, 96), dtype="bfloat16")),
     ("ln_mod_fp16", "layer_norm_modulate", dict(shape=(2, 3, 80), dtype="float16")),
+    ("ln_mod_bf16_x_fp32_mod", "layer_norm_modulate", dict(shape=(2, 5, 96), dtype="bfloat16", low_only=(0,))),
     ("gated_37", "gated_residual", dict(shape=(2, 5, 37))),
     ("gated_1500_chunked_gate", "gated_residual", dict(shape=(1, 9, 1500), chunked=True)),
     ("gated_token_loop", "gated_residual", dict(shape=(2, 70, 20), partial_rows=2)),
     ("gated_bf16", "gated_residual", dict(shape=(2, 5, 96), dtype="bfloat16")),
+    ("gated_fp32_residual_bf16_y", "gated_residual", dict(shape=(2, 5, 96), dtype="bfloat16", low_only=(1,))),
     ("gn_silu_5d", "group_norm_silu", dict(shape=(2, 8, 3, 5, 7), groups=4)),
     ("gn_plain_4d_no_affine", "group_norm_silu", dict(shape=(2, 6, 5, 3), groups=3, silu=False, affine=False)),
     ("gn_multichunk_offset", "group_norm_silu", dict(shape=(1, 4, 2, 50, 51), groups=2, offset=5.0)),
@@ -143,7 +145,9 @@ def _run_case(kernel: str, p: dict) -> dict:
     if low:
         # Compare accuracy against the fp32 reference: the kernel must be as accurate as the reference in low
         # precision (it rounds where the reference rounds, but otherwise computes in fp32).
-        low_in = [t.to(dtype).requires_grad_(True) if t is not None else None for t in inputs]
+        low_idx = p.get("low_only", range(len(inputs)))  # mixed precision: only these inputs in low precision
+        low_in = [None if t is None else (t.to(dtype) if i in low_idx else t.clone()).requires_grad_(True)
+                  for i, t in enumerate(inputs)]
         exact_in = [t.detach().float().requires_grad_(True) if t is not None else None for t in low_in]
         exact = call[1](*args(*exact_in))
         got = call[0](*args(*low_in))
