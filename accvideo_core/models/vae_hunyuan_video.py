@@ -992,10 +992,25 @@ class HunyuanVideoVAE(nn.Module):
                               f"{budget / 2**20:.1f} MiB beyond the weights; raise memory_budget")
         return best[1]
 
+    def fast_overhead(self, latent_shape: tuple[int, ...], tiling: FastTiling) -> float:
+        """Latent voxels a fast decode pushes through the decoder per latent voxel (1.0 = no recomputation)."""
+        _, _, t, h, w = latent_shape
+        s, tc = self.config.spatial_compression, self.config.temporal_compression
+        lat_frames, lat_stride_frames = tiling.tile_frames // tc, tiling.tile_stride_frames // tc
+        lat_size, lat_stride = tiling.tile_size // s, tiling.tile_stride // s
+        spatial = h > lat_size or w > lat_size
+        frames = (sum(min(t, i + lat_frames + 1) - i for i in range(0, t, lat_stride_frames))
+                  if t > lat_frames else t)
+
+        def covered(n: int) -> int:
+            return sum(min(n, i + lat_size) - i for i in range(0, n, lat_stride)) if spatial else n
+        return frames * covered(h) * covered(w) / (t * h * w)
+
     def _decode_fast(self, z: torch.Tensor, tiling: FastTiling | None, budget: int, info: DecodeInfo,
                      progress: ProgressFn | None, output_device) -> torch.Tensor:
         tiling = tiling or self._fast_tiling_for_budget(z.shape, budget)
         info.notes.append(f"tiling={tiling}")
+        info.notes.append(f"recompute_overhead={self.fast_overhead(z.shape, tiling):.2f}")
         s, tc = self.config.spatial_compression, self.config.temporal_compression
         out_device = torch.device(output_device) if output_device is not None else self.device
         b, _, t, h, w = z.shape
