@@ -48,6 +48,9 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
 # File prefixes, dotted and underscored; tried longest first, and no prefix last.
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "unet.")
 _UNDERSCORE_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
+_LYCORIS_MARKERS = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2", ".lokr_w1",
+                    ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2", ".oft_blocks",
+                    ".oft_diag")
 _UNSUPPORTED = {"mid": "LoCon/LoHa mid weights are not supported",
                 "dora_scale": "DoRA is not supported (the magnitude vector cannot be applied as a weight delta)"}
 
@@ -268,7 +271,8 @@ def load_lora(lora: str | os.PathLike | Mapping[str, torch.Tensor], *,
     for key, tensor in tensors.items():
         parsed = _split_key(key)
         if parsed is None:
-            unused[key] = "not a HunyuanVideo LoRA key"
+            lycoris = any(m in key for m in _LYCORIS_MARKERS)
+            unused[key] = "LyCORIS LoHa/LoKr/OFT is not supported" if lycoris else "not a HunyuanVideo LoRA key"
             continue
         prefix, name, role = parsed
         if role in _UNSUPPORTED:
