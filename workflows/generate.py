@@ -189,7 +189,7 @@ class Graph:
         workflow_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-accvideo/workflows/{self.name}"))
         return {"id": workflow_id, "revision": 0, "last_node_id": len(self.nodes),
                 "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [], "config": {},
-                "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}, "accvideo_workflow": self.title},
+                "extra": {"ds": {"scale": 0.7, "offset": [60, 350]}, "accvideo_workflow": self.title},
                 "models": models, "version": 0.4}
 
     def _topological_order(self) -> dict[int, int]:
@@ -241,7 +241,7 @@ def t2v() -> Graph:
                       "checkpoint. Official settings: 960x544, 93 frames, 5 steps, shift 7, embedded guidance 6, "
                       "seed 1024, 24 fps. Frames must be 4k+1 and sizes multiples of 16.\n\nModels: the AccVideo "
                       "checkpoint in `diffusion_models`, clip_l + llava_llama3_fp8_scaled in `text_encoders`, "
-                      "hunyuan_video_vae_bf16 in `vae` (the front end offers the downloads).")
+                      "hunyuan_video_vae_bf16 in `vae`. The front end offers the downloads (the AccVideo checkpoint is a .pt: it offers its URL to copy).")
     model = g.add("UNETLoader", (0, 0), {"unet_name": MODELS["accvideo"]["name"], "weight_dtype": "default"},
                   models=["accvideo"])
     cond = _text_encoding(g, 0, 160)
