@@ -226,6 +226,33 @@ def test_lora_loader_equals_native_lora_loader(comfy_api):
     assert "lora key not loaded" not in comfy_api.log.read_text()
 
 
+def test_lora_loader_reports_keys_it_cannot_use(comfy_api):
+    from safetensors.torch import save_file
+
+    lora = load_file(str(make_assets()[TINY_LORA]))
+    down = next(v for k, v in lora.items() if k.endswith("img_attn_qkv.lora_down.weight")).clone()
+    up = next(v for k, v in lora.items() if k.endswith("img_attn_qkv.lora_up.weight")).clone()
+    lora["diffusion_model.double_blocks.7.img_attn_qkv.lora_down.weight"] = down  # block absent from the model
+    lora["diffusion_model.double_blocks.7.img_attn_qkv.lora_up.weight"] = up
+    lora["some_other_model.layer.lora_down.weight"] = down.clone()  # not a HunyuanVideo key
+    save_file(lora, str(comfy_api.base / "models/loras/accvideo_test_partial.safetensors"))
+    wf = {}
+    base = add(wf, "UNETLoader", unet_name=TINY_MODEL, weight_dtype="default")
+    cond = add(wf, "AccVideoTest_Conditioning", text="partial", seed=1, tokens=7, dim=TEXT_DIM)
+    latent = add(wf, "EmptyHunyuanLatentVideo", width=W, height=H, length=1, batch_size=1)
+    patched = add(wf, "AccVideoLoraLoader", model=[base, 0], lora_name="accvideo_test_partial.safetensors",
+                  strength=1.0)
+    s = add(wf, "AccVideoSampler", model=[patched, 0], positive=[cond, 0], latent_image=[latent, 0], seed=3, steps=1,
+            shift=7.0, guidance=6.0, guidance_source="widget")
+    add(wf, "AccVideoTest_SaveTensors", name="lora_partial", latent=[s, 0])
+    entry = comfy_api.run(wf)
+    assert error_of(entry) is None, error_of(entry)
+    lines = [line for line in comfy_api.log.read_text().splitlines()
+             if "AccVideo LoRA accvideo_test_partial.safetensors" in line]
+    assert len(lines) == 1 and "keys not applied" in lines[0], lines
+    assert "double_blocks.7" in lines[0] or "some_other_model" in lines[0]
+
+
 def test_lora_extract_node_writes_a_loadable_lora(comfy_api):
     from accvideo_core.lora.extract import extract
     from accvideo_core.lora.formats import load_lora
