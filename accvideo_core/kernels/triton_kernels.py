@@ -57,12 +57,13 @@ def _on_input_device(fn):
     return wrapper
 
 
-def _rows_per_program(block_cols: int, budget: int = 4096, cap: int = 64) -> int:
+def _rows_per_program(block_cols: int, budget: int = 2048, cap: int = 64) -> int:
     return max(1, min(cap, budget // block_cols))
 
 
 def _num_warps(block_elems: int) -> int:
-    return max(1, min(16, block_elems // 512))
+    """~8 elements per thread: 16-byte bf16 accesses, and few enough registers for several programs per SM."""
+    return max(1, min(16, block_elems // 256))
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
