@@ -77,16 +77,28 @@ def shard_transformer(model: nn.Module, *, param_dtype: torch.dtype | None, resh
     # Our callers never modify a model output in place, so FSDP2's "returned a view tensor" warning is moot.
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*", category=UserWarning)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
-    kwargs = {"reshard_after_forward": reshard_after_forward}
+    kwargs = {"reshard_after_forward": reshard_after_forward, "mesh": _mesh(device)}
     if mp is not None:
         kwargs["mp_policy"] = mp
-    model.to(device)
+    # no model.to(device): fully_shard moves one block at a time to the mesh device and keeps only its shard
     for block in list(model.double_blocks) + list(model.single_blocks):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     for name in extra_methods:
         register_fsdp_forward_method(model, name)
     return model
+
+
+_MESHES: dict[str, object] = {}
+
+
+def _mesh(device: torch.device):
+    """The 1-D device mesh over all ranks on ``device``'s type (created once)."""
+    if device.type not in _MESHES:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        _MESHES[device.type] = init_device_mesh(device.type, (dist.get_world_size(),))
+    return _MESHES[device.type]
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

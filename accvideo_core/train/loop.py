@@ -130,27 +130,48 @@ class Trainer:
         print(msg, file=sys.stderr, flush=True)
 
     def _setup_models(self, teacher: nn.Module | None) -> None:
+        """Student (fp32 copy of the teacher), frozen teacher, optional EMA; FSDP2-sharded under torchrun.
+
+        Under torchrun with a checkpoint path, only rank 0 reads the teacher: every rank builds the three models
+        on the meta device, shards them, allocates its shards and receives the weights by broadcast, so a node
+        holds one full copy in CPU memory instead of one per rank, and a GPU never holds an unsharded model.
+        """
         cfg, info = self.cfg, self.info
+        tdtype = DTYPES.get(cfg.model.teacher_dtype) or (torch.bfloat16 if self.device.type == "cuda" else
+                                                         torch.float32)
+        full_sd: dict[str, torch.Tensor] | None = None
         if teacher is None:
             if not cfg.model.teacher:
                 raise ConfigError("model.teacher is empty: set it to the teacher checkpoint (.safetensors/.pt)")
             from accvideo_core.models.loading import load_transformer
 
-            teacher = load_transformer(cfg.model.teacher, dtype=torch.float32)
-        if any(p.dtype.itemsize == 1 for p in teacher.parameters()):
-            raise ConfigError("the teacher holds fp8 weights; distil from a bf16/fp32 checkpoint (the student "
-                              "trains every parameter and starts from the teacher's weights)")
+            if info.fsdp and info.world > 1:
+                from accvideo_core.models.transformer_hunyuan_video import (
+                    HunyuanVideoTransformer3D, TransformerConfig,
+                )
+
+                shared: list[Any] = [None]
+                if info.is_main:
+                    loaded = load_transformer(cfg.model.teacher, dtype=torch.float32)
+                    self._check_not_fp8(loaded)
+                    full_sd = loaded.state_dict()
+                    shared = [loaded.config.to_dict()]
+                    del loaded
+                torch.distributed.broadcast_object_list(shared, src=0)
+                with torch.device("meta"):
+                    teacher = HunyuanVideoTransformer3D(TransformerConfig.from_dict(shared[0]))
+            else:
+                teacher = load_transformer(cfg.model.teacher, dtype=torch.float32)
+        meta = next(teacher.parameters()).is_meta
+        if not meta:
+            self._check_not_fp8(teacher)
         self.model_config = teacher.config
-        student = copy.deepcopy(teacher).float().train()
-        student.requires_grad_(True)
-        tdtype = DTYPES.get(cfg.model.teacher_dtype) or (torch.bfloat16 if self.device.type == "cuda" else
-                                                         torch.float32)
+        student = copy.deepcopy(teacher).float().train().requires_grad_(True)
         teacher = teacher.to(dtype=tdtype).eval().requires_grad_(False)
         student.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
         teacher.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
-        self.ema = None
-        if cfg.optim.ema_decay > 0:
-            self.ema = copy.deepcopy(student).requires_grad_(False).eval()
+        self.ema = copy.deepcopy(student).requires_grad_(False).eval() if cfg.optim.ema_decay > 0 else None
+        models = [m for m in (student, teacher, self.ema) if m is not None]
         if info.fsdp:
             pdt = torch.bfloat16 if self.bf16 else None
             D.shard_transformer(student, param_dtype=pdt, reshard_after_forward=cfg.runtime.reshard_after_forward,
@@ -159,11 +180,14 @@ class Trainer:
                                 extra_methods=("image_features",))
             if self.ema is not None:
                 D.shard_transformer(self.ema, param_dtype=None, reshard_after_forward=True, device=self.device)
+            if meta:
+                for model in models:
+                    model.to_empty(device=self.device)
+                    D.load_full_model_state(model, dict(full_sd or {}), info)  # the loader mutates its dict
+                full_sd = None
         else:
-            student.to(self.device)
-            teacher.to(self.device)
-            if self.ema is not None:
-                self.ema.to(self.device)
+            for model in models:
+                model.to(self.device)
         self.student, self.teacher = student, teacher
         nl = self.model_config.num_layers
         self.feature_layers = list(cfg.loss.feature_layers or default_feature_layers(nl, self.m))
@@ -178,6 +202,12 @@ class Trainer:
                                      weight_decay=o.weight_decay)
         self.head_opt = torch.optim.AdamW(self.heads.parameters(), lr=o.head_lr, betas=o.betas, eps=o.eps,
                                           weight_decay=o.weight_decay)
+
+    @staticmethod
+    def _check_not_fp8(model: nn.Module) -> None:
+        if any(p.dtype.itemsize == 1 for p in model.parameters()):
+            raise ConfigError("the teacher holds fp8 weights; distil from a bf16/fp32 checkpoint (the student "
+                              "trains every parameter and starts from the teacher's weights)")
 
     # ------------------------------------------------------------------ one iteration
     def _autocast(self):
