@@ -151,7 +151,7 @@ def test_cli_extract_writes_file_and_shows_progress(tmp_path, capsys):
 
 _COMFY_PROBE = r'''
 import json, logging, sys
-comfy_path, model_path, lora_path, out_path = sys.argv[1:5]
+comfy_path, model_path, out_dir, strength, *lora_paths = sys.argv[1:]
 sys.path.insert(0, comfy_path)
 from comfy.cli_args import args
 args.cpu = True
@@ -165,21 +165,45 @@ logging.getLogger().setLevel(logging.INFO)
 import comfy.sd, comfy.utils
 from safetensors.torch import save_file
 model = comfy.sd.load_diffusion_model(model_path)
-lora = comfy.utils.load_torch_file(lora_path, safe_load=True)
-patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 0.8, 0)
-patched.patch_model(device_to=torch.device("cpu"))
 prefix = "diffusion_model."
-sd = {k[len(prefix):]: v.float().contiguous() for k, v in patched.model.state_dict().items() if k.startswith(prefix)}
-save_file(sd, out_path)
-print("PROBE" + json.dumps({"not_loaded": [m for m in messages if "not loaded" in m.lower()],
-                            "patches": len(patched.patches), "lora_keys": len(lora)}))
+reports = []
+for i, lora_path in enumerate(lora_paths):
+    messages.clear()
+    lora = comfy.utils.load_torch_file(lora_path, safe_load=True)
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, float(strength), 0)
+    patched.patch_model(device_to=torch.device("cpu"))
+    sd = {k[len(prefix):]: v.float().contiguous() for k, v in patched.model.state_dict().items()
+          if k.startswith(prefix)}
+    save_file(sd, f"{out_dir}/patched_{i}.safetensors")
+    patched.unpatch_model()
+    reports.append({"not_loaded": [m for m in messages if "not loaded" in m.lower()],
+                    "patches": len(patched.patches)})
+print("PROBE" + json.dumps(reports))
 '''
+
+
+def _third_party_loras(base: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """LoRA files in formats native ComfyUI reads for HunyuanVideo (diffusion-pipe, kohya with ComfyUI names)."""
+    gen = torch.Generator().manual_seed(11)
+    modules = ["double_blocks.0.img_attn_qkv", "double_blocks.0.txt_mlp.fc1", "double_blocks.0.img_mod.linear",
+               "single_blocks.0.linear1", "single_blocks.0.modulation.linear", "final_layer.linear"]
+    pipe, kohya = {}, {}
+    for m in modules:
+        w = base[f"{m}.weight"]
+        up, down = torch.randn(w.shape[0], 4, generator=gen) * 0.1, torch.randn(4, w.shape[1], generator=gen) * 0.1
+        pipe[f"transformer.{m}.lora_B.weight"], pipe[f"transformer.{m}.lora_A.weight"] = up, down
+        internal = m.replace("img_attn_qkv", "img_attn.qkv").replace("mlp.fc1", "mlp.0").replace("mod.linear", "mod.lin")
+        internal = internal.replace("modulation.linear", "modulation.lin").replace(".", "_")
+        kohya[f"lora_unet_{internal}.lora_up.weight"], kohya[f"lora_unet_{internal}.lora_down.weight"] = up, down
+        kohya[f"lora_unet_{internal}.alpha"] = torch.tensor(2.0)
+    return {"diffusion-pipe": pipe, "kohya": kohya}
 
 
 @pytest.mark.integration
 def test_native_comfyui_loads_and_applies_every_key(tmp_path):
     """Native ComfyUI (its own LoRA loader + ModelPatcher, as LoraLoaderModelOnly uses them) applies our extracted
-    LoRA completely, and its patched weights equal ours."""
+    LoRA completely with patched weights equal to ours; and for third-party files in formats it reads natively,
+    its patched weights equal ours too (an independent reader of those formats)."""
     comfy = os.environ.get("COMFYUI_PATH")
     if not comfy or not (Path(comfy) / "main.py").is_file():
         pytest.skip("integration tier: set COMFYUI_PATH to a ComfyUI checkout (>= 0.3.64) to run it")
@@ -187,18 +211,22 @@ def test_native_comfyui_loads_and_applies_every_key(tmp_path):
 
     base, tuned = make_pair(comfy_compatible=True, noise=0.01)
     save_safetensors(base, tmp_path / "base.safetensors")
-    extract(base, tuned, rank=4, out=tmp_path / "lora.safetensors", dtype=torch.float32)
+    extract(base, tuned, rank=4, out=tmp_path / "lora_0.safetensors", dtype=torch.float32)
+    files = [tmp_path / "lora_0.safetensors"]
+    for i, tensors in enumerate(_third_party_loras(base).values(), start=1):
+        files.append(save_safetensors(tensors, tmp_path / f"lora_{i}.safetensors"))
     script = tmp_path / "probe.py"
     script.write_text(_COMFY_PROBE)
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    run = subprocess.run([python, str(script), comfy, str(tmp_path / "base.safetensors"),
-                          str(tmp_path / "lora.safetensors"), str(tmp_path / "patched.safetensors")],
-                         cwd=comfy, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([python, str(script), comfy, str(tmp_path / "base.safetensors"), str(tmp_path), "0.8",
+                          *map(str, files)], cwd=comfy, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout.split("PROBE", 1)[1])
-    assert report["not_loaded"] == []
-    patched = load_file(tmp_path / "patched.safetensors")
-    ours = merge_into_state_dict(base, [(tmp_path / "lora.safetensors", 0.8)])
-    assert report["patches"] == sum(not torch.equal(ours[k], base[k]) for k in base)
-    for key, value in ours.items():
-        torch.testing.assert_close(patched[comfy_names.to_comfy_key(key)], value, rtol=1e-5, atol=1e-6, msg=key)
+    reports = json.loads(run.stdout.split("PROBE", 1)[1])
+    for i, (path, report) in enumerate(zip(files, reports)):
+        assert report["not_loaded"] == [], path.name
+        patched = load_file(tmp_path / f"patched_{i}.safetensors")
+        ours = merge_into_state_dict(base, [(path, 0.8)])
+        assert report["patches"] == sum(not torch.equal(ours[k], base[k]) for k in base), path.name
+        for key, value in ours.items():
+            torch.testing.assert_close(patched[comfy_names.to_comfy_key(key)], value, rtol=1e-5, atol=1e-6,
+                                       msg=f"{path.name} {key}")
