@@ -62,6 +62,7 @@ class AccVideoLoraLoader(io.ComfyNode):
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
         import folder_paths
 
+        from accvideo_core.lora import comfy_names
         from accvideo_core.lora.apply import comfy_patches
 
         if strength == 0:
@@ -75,10 +76,13 @@ class AccVideoLoraLoader(io.ComfyNode):
             raise ValueError(f"LoRA {lora_name} ({state.format}) matches no weight of this model (e.g. "
                              f"{absent[:3]}); is it a HunyuanVideo LoRA, and is the MODEL HunyuanVideo?")
         if absent or state.unused:
-            reasons = sorted(set(state.unused.values()) | ({"weight not in this model"} if absent else set()))
+            missing = set(absent)
+            skipped = [key for module, patch in state.modules.items() for key in patch.keys
+                       if any(comfy_names.COMFY_PREFIX + comfy_names.to_comfy_key(f"{module}.{p}") in missing
+                              for p in ("weight", "bias"))] + list(state.unused)
+            reasons = sorted(set(state.unused.values()) | ({"module not in this model"} if absent else set()))
             log.warning("AccVideo LoRA %s (%s): %d of %d keys not applied (%s), e.g. %s", lora_name, state.format,
-                        len(state.unused) + len(absent), state.total_keys, "; ".join(reasons),
-                        (absent + list(state.unused))[:3])
+                        len(skipped), state.total_keys, "; ".join(reasons), skipped[:3])
         return io.NodeOutput(patched)
 
 
