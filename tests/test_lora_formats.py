@@ -214,13 +214,14 @@ def test_partial_match_is_one_warning_line(base_sd, tmp_path, caplog):
     tensors["diffusion_model.double_blocks.0.img_mlp.fc2.lora_up.weight"] = torch.randn(H, 2)  # no partner
     tensors["diffusion_model.double_blocks.0.img_mlp.fc1.dora_scale"] = torch.randn(4 * H, 1)  # unsupported
     tensors["lora_unet_double_blocks_0_img_mlp_fc2.hada_w1_a"] = torch.randn(4, 2)  # LyCORIS LoHa
+    tensors["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.randn(4, 2)  # text encoder
     model = tiny_transformer(seed=1)
     with caplog.at_level(logging.WARNING, logger="accvideo_core.lora"):
         LoraStack(model).add(_write(tmp_path / "x.safetensors", tensors))
     lines = [r.getMessage() for r in caplog.records if r.name == "accvideo_core.lora"]
     assert len(lines) == 1, lines
-    assert "6 of " in lines[0] and "module not in this model" in lines[0] and "DoRA" in lines[0]
-    assert "LoHa" in lines[0]
+    assert "7 of " in lines[0] and "module not in this model" in lines[0] and "DoRA" in lines[0]
+    assert "LoHa" in lines[0] and "text-encoder" in lines[0]
     assert "ComfyUI" in lines[0]
 
 

@@ -271,8 +271,12 @@ def load_lora(lora: str | os.PathLike | Mapping[str, torch.Tensor], *,
     for key, tensor in tensors.items():
         parsed = _split_key(key)
         if parsed is None:
-            lycoris = any(m in key for m in _LYCORIS_MARKERS)
-            unused[key] = "LyCORIS LoHa/LoKr/OFT is not supported" if lycoris else "not a HunyuanVideo LoRA key"
+            if any(m in key for m in _LYCORIS_MARKERS):
+                unused[key] = "LyCORIS LoHa/LoKr/OFT is not supported"
+            elif key.startswith(("lora_te", "text_encoder", "text_encoders.", "te_")):
+                unused[key] = "text-encoder key (not part of the transformer)"
+            else:
+                unused[key] = "not a HunyuanVideo LoRA key"
             continue
         prefix, name, role = parsed
         if role in _UNSUPPORTED:
