@@ -1,0 +1,376 @@
+"""The miniature end-to-end AccVideo run (``make demo`` = ``python -m accvideo_core.demo``), CPU, minutes.
+
+On the shipped miniature HunyuanVideo family (``assets/mini/``) it chains the project's real entry points:
+
+1. text-encode training prompts -> ``embeddings.safetensors`` (the dumper's precomputed-embeddings format);
+2. ``python -m accvideo_core.synvid.dump``: the teacher's 50-step trajectories -> a mini SynVid;
+3. ``python -m accvideo_core.train`` twice with the same budget: trajectory loss only, and trajectory +
+   adversarial (the paper's Fig. 7 ablation order) -> two 5-step students;
+4. held-out prompts (attribute combinations the teacher never saw in training) with teacher-50, teacher-5 and
+   the students at 5 steps, timed end to end (text encoding + sampling + VAE decoding) per video;
+5. ``report.json``, ``report.md``, a side-by-side ``side_by_side.mp4`` and ``side_by_side.gif``.
+
+Everything goes under ``--out`` (default ``outputs/demo/``, git-ignored). Re-running continues: the SynVid dump
+skips present samples and a finished training run with the same config is reused (``--fresh`` starts over).
+Ctrl-C stops cleanly at any stage (exit code 130).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .mini.data import ClipSpec, attribute_combos, clip_spec, parse_caption
+from .mini.family import MiniFamily, centroid, load_family, shape_region_colour
+from .utils.io import save_safetensors, write_bytes, write_json
+
+LABELS = {"teacher50": "teacher 50 steps", "teacher5": "teacher 5 steps", "traj5": "student 5 (traj only)",
+          "student5": "AccVideo student 5"}
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the run. Defaults fit in ~10 minutes on an idle 2-core CPU."""
+
+    synvid_samples: int = 96      # teacher trajectories (one per training prompt, seed 1000 + i)
+    train_steps: int = 60         # trainer iterations per run (both ablation arms)
+    batch: int = 8                # trainer total batch
+    lr: float = 1e-4              # student and heads (AdamW); the paper's 5e-6 is for the 13B model
+    lambda_adv: float = 0.1       # the paper's value
+    head_width: int = 64
+    heldout_prompts: int = 6      # distinct held-out prompts
+    seeds_per_prompt: int = 2     # evaluation videos per prompt
+    shown: int = 4                # prompts in the side-by-side video
+    threads: int = 0              # 0 = auto (2 threads, or 1 when the machine is already loaded)
+    seed: int = 0
+
+
+def say(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def auto_threads() -> int:
+    """Two OpenMP threads on an idle 2-core machine; one when other work already keeps the cores busy (two
+    contending OpenMP threads then run several times slower than one)."""
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return 1 if load > cores - 0.5 else min(2, cores)
+
+
+def training_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct captions of the training split (the teacher's own distribution)."""
+    seen: list[str] = []
+    i = 0
+    while len(seen) < n and i < 50 * n:
+        cap = clip_spec(i, seed=seed, split="train").caption()
+        if cap not in seen:
+            seen.append(cap)
+        i += 1
+    return seen
+
+
+def heldout_prompts(n: int) -> list[str]:
+    """``n`` held-out captions spread over shapes and directions (fixed order)."""
+    combos = list(attribute_combos("heldout"))
+    chosen: list[tuple] = []
+    for want_new in (True, False):
+        for c in combos:
+            if len(chosen) == n:
+                break
+            if c in chosen:
+                continue
+            if want_new and any(c[0] == o[0] or c[2] == o[2] for o in chosen[-2:]):
+                continue
+            chosen.append(c)
+    return [ClipSpec(s, col, bg, d, 0.15, (0.5, 0.5), 0.4).caption() for s, col, d, bg in chosen]
+
+
+def write_embeddings(family: MiniFamily, prompts: list[str], path: Path) -> Path:
+    text = family.encode(prompts)
+    return save_safetensors({"text_states": text.states, "text_mask": text.mask, "pooled": text.pooled}, path,
+                            metadata={"prompts": json.dumps(prompts)})
+
+
+def train_config(cfg: DemoConfig, family: MiniFamily, synvid: Path, out_dir: Path, adversarial: bool) -> dict:
+    return {
+        "model": {"teacher": str(family.paths["teacher"]), "gradient_checkpointing": False},
+        "data": {"root": str(synvid), "val_samples": 4},
+        "optim": {"steps": cfg.train_steps, "total_batch": cfg.batch, "micro_batch": cfg.batch, "lr": cfg.lr,
+                  "head_lr": cfg.lr, "seed": cfg.seed, "warmup_steps": 0},
+        "loss": {"adversarial": adversarial, "lambda_adv": cfg.lambda_adv, "head_width": cfg.head_width,
+                 "head_groups": 8, "queue_capacity": max(64, cfg.batch)},
+        "runtime": {"device": "cpu", "precision": "fp32", "fsdp": "off"},
+        "log": {"out_dir": str(out_dir), "log_every": 5, "val_every": 0, "ckpt_every": 0, "save_dtype": "fp32",
+                "plot": True},
+    }
+
+
+def run_training(config: dict, run_dir: Path, fresh: bool) -> Path:
+    """``python -m accvideo_core.train --config`` (in process); reuses a finished run with the same config."""
+    from .train.__main__ import main as train_main
+    from .train.config import config_from_dict
+
+    student = run_dir / "student.safetensors"
+    wanted = config_from_dict(json.loads(json.dumps(config))).to_dict()
+    done = run_dir / "demo_done.json"
+    if not fresh and student.is_file() and done.is_file() and json.loads(done.read_text()) == json.loads(
+            json.dumps(wanted)):
+        say(f"reusing the finished training run in {run_dir} (--fresh retrains)")
+        return student
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    cfg_path = run_dir.parent / f"{run_dir.name}.json"
+    write_json(config, cfg_path)
+    say(f"python -m accvideo_core.train --config {cfg_path}")
+    code = train_main(["--config", str(cfg_path)])
+    if code == 130:
+        raise KeyboardInterrupt
+    if code != 0:
+        raise RuntimeError(f"training failed with exit code {code} (config {cfg_path})")
+    write_json(wanted, done)
+    return student
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a - b) / 2).square().mean())  # [-1, 1] -> [0, 1] pixel units
+    return 99.0 if mse == 0 else -10 * math.log10(mse)
+
+
+def evaluate(family: MiniFamily, models: dict[str, tuple[torch.nn.Module, int]], prompts: list[str],
+             seeds: list[int], progress: Callable[[str], None] = say) -> dict:
+    """Generate every (prompt, seed) with every model, interleaved so the timings share the machine's load.
+
+    Returns per model: seconds per video (text, sampling, decode, total), latent MSE and pixel PSNR to teacher-50,
+    prompt checks, plus the videos themselves (``[N, 3, F, H, W]``)."""
+    jobs = [(p, s) for p in prompts for s in seeds]
+    stats = {name: {"text": 0.0, "sampling": 0.0, "decode": 0.0, "latents": [], "videos": []} for name in models}
+    for j, (prompt, seed) in enumerate(jobs):
+        for name, (model, steps) in models.items():
+            t0 = time.perf_counter()
+            text = family.encode([prompt])
+            t1 = time.perf_counter()
+            lat = family.sample(model, text, family.noise([seed]), steps)
+            t2 = time.perf_counter()
+            video = family.decode(lat)
+            t3 = time.perf_counter()
+            st = stats[name]
+            st["text"] += t1 - t0
+            st["sampling"] += t2 - t1
+            st["decode"] += t3 - t2
+            st["latents"].append(lat)
+            st["videos"].append(video)
+        progress(f"evaluation {j + 1}/{len(jobs)}: {prompt!r} seed {seed}")
+    ref_lat = torch.cat(stats["teacher50"]["latents"])
+    ref_vid = torch.cat(stats["teacher50"]["videos"])
+    result = {}
+    for name, st in stats.items():
+        lat, vid = torch.cat(st["latents"]), torch.cat(st["videos"])
+        n = len(jobs)
+        per = {k: st[k] / n for k in ("text", "sampling", "decode")}
+        per["total"] = sum(per.values())
+        colour_ok = motion_ok = 0
+        for i, (prompt, _) in enumerate(jobs):
+            spec = parse_caption(prompt)
+            colour_ok += shape_region_colour(vid[i], prompt, frame=8)[0] == spec.color
+            (x0, y0), (x1, y1) = centroid(vid[i], prompt, 0), centroid(vid[i], prompt, -1)
+            moved = {"left": x0 - x1, "right": x1 - x0, "up": y0 - y1, "down": y1 - y0}[spec.direction]
+            motion_ok += moved > 0.05
+        result[name] = {
+            "steps": models[name][1], "seconds_per_video": per,
+            "latent_mse_to_teacher50": float((lat - ref_lat).square().mean()),
+            "psnr_db_to_teacher50": _psnr(vid, ref_vid) if name != "teacher50" else None,
+            "prompt_colour_match": colour_ok / n, "prompt_motion_match": motion_ok / n,
+            "videos": vid}
+    return result
+
+
+def _frame_grid(columns: list[torch.Tensor], labels: list[str], scale: int = 2):
+    """Frames (PIL images) of a grid: one column per model, one row per video; labels on top."""
+    from PIL import Image, ImageDraw
+
+    rows, frames, h, w = columns[0].shape[0], columns[0].shape[2], columns[0].shape[3], columns[0].shape[4]
+    cell_w, cell_h, pad, top = w * scale, h * scale, 4, 14
+    width = len(columns) * (cell_w + pad) + pad
+    height = top + rows * (cell_h + pad) + pad
+    out = []
+    for f in range(frames):
+        img = Image.new("RGB", (width, height), (24, 24, 24))
+        draw = ImageDraw.Draw(img)
+        for c, (vids, label) in enumerate(zip(columns, labels)):
+            x = pad + c * (cell_w + pad)
+            draw.text((x + 2, 2), label, fill=(230, 230, 230))
+            for r in range(rows):
+                arr = ((vids[r, :, f].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+                cell = Image.fromarray(arr).resize((cell_w, cell_h), Image.NEAREST)
+                img.paste(cell, (x, top + pad + r * (cell_h + pad)))
+        out.append(img)
+    return out
+
+
+def write_side_by_side(result: dict, rows: list[int], out: Path, *, fps: int = 8) -> tuple[Path, Path]:
+    """``side_by_side.mp4`` (H.264) and ``side_by_side.gif`` of the chosen evaluation videos."""
+    import numpy as np
+
+    from .video import write_mp4
+
+    names = list(result)
+    frames = _frame_grid([result[n]["videos"][rows] for n in names], [LABELS[n] for n in names])
+    gif = out / "side_by_side.gif"
+    tmp = gif.with_suffix(".tmp.gif")
+    frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0,
+                   optimize=True)
+    os.replace(tmp, gif)
+    stack = torch.from_numpy(np.stack([np.asarray(f) for f in frames])).float() / 255.0
+    mp4 = write_mp4(stack, out / "side_by_side.mp4", fps=fps, metadata={"comment": "AccVideo miniature demo"})
+    return mp4, gif
+
+
+def markdown_report(report: dict) -> str:
+    r = report["results"]
+    lines = ["# AccVideo miniature demo: report", "",
+             f"Held-out prompts: {len(report['prompts'])} x {report['seeds_per_prompt']} seeds "
+             f"({report['videos']} videos per model, 17 frames x 64 x 64), CPU threads {report['threads']}. "
+             "Times are wall seconds per video, measured interleaved in one run.", "",
+             "| model | steps | text (s) | sampling (s) | VAE decode (s) | total (s) | speedup vs teacher-50 | "
+             "latent MSE to teacher-50 | PSNR to teacher-50 (dB) | colour ok | motion ok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = r["teacher50"]["seconds_per_video"]["total"]
+    for name, v in r.items():
+        s = v["seconds_per_video"]
+        psnr = "-" if v["psnr_db_to_teacher50"] is None else f"{v['psnr_db_to_teacher50']:.2f}"
+        lines.append(f"| {LABELS[name]} | {v['steps']} | {s['text']:.4f} | {s['sampling']:.3f} | {s['decode']:.3f} | "
+                     f"{s['total']:.3f} | {base / s['total']:.2f}x | {v['latent_mse_to_teacher50']:.4f} | {psnr} | "
+                     f"{v['prompt_colour_match']:.0%} | {v['prompt_motion_match']:.0%} |")
+    a = report["ablation"]
+    lines += ["", "## Findings", "",
+              f"- End-to-end speedup of the 5-step student over teacher-50 (text + sampling + decode): "
+              f"**{report['speedup_end_to_end']:.2f}x**; sampling alone {report['speedup_sampling']:.2f}x "
+              "(the limit is 10x: 50 vs 5 model calls). Text encoding and VAE decoding are the same work for "
+              "every model and cap the end-to-end figure.",
+              f"- Error to teacher-50 (latent MSE): teacher-5 {r['teacher5']['latent_mse_to_teacher50']:.4f}, "
+              f"AccVideo student-5 {r['student5']['latent_mse_to_teacher50']:.4f} "
+              f"({report['student_vs_teacher5']:.2f}x of teacher-5's error).",
+              f"- Ablation (same {a['train_steps']} iterations x batch {a['batch']}): trajectory loss only "
+              f"{a['traj_only_mse']:.4f}, trajectory + adversarial {a['traj_adv_mse']:.4f} (latent MSE to "
+              "teacher-50 on held-out prompts).",
+              "", "## Pipeline timings", ""]
+    for stage, sec in report["stage_seconds"].items():
+        lines.append(f"- {stage}: {sec:.1f} s")
+    lines += ["", "Side-by-side video: `side_by_side.mp4` / `side_by_side.gif` (columns: " +
+              ", ".join(LABELS[n] for n in r) + ").", ""]
+    return "\n".join(lines)
+
+
+def run_demo(cfg: DemoConfig, out: Path, *, fresh: bool = False, assets: str | None = None) -> dict:
+    """The whole demo; returns the report dict (also written as JSON and markdown under ``out``)."""
+    from .synvid.dump import main as dump_main
+
+    threads = cfg.threads or auto_threads()
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        for sub in ("synvid", "train_traj", "train_adv"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    stage: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    t0 = time.perf_counter()
+    family = load_family(assets)
+    prompts = training_prompts(cfg.synvid_samples, cfg.seed)
+    emb = write_embeddings(family, prompts, out / "embeddings.safetensors")
+    stage["load family + encode prompts"] = time.perf_counter() - t0
+    say(f"[1/4] family loaded, {len(prompts)} training prompts encoded ({threads} CPU threads)")
+
+    t0 = time.perf_counter()
+    dump_args = ["--teacher", str(family.paths["teacher"]), "--embeddings", str(emb), "--out", str(out / "synvid"),
+                 "--num", str(cfg.synvid_samples), "--seed", "1000", "--frames", "17", "--height", "64",
+                 "--width", "64", "--steps", "50", "--dtype", "float32", "--batch-size", "8", "--device", "cpu"]
+    say("[2/4] python -m accvideo_core.synvid.dump " + " ".join(dump_args))
+    code = dump_main(dump_args)
+    if code == 130:
+        raise KeyboardInterrupt
+    if code != 0:
+        raise RuntimeError(f"SynVid dump failed with exit code {code}")
+    stage["SynVid dump (teacher, 50 steps)"] = time.perf_counter() - t0
+
+    students = {}
+    for name, adversarial in (("traj", False), ("adv", True)):
+        t0 = time.perf_counter()
+        say(f"[3/4] distilling a 5-step student: trajectory loss{' + adversarial' if adversarial else ' only'}")
+        run_dir = out / f"train_{name}"
+        students[name] = run_training(train_config(cfg, family, out / "synvid", run_dir, adversarial), run_dir,
+                                      fresh)
+        stage[f"training ({'trajectory + adversarial' if adversarial else 'trajectory only'})"] = \
+            time.perf_counter() - t0
+
+    from .models.loading import load_transformer
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(threads)
+    models = {"teacher50": (family.teacher, 50), "teacher5": (family.teacher, 5),
+              "traj5": (load_transformer(students["traj"], dtype=torch.float32).eval(), 5),
+              "student5": (load_transformer(students["adv"], dtype=torch.float32).eval(), 5)}
+    held = heldout_prompts(cfg.heldout_prompts)
+    seeds = [cfg.seed * 1000 + 7 + i for i in range(cfg.seeds_per_prompt)]
+    say(f"[4/4] held-out evaluation: {len(held)} prompts x {len(seeds)} seeds x {len(models)} models")
+    result = evaluate(family, models, held, seeds)
+    stage["held-out evaluation (all models)"] = time.perf_counter() - t0
+    rows = [i * len(seeds) for i in range(min(cfg.shown, len(held)))]
+    mp4, gif = write_side_by_side(result, rows, out)
+
+    t50, s5 = result["teacher50"]["seconds_per_video"], result["student5"]["seconds_per_video"]
+    report = {
+        "config": asdict(cfg), "threads": threads, "prompts": held, "seeds_per_prompt": len(seeds),
+        "videos": len(held) * len(seeds),
+        "results": {n: {k: v for k, v in r.items() if k != "videos"} for n, r in result.items()},
+        "speedup_end_to_end": t50["total"] / s5["total"], "speedup_sampling": t50["sampling"] / s5["sampling"],
+        "student_vs_teacher5": result["student5"]["latent_mse_to_teacher50"] /
+        result["teacher5"]["latent_mse_to_teacher50"],
+        "ablation": {"train_steps": cfg.train_steps, "batch": cfg.batch,
+                     "traj_only_mse": result["traj5"]["latent_mse_to_teacher50"],
+                     "traj_adv_mse": result["student5"]["latent_mse_to_teacher50"]},
+        "stage_seconds": stage, "total_seconds": time.perf_counter() - t_all,
+        "files": {"mp4": str(mp4), "gif": str(gif), "synvid": str(out / "synvid"),
+                  "students": {k: str(v) for k, v in students.items()}},
+    }
+    write_json(report, out / "report.json")
+    write_bytes(markdown_report(report).encode(), out / "report.md")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m accvideo_core.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo, git-ignored)")
+    p.add_argument("--assets", help="folder with the mini family (default: the shipped assets/mini)")
+    p.add_argument("--fresh", action="store_true", help="rebuild the SynVid and retrain instead of continuing")
+    for f, default in asdict(DemoConfig()).items():
+        p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
+    args = vars(p.parse_args(argv))
+    out, assets, fresh = Path(args.pop("out")), args.pop("assets"), args.pop("fresh")
+    cfg = DemoConfig(**args)
+    try:
+        report = run_demo(cfg, out, fresh=fresh, assets=assets)
+    except KeyboardInterrupt:
+        say("interrupted; run the same command again to continue (the SynVid and finished runs are kept)")
+        return 130
+    except FileNotFoundError as err:
+        say(f"error: {err}")
+        return 2
+    say(f"done in {report['total_seconds']:.0f} s: {out / 'report.md'}, {report['files']['mp4']}, "
+        f"{report['files']['gif']}")
+    print((out / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

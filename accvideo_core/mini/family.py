@@ -1,0 +1,127 @@
+"""The shipped miniature HunyuanVideo family (``assets/mini/``): tiny text encoder, tiny VAE, tiny teacher.
+
+Loaded through the project's own loaders (``load_vae``, ``load_transformer``, ``TinyTextEncoder.load``), so the
+miniature pipeline exercises the same code as the real 13B one: text encoding -> flow sampling in model space
+-> ``to_vae_space`` -> VAE decoding.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..latents import latent_shape, to_vae_space
+from ..models.loading import load_transformer
+from ..models.vae_loading import load_vae
+from ..sampling import flow_sigmas, sample_flow
+from .cpu_conv import use_onednn_conv3d
+from .data import BACKGROUND_COLORS, SHAPE_COLORS, MiniVideoConfig, parse_caption, render_clip
+from .text_encoder import TextEncoding, TinyTextEncoder
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "mini"
+FILES = {"text_encoder": "text_encoder.safetensors", "vae": "vae.safetensors", "teacher": "teacher.safetensors"}
+VIDEO = MiniVideoConfig()  # 17 frames x 64 x 64 -> latent 5 x 8 x 8
+
+
+@dataclass
+class MiniFamily:
+    """The three models plus where they came from. ``teacher`` is fp32 for compute (stored bf16)."""
+
+    text_encoder: TinyTextEncoder
+    vae: torch.nn.Module
+    teacher: torch.nn.Module
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    def encode(self, prompts: Sequence[str]) -> TextEncoding:
+        return self.text_encoder.encode(list(prompts))
+
+    def noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """Seeded model-space noise, made on the CPU like ComfyUI (and the SynVid dumper)."""
+        shape = latent_shape(VIDEO.frames, VIDEO.height, VIDEO.width)[1:]
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+    def sample(self, model: torch.nn.Module, text: TextEncoding, noise: torch.Tensor, steps: int, *,
+               guidance: float = 6.0, shift: float = 7.0) -> torch.Tensor:
+        """Euler flow sampling (``sample_flow``) from ``noise`` -> model-space latents."""
+        return sample_flow(model, noise, flow_sigmas(steps, shift), text_states=text.states, text_mask=text.mask,
+                           pooled=text.pooled, guidance=guidance)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space latents -> videos ``[B, 3, F, H, W]`` in [-1, 1]."""
+        return self.vae.decode(to_vae_space(latents), mode="untiled").clamp(-1, 1)
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 50, *,
+                 model: torch.nn.Module | None = None, guidance: float = 6.0) -> tuple[torch.Tensor, dict]:
+        """Text -> video for each prompt, one at a time. Returns (videos ``[B, 3, F, H, W]``, seconds per stage)."""
+        model = model or self.teacher
+        times = {"text": 0.0, "sampling": 0.0, "decode": 0.0}
+        videos = []
+        for prompt, seed in zip(prompts, seeds):
+            t0 = time.perf_counter()
+            text = self.encode([prompt])
+            t1 = time.perf_counter()
+            lat = self.sample(model, text, self.noise([seed]), steps, guidance=guidance)
+            t2 = time.perf_counter()
+            videos.append(self.decode(lat))
+            t3 = time.perf_counter()
+            for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+                times[k] += dt
+        return torch.cat(videos), times
+
+
+def asset_paths(root: str | os.PathLike | None = None) -> dict[str, Path]:
+    root = Path(root) if root is not None else ASSETS
+    paths = {k: root / name for k, name in FILES.items()}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"miniature family files missing: {missing}. They ship in the repository under "
+                                "assets/mini/ (retrain: python -m accvideo_core.mini.train_vae, then "
+                                "python -m accvideo_core.mini.train_teacher)")
+    return paths
+
+
+def load_family(root: str | os.PathLike | None = None, *, teacher: str | os.PathLike | None = None) -> MiniFamily:
+    """Load the shipped family (or one under ``root``); ``teacher`` replaces the teacher file (e.g. a student).
+    The VAE's 3D convolutions run through oneDNN on the CPU (see :mod:`accvideo_core.mini.cpu_conv`)."""
+    paths = asset_paths(root)
+    if teacher is not None:
+        paths["teacher"] = Path(teacher)
+    return MiniFamily(text_encoder=TinyTextEncoder.load(paths["text_encoder"]),
+                      vae=use_onednn_conv3d(load_vae(paths["vae"], dtype=torch.float32).eval()),
+                      teacher=load_transformer(paths["teacher"], dtype=torch.float32).eval(), paths=paths)
+
+
+def shape_region_colour(video: torch.Tensor, caption: str, *, frame: int) -> tuple[str, float]:
+    """Nearest named shape colour to the mean colour of ``video`` (``[3, F, H, W]`` in [-1, 1]) over the pixels
+    that differ most from the prompted background in ``frame``, and that distance."""
+    spec = parse_caption(caption)
+    rgb = (video[:, frame].float() + 1) / 2  # [3, H, W] in [0, 1]
+    bg = torch.tensor(BACKGROUND_COLORS[spec.background])[:, None, None]
+    far = (rgb - bg).norm(dim=0)
+    mask = far >= far.flatten().quantile(0.9)  # the 10 % of pixels least like the background
+    mean = rgb[:, mask].mean(dim=1)
+    names = list(SHAPE_COLORS)
+    dists = torch.stack([(mean - torch.tensor(SHAPE_COLORS[n])).norm() for n in names])
+    return names[int(dists.argmin())], float(dists.min())
+
+
+def centroid(video: torch.Tensor, caption: str, frame: int) -> tuple[float, float]:
+    """(x, y) in [0, 1] of the pixels of ``frame`` least like the prompted background (weighted centroid)."""
+    spec = parse_caption(caption)
+    rgb = (video[:, frame].float() + 1) / 2
+    bg = torch.tensor(BACKGROUND_COLORS[spec.background])[:, None, None]
+    w = ((rgb - bg).norm(dim=0) - 0.25).clamp_min(0)
+    h, wd = w.shape
+    ys, xs = (torch.arange(h) + 0.5) / h, (torch.arange(wd) + 0.5) / wd
+    total = w.sum().clamp_min(1e-6)
+    return float((w.sum(0) * xs).sum() / total), float((w.sum(1) * ys).sum() / total)
+
+
+def reference_video(caption: str) -> torch.Tensor:
+    """The procedural renderer's version of a caption (default geometry), for side-by-side pictures."""
+    return render_clip(parse_caption(caption), VIDEO.frames, VIDEO.height, VIDEO.width)

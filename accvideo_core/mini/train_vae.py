@@ -1,0 +1,144 @@
+"""Train the miniature VAE: our HunyuanVideo causal 3D VAE architecture at tiny widths, on the procedural clips.
+
+``python -m accvideo_core.mini.train_vae [--out assets/mini/vae.safetensors] [--steps N] [--seed S]``
+
+Loss per clip: L1 + MSE reconstruction of a posterior sample's decoding, plus ``kl_weight`` x the KL divergence
+of the posterior to the prior N(0, (1 / 0.476986)^2). The prior's width comes from the scaling factor fixed in
+``accvideo_core/latents.py``, so the *model-space* latent (VAE latent x 0.476986) is close to unit variance: the
+convention of the HunyuanVideo VAE that every sampler in this project assumes (noise is N(0, I) there).
+Training uses random 9-frame windows (start frame 0, 4 or 8) and random 32 x 32 crops of the 17 x 64 x 64 clips:
+the network is convolutional (plus frame-causal attention at the latent resolution), so it decodes whole clips.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..latents import VAE_SCALING_FACTOR, to_model_space
+from ..models.vae_hunyuan_video import HunyuanVideoVAE, VAEConfig
+from ..models.vae_loading import save_vae
+from ..utils.io import write_json
+from .data import MiniVideoConfig, MiniVideoDataset
+
+MINI_VAE = VAEConfig(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=2)
+PRIOR_STD = 1.0 / VAE_SCALING_FACTOR  # VAE-space prior width: model-space latents ~ N(0, 1)
+
+
+@dataclass
+class VAETrainConfig:
+    steps: int = 1600
+    batch: int = 4
+    lr: float = 3e-3
+    warmup: int = 50
+    kl_weight: float = 1e-4  # per latent element, relative to the per-pixel reconstruction losses
+    clips: int = 4096  # size of the training split drawn from (clips are rendered on the fly)
+    crop: int = 32
+    window: int = 9  # frames per training window (4k + 1)
+    init_logvar: float = -6.0  # initial posterior log-variance (bias of quant_conv's logvar half)
+    seed: int = 0
+    threads: int = 1  # one thread: on a loaded 2-core machine two OpenMP threads run ~10x slower
+
+
+def kl_to_prior(mean: torch.Tensor, logvar: torch.Tensor, prior_std: float = PRIOR_STD) -> torch.Tensor:
+    """Mean over elements of KL(N(mean, exp(logvar)) || N(0, prior_std^2))."""
+    var = logvar.exp()
+    return (math.log(prior_std) - 0.5 * logvar + (var + mean.square()) / (2 * prior_std ** 2) - 0.5).mean()
+
+
+def _batch(ds: MiniVideoDataset, rng: random.Random, cfg: VAETrainConfig) -> torch.Tensor:
+    clips = []
+    for _ in range(cfg.batch):
+        video = ds[rng.randrange(len(ds))]["video"]
+        t0 = 4 * rng.randrange((video.shape[1] - cfg.window) // 4 + 1)
+        y0, x0 = rng.randrange(video.shape[2] - cfg.crop + 1), rng.randrange(video.shape[3] - cfg.crop + 1)
+        clips.append(video[:, t0:t0 + cfg.window, y0:y0 + cfg.crop, x0:x0 + cfg.crop])
+    return torch.stack(clips)
+
+
+def train_vae(cfg: VAETrainConfig, out: str | Path, *, log=print) -> dict:
+    """Train from scratch with ``cfg`` and write ``out`` (safetensors + config metadata). Returns a summary."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = random.Random(f"mini-vae/{cfg.seed}")
+    ds = MiniVideoDataset(cfg.clips, split="train", config=MiniVideoConfig(seed=cfg.seed))
+    vae = HunyuanVideoVAE(MINI_VAE).train()
+    with torch.no_grad():  # start with a nearly deterministic posterior: std e^-3 instead of 1, so the decoder
+        vae.quant_conv.bias[MINI_VAE.latent_channels:] = cfg.init_logvar  # sees the (small) initial means
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    t0, history = time.perf_counter(), []
+    try:
+        for step in range(cfg.steps):
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x = _batch(ds, rng, cfg)
+            mean, logvar = vae.quant_conv(vae.encoder(x)).chunk(2, dim=1)
+            logvar = logvar.clamp(-30.0, 20.0)
+            z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
+            recon = vae.decoder(vae.post_quant_conv(z))
+            rec = (recon - x).abs().mean() + (recon - x).square().mean()
+            kl = kl_to_prior(mean, logvar)
+            loss = rec + cfg.kl_weight * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            history.append((float(rec), float(kl)))
+            if (step + 1) % 25 == 0 or step + 1 == cfg.steps:
+                recent = history[-25:]
+                el = time.perf_counter() - t0
+                log(f"vae step {step + 1}/{cfg.steps} | rec {sum(r for r, _ in recent) / len(recent):.4f} | "
+                    f"kl {sum(k for _, k in recent) / len(recent):.3f} | lr {lr:.2e} | {el:.0f}s | "
+                    f"ETA {el / (step + 1) * (cfg.steps - step - 1):.0f}s")
+    except KeyboardInterrupt:
+        log(f"interrupted at step {len(history)}: nothing written (rerun to train from scratch; ~minutes)")
+        raise
+    vae.eval()
+    summary = evaluate_vae(vae, cfg.seed)
+    save_vae(vae, out)
+    summary.update(steps=cfg.steps, seconds=round(time.perf_counter() - t0, 1), final_rec=history[-1][0],
+                   parameters=sum(p.numel() for p in vae.parameters()))
+    return summary
+
+
+@torch.no_grad()
+def evaluate_vae(vae: HunyuanVideoVAE, seed: int = 0, clips: int = 8) -> dict:
+    """Whole-clip reconstruction PSNR on held-out clips and the model-space latent statistics."""
+    ds = MiniVideoDataset(clips, split="heldout", config=MiniVideoConfig(seed=seed + 1))
+    videos = torch.stack([ds[i]["video"] for i in range(clips)])
+    z = vae.encode(videos)
+    recon = vae.decode(z, mode="untiled").clamp(-1, 1)
+    mse = float((recon - videos).square().mean() / 4.0)  # in [0, 1] pixel units
+    zm = to_model_space(z)
+    return {"heldout_psnr_db": round(-10 * math.log10(mse), 2), "model_space_latent_std": round(float(zm.std()), 3),
+            "model_space_latent_mean": round(float(zm.mean()), 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m accvideo_core.mini.train_vae", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="assets/mini/vae.safetensors")
+    for f, default in asdict(VAETrainConfig()).items():
+        p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
+    args = vars(p.parse_args(argv))
+    out = Path(args.pop("out"))
+    cfg = VAETrainConfig(**args)
+    try:
+        summary = train_vae(cfg, out, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:
+        return 130
+    write_json({"config": asdict(cfg), "vae_config": MINI_VAE.to_dict(), "result": summary},
+               out.with_name("train_vae.json"))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
