@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -292,6 +293,19 @@ def _compile_worker(out_path: str, arch: int) -> None:
     from accvideo_core.kernels import triton_kernels as tk
 
     type_names = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+    def ptxas_usage(kernel) -> dict:
+        """Registers and spill bytes per thread, as Triton's bundled ptxas reports them for this PTX."""
+        ptx = Path(out_path).with_suffix(".ptx")
+        ptx.write_text(kernel.asm["ptx"])
+        info = subprocess.run([str(ptxas), f"-arch=sm_{arch}", "-v", str(ptx), "-o", str(ptx.with_suffix(".cubin"))],
+                              capture_output=True, text=True).stderr
+        registers = re.search(r"Used (\d+) registers", info)
+        spills = re.search(r"(\d+) bytes spill stores", info)
+        return {"registers": int(registers.group(1)) if registers else None,
+                "spill_bytes": int(spills.group(1)) if spills else None}
+
     compiled: dict[str, dict] = {}
 
     def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
@@ -313,7 +327,7 @@ def _compile_worker(out_path: str, arch: int) -> None:
             kernel = triton.compile(ASTSource(self, signature, constexprs), target=GPUTarget("cuda", arch, 32),
                                     options=options)
             compiled[key] = {"kernel": self.fn.__name__, "cubin_bytes": len(kernel.asm["cubin"]),
-                             "constexprs": {k: str(v) for k, v in constexprs.items()}}
+                             "constexprs": {k: str(v) for k, v in constexprs.items()}, **ptxas_usage(kernel)}
 
     JITFunction.run = compile_instead_of_launch
     bf16 = dict(dtype=torch.bfloat16)
@@ -379,6 +393,8 @@ def test_every_kernel_compiles_for_cuda(worker_reports):
     assert len(report["defined"]) == 8, report["defined"]
     assert {c["kernel"] for c in report["compiled"]} == set(report["defined"]), report
     assert all(c["cubin_bytes"] > 0 for c in report["compiled"])
+    # register spills would cost memory traffic in kernels whose point is saving it
+    assert all(c["spill_bytes"] == 0 for c in report["compiled"]), report["compiled"]
     # both RoPE variants (image tokens, text tokens) and both GroupNorm variants (own / supplied statistics)
     assert len(report["compiled"]) == 11, [(c["kernel"], c["constexprs"]) for c in report["compiled"]]
 
