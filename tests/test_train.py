@@ -215,7 +215,7 @@ def _env() -> dict[str, str]:
 
 
 def test_ctrl_c_writes_a_checkpoint_first(synvid, tmp_path):
-    cfg = make_cfg(synvid, tmp_path / "run", optim={"steps": 10000})
+    cfg = make_cfg(synvid, tmp_path / "run", optim={"steps": 10000}, data={"val_samples": 1})
     (tmp_path / "c.json").write_text(json.dumps(cfg.to_dict()))
     proc = subprocess.Popen([sys.executable, "-m", "accvideo_core.train", "--config", str(tmp_path / "c.json")],
                             cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True)
@@ -233,7 +233,7 @@ def test_ctrl_c_writes_a_checkpoint_first(synvid, tmp_path):
 
 def test_torchrun_two_ranks_fsdp2_matches_single_process(synvid, tmp_path):
     common = dict(optim={"steps": 2, "total_batch": 2}, model={"gradient_checkpointing": True},
-                  log={"plot": False})
+                  data={"val_samples": 2}, log={"plot": False})
     single = Trainer(make_cfg(synvid, tmp_path / "one", **common), teacher=tiny_transformer(seed=TEACHER_SEED))
     r1 = single.run()
     cfg = make_cfg(synvid, tmp_path / "two", **common)
