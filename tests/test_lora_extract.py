@@ -230,3 +230,37 @@ def test_native_comfyui_loads_and_applies_every_key(tmp_path):
         for key, value in ours.items():
             torch.testing.assert_close(patched[comfy_names.to_comfy_key(key)], value, rtol=1e-5, atol=1e-6,
                                        msg=f"{path.name} {key}")
+
+
+def test_merge_checkpoint_streams_and_equals_in_memory_merge(tmp_path, capsys):
+    from accvideo_core.lora import merge_checkpoint
+    from accvideo_core.models.loading import load_transformer
+
+    base, tuned = make_pair(noise=0.01)
+    lora = extract(base, tuned, rank=3, out=tmp_path / "l.safetensors", dtype=torch.float32).path
+    other = extract(base, make_pair(seed=5)[1], rank=2, dtype=torch.float32).tensors  # a second, unrelated LoRA
+    bf16 = {k: v.bfloat16() for k, v in base.items()}
+    # diffusers-layout bf16 base file: q/k/v fused and norm_out reordered on the fly, dtypes kept
+    save_safetensors(key_maps.original_to_diffusers(bf16), tmp_path / "base_diffusers.safetensors")
+    out = merge_checkpoint(tmp_path / "base_diffusers.safetensors", [(lora, 0.7), (other, -0.3)],
+                           tmp_path / "merged.safetensors")
+    got = load_file(out)
+    want = merge_into_state_dict(bf16, [(lora, 0.7), (other, -0.3)])
+    assert set(got) == set(want)
+    # merge_into_state_dict sums the deltas before adding; the file adds them one by one: same up to rounding
+    for k in want:
+        assert got[k].dtype == torch.bfloat16
+        torch.testing.assert_close(got[k].float(), want[k].float(), rtol=1e-2, atol=1e-3, msg=k)
+    load_transformer(out)  # loads strictly
+    # fp8 output through the CLI: linear weights fp8, the rest bf16, each rounded once from the fp32 merge
+    code = cli_main(["merge", "--base", str(tmp_path / "base_diffusers.safetensors"), "--lora", f"{lora}:0.7",
+                     "--out", str(tmp_path / "fp8.safetensors"), "--dtype", "fp8"])
+    assert code == 0 and "[merge]" in capsys.readouterr().err
+    fp8 = load_file(tmp_path / "fp8.safetensors")
+    single = merge_into_state_dict({k: v.float() for k, v in bf16.items()}, [(lora, 0.7)])
+    assert fp8["double_blocks.0.img_attn_qkv.weight"].dtype == torch.float8_e4m3fn
+    assert fp8["double_blocks.0.img_attn_qkv.bias"].dtype == torch.bfloat16
+    key = "double_blocks.0.img_attn_qkv.weight"
+    assert torch.equal(fp8[key].float(), single[key].float().to(torch.float8_e4m3fn).float())
+    bias = "final_layer.adaLN_modulation.1.bias"
+    assert torch.equal(fp8[bias], single[bias].bfloat16())

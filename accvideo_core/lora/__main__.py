@@ -1,4 +1,5 @@
-"""CLI: ``python -m accvideo_core.lora extract --base A --tuned B --rank R --out F`` and ``inspect FILE``."""
+"""CLI: ``python -m accvideo_core.lora extract --base A --tuned B --rank R --out F``,
+``merge --base A --lora F[:strength] ... --out B`` and ``inspect FILE``."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,32 @@ def _extract(args: argparse.Namespace) -> int:
     if summary["skipped_qk_norms"]:
         print(f"note: {summary['skipped_qk_norms']} q/k norm scales changed (largest relative change "
               f"{summary['skipped_max_rel_change']:.3g}) but were left out (--qk-norms skip).", file=sys.stderr)
+    return 0
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    """``path`` or ``path:strength`` (a path containing ':' keeps it when the tail is not a number)."""
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .extract import progress_printer
+    from .merge import FP8, merge_checkpoint
+
+    dtype = {"keep": None, "fp8": FP8}.get(args.dtype) or _DTYPES[args.dtype]
+    try:
+        path = merge_checkpoint(args.base, [_lora_arg(x) for x in args.lora], args.out, dtype=dtype,
+                                progress=progress_printer(label="merge"))
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return 130
+    print(json.dumps({"out": str(path), "bytes": path.stat().st_size}))
     return 0
 
 
@@ -57,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="how to write the q/k RMSNorm scale diffs: under ComfyUI's '...norm.query_norm.scale' names "
                          "(default; native ComfyUI applies them), under original names (our loader only), or not")
     ex.set_defaults(func=_extract)
+    mg = sub.add_parser("merge", help="bake LoRAs into a transformer checkpoint (streams tensor by tensor)")
+    mg.add_argument("--base", required=True, help="base transformer checkpoint (.safetensors / .pt)")
+    mg.add_argument("--lora", required=True, action="append", metavar="FILE[:STRENGTH]",
+                    help="LoRA to merge, optionally with a strength (default 1.0); repeat for several")
+    mg.add_argument("--out", required=True, help="output .safetensors (original layout)")
+    mg.add_argument("--dtype", choices=("keep", "bf16", "fp16", "fp32", "fp8"), default="keep",
+                    help="output dtype; fp8 = linear weights in float8_e4m3fn, the rest bf16")
+    mg.set_defaults(func=_merge)
     ins = sub.add_parser("inspect", help="detected format, modules and unused keys of a LoRA file")
     ins.add_argument("file")
     ins.set_defaults(func=_inspect)

@@ -33,6 +33,12 @@ from accvideo_core.utils.io import CheckpointError, save_safetensors, unwrap_sta
 from . import comfy_names, names
 
 QK_NORM_MODES = ("comfy", "original", "skip")
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool,
+                      **{name: getattr(torch, attr) for name, attr in (("F8_E4M3", "float8_e4m3fn"),
+                                                                      ("F8_E5M2", "float8_e5m2"))
+                         if hasattr(torch, attr)}}
 _SOURCE_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "module.", "transformer.")
 Progress = Callable[[int, int, str], None]
 
@@ -75,6 +81,7 @@ class WeightSource:
         self.name = "<state dict>" if isinstance(source, Mapping) else Path(source).name
         if isinstance(source, Mapping):
             get, keys = source.__getitem__, list(source)
+            meta = None
         else:
             path = Path(source)
             if not path.is_file():
@@ -84,14 +91,19 @@ class WeightSource:
 
                 handle = stack.enter_context(safe_open(str(path), framework="pt"))
                 get, keys = handle.get_tensor, list(handle.keys())
+
+                def meta(k: str) -> tuple[tuple[int, ...], torch.dtype]:
+                    view = handle.get_slice(k)
+                    return tuple(view.get_shape()), SAFETENSORS_DTYPES[view.get_dtype()]
             else:
                 try:
                     sd = unwrap_state_dict(torch.load(str(path), map_location="cpu", weights_only=True, mmap=True),
                                            source=str(path))
                 except (RuntimeError, OSError, EOFError) as err:
                     raise CheckpointError(f"{path} could not be read as a weights-only torch checkpoint ({err})") from err
-                get, keys = sd.__getitem__, list(sd)
+                get, keys, meta = sd.__getitem__, list(sd), None
         self._get = get
+        self._meta = meta or (lambda k: (tuple(get(k).shape), get(k).dtype))
         # original key -> [(file key, target)] (several parts for diffusers' split q/k/v)
         self.parts: dict[str, list[tuple[str, names.Target]]] = {}
         for key in keys:
@@ -108,12 +120,13 @@ class WeightSource:
     def keys(self) -> list[str]:
         return list(self.parts)
 
-    def get(self, key: str) -> torch.Tensor:
-        """One parameter in original layout, as fp32."""
+    def get(self, key: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """One parameter in original layout, as ``dtype`` (None: as stored)."""
         parts = self.parts[key]
         if len(parts) == 1 and parts[0][1].units is None:
-            return self._get(parts[0][0]).float()
-        tensors = [(self._get(k).float(), t) for k, t in parts]
+            tensor = self._get(parts[0][0])
+            return tensor if dtype is None else tensor.to(dtype)
+        tensors = [(self._get(k) if dtype is None else self._get(k).to(dtype), t) for k, t in parts]
         per_unit = tensors[0][0].shape[0] // len(tensors[0][1].units)
         total = tensors[0][1].total_units
         if sum(len(t.units) for _, t in tensors) != total:
@@ -123,6 +136,15 @@ class WeightSource:
             for dst, src in target.place_rows(per_unit):
                 full[dst] = tensor[src]
         return full
+
+    def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, stored dtype) of one parameter in original layout, without reading it."""
+        parts = self.parts[key]
+        shape, dtype = self._meta(parts[0][0])
+        target = parts[0][1]
+        if target.units is None:
+            return shape, dtype
+        return (shape[0] // len(target.units) * target.total_units, *shape[1:]), dtype
 
 
 def _low_rank(diff: torch.Tensor, rank: int, svd: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,7 +241,7 @@ def _extract_one(key: str, diff: torch.Tensor, base_norm: float, rank: int, svd:
     return LayerResult(key, "lora", rank=r, rel_error=rel_error, rel_change=rel_change), tensors
 
 
-def progress_printer(stream=None, *, every: float = 0.5) -> Progress:
+def progress_printer(stream=None, *, every: float = 0.5, label: str = "extract") -> Progress:
     """A progress callback printing one updating line: count, percentage, ETA and the current tensor."""
     import sys
 
@@ -236,7 +258,7 @@ def progress_printer(stream=None, *, every: float = 0.5) -> Progress:
         eta = elapsed / i * (total - i) if i else math.nan
         eta_text = "?" if math.isnan(eta) else f"{eta:5.0f}s"
         end = "\n" if i >= total else ""
-        stream.write(f"\r[extract] {i}/{total} ({100 * i / max(total, 1):3.0f}%) eta {eta_text} {key[:60]:<60}{end}")
+        stream.write(f"\r[{label}] {i}/{total} ({100 * i / max(total, 1):3.0f}%) eta {eta_text} {key[:60]:<60}{end}")
         stream.flush()
 
     return show
