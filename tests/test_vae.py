@@ -28,6 +28,7 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> None:
 
 @pytest.fixture(scope="module")
 def pair():
+    torch.manual_seed(0)  # module fixtures run before the per-test seeding: make the default init deterministic
     ref = diffusers.AutoencoderKLHunyuanVideo(latent_channels=16, **TINY).eval()
     randomize(ref)
     # diffusers decodes more than 4 latent frames in overlapping temporal tiles by default: compare untiled.
@@ -179,10 +180,23 @@ def test_fast_decode_picks_tiles_from_budget(pair):
 def test_half_precision_overflow_raises_instead_of_black_frames(pair, dtype):
     _, ours = pair
     vae = load_vae(ours.state_dict(), norm_num_groups=4, dtype=dtype)
-    vae.decoder.conv_out.conv.weight.mul_(torch.finfo(dtype).max)  # overflows to inf in this dtype
+    vae.decoder.conv_out.conv.weight.fill_(torch.finfo(dtype).max)  # the sums overflow to inf in this dtype
     with pytest.raises(NonFiniteDecodeError, match=str(dtype)) as err:
         vae.decode(torch.randn(1, 16, 1, 2, 2), mode="untiled")
     assert "float32" in str(err.value)
+
+
+@torch.no_grad()
+def test_exact_decode_stops_at_the_first_non_finite_layer(pair):
+    _, ours = pair
+    vae = load_vae(ours.state_dict(), norm_num_groups=4, dtype=torch.float16)
+    vae.decoder.conv_in.conv.weight.fill_(torch.finfo(torch.float16).max)
+    calls = []
+    with pytest.raises(NonFiniteDecodeError, match="float16"):
+        vae.decode(torch.randn(1, 16, 2, 2, 2), memory_budget=vae.weight_bytes() + 100_000,
+                   progress=lambda done, total: calls.append((done, total)))
+    assert vae.last_decode_info is None or vae.last_decode_info.mode == "exact"
+    assert 0 < len(calls) < calls[0][1] // 2  # aborted early, not after decoding everything
 
 
 def test_bad_latents_are_clear_errors(pair):

@@ -506,6 +506,12 @@ class _LockstepDecoder:
             return x.clone(memory_format=torch.contiguous_format)
         return x.to(self.device, non_blocking=True)
 
+    def _mean_rstd(self, stats: _Stats, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole-volume statistics; non-finite ones abort the decode at once instead of after every layer."""
+        if not (torch.isfinite(stats.total).all() and torch.isfinite(stats.total_sq).all()):
+            self.vae._check_finite(torch.tensor(float("inf")))
+        return stats.mean_rstd(eps)
+
     # -- tile planning -------------------------------------------------------------------------------------------
     def _plan(self, shape: tuple[int, int, int], bytes_fn: Callable[[int, int, int], int], what: str,
               min_time_parts: int = 1) -> list[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]:
@@ -560,7 +566,7 @@ class _LockstepDecoder:
             out = self._store_empty((1, c_out, t_up, h_up, w_up), out_dtype, out_device)
         mean = rstd = None
         if norm is not None:
-            mean, rstd = stats.mean_rstd(norm.eps)
+            mean, rstd = self._mean_rstd(stats, norm.eps)
         es = self.esize
 
         def tile_bytes(tt: int, th: int, tw: int) -> int:
@@ -646,7 +652,7 @@ class _LockstepDecoder:
         _, c, t, h, w = x.shape
         hw = h * w
         es = self.esize
-        mean, rstd = stats.mean_rstd(attn.group_norm.eps)
+        mean, rstd = self._mean_rstd(stats, attn.group_norm.eps)
 
         def tokens(t0: int, t1: int, r0: int, r1: int) -> torch.Tensor:
             tile = self._to_device(x[:, :, t0:t1, r0:r1])
@@ -934,6 +940,7 @@ class HunyuanVideoVAE(nn.Module):
                                        "latents were scaled wrongly; nothing to decode")
 
     def _check_finite(self, video: torch.Tensor) -> None:
+        """Raise ``NonFiniteDecodeError`` (naming the dtype and the fix) when ``video`` holds inf/NaN."""
         if torch.isfinite(video).all():
             return
         dtype = self.dtype
