@@ -147,6 +147,11 @@ def test_fp8_weights_stay_fp8_and_compute_in_the_compute_dtype(model, inputs, tm
     torch.testing.assert_close(_out(loaded, inputs),
                                _out(load_transformer({k: v.float() for k, v in expected.items()}), inputs),
                                atol=1e-5, rtol=1e-5)
+    saved = save_transformer(loaded, tmp_path / "scaled.safetensors")  # keeps fp8 + scale, adds ComfyUI's marker
+    from safetensors.torch import load_file
+    on_disk = load_file(str(saved))
+    assert "scaled_fp8" in on_disk and on_disk["single_blocks.0.linear1.weight"].dtype == FP8
+    assert torch.equal(_out(load_transformer(saved, dtype=torch.float32), inputs), _out(loaded, inputs))
 
 
 def test_storage_dtype_fp8_quantizes_block_linears(model, inputs):
@@ -257,3 +262,18 @@ def test_flash_varlen_packing(monkeypatch):
     torch.testing.assert_close(out[1].reshape(6, 24), attn.attention(q[1:], k[1:], v[1:], backend="sdpa")[0],
                                atol=1e-6, rtol=1e-6)
     assert torch.equal(out[0, 4:], torch.zeros_like(out[0, 4:]))
+
+
+def test_cli_info_and_convert(model, inputs, tmp_path, capsys):
+    from accvideo_core.models.loading import main
+
+    src = save_safetensors({"model.diffusion_model." + k: v for k, v in original_to_diffusers(model.state_dict()).items()},
+                           tmp_path / "diffusers.safetensors")
+    main(["info", str(src)])
+    printed = capsys.readouterr().out
+    assert "diffusers layout" in printed and '"num_single_blocks": 2' in printed
+    main(["convert", str(src), str(tmp_path / "orig.safetensors"), "--fp8"])
+    converted = load_transformer(tmp_path / "orig.safetensors", dtype=torch.float32)
+    assert converted.single_blocks[0].linear1.weight.dtype == FP8
+    expected = load_transformer(model.state_dict(), dtype=torch.float32, storage_dtype=FP8)
+    assert torch.equal(_out(converted, inputs), _out(expected, inputs))

@@ -260,6 +260,56 @@ def load_transformer(source: str | os.PathLike | Mapping[str, torch.Tensor], *, 
 
 
 def save_transformer(model: HunyuanVideoTransformer3D, path: str | os.PathLike) -> Path:
-    """Atomically write ``model`` as an original-layout safetensors file with its config in the metadata."""
+    """Atomically write ``model`` as an original-layout safetensors file with its config in the metadata.
+
+    fp8 weights are written as fp8; when some carry a ``scale_weight`` the ``scaled_fp8`` marker key that ComfyUI
+    uses to recognise scaled fp8 files is added.
+    """
     meta = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())}
-    return save_safetensors(model.state_dict(), path, metadata=meta)
+    tensors = model.state_dict()
+    if any(k.endswith(".scale_weight") for k in tensors):
+        tensors["scaled_fp8"] = torch.empty(0, dtype=FP8_DTYPES[0])
+    return save_safetensors(tensors, path, metadata=meta)
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m accvideo_core.models.loading info FILE`` / ``convert FILE OUT.safetensors [--dtype] [--fp8]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m accvideo_core.models.loading",
+                                     description="Inspect or convert HunyuanVideo / AccVideo transformer checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="detected layout, architecture and dtypes of a checkpoint")
+    info.add_argument("path")
+    convert = sub.add_parser("convert", help="write an original-layout safetensors file (ComfyUI's UNETLoader reads "
+                                             "it) from any supported layout")
+    convert.add_argument("path")
+    convert.add_argument("out")
+    convert.add_argument("--dtype", choices=sorted(_DTYPES), help="weight dtype (default: keep the file's)")
+    convert.add_argument("--fp8", action="store_true", help="store the block Linear weights as float8_e4m3fn")
+    args = parser.parse_args(argv)
+
+    if args.command == "info":
+        raw, stored, name = _read_source(args.path)
+        family = detect_family(strip_prefix(raw, PREFIXES)[0])
+        print(f"{name}: {family}")
+        dtypes: dict[str, int] = {}
+        for t in raw.values():
+            dtypes[str(t.dtype).replace("torch.", "")] = dtypes.get(str(t.dtype).replace("torch.", ""), 0) + t.numel()
+        print(f"tensors: {len(raw)}, parameters: {sum(dtypes.values()) / 1e9:.3f} B, by dtype: {dtypes}")
+        sd, _ = to_original_layout({k: v for k, v in raw.items() if not k.endswith((".scale_weight", ".scale_input",
+                                                                                      "scaled_fp8"))})
+        axes = stored.get("rope_axes")
+        print(json.dumps(config_from_state_dict(sd, rope_axes=tuple(axes) if axes else None).to_dict(), indent=2))
+        return
+    model = load_transformer(args.path, dtype=_DTYPES.get(args.dtype),
+                             storage_dtype=FP8_DTYPES[0] if args.fp8 else None)
+    print(f"wrote {save_transformer(model, args.out)} ({model.config.num_double_blocks} double + "
+          f"{model.config.num_single_blocks} single blocks, hidden {model.config.hidden_size})")
+
+
+if __name__ == "__main__":
+    main()
