@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "info":
+        print(f"reading {args.path} ...", flush=True)
         raw, stored, name = _read_source(args.path)
         family = detect_family(strip_prefix(raw, PREFIXES)[0])
         print(f"{name}: {family}")
@@ -305,8 +306,10 @@ def main(argv: list[str] | None = None) -> None:
         axes = stored.get("rope_axes")
         print(json.dumps(config_from_state_dict(sd, rope_axes=tuple(axes) if axes else None).to_dict(), indent=2))
         return
+    print(f"reading and converting {args.path} ...", flush=True)
     model = load_transformer(args.path, dtype=_DTYPES.get(args.dtype),
                              storage_dtype=FP8_DTYPES[0] if args.fp8 else None)
+    print(f"writing {args.out} ...", flush=True)
     print(f"wrote {save_transformer(model, args.out)} ({model.config.num_double_blocks} double + "
           f"{model.config.num_single_blocks} single blocks, hidden {model.config.hidden_size})")
 
