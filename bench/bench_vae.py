@@ -1,10 +1,11 @@
 """Benchmark VAE decoding side by side: untiled vs exact (lockstep chunks) vs fast (blended tiles).
 
-For each size every mode runs in its own fresh subprocess (so peak process memory is that mode's own), on the same
-random non-degenerate weights and latents. Reported per mode: wall time of one decode, peak process RSS (and its
-growth over the loaded model), peak device-side working set (CUDA: ``max_memory_allocated``; CPU: the live bytes
-of tensors allocated during the decode, measured by ``WorkingSetMeter`` in a second, untimed decode; weights
-included), the budget given, the chunking chosen, and max abs / PSNR against the untiled output.
+For each size, every mode first runs one measured decode in its own fresh subprocess (so peak process memory is
+that mode's own), on the same random non-degenerate weights and latents: peak process RSS (and the RSS of the
+loaded model), peak device-side working set (CUDA: ``max_memory_allocated``; CPU: the live bytes of tensors
+allocated during the decode, measured by ``WorkingSetMeter``; weights included), the chunking chosen, and max abs /
+PSNR against the untiled output. Then one more subprocess times the modes back to back, alternating, without the
+meter (best of ``--repeats`` rounds), so the time ratios come from one run under the same machine load.
 
 Budgets: exact gets weights + ``--exact-fraction`` of the untiled run's measured activation peak, fast gets weights
 + ``--fast-fraction`` of it. Targets (issue 3): fast peak <= 1/4 of untiled at <= 1.3x its time; exact max abs
@@ -76,45 +77,68 @@ def rss_now_bytes() -> int:
         return int(fh.read().split()[1]) * resource.getpagesize()
 
 
-def worker(args: argparse.Namespace) -> None:
-    """One mode, one size, in this fresh process: time one decode, then measure its working set."""
-    device, dtype = args.device, DTYPES[args.dtype]
-    vae = build(args.config, dtype, device, args.weights)
+def _setup(args: argparse.Namespace) -> tuple[HunyuanVideoVAE, torch.Tensor]:
+    vae = build(args.config, DTYPES[args.dtype], args.device, args.weights)
     t, h, w = (int(v) for v in args.size.split("x"))
     z = torch.randn(1, vae.config.latent_channels, t, h, w, generator=torch.Generator().manual_seed(1))
-    budget = args.budget if args.budget > 0 else "auto"
+    return vae, z
+
+
+def memory_worker(args: argparse.Namespace) -> None:
+    """One mode, one size, in this fresh process: one measured decode (peak RSS, device working set, output)."""
+    vae, z = _setup(args)
     rss_model = rss_now_bytes()
-    sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
-    sync()
-    started = time.perf_counter()
     try:
-        video = vae.decode(z, mode=args.mode, memory_budget=budget, measure=device.startswith("cuda"))
+        video = vae.decode(z, mode=args.mode, memory_budget=args.budget or "auto", measure=True)
     except MemoryError as err:  # the planner refused the budget: report it as this mode's result
         write_json({"error": str(err)}, args.json)
         return
-    sync()
-    seconds = time.perf_counter() - started
     info = vae.last_decode_info
-    if not device.startswith("cuda"):
-        del video
-        video = vae.decode(z, mode=args.mode, memory_budget=budget, measure=True)
-        info = vae.last_decode_info
     torch.save(video.float().cpu(), args.out)
-    write_json({"seconds": seconds, "rss_peak_bytes": rss_peak_bytes(), "rss_model_bytes": rss_model,
+    write_json({"rss_peak_bytes": rss_peak_bytes(), "rss_model_bytes": rss_model,
                 "device_peak_bytes": info.device_peak_bytes, "budget_bytes": info.budget_bytes,
                 "weight_bytes": info.weight_bytes, "chosen": info.mode, "time_chunks": info.max_time_chunks,
                 "space_chunks": info.max_space_chunks, "tiles": info.tiles, "notes": info.notes,
                 "video_shape": list(video.shape)}, args.json)
 
 
-def run_mode(args: argparse.Namespace, size: str, mode: str, budget: int, tmp: Path) -> tuple[dict, torch.Tensor]:
+def timing_worker(args: argparse.Namespace) -> None:
+    """All modes of one size in one process, alternating, ``--repeats`` rounds: the best time of each mode."""
+    vae, z = _setup(args)
+    budgets = {m: int(b) for m, b in (item.split(":") for item in args.budgets.split(","))}
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    best: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for mode, budget in budgets.items():
+            sync()
+            started = time.perf_counter()
+            vae.decode(z, mode=mode, memory_budget=budget or "auto")
+            sync()
+            best[mode] = min(best.get(mode, math.inf), time.perf_counter() - started)
+    write_json(best, args.json)
+
+
+def _worker_cmd(args: argparse.Namespace, size: str, js: Path) -> list[str]:
+    return [sys.executable, __file__, "--size", size, "--config", args.config, "--dtype", args.dtype,
+            "--device", args.device, "--json", str(js)] + (["--weights", args.weights] if args.weights else [])
+
+
+def run_memory(args: argparse.Namespace, size: str, mode: str, budget: int,
+               tmp: Path) -> tuple[dict, torch.Tensor | None]:
     out, js = tmp / f"{mode}_{size}.pt", tmp / f"{mode}_{size}.json"
-    cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--size", size, "--budget", str(budget),
-           "--config", args.config, "--dtype", args.dtype, "--device", args.device, "--out", str(out),
-           "--json", str(js)] + (["--weights", args.weights] if args.weights else [])
+    cmd = _worker_cmd(args, size, js) + ["--worker", "memory", "--mode", mode, "--budget", str(budget),
+                                         "--out", str(out)]
     subprocess.run(cmd, check=True)
     stats = json.loads(js.read_text())
     return stats, (None if "error" in stats else torch.load(out, weights_only=True))
+
+
+def run_timing(args: argparse.Namespace, size: str, budgets: dict[str, int], tmp: Path) -> dict[str, float]:
+    js = tmp / f"time_{size}.json"
+    cmd = _worker_cmd(args, size, js) + ["--worker", "time", "--repeats", str(args.repeats),
+                                         "--budgets", ",".join(f"{m}:{b}" for m, b in budgets.items())]
+    subprocess.run(cmd, check=True)
+    return json.loads(js.read_text())
 
 
 def compare(video: torch.Tensor, reference: torch.Tensor) -> dict:
@@ -135,7 +159,9 @@ def main() -> None:
     parser.add_argument("--exact-fraction", type=float, default=0.125)
     parser.add_argument("--fast-fraction", type=float, default=0.25)
     parser.add_argument("--output", default=str(ROOT / "bench" / "out" / "bench_vae.json"))
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=1, help="timing rounds (best of); modes alternate")
+    parser.add_argument("--worker", choices=("memory", "time"), help=argparse.SUPPRESS)
+    parser.add_argument("--budgets", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
@@ -143,7 +169,7 @@ def main() -> None:
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args)
+        (memory_worker if args.worker == "memory" else timing_worker)(args)
         return
 
     sizes = list(args.sizes or DEFAULT_SIZES) + ([BIG_SIZES[args.config]] if args.big else [])
@@ -156,14 +182,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         for size in sizes:
-            base, reference = run_mode(args, size, "untiled", 0, tmp)
+            base, reference = run_memory(args, size, "untiled", 0, tmp)
             weights = base["weight_bytes"]
             activations = base["device_peak_bytes"] - weights
             budgets = {"untiled": 0, "exact": weights + int(args.exact_fraction * activations),
                        "fast": weights + int(args.fast_fraction * activations)}
             rows = {"untiled": (base, reference)}
             for mode in ("exact", "fast"):
-                rows[mode] = run_mode(args, size, mode, budgets[mode], tmp)
+                rows[mode] = run_memory(args, size, mode, budgets[mode], tmp)
+            seconds = run_timing(args, size, {m: b for m, b in budgets.items() if rows[m][1] is not None}, tmp)
+            for mode, (stats, _) in rows.items():
+                stats["seconds"] = seconds.get(mode)
             for mode, (stats, video) in rows.items():
                 if video is None:
                     results.append({"latent": size, "mode": mode, "budget_bytes": budgets[mode], **stats})
