@@ -93,6 +93,9 @@ class SampleStream:
                         self.check(sample)
                     return sample_record(sample, uid)
                 except SynVidError as err:
+                    path = str(self.dataset.path(index))
+                    if path not in str(err):
+                        err = SynVidError(f"{path}: {err}")
                     s.bad = tuple(sorted(set(s.bad) | {index}))
                     self.on_error(index, err)
                     misses += 1
