@@ -16,6 +16,7 @@ runs variable-length (``flash_attn_varlen_func``, the original HunyuanVideo path
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -42,8 +43,9 @@ def _check_backend(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=None)
 def is_available(name: str) -> bool:
-    """Whether the optional kernel package behind backend ``name`` can be imported."""
+    """Whether the optional kernel package behind backend ``name`` can be imported (checked once)."""
     if name in ("sdpa", "auto"):
         return True
     if importlib.util.find_spec(_MODULE[name]) is None:
