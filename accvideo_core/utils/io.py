@@ -50,7 +50,12 @@ def read_state_dict(path: str | os.PathLike, *, device: str = "cpu") -> StateDic
             f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors or one of {PICKLE_SUFFIXES}"
         )
     try:
-        obj = torch.load(str(path), map_location=device, weights_only=True)
+        try:  # memory-map zip-format pickles so a 25 GB checkpoint is not read into RAM up front
+            obj = torch.load(str(path), map_location=device, weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            obj = torch.load(str(path), map_location=device, weights_only=True)  # legacy (non-zip) format
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         raise CheckpointError(
             f"{path} could not be read as a weights-only torch checkpoint ({type(err).__name__}: {err}). "
