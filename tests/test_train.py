@@ -191,12 +191,17 @@ def _states(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_after_kill_is_bit_exact(synvid, tmp_path):
-    kw = dict(optim={"steps": 4, "segment_updates": "joint", "ema_decay": 0.9}, log={"ckpt_every": 2, "plot": False})
+    # 2 of the 5 segments per iteration: the queues carry fakes across iterations, so their saved state matters
+    kw = dict(optim={"steps": 4, "segment_updates": "joint", "segments_per_iteration": 2, "ema_decay": 0.9},
+              log={"ckpt_every": 2, "plot": False})
     Trainer(make_cfg(synvid, tmp_path / "a", **kw), teacher=tiny_transformer(seed=TEACHER_SEED)).run()
     cfg_b = make_cfg(synvid, tmp_path / "b", **kw)
     r = Trainer(cfg_b, teacher=tiny_transformer(seed=TEACHER_SEED)).run(stop_after=3)  # killed after step 3
     assert r["stopped"] and json.loads((tmp_path / "b/checkpoints/latest.json").read_text())["step"] == 2
-    Trainer(cfg_b, teacher=tiny_transformer(seed=TEACHER_SEED), resume="auto").run()
+    resumed = Trainer(cfg_b, teacher=tiny_transformer(seed=TEACHER_SEED), resume="auto")
+    assert resumed.step == 2 and resumed.queues.size(1) == 2  # fakes at t'_1 that segment 0 pops in step 3
+    assert [resumed.segments_for(s) for s in range(4)] == [[4, 3], [2, 1], [0, 4], [3, 2]]
+    resumed.run()
     a, b = _states(tmp_path / "a"), _states(tmp_path / "b")
     assert set(a) == set(b) and len(a) > 100
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]

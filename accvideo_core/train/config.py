@@ -39,6 +39,7 @@ class OptimConfig:
     warmup_steps: int = 0                   # linear lr warm-up (iterations)
     grad_clip: float = 1.0                  # max global grad norm of the student (0 = off)
     segment_updates: str = "sequential"     # "sequential": one update per segment k as in Alg. 1; "joint": one per iteration
+    segments_per_iteration: int = 0         # 0 = all m segments of every sample; s < m = the next s of the cycle m-1..0
     ema_decay: float = 0.0                  # 0 = no EMA of the student; else e.g. 0.999 (exported as student_ema)
     seed: int = 0
 
@@ -171,6 +172,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
     if cfg.data.segments < 1:
         raise ConfigError("data.segments must be >= 1")
+    if not 0 <= o.segments_per_iteration <= cfg.data.segments:
+        raise ConfigError(f"optim.segments_per_iteration must be 0 (all) or 1..{cfg.data.segments}, got "
+                          f"{o.segments_per_iteration}")
     if lo.feature_layers is not None and len(lo.feature_layers) != cfg.data.segments:
         raise ConfigError(f"loss.feature_layers needs one layer per key timestep k = 0..{cfg.data.segments - 1} "
                           f"({cfg.data.segments} values), got {lo.feature_layers}")

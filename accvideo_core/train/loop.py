@@ -263,6 +263,14 @@ class Trainer:
                 "adv_g": generator_loss(logits_fake_g, kind),
                 "d_real": logits_real.detach().float().mean(), "d_fake": logits_fake_d.detach().float().mean()}
 
+    def segments_for(self, step: int) -> list[int]:
+        """Segments k trained in iteration ``step``: all m (k = m-1 .. 0) by default; with
+        ``optim.segments_per_iteration = s < m`` the next s of the cycle m-1, ..., 0, m-1, ... (the queues carry
+        the student's fakes from one iteration to the next)."""
+        m = self.m
+        s = self.cfg.optim.segments_per_iteration or m
+        return [m - 1 - (step * s + j) % m for j in range(s)]
+
     def _set_lr(self, step: int) -> float:
         o = self.cfg.optim
         scale = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
@@ -277,10 +285,11 @@ class Trainer:
         cfg, m = self.cfg, self.m
         micro = [collate([self.stream.next() for _ in range(cfg.optim.micro_batch)]) for _ in range(self.n_micro)]
         adversarial = cfg.loss.adversarial and cfg.loss.lambda_adv > 0 and step >= cfg.loss.adv_start_step
-        order = list(range(m - 1, -1, -1))
+        order = self.segments_for(step)
         groups = [order] if cfg.optim.segment_updates == "joint" else [[k] for k in order]
         lr = self._set_lr(step)
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         norms = []
         lam = cfg.loss.lambda_adv
         for group in groups:
@@ -291,18 +300,21 @@ class Trainer:
                 scale = 1.0 / (len(group) * self.n_micro)
                 for n, k in enumerate(group):
                     last = i == self.n_micro - 1 and n == len(group) - 1
+                    # fakes for t'_k need Q_{k+1} filled (by segment k+1 of this or an earlier iteration)
+                    adv_now = adversarial and (k == m - 1 or self.queues.size(k + 1) >= cfg.optim.micro_batch)
                     # two backward passes per segment: only one student graph is alive at a time (memory)
-                    self._grad_sync(last and not adversarial)
+                    self._grad_sync(last and not adv_now)
                     losses = self.trajectory_losses(batch, k)
                     (scale * losses["traj"]).backward()
-                    if adversarial:
+                    if adv_now:
                         self._grad_sync(last)
                         adv = self.adversarial_losses(batch, k)
                         (scale * lam * (adv["adv_g"] + adv["adv_d"])).backward()
                         losses.update(adv)
                     for name, value in losses.items():
                         for key in (name, f"{name}_k{k}"):
-                            sums[key] = sums.get(key, 0.0) + float(value.detach()) / self.n_micro
+                            sums[key] = sums.get(key, 0.0) + float(value.detach())
+                            counts[key] = counts.get(key, 0) + 1
             self._sync_head_grads()
             if cfg.optim.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
@@ -312,10 +324,7 @@ class Trainer:
                 self.head_opt.step()
         if self.ema is not None:
             self._update_ema()
-        for key in ("traj", "adv_g", "adv_d", "d_real", "d_fake"):
-            if key in sums:
-                sums[key] /= m
-        metrics = dict(sums)
+        metrics = {key: value / counts[key] for key, value in sums.items()}
         if norms:
             metrics["grad_norm"] = sum(norms) / len(norms)
         names = sorted(metrics)

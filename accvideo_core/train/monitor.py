@@ -63,7 +63,7 @@ class Monitor:
         def series(records: list[dict], keys: list[str]) -> dict[str, list[tuple[float, float]]]:
             return {k: [(r["step"], float(r[k])) for r in records if k in r] for k in keys}
 
-        traj_keys = ["traj"] + sorted(k for k in (train[0] if train else {}) if k.startswith("traj_k"))
+        traj_keys = ["traj"] + sorted({k for r in train for k in r if k.startswith("traj_k")})
         panels = [("TRAJECTORY LOSS", series(train, traj_keys), True)]
         if any("adv_g" in r for r in train):
             panels.append(("ADVERSARIAL", series(train, ["adv_g", "adv_d"]), False))

@@ -23,6 +23,9 @@ class TrajectoryQueues:
     def __len__(self) -> int:
         return sum(len(q) for q in self.queues)
 
+    def size(self, k: int) -> int:
+        return len(self.queues[k])
+
     def push(self, k: int, latents: torch.Tensor, cond: dict[str, torch.Tensor]) -> None:
         """Append a batch of (detached) latents at t'_k with their conditioning; the oldest entries beyond
         ``capacity`` are dropped (only Q_0, which nobody pops, normally fills up)."""
