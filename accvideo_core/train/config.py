@@ -73,6 +73,7 @@ class RuntimeConfig:
 class LogConfig:
     out_dir: str = "runs/accvideo"
     log_every: int = 1                      # progress line every N iterations (JSONL gets every iteration)
+    progress_seconds: float = 60.0          # inside an iteration, a line at most this often (0 = never)
     val_every: int = 100                    # 0 = only at start and end
     ckpt_every: int = 100                   # 0 = only at the end (and on Ctrl-C)
     keep_checkpoints: int = 2

@@ -75,6 +75,7 @@ class Trainer:
         self.teacher5: float | None = None
         self.interrupted = False
         self._signal_time = 0.0
+        self._last_note = time.monotonic()
         if resume:
             self._load_checkpoint(self._resolve_resume(resume))
         self.monitor = Monitor(self.out, total_steps=cfg.optim.steps, start_step=self.step,
@@ -263,6 +264,14 @@ class Trainer:
                 "adv_g": generator_loss(logits_fake_g, kind),
                 "d_real": logits_real.detach().float().mean(), "d_fake": logits_fake_d.detach().float().mean()}
 
+    def _heartbeat(self, step: int, k: int, micro: int) -> None:
+        """Inside long iterations (13B: minutes to hours) a line every ``log.progress_seconds``."""
+        every = self.cfg.log.progress_seconds
+        now = time.monotonic()
+        if every > 0 and now - self._last_note >= every:
+            self._last_note = now
+            self.monitor.note(f"  iteration {step + 1}: segment k={k} done for micro-batch {micro + 1}/{self.n_micro}")
+
     def segments_for(self, step: int) -> list[int]:
         """Segments k trained in iteration ``step``: all m (k = m-1 .. 0) by default; with
         ``optim.segments_per_iteration = s < m`` the next s of the cycle m-1, ..., 0, m-1, ... (the queues carry
@@ -315,6 +324,7 @@ class Trainer:
                         for key in (name, f"{name}_k{k}"):
                             sums[key] = sums.get(key, 0.0) + float(value.detach())
                             counts[key] = counts.get(key, 0) + 1
+                    self._heartbeat(step, k, i)
             self._sync_head_grads()
             if cfg.optim.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
@@ -520,6 +530,7 @@ class Trainer:
                 metrics = self.train_step(self.step)
                 self.step += 1
                 self.monitor.step(self.step, metrics)
+                self._last_note = time.monotonic()
                 stop = D.any_rank(self.interrupted, self.info)
                 if stop_after is not None and self.step >= stop_after:
                     return {"step": self.step, "stopped": True}
