@@ -831,8 +831,8 @@ class HunyuanVideoVAE(nn.Module):
                 t, h, w = (t if ft == 1 else 1 + ft * (t - 1)), h * fs, w * fs
             c = max(widths[max(i - 1, 0)], widths[min(i, len(widths) - 1)])
             # a resnet holds its input, the normalised copy and the padded copy while its conv output grows
-            # (measured on CPU: ~3 such tensors at the widest stage; 3.5 leaves room for allocator workspaces)
-            peak = max(peak, 3.5 * c * (t + 2) * (h + 2) * (w + 2) * es)
+            # (measured on CPU: ~3 such tensors at the widest stage; 4 leaves room for allocator workspaces)
+            peak = max(peak, 4 * c * (t + 2) * (h + 2) * (w + 2) * es)
         if self.config.mid_block_add_attention:
             _, _, t0, h0, w0 = latent_shape
             peak = max(peak, 8 * h0 * w0 * t0 * h0 * w0 + 6 * widths[0] * t0 * h0 * w0 * es)
@@ -975,6 +975,15 @@ class HunyuanVideoVAE(nn.Module):
         """
         _, c, t, h, w = latent_shape
         s, tc = self.config.spatial_compression, self.config.temporal_compression
+        es = torch.empty((), dtype=self.dtype).element_size()
+        # the output video, the previous and current temporal chunks and two rows of decoded tiles wait on the
+        # device next to the working tile: count 2.5 videos
+        waiting = int(2.5 * self.config.out_channels * (tc * (t - 1) + 1) * h * s * w * s * es)
+        if waiting >= budget:
+            raise MemoryError(f"fast VAE decode: the decoded video and its blending buffers (~{waiting / 2**20:.1f} "
+                              f"MiB) alone exceed the budget of {budget / 2**20:.1f} MiB beyond the weights; raise "
+                              "memory_budget or use mode='exact'")
+        budget -= waiting
         best: tuple[float, FastTiling] | None = None
         max_size = max(32, -(-max(h, w) * s // 32) * 32)
         max_frames = max(16, -(-(t - 1) * tc // 16) * 16)
@@ -1035,20 +1044,24 @@ class HunyuanVideoVAE(nn.Module):
             if progress is not None:
                 progress(done[0], total)
 
-        chunks = []
-        for i in starts:
+        frames_out = tc * (t - 1) + 1
+        video = torch.empty((b, self.config.out_channels, frames_out, h * s, w * s), dtype=self.dtype,
+                            device=out_device)
+        previous, offset = None, 0  # only the previous temporal chunk is kept, for the cross-fade
+        for j, i in enumerate(starts):
             tile = z[:, :, i:i + lat_frames + 1] if len(starts) > 1 else z
-            decoded = (self._fast_spatial(tile.to(self.device), tiling, tick) if spatial
-                       else self._untiled_tile(tile.to(self.device), tick))
-            chunks.append(decoded[:, :, 1:] if i > 0 else decoded)
-        if len(chunks) == 1:
-            return chunks[0].to(out_device)
-        pieces = []
-        for j, chunk in enumerate(chunks):
-            if j > 0:
-                _blend(chunks[j - 1], chunk, frame_blend, dim=2)
-            pieces.append(chunk[:, :, :tiling.tile_stride_frames + (1 if j == 0 else 0)].to(out_device))
-        return torch.cat(pieces, dim=2)[:, :, :tc * (t - 1) + 1]
+            chunk = (self._fast_spatial(tile.to(self.device), tiling, tick) if spatial
+                     else self._untiled_tile(tile.to(self.device), tick))
+            if i > 0:
+                chunk = chunk[:, :, 1:]
+            if previous is not None:
+                _blend(previous, chunk, frame_blend, dim=2)
+            keep = chunk[:, :, :tiling.tile_stride_frames + (1 if j == 0 else 0)] if len(starts) > 1 else chunk
+            n = min(keep.shape[2], frames_out - offset)
+            video[:, :, offset:offset + n].copy_(keep[:, :, :n])
+            offset += n
+            previous = chunk
+        return video
 
     def _untiled_tile(self, z: torch.Tensor, tick: Callable[[], None]) -> torch.Tensor:
         video = self.decoder(conv3d(self.post_quant_conv, z))
@@ -1060,16 +1073,23 @@ class HunyuanVideoVAE(nn.Module):
         _, _, _, h, w = z.shape
         lat_size, lat_stride = tiling.tile_size // s, tiling.tile_stride // s
         blend = tiling.tile_size - tiling.tile_stride
-        rows = [[self._untiled_tile(z[:, :, :, i:i + lat_size, j:j + lat_size], tick)
-                 for j in range(0, w, lat_stride)] for i in range(0, h, lat_stride)]
-        out_rows = []
-        for i, row in enumerate(rows):
+        out = None
+        previous_row: list[torch.Tensor] | None = None  # only the row above is kept, for the cross-fade
+        for i in range(0, h, lat_stride):
+            row = [self._untiled_tile(z[:, :, :, i:i + lat_size, j:j + lat_size], tick)
+                   for j in range(0, w, lat_stride)]
             kept = []
             for j, tile in enumerate(row):
-                if i > 0:
-                    _blend(rows[i - 1][j], tile, blend, dim=3)
+                if previous_row is not None:
+                    _blend(previous_row[j], tile, blend, dim=3)
                 if j > 0:
                     _blend(row[j - 1], tile, blend, dim=4)
                 kept.append(tile[:, :, :, :tiling.tile_stride, :tiling.tile_stride])
-            out_rows.append(torch.cat(kept, dim=4))
-        return torch.cat(out_rows, dim=3)[:, :, :, :h * s, :w * s]
+            strip = torch.cat(kept, dim=4)[..., :w * s]
+            if out is None:
+                out = strip.new_empty((*strip.shape[:3], h * s, w * s))
+            top = i * s
+            n = min(strip.shape[3], h * s - top)
+            out[:, :, :, top:top + n].copy_(strip[:, :, :, :n])
+            previous_row = row
+        return out
