@@ -77,7 +77,7 @@ class Toy1DConfig:
 
 
 PRESETS: dict[str, Toy1DConfig] = {
-    # the paper's budget for the teacher (10,000 iterations); several minutes on a CPU
+    # the paper's budget for the teacher (10,000 iterations; the paper gives no student budget); minutes on a CPU
     "paper": Toy1DConfig(teacher_iters=10_000, student_iters=1500),
     # the documented run: iterations scaled down so the whole experiment stays within ~2 minutes on 2 CPU cores
     "default": Toy1DConfig(),
@@ -548,7 +548,7 @@ def plot(result: dict, path: str | Path, show_mismatch: float | None = None) -> 
 
 
 def to_json(result: dict) -> dict:
-    """The result without the raw tensors, plus the few arrays worth keeping (student outputs summaries)."""
+    """The JSON-able part of a result (everything but the raw tensors under ``"arrays"``)."""
     return {k: v for k, v in result.items() if k != "arrays"}
 
 
