@@ -64,6 +64,9 @@ class Toy1DConfig:
     eval_samples: int = 4096
     on_data_tolerance: float = 0.1
     seed: int = 0
+    # torch CPU threads during the run (restored afterwards): the net is so small that a second thread gains
+    # little on an idle machine, and OpenMP spinning makes 2 threads several times slower on a busy one
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if self.teacher_steps % self.student_steps:
@@ -353,6 +356,15 @@ class _Clock:
 
 def run(cfg: Toy1DConfig, progress: Progress | None = None) -> dict:
     """Run the whole experiment and return a JSON-able result dict (with raw arrays under ``"arrays"``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: Toy1DConfig, progress: Progress | None) -> dict:
     progress = progress or (lambda msg: None)
     timings: dict[str, float] = {}
     clock = _Clock(timings)
@@ -560,12 +572,14 @@ def main(argv: list[str] | None = None) -> int:
                              "teacher iterations")
     parser.add_argument("--seed", type=int, default=None, help="override the preset's seed")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (1 is nearly as fast for this tiny net and robust on a busy machine)")
+                        help="torch CPU threads (default 1: fastest for this tiny net on a shared machine)")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     args = parser.parse_args(argv)
+    cfg = PRESETS[args.preset]
+    if args.seed is not None:
+        cfg = replace(cfg, seed=args.seed)
     if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    cfg = PRESETS[args.preset] if args.seed is None else replace(PRESETS[args.preset], seed=args.seed)
+        cfg = replace(cfg, threads=args.threads)
 
     def progress(msg: str) -> None:
         if not args.quiet:
