@@ -86,3 +86,12 @@ def test_kernel_references_match_definitions():
     tiled = torch.cat([kernels.group_norm_silu(v[:, :, sl], gw, gb, 4, mean=mean, rstd=rstd)
                        for sl in (slice(0, 1), slice(1, 3))], dim=2)
     assert torch.allclose(tiled, plain, atol=1e-5)
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path = save_safetensors({"x": torch.zeros(2)}, tmp_path / "x.safetensors")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
