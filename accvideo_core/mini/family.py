@@ -98,12 +98,12 @@ def load_family(root: str | os.PathLike | None = None, *, teacher: str | os.Path
 
 def shape_region_colour(video: torch.Tensor, caption: str, *, frame: int) -> tuple[str, float]:
     """Nearest named shape colour to the mean colour of ``video`` (``[3, F, H, W]`` in [-1, 1]) over the pixels
-    that differ most from the prompted background in ``frame``, and that distance."""
+    of ``frame`` that differ most from the prompted background, and that distance."""
     spec = parse_caption(caption)
     rgb = (video[:, frame].float() + 1) / 2  # [3, H, W] in [0, 1]
     bg = torch.tensor(BACKGROUND_COLORS[spec.background])[:, None, None]
     far = (rgb - bg).norm(dim=0)
-    mask = far >= far.flatten().quantile(0.9)  # the 10 % of pixels least like the background
+    mask = far >= 0.5 * far.max()  # the pixels at least half as far from the background as the farthest
     mean = rgb[:, mask].mean(dim=1)
     names = list(SHAPE_COLORS)
     dists = torch.stack([(mean - torch.tensor(SHAPE_COLORS[n])).norm() for n in names])

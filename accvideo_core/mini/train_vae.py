@@ -6,8 +6,10 @@ Loss per clip: L1 + MSE reconstruction of a posterior sample's decoding, plus ``
 of the posterior to the prior N(0, (1 / 0.476986)^2). The prior's width comes from the scaling factor fixed in
 ``accvideo_core/latents.py``, so the *model-space* latent (VAE latent x 0.476986) is close to unit variance: the
 convention of the HunyuanVideo VAE that every sampler in this project assumes (noise is N(0, I) there).
-Training uses random 9-frame windows (start frame 0, 4 or 8) and random 32 x 32 crops of the 17 x 64 x 64 clips:
-the network is convolutional (plus frame-causal attention at the latent resolution), so it decodes whole clips.
+Training uses random 9-frame windows (start frame 0, 4 or 8) of whole 64 x 64 frames (``crop`` < 64 takes random
+crops); the network is causal and convolutional (plus frame-causal attention at the latent resolution), so it
+encodes and decodes whole 17-frame clips. See :func:`anchor_group_statistics_` for the one initialisation choice
+without which this tiny VAE does not learn colours at all.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 
 from ..latents import VAE_SCALING_FACTOR, to_model_space
 from ..models.vae_hunyuan_video import HunyuanVideoVAE, VAEConfig
-from ..models.vae_loading import save_vae
+from ..models.vae_loading import load_vae, save_vae
 from ..utils.io import write_json
 from .data import MiniVideoConfig, MiniVideoDataset
 
@@ -34,17 +36,35 @@ PRIOR_STD = 1.0 / VAE_SCALING_FACTOR  # VAE-space prior width: model-space laten
 
 @dataclass
 class VAETrainConfig:
-    steps: int = 1600
-    batch: int = 4
-    lr: float = 3e-3
+    steps: int = 1000
+    batch: int = 2
+    lr: float = 4e-4
     warmup: int = 50
     kl_weight: float = 1e-4  # per latent element, relative to the per-pixel reconstruction losses
     clips: int = 4096  # size of the training split drawn from (clips are rendered on the fly)
-    crop: int = 32
+    crop: int = 64  # whole frames
     window: int = 9  # frames per training window (4k + 1)
+    anchor: float = 100.0  # see anchor_group_statistics_
     init_logvar: float = -6.0  # initial posterior log-variance (bias of quant_conv's logvar half)
     seed: int = 0
     threads: int = 1  # one thread: on a loaded 2-core machine two OpenMP threads run ~10x slower
+
+
+@torch.no_grad()
+def anchor_group_statistics_(vae: HunyuanVideoVAE, anchor: float) -> None:
+    """Initialisation that lets absolute colour levels through the output GroupNorms.
+
+    The encoder's and the decoder's last GroupNorm (``conv_norm_out``) normalise each group over the *whole clip*,
+    so a clip's mean level per group is removed, and ``conv_out`` (linear) cannot put it back: a freshly
+    initialised VAE cannot even learn each clip's background colour (measured: stuck at the loss of predicting
+    the data set's mean colour). Adding ``anchor`` to one channel per group of the residual stream feeding these
+    norms (the bias of the last resnet's ``conv2``) makes the group statistics nearly clip-independent, so the
+    norm acts as a fixed affine map and levels pass. Only an initial value: every weight trains.
+    """
+    groups = vae.config.norm_num_groups
+    for conv in (vae.encoder.mid_block.resnets[-1].conv2.conv, vae.decoder.up_blocks[-1].resnets[-1].conv2.conv):
+        per_group = conv.out_channels // groups
+        conv.bias[::per_group] += anchor
 
 
 def kl_to_prior(mean: torch.Tensor, logvar: torch.Tensor, prior_std: float = PRIOR_STD) -> torch.Tensor:
@@ -63,15 +83,20 @@ def _batch(ds: MiniVideoDataset, rng: random.Random, cfg: VAETrainConfig) -> tor
     return torch.stack(clips)
 
 
-def train_vae(cfg: VAETrainConfig, out: str | Path, *, log=print) -> dict:
-    """Train from scratch with ``cfg`` and write ``out`` (safetensors + config metadata). Returns a summary."""
+def train_vae(cfg: VAETrainConfig, out: str | Path, *, init: str | Path | None = None, log=print) -> dict:
+    """Train with ``cfg`` (from scratch, or continuing the VAE file ``init``) and write ``out`` (safetensors +
+    config metadata). Returns a summary."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = random.Random(f"mini-vae/{cfg.seed}")
     ds = MiniVideoDataset(cfg.clips, split="train", config=MiniVideoConfig(seed=cfg.seed))
     vae = HunyuanVideoVAE(MINI_VAE).train()
-    with torch.no_grad():  # start with a nearly deterministic posterior: std e^-3 instead of 1, so the decoder
-        vae.quant_conv.bias[MINI_VAE.latent_channels:] = cfg.init_logvar  # sees the (small) initial means
+    if init is not None:
+        vae.load_state_dict(load_vae(init, dtype=torch.float32).state_dict())
+    else:
+        anchor_group_statistics_(vae, cfg.anchor)
+        with torch.no_grad():  # start with a nearly deterministic posterior: std e^-3 instead of 1, so the
+            vae.quant_conv.bias[MINI_VAE.latent_channels:] = cfg.init_logvar  # decoder sees the initial means
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     t0, history = time.perf_counter(), []
     try:
@@ -125,17 +150,23 @@ def evaluate_vae(vae: HunyuanVideoVAE, seed: int = 0, clips: int = 8) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m accvideo_core.mini.train_vae", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="assets/mini/vae.safetensors")
+    p.add_argument("--init", help="continue training this VAE file instead of starting from scratch")
     for f, default in asdict(VAETrainConfig()).items():
         p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
     args = vars(p.parse_args(argv))
-    out = Path(args.pop("out"))
+    out, init = Path(args.pop("out")), args.pop("init")
     cfg = VAETrainConfig(**args)
     try:
-        summary = train_vae(cfg, out, log=lambda m: print(m, file=sys.stderr, flush=True))
+        summary = train_vae(cfg, out, init=init, log=lambda m: print(m, file=sys.stderr, flush=True))
     except KeyboardInterrupt:
         return 130
-    write_json({"config": asdict(cfg), "vae_config": MINI_VAE.to_dict(), "result": summary},
-               out.with_name("train_vae.json"))
+    log_path = out.with_name("train_vae.json")
+    runs = json.loads(log_path.read_text()).get("runs", []) if init and log_path.is_file() else []
+    runs.append({"config": asdict(cfg), "init": str(init) if init else None, "result": summary})
+    write_json({"vae_config": MINI_VAE.to_dict(), "runs": runs,
+                "commands": [("python -m accvideo_core.mini.train_vae" + (f" --init {r['init']}" if r["init"] else "")
+                              + " " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["config"].items()))
+                             for r in runs]}, log_path)
     print(json.dumps(summary, indent=2))
     return 0
 
