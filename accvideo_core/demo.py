@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -114,8 +115,9 @@ def train_config(cfg: DemoConfig, family: MiniFamily, synvid: Path, out_dir: Pat
     }
 
 
-def run_training(config: dict, run_dir: Path, fresh: bool) -> Path:
-    """``python -m accvideo_core.train --config`` (in process); reuses a finished run with the same config."""
+def run_training(config: dict, run_dir: Path, fresh: bool) -> tuple[Path, bool]:
+    """``python -m accvideo_core.train --config`` (in process); reuses a finished run with the same config.
+    Returns (student checkpoint, whether it was reused)."""
     from .train.__main__ import main as train_main
     from .train.config import config_from_dict
 
@@ -125,7 +127,7 @@ def run_training(config: dict, run_dir: Path, fresh: bool) -> Path:
     if not fresh and student.is_file() and done.is_file() and json.loads(done.read_text()) == json.loads(
             json.dumps(wanted)):
         say(f"reusing the finished training run in {run_dir} (--fresh retrains)")
-        return student
+        return student, True
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -138,7 +140,7 @@ def run_training(config: dict, run_dir: Path, fresh: bool) -> Path:
     if code != 0:
         raise RuntimeError(f"training failed with exit code {code} (config {cfg_path})")
     write_json(wanted, done)
-    return student
+    return student, False
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -150,12 +152,15 @@ def evaluate(family: MiniFamily, models: dict[str, tuple[torch.nn.Module, int]],
              seeds: list[int], progress: Callable[[str], None] = say) -> dict:
     """Generate every (prompt, seed) with every model, interleaved so the timings share the machine's load.
 
-    Returns per model: seconds per video (text, sampling, decode, total), latent MSE and pixel PSNR to teacher-50,
+    Returns per model: median seconds per video (text, sampling, decode, total), latent MSE and pixel PSNR to
+    teacher-50,
     prompt checks, plus the videos themselves (``[N, 3, F, H, W]``)."""
     jobs = [(p, s) for p in prompts for s in seeds]
-    stats = {name: {"text": 0.0, "sampling": 0.0, "decode": 0.0, "latents": [], "videos": []} for name in models}
+    stats = {name: {"text": [], "sampling": [], "decode": [], "latents": [], "videos": []} for name in models}
+    names = list(models)
     for j, (prompt, seed) in enumerate(jobs):
-        for name, (model, steps) in models.items():
+        for name in names[j % len(names):] + names[:j % len(names)]:  # rotate the order: no model always first
+            model, steps = models[name]
             t0 = time.perf_counter()
             text = family.encode([prompt])
             t1 = time.perf_counter()
@@ -164,9 +169,9 @@ def evaluate(family: MiniFamily, models: dict[str, tuple[torch.nn.Module, int]],
             video = family.decode(lat)
             t3 = time.perf_counter()
             st = stats[name]
-            st["text"] += t1 - t0
-            st["sampling"] += t2 - t1
-            st["decode"] += t3 - t2
+            st["text"].append(t1 - t0)
+            st["sampling"].append(t2 - t1)
+            st["decode"].append(t3 - t2)
             st["latents"].append(lat)
             st["videos"].append(video)
         progress(f"evaluation {j + 1}/{len(jobs)}: {prompt!r} seed {seed}")
@@ -176,8 +181,8 @@ def evaluate(family: MiniFamily, models: dict[str, tuple[torch.nn.Module, int]],
     for name, st in stats.items():
         lat, vid = torch.cat(st["latents"]), torch.cat(st["videos"])
         n = len(jobs)
-        per = {k: st[k] / n for k in ("text", "sampling", "decode")}
-        per["total"] = sum(per.values())
+        per = {k: statistics.median(st[k]) for k in ("text", "sampling", "decode")}
+        per["total"] = statistics.median([a + b + c for a, b, c in zip(st["text"], st["sampling"], st["decode"])])
         colour_ok = motion_ok = 0
         for i, (prompt, _) in enumerate(jobs):
             spec = parse_caption(prompt)
@@ -227,8 +232,10 @@ def write_side_by_side(result: dict, rows: list[int], out: Path, *, fps: int = 8
     frames = _frame_grid([result[n]["videos"][rows] for n in names], [LABELS[n] for n in names])
     gif = out / "side_by_side.gif"
     tmp = gif.with_suffix(".tmp.gif")
-    frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0,
-                   optimize=True)
+    from PIL import Image
+
+    small = [f.quantize(colors=64, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE) for f in frames]
+    small[0].save(tmp, save_all=True, append_images=small[1:], duration=int(1000 / fps), loop=0, optimize=True)
     os.replace(tmp, gif)
     stack = torch.from_numpy(np.stack([np.asarray(f) for f in frames])).float() / 255.0
     mp4 = write_mp4(stack, out / "side_by_side.mp4", fps=fps, metadata={"comment": "AccVideo miniature demo"})
@@ -240,7 +247,7 @@ def markdown_report(report: dict) -> str:
     lines = ["# AccVideo miniature demo: report", "",
              f"Held-out prompts: {len(report['prompts'])} x {report['seeds_per_prompt']} seeds "
              f"({report['videos']} videos per model, 17 frames x 64 x 64), CPU threads {report['threads']}. "
-             "Times are wall seconds per video, measured interleaved in one run.", "",
+             "Times are median wall seconds per video, measured interleaved (rotating order) in one run.", "",
              "| model | steps | text (s) | sampling (s) | VAE decode (s) | total (s) | speedup vs teacher-50 | "
              "latent MSE to teacher-50 | PSNR to teacher-50 (dB) | colour ok | motion ok |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -301,17 +308,19 @@ def run_demo(cfg: DemoConfig, out: Path, *, fresh: bool = False, assets: str | N
         raise KeyboardInterrupt
     if code != 0:
         raise RuntimeError(f"SynVid dump failed with exit code {code}")
-    stage["SynVid dump (teacher, 50 steps)"] = time.perf_counter() - t0
+    stage["SynVid dump (teacher, 50 steps)" + (" - samples already present" if time.perf_counter() - t0 < 1 and
+                                                 (out / "synvid" / "manifest.json").is_file() else "")] = \
+        time.perf_counter() - t0
 
     students = {}
     for name, adversarial in (("traj", False), ("adv", True)):
         t0 = time.perf_counter()
         say(f"[3/4] distilling a 5-step student: trajectory loss{' + adversarial' if adversarial else ' only'}")
         run_dir = out / f"train_{name}"
-        students[name] = run_training(train_config(cfg, family, out / "synvid", run_dir, adversarial), run_dir,
-                                      fresh)
-        stage[f"training ({'trajectory + adversarial' if adversarial else 'trajectory only'})"] = \
-            time.perf_counter() - t0
+        students[name], reused = run_training(train_config(cfg, family, out / "synvid", run_dir, adversarial),
+                                              run_dir, fresh)
+        label = f"training ({'trajectory + adversarial' if adversarial else 'trajectory only'})"
+        stage[label + (" - reused a finished run" if reused else "")] = time.perf_counter() - t0
 
     from .models.loading import load_transformer
 

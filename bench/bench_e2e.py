@@ -10,7 +10,7 @@
    and writing one SynVid file per sample) against plain 50-step ``sample_flow`` with the same noise and prompts,
    alternating blocks of ``--dump-samples``. Goal: <= 3 %.
 
-    python bench/bench_e2e.py [--prompts 4] [--repeats 2] [--dump-samples 4] [--rounds 2] [--threads N]
+    python bench/bench_e2e.py [--prompts 4] [--repeats 3] [--dump-samples 16] [--rounds 4] [--threads N]
 
 Prints a summary and writes ``bench/out/bench_e2e.json``.
 """
@@ -113,9 +113,9 @@ def dump_overhead(family, prompts: list[str], samples: int, rounds: int) -> dict
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--dump-samples", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dump-samples", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--student", help="distilled student checkpoint (default: the teacher's weights at 5 steps)")
     p.add_argument("--threads", type=int, default=0, help="0 = auto (1 when the machine is already loaded)")
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "bench_e2e.json"))

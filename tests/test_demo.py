@@ -1,0 +1,56 @@
+"""The miniature demo's whole chain (embeddings -> core dumper CLI -> trainer CLI x2 -> held-out evaluation ->
+reports + mp4 + GIF) at a very reduced setting, on the shipped family."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from accvideo_core.demo import DemoConfig, heldout_prompts, main, run_demo, training_prompts
+from accvideo_core.mini.data import attribute_combos, parse_caption
+from accvideo_core.synvid.format import SynVidDataset
+from accvideo_core.video import count_frames
+
+
+def test_prompt_sets_are_disjoint_and_follow_the_template():
+    train, held = training_prompts(12), heldout_prompts(4)
+    assert len(set(train)) == 12 and len(set(held)) == 4
+    held_combos = set(attribute_combos("heldout"))
+    for p in held:
+        s = parse_caption(p)
+        assert (s.shape, s.color, s.direction, s.background) in held_combos
+    for p in train:
+        s = parse_caption(p)
+        assert (s.shape, s.color, s.direction, s.background) not in held_combos
+
+
+def test_demo_runs_end_to_end_reduced(tmp_path, capsys):
+    cfg = DemoConfig(synvid_samples=3, train_steps=1, batch=2, heldout_prompts=1, seeds_per_prompt=1, shown=1,
+                     threads=1)
+    report = run_demo(cfg, tmp_path)
+    # the real entry points ran: a SynVid from the dumper, two trainer runs with their exported students
+    ds = SynVidDataset(tmp_path / "synvid")
+    assert len(ds) == 3 and ds.manifest["steps"] == 50
+    for run in ("train_traj", "train_adv"):
+        assert (tmp_path / run / "student.safetensors").is_file()
+        cfg_used = json.loads((tmp_path / run / "config.json").read_text())
+        assert cfg_used["loss"]["adversarial"] == (run == "train_adv") and cfg_used["optim"]["steps"] == 1
+    r = report["results"]
+    assert set(r) == {"teacher50", "teacher5", "traj5", "student5"}
+    assert r["teacher50"]["latent_mse_to_teacher50"] == 0.0
+    assert r["teacher5"]["latent_mse_to_teacher50"] > 0.0
+    for name in r:
+        s = r[name]["seconds_per_video"]
+        assert s["total"] == pytest.approx(s["text"] + s["sampling"] + s["decode"])
+    assert report["speedup_sampling"] > 1.0
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["ablation"]["traj_only_mse"] == pytest.approx(r["traj5"]["latent_mse_to_teacher50"])
+    md = (tmp_path / "report.md").read_text()
+    assert "AccVideo student 5" in md and "Ablation" in md
+    assert count_frames(tmp_path / "side_by_side.mp4") == 17
+    assert (tmp_path / "side_by_side.gif").stat().st_size > 1000
+    # a second run continues: nothing is re-dumped and both finished trainings are reused
+    assert main(["--out", str(tmp_path), "--synvid-samples", "3", "--train-steps", "1", "--batch", "2",
+                 "--heldout-prompts", "1", "--seeds-per-prompt", "1", "--shown", "1", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "3 of 3 samples already present" in err and err.count("reusing the finished training run") == 2
