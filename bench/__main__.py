@@ -4,7 +4,8 @@ Each ``bench/bench_*.py`` runs as its own subprocess (fresh memory accounting, o
 with the short settings below, and writes its JSON under ``bench/out/``. This command gathers them into
 ``bench/results.json`` and writes the markdown table ``docs/benchmarks.md`` (headline figures per benchmark:
 ratios, speedups, overheads, errors, goals). A benchmark that fails or times out is recorded as such, never
-dropped. Progress goes to stderr; Ctrl-C stops the running benchmark and writes what finished.
+dropped. Progress goes to stderr; Ctrl-C stops the running benchmark and writes what finished. With ``--only``, the
+other benchmarks' last results in ``bench/results.json`` are kept.
 """
 from __future__ import annotations
 
@@ -153,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = run_one(name, args.timeout)
     except KeyboardInterrupt:
         print("[bench] interrupted: writing the finished benchmarks", file=sys.stderr)
+    previous = Path(args.results)
+    if args.only and previous.is_file():  # a partial run updates its benchmarks and keeps the others' last results
+        kept = json.loads(previous.read_text()).get("benchmarks", {})
+        results = {**{k: v for k, v in kept.items() if k not in results}, **results}
     write_json({"meta": meta, "benchmarks": results}, args.results)
     write_bytes(markdown(results, meta).encode(), args.markdown)
     failed = [n for n, r in results.items() if r["status"] != "ok"]
