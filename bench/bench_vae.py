@@ -15,7 +15,9 @@ Budgets: exact gets weights + ``--exact-fraction`` of the untiled run's measured
     python bench/bench_vae.py --big                 # adds the largest size that fits untiled in ~10 GB
     python bench/bench_vae.py --config full --sizes 5x16x16   # the released widths (slow on CPU)
 
-Writes ``bench/out/bench_vae.json``.
+    python bench/bench_vae.py --quality            # fast-mode error with the trained mini VAE on real latents
+
+Writes ``bench/out/bench_vae.json`` (``--quality``: ``bench/out/bench_vae_quality.json``).
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from accvideo_core.models.vae_hunyuan_video import HunyuanVideoVAE, VAEConfig  # noqa: E402
+from accvideo_core.mini.data import clip_spec, render_clip  # noqa: E402
+from accvideo_core.models.vae_hunyuan_video import FastTiling, HunyuanVideoVAE, VAEConfig  # noqa: E402
 from accvideo_core.models.vae_loading import load_vae  # noqa: E402
 from accvideo_core.utils.io import write_json  # noqa: E402
 
@@ -147,6 +150,40 @@ def compare(video: torch.Tensor, reference: torch.Tensor) -> dict:
     return {"max_abs": diff.max().item(), "psnr_db": math.inf if mse == 0 else 10 * math.log10(4.0 / mse)}
 
 
+def quality(args: argparse.Namespace) -> None:
+    """Fast-mode error vs untiled with a trained VAE on real latents (encoded rendered clips): the official tiles
+    (``FastTiling()``, 256 px / 64 frames, 0.25 overlap) and the streamed default at weights + ``--fast-fraction``
+    of the estimated untiled activation peak, for several overlap fractions."""
+    vae = load_vae(args.weights, dtype=DTYPES[args.dtype], device=args.device)
+    frames, height, width = (int(v) for v in args.quality_size.split("x"))
+    fractions = (0.0625, 0.125, 0.25)
+    rows = []
+    print(f"quality: weights={args.weights} clip={frames}x{height}x{width} clips={args.quality_clips}")
+    with torch.no_grad():
+        for index in range(args.quality_clips):
+            video = render_clip(clip_spec(index, split="heldout"), frames, height, width)[None].to(args.device)
+            z = vae.encode(video)
+            budget = vae.weight_bytes() + int(args.fast_fraction * vae.estimate_untiled_bytes(z.shape))
+            reference = vae.decode(z, mode="untiled").float()
+            runs = [("official", FastTiling(), None)] + [(f"stream@{f}", None, f) for f in fractions]
+            for name, tiling, fraction in runs:
+                if fraction is not None:
+                    vae.FAST_OVERLAP_FRACTION = fraction
+                decoded = vae.decode(z, mode="fast", tiling=tiling, memory_budget=budget).float()
+                info = vae.last_decode_info
+                row = {"clip": index, "setting": name, "latent": list(z.shape[2:]), **compare(decoded, reference),
+                       "vs_input": compare(reference, video.float())["psnr_db"], "notes": info.notes,
+                       "chunks_t": info.max_time_chunks, "chunks_s": info.max_space_chunks}
+                rows.append(row)
+                print(f"clip {index} {name:>14}: max abs {row['max_abs']:.3e}  PSNR {row['psnr_db']:.1f} dB  "
+                      f"(untiled vs input {row['vs_input']:.1f} dB)  chunks t/s {info.max_time_chunks}/"
+                      f"{info.max_space_chunks}  {info.notes[0]}", flush=True)
+    output = Path(args.output).with_name("bench_vae_quality.json")
+    write_json({"weights": args.weights, "clip": [frames, height, width], "fast_fraction": args.fast_fraction,
+                "dtype": args.dtype, "device": args.device, "results": rows}, output)
+    print(f"wrote {output}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="mid")
@@ -160,6 +197,10 @@ def main() -> None:
     parser.add_argument("--fast-fraction", type=float, default=0.25)
     parser.add_argument("--output", default=str(ROOT / "bench" / "out" / "bench_vae.json"))
     parser.add_argument("--repeats", type=int, default=1, help="timing rounds (best of); modes alternate")
+    parser.add_argument("--quality", action="store_true", help="only measure fast-mode error vs untiled with the "
+                        "trained VAE of --weights on encoded clips (default: the mini VAE in assets/)")
+    parser.add_argument("--quality-size", default="65x384x512", help="clip frames x height x width for --quality")
+    parser.add_argument("--quality-clips", type=int, default=2)
     parser.add_argument("--worker", choices=("memory", "time"), help=argparse.SUPPRESS)
     parser.add_argument("--budgets", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -168,6 +209,10 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quality:
+        args.weights = args.weights or str(ROOT / "assets" / "mini" / "vae.safetensors")
+        quality(args)
+        return
     if args.worker:
         (memory_worker if args.worker == "memory" else timing_worker)(args)
         return

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from accvideo_core import load_vae
+from accvideo_core.models import vae_hunyuan_video as vae_module
 from accvideo_core.models.vae_hunyuan_video import (CausalConv3d, FastTiling, HunyuanVideoVAE, NonFiniteDecodeError,
-                                                    VAEConfig, frame_causal_attention)
+                                                    StreamTiling, VAEConfig, frame_causal_attention, tile_starts)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -165,14 +166,49 @@ def test_fast_decode_matches_diffusers_tiled(pair):
 
 
 @torch.no_grad()
-def test_fast_decode_picks_tiles_from_budget(pair):
+def test_fast_decode_picks_a_streamed_tiling_within_budget(pair):
     _, ours = pair
-    z = torch.randn(1, 16, 2, 16, 16)
+    z = torch.randn(1, 16, 5, 16, 16)
     budget = ours.weight_bytes() + ours.estimate_untiled_bytes(z.shape) // 4
-    video = ours.decode(z, mode="fast", memory_budget=budget)
-    assert video.shape == (1, 3, 5, 128, 128)
-    assert ours.last_decode_info.max_space_chunks > 1
+    video = ours.decode(z, mode="fast", memory_budget=budget, measure=True)
+    info = ours.last_decode_info
+    assert video.shape == (1, 3, 17, 128, 128)
+    assert info.max_time_chunks > 1 and info.notes[0].startswith("tiling=StreamTiling")
+    assert info.device_peak_bytes <= budget
     assert torch.isfinite(video).all()
+
+
+@torch.no_grad()
+def test_streamed_decode_carries_causal_state_exactly(pair):
+    """With whole-volume GroupNorm statistics, streaming through time (conv caches, attention keys/values,
+    first-frame upsampling only in the first chunk) reproduces the untiled decode: the only approximation of
+    streamed fast mode is its running statistics."""
+    _, ours = pair
+    z = torch.randn(1, 16, 6, 4, 5)
+    expected = ours.decode(z, mode="untiled")
+    whole = vae_module._CausalStream(ours)
+    assert (whole(z) - expected).abs().max().item() <= 1e-4  # one chunk: running statistics are whole-volume
+    frozen = {key: (mean.float(), torch.rsqrt(m2 / n + 1e-6).float()) for key, (n, mean, m2) in whole.stats.items()}
+    stream = vae_module._CausalStream(ours)
+    stream.norm = lambda norm, x, silu=True: vae_module.norm_silu(norm, x, silu, *frozen[id(norm)])
+    parts = [stream(z[:, :, a:b]) for a, b in ((0, 2), (2, 3), (3, 6))]
+    assert [p.shape[2] for p in parts] == [5, 4, 12]
+    assert (torch.cat(parts, dim=2) - expected).abs().max().item() <= 1e-4
+    # the default (running statistics) is approximate but the same video
+    streamed_default = ours.decode(z, mode="fast", tiling=StreamTiling(4, 5, 2, 0))
+    assert ours.last_decode_info.max_time_chunks == 3
+    assert (streamed_default - expected).abs().max().item() < 2.0
+
+
+def test_tile_starts_and_blend_weights_sum_to_one():
+    starts = tile_starts(20, 8, 2)
+    assert starts == [0, 6, 12] and tile_starts(5, 8, 2) == [0]
+    weights = vae_module._ramp_weights(20, starts, 8, 8, "cpu", torch.float32)
+    total = torch.zeros(160)
+    for a, w in zip(starts, weights):
+        total[a * 8:a * 8 + w.numel()] += w
+    assert torch.allclose(total, torch.ones(160), atol=1e-6)
+    assert (total > 0).all() and all((w > 0).all() for w in weights)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -18,7 +18,10 @@ Three ways to decode, all taking ComfyUI-convention latents (VAE space, unscaled
   region with the causal/spatial halo, GroupNorms use whole-volume statistics reduced over all tiles of the
   previous layer, and the mid-block attention streams keys/values of the past frames with an online softmax.
   The result equals the untiled decode up to float rounding;
-- ``fast``: the official overlapping-tile decode with linear blending (diffusers-compatible tile settings).
+- ``fast`` (approximate): spatial tiles streamed through time carrying causal conv caches and attention
+  keys/values across temporal chunks (no temporal overlap), GroupNorms with running per-tile statistics, tiles
+  cross-faded over ``FAST_OVERLAP_FRACTION`` of their size; or, given a ``FastTiling``, the official
+  overlapping-tile decode with linear blending (diffusers-compatible tile settings).
 """
 from __future__ import annotations
 
@@ -761,6 +764,141 @@ def _blend(previous: torch.Tensor, current: torch.Tensor, extent: int, dim: int)
     head.copy_(tail * (1 - ramp) + head * ramp)
 
 
+@dataclass(frozen=True)
+class StreamTiling:
+    """Fast-mode default: spatial tiles in *latent* pixels streamed through time ``chunk_frames`` latent frames at
+    a time. Causal conv caches and attention keys/values are carried across temporal chunks (no temporal overlap,
+    no recomputation in time); GroupNorms use running statistics of the frames decoded so far in the tile.
+    Spatial tiles overlap by ``overlap`` latent pixels and are cross-faded with weights that sum to one."""
+
+    tile_height: int
+    tile_width: int
+    chunk_frames: int
+    overlap: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.tile_height, self.tile_width, self.chunk_frames) < 1 or self.overlap < 0 or \
+                2 * self.overlap > min(self.tile_height, self.tile_width):
+            raise ValueError(f"StreamTiling needs positive tile sizes and chunk_frames and 0 <= 2 * overlap <= tile "
+                             f"size; got {self}")
+
+
+def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of ``tile`` covering ``n`` with neighbours overlapping by exactly ``overlap``
+    (the last tile is shifted back to end at ``n``, so its overlap with the previous one can be larger)."""
+    if tile >= n:
+        return [0]
+    starts = list(range(0, n - tile, tile - overlap)) + [n - tile]
+    return starts
+
+
+def _ramp_weights(n: int, starts: list[int], tile: int, scale: int, device, dtype) -> list[torch.Tensor]:
+    """Per tile, 1D weights over its ``tile * scale`` output pixels that sum to one over all tiles: linear ramps
+    across each overlap with a neighbour, 1 elsewhere."""
+    weights = []
+    for i, a in enumerate(starts):
+        size = min(tile, n - a) * scale
+        w = torch.ones(size, device=device, dtype=torch.float32)
+        if i > 0:  # ramp up over the overlap with the previous tile
+            extent = (starts[i - 1] + tile - a) * scale
+            if extent > 0:
+                w[:extent] = (torch.arange(extent, device=device, dtype=torch.float32) + 0.5) / extent
+        if i + 1 < len(starts):  # ramp down over the overlap with the next tile
+            extent = (a + tile - starts[i + 1]) * scale
+            if extent > 0:
+                w[size - extent:] = w[size - extent:] * (
+                    1 - (torch.arange(extent, device=device, dtype=torch.float32) + 0.5) / extent)
+        weights.append(w.to(dtype))
+    return weights
+
+
+class _CausalStream:
+    """Decoder state of one spatial tile streamed through time (fast mode): the last ``k - 1`` input frames of
+    every causal conv, the attention keys/values of past frames and running GroupNorm statistics."""
+
+    def __init__(self, vae: "HunyuanVideoVAE") -> None:
+        self.decoder, self.post_quant_conv = vae.decoder, vae.post_quant_conv
+        self.groups = vae.config.norm_num_groups
+        self.conv_cache: dict[int, torch.Tensor] = {}
+        self.kv_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.stats: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # count, mean, sum of squared deviations
+        self.first = True
+
+    def norm(self, norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.Tensor:
+        """GroupNorm with the statistics of every frame of this tile so far (chunk statistics in the input dtype,
+        merged in fp64 with Chan's formula), applied as one per-channel scale and shift."""
+        b, c = x.shape[:2]
+        g = norm.num_groups
+        var, mean = torch.var_mean(x.reshape(b, g, -1).float(), dim=-1, correction=0)
+        n, mean, m2 = x[0, 0].numel() * (c // g), mean.double(), var.double() * (x[0, 0].numel() * (c // g))
+        if id(norm) in self.stats:
+            n_a, mean_a, m2_a = self.stats[id(norm)]
+            delta = mean - mean_a
+            n, mean, m2 = n_a + n, mean_a + delta * (n / (n_a + n)), m2_a + m2 + delta.pow(2) * (n_a * n / (n_a + n))
+        self.stats[id(norm)] = (n, mean, m2)
+        rstd = torch.rsqrt(m2 / n + norm.eps)
+        scale = (norm.weight.double().reshape(g, c // g) * rstd[..., None]).reshape(b, c)
+        shift = norm.bias.double().reshape(1, c) - (mean[..., None] * scale.reshape(b, g, c // g)).reshape(b, c)
+        shape = (b, c) + (1,) * (x.dim() - 2)
+        out = torch.addcmul(shift.to(x.dtype).reshape(shape), x, scale.to(x.dtype).reshape(shape))
+        return F.silu(out, inplace=True) if silu else out
+
+    def conv(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
+        k = conv.kernel_size
+        if k == 1:
+            return conv3d(conv.conv, x)
+        past = self.conv_cache.get(id(conv))
+        if past is None:  # the video's first frame: replicate padding, as in the untiled decode
+            past = x[:, :, :1].expand(-1, -1, k - 1, -1, -1)
+        x = torch.cat((past, x), dim=2)
+        self.conv_cache[id(conv)] = x[:, :, -(k - 1):].clone()
+        return conv3d(conv.conv, F.pad(x, (k // 2, k // 2, k // 2, k // 2, 0, 0), mode="replicate"))
+
+    def resnet(self, block: ResnetBlockCausal3D, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.conv(block.conv1, self.norm(block.norm1, x))
+        hidden = self.conv(block.conv2, self.norm(block.norm2, hidden))
+        return hidden + (x if block.conv_shortcut is None else self.conv(block.conv_shortcut, x))
+
+    def attention(self, attn: CausalFrameAttention, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        tokens = self.norm(attn.group_norm, x, silu=False).permute(0, 2, 3, 4, 1).reshape(b, t * h * w, c)
+        q, k, v = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
+        if id(attn) in self.kv_cache:
+            past_k, past_v = self.kv_cache[id(attn)]
+            k, v = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
+        self.kv_cache[id(attn)] = (k, v)
+        past = k.shape[1] - q.shape[1]
+        out = torch.empty_like(q)
+        for f in range(t):
+            rows = slice(f * h * w, (f + 1) * h * w)
+            prefix = past + (f + 1) * h * w
+            out[:, rows] = F.scaled_dot_product_attention(q[:, None, rows], k[:, None, :prefix],
+                                                          v[:, None, :prefix])[:, 0]
+        return x + attn.to_out[0](out).reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """The next latent frames of this tile -> their decoded frames (4 per latent frame, 1 for frame 0)."""
+        dec = self.decoder
+        x = self.conv(dec.conv_in, conv3d(self.post_quant_conv, z))
+        mid = dec.mid_block
+        x = self.resnet(mid.resnets[0], x)
+        if mid.attentions is not None:
+            x = self.attention(mid.attentions[0], x)
+        x = self.resnet(mid.resnets[1], x)
+        for block in dec.up_blocks:
+            for resnet in block.resnets:
+                x = self.resnet(resnet, x)
+            if block.upsamplers is not None:
+                up = block.upsamplers[0]
+                if self.first:
+                    x = first_frame_causal_upsample(x, up.time_factor, up.space_factor)
+                else:  # no first frame in this chunk: every frame is repeated in time
+                    x = first_frame_causal_upsample(x, 1, up.space_factor).repeat_interleave(up.time_factor, dim=2)
+                x = self.conv(up.conv, x)
+        self.first = False
+        return self.conv(dec.conv_out, self.norm(dec.conv_norm_out, x))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------------------
@@ -770,6 +908,9 @@ class NonFiniteDecodeError(FloatingPointError):
 
 class HunyuanVideoVAE(nn.Module):
     """HunyuanVideo causal 3D VAE. ``encode``: video in [-1, 1] -> VAE-space latents; ``decode``: the reverse."""
+
+    FAST_OVERLAP_FRACTION = 0.125  # streamed fast mode: spatial tile overlap (latent pixels / tile size)
+    FAST_TILE_PENALTY = 0.5  # streamed fast mode: planner cost per extra spatial tile (relative)
 
     def __init__(self, config: VAEConfig | None = None) -> None:
         super().__init__()
@@ -866,7 +1007,7 @@ class HunyuanVideoVAE(nn.Module):
         return int(memory_budget)
 
     def decode(self, latents: torch.Tensor, *, mode: str = "exact", memory_budget: int | str | None = "auto",
-               tiling: FastTiling | None = None, output_device: torch.device | str | None = None,
+               tiling: FastTiling | StreamTiling | None = None, output_device: torch.device | str | None = None,
                progress: ProgressFn | None = None, measure: bool = False) -> torch.Tensor:
         """VAE-space latents ``[B, C, T, H, W]`` (ComfyUI LATENT, unscaled) -> video ``[B, 3, 4(T-1)+1, 8H, 8W]``
         in [-1, 1], in the model's dtype.
@@ -874,8 +1015,10 @@ class HunyuanVideoVAE(nn.Module):
         mode:
           - ``"exact"`` (default): untiled when it fits ``memory_budget``, otherwise lockstep chunking in time and
             space with the activations on the host; equal to the untiled decode up to float rounding.
-          - ``"fast"``: overlapping tiles with blending (official scheme); tile sizes from ``tiling`` or, when
-            ``None``, the largest official-overlap tiles that fit the budget.
+          - ``"fast"``: approximate, lowest memory and time. By default (``tiling=None`` or a ``StreamTiling``)
+            spatial tiles streamed through time with carried causal state (no temporal recomputation), GroupNorm
+            statistics running per tile, tiles cross-faded over a small overlap; chosen to fit the budget. With a
+            ``FastTiling``: the official / diffusers overlapping-tile decode with those tile settings.
           - ``"untiled"``: the plain forward pass.
         memory_budget: device bytes for the decode (weights included), or ``"auto"``.
         progress: ``progress(done, total)`` after each layer (exact) or tile (fast); raising from it aborts.
@@ -967,46 +1110,104 @@ class HunyuanVideoVAE(nn.Module):
             runner(z[i:i + 1], video[i:i + 1])
         return video
 
-    def _fast_tiling_for_budget(self, latent_shape: tuple[int, ...], budget: int) -> FastTiling:
-        """The cheapest tiling (fewest decoded voxels, overlaps included) whose tiles fit the budget.
-
-        Blend extents follow the official decoder: 64 pixels and 16 frames, but at most a quarter of the tile
-        (the official 0.25 overlap factor for its 256-pixel / 64-frame tiles).
-        """
+    def estimate_stream_bytes(self, latent_shape: tuple[int, ...], tiling: StreamTiling) -> int:
+        """Estimated peak device bytes (activations and output, no weights) of a streamed fast decode."""
         _, c, t, h, w = latent_shape
-        s, tc = self.config.spatial_compression, self.config.temporal_compression
+        th, tw, m = min(h, tiling.tile_height), min(w, tiling.tile_width), min(t, tiling.chunk_frames)
         es = torch.empty((), dtype=self.dtype).element_size()
-        # the output video, the previous and current temporal chunks and two rows of decoded tiles wait on the
-        # device next to the working tile: count 2.5 videos
-        waiting = int(2.5 * self.config.out_channels * (tc * (t - 1) + 1) * h * s * w * s * es)
-        if waiting >= budget:
-            raise MemoryError(f"fast VAE decode: the decoded video and its blending buffers (~{waiting / 2**20:.1f} "
-                              f"MiB) alone exceed the budget of {budget / 2**20:.1f} MiB beyond the weights; raise "
-                              "memory_budget or use mode='exact'")
-        budget -= waiting
-        best: tuple[float, FastTiling] | None = None
-        max_size = max(32, -(-max(h, w) * s // 32) * 32)
-        max_frames = max(16, -(-(t - 1) * tc // 16) * 16)
-        frame_options = [8, 12] + list(range(16, max_frames + 1, 16))
-        for size in range(32, max_size + 1, 32):
-            blend = min(64, size // 4 // s * s)
-            lat_size = size // s
-            n_h = len(range(0, h, (size - blend) // s)) if h > lat_size else 1
-            n_w = len(range(0, w, (size - blend) // s)) if w > lat_size else 1
-            for frames in frame_options:
-                frame_blend = max(tc, min(16, frames // 4 // tc * tc))
-                lat_frames = frames // tc
-                n_t = len(range(0, t, (frames - frame_blend) // tc)) if t > lat_frames else 1
-                tile = (1, c, min(t, lat_frames + 1), min(h, lat_size), min(w, lat_size))
-                if self.estimate_untiled_bytes(tile) > budget:
+        working = self.estimate_untiled_bytes((1, c, m + 1, th, tw))
+        widths = list(reversed(self.config.block_out_channels))
+        n_res = self.config.layers_per_block + 1
+        caches = c + 4 * widths[0]  # conv_in, mid-block resnets: (k - 1) = 2 frames of each conv's input
+        area = th * tw
+        cache_elems = caches * area
+        for i, factor in enumerate(self.config.up_factors()):
+            c_in = widths[max(i - 1, 0)]
+            cache_elems += (c_in + (2 * n_res - 1) * widths[i]) * area
+            if factor is not None:
+                area *= factor[1] ** 2
+                cache_elems += widths[i] * area
+        cache_elems += widths[-1] * area  # conv_out
+        kv = 2 * t * th * tw * widths[0] * es if self.config.mid_block_add_attention else 0
+        s, tc = self.config.spatial_compression, self.config.temporal_compression
+        video = self.config.out_channels * (tc * (t - 1) + 1) * h * s * w * s * es
+        return int(working + 2 * cache_elems * es + 2 * kv + video)
+
+    def _stream_tiling_for_budget(self, latent_shape: tuple[int, ...], budget: int) -> StreamTiling:
+        """The streamed tiling of least predicted cost (decoded latent voxels, spatial overlaps included, plus a
+        small per-chunk and per-tile overhead) whose estimated working set fits ``budget``."""
+        _, _, t, h, w = latent_shape
+        best: tuple[float, StreamTiling] | None = None
+
+        def layouts(n: int) -> Iterator[tuple[int, int]]:
+            for k in range(1, n + 1):
+                size = -(-n // k)
+                overlap = 0 if k == 1 else max(1, math.ceil(self.FAST_OVERLAP_FRACTION * size))
+                size = -(-(n + (k - 1) * overlap) // k)
+                if 2 * overlap <= size:
+                    yield size, overlap
+        for th, oh in layouts(h):
+            for tw, ow in layouts(w):
+                overlap = max(oh, ow)
+                if 2 * overlap > min(th, tw):
                     continue
-                cost = n_t * n_h * n_w * tile[2] * tile[3] * tile[4] * (1 + 0.02 * n_t * n_h * n_w)
-                if best is None or cost < best[0]:
-                    best = (cost, FastTiling(size, size - blend, frames, frames - frame_blend))
+                n_h, n_w = len(tile_starts(h, th, overlap)), len(tile_starts(w, tw, overlap))
+                for m in range(t, 0, -1):
+                    tiling = StreamTiling(th, tw, m, overlap)
+                    if self.estimate_stream_bytes(latent_shape, tiling) > budget:
+                        continue
+                    chunks = -(-(t - 1) // m) + 1 if m < t else 1
+                    # spatial splits cost quality (per-tile statistics), temporal chunks almost none: weigh tiles
+                    tiles = n_h * n_w
+                    cost = n_h * th * n_w * tw * (t + 0.25 * chunks) * (1 + self.FAST_TILE_PENALTY * (tiles - 1))
+                    if best is None or cost < best[0]:
+                        best = (cost, tiling)
+                    break  # smaller chunks of the same tiles only cost more
         if best is None:
-            raise MemoryError(f"fast VAE decode: even 32-pixel, 8-frame tiles need more than the budget of "
-                              f"{budget / 2**20:.1f} MiB beyond the weights; raise memory_budget")
+            raise MemoryError(f"fast VAE decode: even 1-latent-frame chunks of the smallest tiles need more than the "
+                              f"budget of {budget / 2**20:.1f} MiB beyond the weights; raise memory_budget or use "
+                              "mode='exact'")
         return best[1]
+
+    def stream_overhead(self, latent_shape: tuple[int, ...], tiling: StreamTiling) -> float:
+        """Latent voxels a streamed fast decode pushes through the decoder per latent voxel (1.0 = none)."""
+        _, _, t, h, w = latent_shape
+        th, tw = min(h, tiling.tile_height), min(w, tiling.tile_width)
+        n_h, n_w = len(tile_starts(h, th, tiling.overlap)), len(tile_starts(w, tw, tiling.overlap))
+        return n_h * th * n_w * tw / (h * w)
+
+    def _decode_streamed(self, z: torch.Tensor, tiling: StreamTiling | None, budget: int, info: DecodeInfo,
+                         progress: ProgressFn | None, output_device) -> torch.Tensor:
+        tiling = tiling or self._stream_tiling_for_budget(z.shape, budget)
+        info.notes.append(f"tiling={tiling}")
+        info.notes.append(f"recompute_overhead={self.stream_overhead(z.shape, tiling):.2f}")
+        s, tc = self.config.spatial_compression, self.config.temporal_compression
+        out_device = torch.device(output_device) if output_device is not None else self.device
+        b, _, t, h, w = z.shape
+        th, tw, m = min(h, tiling.tile_height), min(w, tiling.tile_width), min(t, tiling.chunk_frames)
+        rows, cols = tile_starts(h, th, tiling.overlap), tile_starts(w, tw, tiling.overlap)
+        row_weights = _ramp_weights(h, rows, th, s, self.device, self.dtype)
+        col_weights = _ramp_weights(w, cols, tw, s, self.device, self.dtype)
+        chunks = [(0, m)] + [(a, min(a + m, t)) for a in range(m, t, m)] if t > m else [(0, t)]
+        total, done = b * len(rows) * len(cols) * len(chunks), 0
+        info.max_time_chunks, info.max_space_chunks, info.tiles = len(chunks), len(rows) * len(cols), total
+        video = torch.zeros((b, self.config.out_channels, tc * (t - 1) + 1, h * s, w * s), dtype=self.dtype,
+                            device=out_device)
+        for n in range(b):
+            for i, r in enumerate(rows):
+                for j, c in enumerate(cols):
+                    stream = _CausalStream(self)
+                    weight = row_weights[i][:, None] * col_weights[j][None, :]
+                    for a, e in chunks:
+                        frames = stream(z[n:n + 1, :, a:e, r:r + th, c:c + tw].to(self.device))
+                        f0 = 0 if a == 0 else tc * (a - 1) + 1
+                        region = video[n:n + 1, :, f0:f0 + frames.shape[2], r * s:r * s + frames.shape[3],
+                                       c * s:c * s + frames.shape[4]]
+                        region += (frames * weight).to(out_device)
+                        done += 1
+                        if progress is not None:
+                            progress(done, total)
+        return video
 
     def fast_overhead(self, latent_shape: tuple[int, ...], tiling: FastTiling) -> float:
         """Latent voxels a fast decode pushes through the decoder per latent voxel (1.0 = no recomputation)."""
@@ -1022,9 +1223,10 @@ class HunyuanVideoVAE(nn.Module):
             return sum(min(n, i + lat_size) - i for i in range(0, n, lat_stride)) if spatial else n
         return frames * covered(h) * covered(w) / (t * h * w)
 
-    def _decode_fast(self, z: torch.Tensor, tiling: FastTiling | None, budget: int, info: DecodeInfo,
-                     progress: ProgressFn | None, output_device) -> torch.Tensor:
-        tiling = tiling or self._fast_tiling_for_budget(z.shape, budget)
+    def _decode_fast(self, z: torch.Tensor, tiling: FastTiling | StreamTiling | None, budget: int,
+                     info: DecodeInfo, progress: ProgressFn | None, output_device) -> torch.Tensor:
+        if not isinstance(tiling, FastTiling):
+            return self._decode_streamed(z, tiling, budget, info, progress, output_device)
         info.notes.append(f"tiling={tiling}")
         info.notes.append(f"recompute_overhead={self.fast_overhead(z.shape, tiling):.2f}")
         s, tc = self.config.spatial_compression, self.config.temporal_compression
