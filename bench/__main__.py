@@ -30,7 +30,7 @@ BENCHMARKS: dict[str, tuple[list[str], str, str]] = {
     "e2e": ([], "bench_e2e.json",
             "miniature pipeline: AccVideo-5 vs teacher-50 end to end; trajectory-dump overhead"),
     "transformer": (["--repeats", "3"], "bench_transformer.json", "our transformer vs diffusers, same weights"),
-    "vae": ([], "bench_vae.json", "VAE decoding: untiled vs exact (chunked) vs fast (tiled)"),
+    "vae": (["--sizes", "3x8x8"], "bench_vae.json", "VAE decoding: untiled vs exact (chunked) vs fast (tiled)"),
     "kernels": (["--reps", "5"], "kernels_cuda.json|kernels_cpu.json", "fused kernels vs torch reference"),
     "train": (["--iters", "2"], "bench_train.json", "one training iteration, with vs without checkpointing"),
     "lora": (["--ranks", "4,16,64"], "lora.json", "LoRA extraction error vs rank, SVD methods"),
@@ -52,7 +52,8 @@ def headline(data, prefix: str = "", limit: int = 14) -> list[tuple[str, object]
                 sub = f"{path}.{key}" if path else key
                 if isinstance(value, (dict, list)):
                     walk(value, sub)
-                elif HEADLINE.search(key) and isinstance(value, (int, float, bool)) and not key.endswith("_times_s"):
+                elif (HEADLINE.search(sub) and isinstance(value, (int, float, bool)) and not key.endswith("_times_s")
+                      and not sub.startswith(("config", "meta"))):
                     found.append((f"{path}[{label}].{key}" if label and path else sub, value))
         elif isinstance(obj, list):
             for i, item in enumerate(obj):
@@ -90,7 +91,7 @@ def run_one(name: str, timeout: float) -> dict:
         record["error"] = f"timed out after {timeout:.0f} s"
     record["seconds"] = round(time.time() - started, 1)
     fresh = [p for p in candidates if p.is_file() and p.stat().st_mtime != before[p]]
-    if fresh:
+    if fresh and record.get("returncode") == 0:  # never take a file a failed or killed run may have left
         record["json"] = str(fresh[0].relative_to(ROOT))
         record["result"] = json.loads(fresh[0].read_text())
     elif "error" not in record:
