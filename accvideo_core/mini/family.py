@@ -18,7 +18,6 @@ from ..latents import latent_shape, to_vae_space
 from ..models.loading import load_transformer
 from ..models.vae_loading import load_vae
 from ..sampling import flow_sigmas, sample_flow
-from .cpu_conv import use_onednn_conv3d
 from .data import BACKGROUND_COLORS, SHAPE_COLORS, MiniVideoConfig, parse_caption, render_clip
 from .text_encoder import TextEncoding, TinyTextEncoder
 
@@ -86,13 +85,12 @@ def asset_paths(root: str | os.PathLike | None = None) -> dict[str, Path]:
 
 
 def load_family(root: str | os.PathLike | None = None, *, teacher: str | os.PathLike | None = None) -> MiniFamily:
-    """Load the shipped family (or one under ``root``); ``teacher`` replaces the teacher file (e.g. a student).
-    The VAE's 3D convolutions run through oneDNN on the CPU (see :mod:`accvideo_core.mini.cpu_conv`)."""
+    """Load the shipped family (or one under ``root``); ``teacher`` replaces the teacher file (e.g. a student)."""
     paths = asset_paths(root)
     if teacher is not None:
         paths["teacher"] = Path(teacher)
     return MiniFamily(text_encoder=TinyTextEncoder.load(paths["text_encoder"]),
-                      vae=use_onednn_conv3d(load_vae(paths["vae"], dtype=torch.float32).eval()),
+                      vae=load_vae(paths["vae"], dtype=torch.float32).eval(),
                       teacher=load_transformer(paths["teacher"], dtype=torch.float32).eval(), paths=paths)
 
 
