@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:
 from accvideo_core.mini.data import clip_spec, render_clip  # noqa: E402
 from accvideo_core.models.vae_hunyuan_video import FastTiling, HunyuanVideoVAE, VAEConfig  # noqa: E402
 from accvideo_core.models.vae_loading import load_vae  # noqa: E402
+from accvideo_core.testing import randomize_  # noqa: E402
 from accvideo_core.utils.io import write_json  # noqa: E402
 
 CONFIGS = {
@@ -56,18 +57,7 @@ BIG_SIZES = {"mid": "9x48x64", "full": "9x24x32"}
 def build(config_name: str, dtype: torch.dtype, device: str, weights: str | None = None) -> HunyuanVideoVAE:
     if weights:  # a trained VAE: fast mode's blending error is only meaningful with real weights
         return load_vae(weights, dtype=dtype, device=device)
-    torch.manual_seed(0)
-    vae = HunyuanVideoVAE(CONFIGS[config_name])
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.05 * noise)
-            else:  # keep activations O(1) through the depth
-                p.copy_(noise * (1.0 / p[0].numel()) ** 0.5)
+    vae = randomize_(HunyuanVideoVAE(CONFIGS[config_name]))  # unit-gain weights keep activations O(1)
     return vae.to(device, dtype).eval()
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from accvideo_core import load_vae
+from accvideo_core.testing import randomize_
 from accvideo_core.models import vae_hunyuan_video as vae_module
 from accvideo_core.models.vae_hunyuan_video import (CausalConv3d, FastTiling, HunyuanVideoVAE, NonFiniteDecodeError,
                                                     StreamTiling, VAEConfig, frame_causal_attention, tile_starts)
@@ -15,23 +16,11 @@ diffusers = pytest.importorskip("diffusers")
 TINY = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4)
 
 
-def randomize(module: torch.nn.Module, seed: int = 0) -> None:
-    """Non-degenerate random weights: norm weights away from 1, non-zero biases everywhere."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-
-
 @pytest.fixture(scope="module")
 def pair():
     torch.manual_seed(0)  # module fixtures run before the per-test seeding: make the default init deterministic
     ref = diffusers.AutoencoderKLHunyuanVideo(latent_channels=16, **TINY).eval()
-    randomize(ref)
+    randomize_(ref)  # non-degenerate: norm weights away from 1, non-zero biases
     # diffusers decodes more than 4 latent frames in overlapping temporal tiles by default: compare untiled.
     ref.use_framewise_decoding = ref.use_framewise_encoding = False
     ours = load_vae(ref.state_dict(), norm_num_groups=4)
