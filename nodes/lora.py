@@ -62,27 +62,20 @@ class AccVideoLoraLoader(io.ComfyNode):
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
         import folder_paths
 
-        from accvideo_core.lora import comfy_names
-        from accvideo_core.lora.apply import comfy_patches
+        from accvideo_core.lora.apply import comfy_match_report, comfy_patches
 
         if strength == 0:
             return io.NodeOutput(model)
         state = _read_lora(folder_paths.get_full_path_or_raise("loras", lora_name))
         patches = {key: _to_comfy(p) for key, p in comfy_patches(state).items()}
         patched = model.clone()
-        applied = set(patched.add_patches(patches, strength))
-        absent = sorted(k for k in patches if k not in applied)
-        if not applied:
+        report = comfy_match_report(state, patched.add_patches(patches, strength))
+        if not report.patches:
             raise ValueError(f"LoRA {lora_name} ({state.format}) matches no weight of this model (e.g. "
-                             f"{absent[:3]}); is it a HunyuanVideo LoRA, and is the MODEL HunyuanVideo?")
-        if absent or state.unused:
-            missing = set(absent)
-            skipped = [key for module, patch in state.modules.items() for key in patch.keys
-                       if any(comfy_names.COMFY_PREFIX + comfy_names.to_comfy_key(f"{module}.{p}") in missing
-                              for p in ("weight", "bias"))] + list(state.unused)
-            reasons = sorted(set(state.unused.values()) | ({"module not in this model"} if absent else set()))
-            log.warning("AccVideo LoRA %s (%s): %d of %d keys not applied (%s), e.g. %s", lora_name, state.format,
-                        len(skipped), state.total_keys, "; ".join(reasons), skipped[:3])
+                             f"{state.example_keys()}); is it a HunyuanVideo LoRA, and is the MODEL HunyuanVideo?")
+        line = report.message()
+        if line:
+            log.warning("AccVideo LoRA %s: %s", lora_name, line)
         return io.NodeOutput(patched)
 
 

@@ -164,3 +164,18 @@ def test_one_stack_per_model():
         LoraStack(model)
     stack.clear()
     LoraStack(model)  # allowed once the first stack holds nothing
+
+
+def test_comfy_match_report_counts_modules_comfyui_did_not_take():
+    from accvideo_core.lora.apply import comfy_match_report, comfy_patches
+
+    model = tiny_transformer(hidden_size=H, num_heads=2)
+    lora = _random_lora(_state(model), MODULES_A, 4, 0)
+    keys = list(comfy_patches(lora))
+    taken = [k for k in keys if "single_blocks.1." not in k and ".time_in." not in k]
+    report = comfy_match_report(lora, taken)
+    assert sorted(report.absent) == ["single_blocks.1.linear1", "time_in.mlp.0"]
+    assert set(report.patches) == set(MODULES_A) - set(report.absent)
+    line = report.message()
+    assert f"6 of {lora.total_keys} keys not applied" in line and "module not in this model" in line
+    assert comfy_match_report(lora, keys).message() is None

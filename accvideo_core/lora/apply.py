@@ -319,6 +319,18 @@ class LoraStack:
         return out
 
 
+def comfy_match_report(lora: LoraLike, applied: Iterable[str], *,
+                       prefix: str = comfy_names.COMFY_PREFIX) -> MatchReport:
+    """The :class:`MatchReport` of a LoRA whose :func:`comfy_patches` went through ComfyUI's ``add_patches``:
+    ``applied`` are the keys it returned; modules none of whose parameters were applied count as absent."""
+    state = as_lora(lora)
+    applied = set(applied)
+    absent = [module for module in state.modules
+              if not any(f"{prefix}{comfy_names.to_comfy_key(f'{module}.{part}')}" in applied
+                         for part in ("weight", "bias"))]
+    return MatchReport(state, {m: p for m, p in state.modules.items() if m not in absent}, absent)
+
+
 class ComfyPatch(NamedTuple):
     """One ModelPatcher patch. ``kind`` "lora": ``weights`` = ``(up, down, alpha, None, None, None)`` as ComfyUI's
     ``LoRAAdapter`` takes it (``alpha / rank`` = scale); "diff": ``weights`` = ``(delta,)`` as in
