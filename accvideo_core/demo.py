@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from .mini.data import ClipSpec, attribute_combos, clip_spec, parse_caption
-from .mini.family import MiniFamily, centroid, load_family, shape_region_colour
+from .mini.family import MiniFamily, centroid, load_family, reference_video, shape_region_colour
 from .utils.io import save_safetensors, write_bytes, write_json
 
 LABELS = {"teacher50": "teacher 50 steps", "teacher5": "teacher 5 steps", "traj5": "student 5 (traj only)",
@@ -222,14 +222,19 @@ def _frame_grid(columns: list[torch.Tensor], labels: list[str], scale: int = 2):
     return out
 
 
-def write_side_by_side(result: dict, rows: list[int], out: Path, *, fps: int = 8) -> tuple[Path, Path]:
-    """``side_by_side.mp4`` (H.264) and ``side_by_side.gif`` of the chosen evaluation videos."""
+def write_side_by_side(result: dict, rows: list[int], out: Path, *, references: torch.Tensor | None = None,
+                       fps: int = 8) -> tuple[Path, Path]:
+    """``side_by_side.mp4`` (H.264) and ``side_by_side.gif`` of the chosen evaluation videos; ``references``
+    (``[len(rows), 3, F, H, W]``, the renderer's version of each prompt) becomes the first column."""
     import numpy as np
 
     from .video import write_mp4
 
     names = list(result)
-    frames = _frame_grid([result[n]["videos"][rows] for n in names], [LABELS[n] for n in names])
+    columns, labels = [result[n]["videos"][rows] for n in names], [LABELS[n] for n in names]
+    if references is not None:
+        columns, labels = [references, *columns], ["prompt (renderer)", *labels]
+    frames = _frame_grid(columns, labels)
     gif = out / "side_by_side.gif"
     tmp = gif.with_suffix(".tmp.gif")
     from PIL import Image
@@ -273,8 +278,8 @@ def markdown_report(report: dict) -> str:
               "", "## Pipeline timings", ""]
     for stage, sec in report["stage_seconds"].items():
         lines.append(f"- {stage}: {sec:.1f} s")
-    lines += ["", "Side-by-side video: `side_by_side.mp4` / `side_by_side.gif` (columns: " +
-              ", ".join(LABELS[n] for n in r) + ").", ""]
+    lines += ["", "Side-by-side video: `side_by_side.mp4` / `side_by_side.gif` (columns: the prompt as the data "
+              "set's renderer draws it (not a model output), " + ", ".join(LABELS[n] for n in r) + ").", ""]
     return "\n".join(lines)
 
 
@@ -335,7 +340,8 @@ def run_demo(cfg: DemoConfig, out: Path, *, fresh: bool = False, assets: str | N
     result = evaluate(family, models, held, seeds)
     stage["held-out evaluation (all models)"] = time.perf_counter() - t0
     rows = [i * len(seeds) for i in range(min(cfg.shown, len(held)))]
-    mp4, gif = write_side_by_side(result, rows, out)
+    references = torch.stack([reference_video(held[i]) for i in range(len(rows))])
+    mp4, gif = write_side_by_side(result, rows, out, references=references)
 
     t50, s5 = result["teacher50"]["seconds_per_video"], result["student5"]["seconds_per_video"]
     report = {

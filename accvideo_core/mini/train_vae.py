@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..latents import VAE_SCALING_FACTOR, to_model_space
-from ..models.vae_hunyuan_video import HunyuanVideoVAE, VAEConfig
+from ..models.vae_hunyuan_video import HunyuanVideoVAE, VAEConfig, norm_silu
 from ..models.vae_loading import load_vae, save_vae
 from ..utils.io import write_json
 from .data import MiniVideoConfig, MiniVideoDataset
@@ -46,31 +46,68 @@ class VAETrainConfig:
     window: int = 9  # frames per training window (4k + 1)
     anchor: float = 100.0  # see anchor_group_statistics_
     init_logvar: float = -6.0  # initial posterior log-variance (bias of quant_conv's logvar half)
+    fg_weight: float = 0.0  # extra loss weight on shape pixels (see foreground_weights); 0 = plain loss
+    save_every: int = 0  # also write the VAE (and print held-out PSNR) every N steps; 0 = only at the end
     seed: int = 0
     threads: int = 1  # one thread: on a loaded 2-core machine two OpenMP threads run ~10x slower
 
 
 @torch.no_grad()
-def anchor_group_statistics_(vae: HunyuanVideoVAE, anchor: float) -> None:
-    """Initialisation that lets absolute colour levels through the output GroupNorms.
+def anchor_group_statistics_(vae: HunyuanVideoVAE, anchor: float, sample: torch.Tensor) -> None:
+    """Initialisation that lets absolute colour levels through the two output GroupNorms, at full signal scale.
 
     The encoder's and the decoder's last GroupNorm (``conv_norm_out``) normalise each group over the *whole clip*,
     so a clip's mean level per group is removed, and ``conv_out`` (linear) cannot put it back: a freshly
     initialised VAE cannot even learn each clip's background colour (measured: stuck at the loss of predicting
-    the data set's mean colour). Adding ``anchor`` to one channel per group of the residual stream feeding these
-    norms (the bias of the last resnet's ``conv2``) makes the group statistics nearly clip-independent, so the
-    norm acts as a fixed affine map and levels pass. Only an initial value: every weight trains.
+    the data set's mean colour). Two steps, both only initial values (every weight trains):
+
+    1. add ``anchor`` to one channel per group of the residual stream feeding these norms (the bias of the last
+       resnet's ``conv2``): the group statistics become nearly clip-independent, so levels pass;
+    2. on ``sample`` clips, measure each group's mean and std at those norms and set the norm's affine to undo
+       them (weight = std, bias = mean) on the other channels, and to 0 on the anchor channel: the norm starts as
+       the identity on the signal. Without step 2 the anchor divides every signal by ~40 (std of a group holding
+       a +100 channel) and ``conv_out`` must grow its weights ~40x at Adam's ~lr-per-step pace: measured, a VAE
+       then spends thousands of steps reproducing background colours before shapes appear.
     """
     groups = vae.config.norm_num_groups
-    for conv in (vae.encoder.mid_block.resnets[-1].conv2.conv, vae.decoder.up_blocks[-1].resnets[-1].conv2.conv):
-        per_group = conv.out_channels // groups
-        conv.bias[::per_group] += anchor
+    convs = (vae.encoder.mid_block.resnets[-1].conv2.conv, vae.decoder.up_blocks[-1].resnets[-1].conv2.conv)
+    for conv in convs:
+        conv.bias[::conv.out_channels // groups] += anchor
+    enc, dec = vae.encoder, vae.decoder
+    h = enc.conv_in(sample)
+    for block in enc.down_blocks:
+        h = block(h)
+    enc_features = enc.mid_block(h)
+    z = vae.quant_conv(enc.conv_out(norm_silu(enc.conv_norm_out, enc_features))).chunk(2, dim=1)[0]
+    h = dec.mid_block(dec.conv_in(vae.post_quant_conv(z)))
+    for block in dec.up_blocks:
+        h = block(h)
+    for norm, features in ((enc.conv_norm_out, enc_features), (dec.conv_norm_out, h)):
+        b, c = features.shape[:2]
+        per_group = c // groups
+        flat = features.reshape(b, groups, -1)
+        mean, std = flat.mean(dim=2).mean(0), flat.std(dim=2).mean(0)  # per group, averaged over the clips
+        norm.weight.copy_(std.repeat_interleave(per_group))
+        norm.bias.copy_(mean.repeat_interleave(per_group))
+        norm.weight[::per_group] = 0.0
+        norm.bias[::per_group] = 0.0
 
 
 def kl_to_prior(mean: torch.Tensor, logvar: torch.Tensor, prior_std: float = PRIOR_STD) -> torch.Tensor:
     """Mean over elements of KL(N(mean, exp(logvar)) || N(0, prior_std^2))."""
     var = logvar.exp()
     return (math.log(prior_std) - 0.5 * logvar + (var + mean.square()) / (2 * prior_std ** 2) - 0.5).mean()
+
+
+def foreground_weights(x: torch.Tensor, fg_weight: float, threshold: float = 0.1) -> torch.Tensor:
+    """Per-pixel loss weights ``1 + fg_weight`` on pixels whose colour differs from their clip's median colour
+    (the background) by more than ``threshold`` in some channel, 1 elsewhere. ``x``: ``[B, 3, T, H, W]``.
+
+    Shapes cover ~10 % of a clip; with a plain loss a tiny VAE spends thousands of steps on background levels
+    before it starts to place shapes. Weighting their pixels makes them matter from the start."""
+    background = x.flatten(2).median(dim=2).values[:, :, None, None, None]
+    shape_pixels = ((x - background).abs().amax(dim=1, keepdim=True) > threshold).to(x.dtype)
+    return 1.0 + fg_weight * shape_pixels
 
 
 def _batch(ds: MiniVideoDataset, rng: random.Random, cfg: VAETrainConfig) -> torch.Tensor:
@@ -94,7 +131,8 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, *, init: str | Path | None =
     if init is not None:
         vae.load_state_dict(load_vae(init, dtype=torch.float32).state_dict())
     else:
-        anchor_group_statistics_(vae, cfg.anchor)
+        sample = torch.stack([ds[i]["video"][:, :cfg.window] for i in range(4)])
+        anchor_group_statistics_(vae, cfg.anchor, sample)
         with torch.no_grad():  # start with a nearly deterministic posterior: std e^-3 instead of 1, so the
             vae.quant_conv.bias[MINI_VAE.latent_channels:] = cfg.init_logvar  # decoder sees the initial means
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -109,20 +147,30 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, *, init: str | Path | None =
             logvar = logvar.clamp(-30.0, 20.0)
             z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
             recon = vae.decoder(vae.post_quant_conv(z))
-            rec = (recon - x).abs().mean() + (recon - x).square().mean()
+            error = recon - x
+            if cfg.fg_weight:
+                w = foreground_weights(x, cfg.fg_weight)
+                rec = (error.abs() * w).mean() + (error.square() * w).mean()
+            else:
+                rec = error.abs().mean() + error.square().mean()
             kl = kl_to_prior(mean, logvar)
             loss = rec + cfg.kl_weight * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
             opt.step()
-            history.append((float(rec), float(kl)))
+            history.append((rec.item(), kl.item()))
             if (step + 1) % 25 == 0 or step + 1 == cfg.steps:
                 recent = history[-25:]
                 el = time.perf_counter() - t0
                 log(f"vae step {step + 1}/{cfg.steps} | rec {sum(r for r, _ in recent) / len(recent):.4f} | "
                     f"kl {sum(k for _, k in recent) / len(recent):.3f} | lr {lr:.2e} | {el:.0f}s | "
                     f"ETA {el / (step + 1) * (cfg.steps - step - 1):.0f}s")
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                vae.eval()
+                log(f"vae step {step + 1}: held-out {evaluate_vae(vae, cfg.seed)} -> {out}")
+                save_vae(vae, out)
+                vae.train()
     except KeyboardInterrupt:
         log(f"interrupted at step {len(history)}: nothing written (rerun to train from scratch; ~minutes)")
         raise
@@ -136,15 +184,18 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, *, init: str | Path | None =
 
 @torch.no_grad()
 def evaluate_vae(vae: HunyuanVideoVAE, seed: int = 0, clips: int = 8) -> dict:
-    """Whole-clip reconstruction PSNR on held-out clips and the model-space latent statistics."""
+    """Reconstruction PSNR on held-out clips (whole clips, and only their shape pixels as
+    :func:`foreground_weights` defines them) and the model-space latent statistics."""
     ds = MiniVideoDataset(clips, split="heldout", config=MiniVideoConfig(seed=seed + 1))
     videos = torch.stack([ds[i]["video"] for i in range(clips)])
     z = vae.encode(videos)
     recon = vae.decode(z, mode="untiled").clamp(-1, 1)
-    mse = float((recon - videos).square().mean() / 4.0)  # in [0, 1] pixel units
+    sq = (recon - videos).square() / 4.0  # in [0, 1] pixel units
+    shape = foreground_weights(videos, 1.0).expand_as(videos) > 1.5
     zm = to_model_space(z)
-    return {"heldout_psnr_db": round(-10 * math.log10(mse), 2), "model_space_latent_std": round(float(zm.std()), 3),
-            "model_space_latent_mean": round(float(zm.mean()), 3)}
+    return {"heldout_psnr_db": round(-10 * math.log10(float(sq.mean())), 2),
+            "heldout_shape_psnr_db": round(-10 * math.log10(float(sq[shape].mean())), 2),
+            "model_space_latent_std": round(float(zm.std()), 3), "model_space_latent_mean": round(float(zm.mean()), 3)}
 
 
 def main(argv: list[str] | None = None) -> int:

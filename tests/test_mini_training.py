@@ -1,0 +1,84 @@
+"""The miniature family's training scripts: the VAE's output-norm initialisation, the shape-pixel loss weights,
+and both CLIs end to end at a tiny budget (the shipped weights come from these same commands)."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from accvideo_core.mini.data import MiniVideoDataset, parse_caption, render_clip
+from accvideo_core.mini.train_teacher import main as teacher_main
+from accvideo_core.mini.train_vae import MINI_VAE, anchor_group_statistics_, foreground_weights
+from accvideo_core.mini.train_vae import main as vae_main
+from accvideo_core.models.loading import load_transformer
+from accvideo_core.models.vae_hunyuan_video import HunyuanVideoVAE, norm_silu
+from accvideo_core.models.vae_loading import load_vae
+
+
+def _decoder_features(vae: HunyuanVideoVAE, video: torch.Tensor) -> torch.Tensor:
+    z = vae.quant_conv(vae.encoder(video)).chunk(2, dim=1)[0]
+    h = vae.decoder.mid_block(vae.decoder.conv_in(vae.post_quant_conv(z)))
+    for block in vae.decoder.up_blocks:
+        h = block(h)
+    return h
+
+
+@torch.no_grad()
+def test_anchored_output_norm_starts_as_the_identity_on_the_signal():
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    ds = MiniVideoDataset(6)
+    sample = torch.stack([ds[i]["video"][:, :5, :32, :32] for i in range(4)])
+    vae = HunyuanVideoVAE(MINI_VAE).eval()
+    anchor_group_statistics_(vae, 100.0, sample)
+    other = torch.stack([ds[i]["video"][:, :5, :32, :32] for i in (4, 5)])  # clips the statistics never saw
+    h = _decoder_features(vae, other)
+    out = norm_silu(vae.decoder.conv_norm_out, h, silu=False)
+    per_group = h.shape[1] // MINI_VAE.norm_num_groups
+    anchor = torch.zeros(h.shape[1], dtype=torch.bool)
+    anchor[::per_group] = True
+    assert float(h[:, anchor].mean()) > 50  # the anchor is in the stream ...
+    assert float(out[:, anchor].abs().max()) == 0.0  # ... and removed by the norm
+    signal = h[:, ~anchor]
+    rel = float((out[:, ~anchor] - signal).norm() / signal.norm())
+    assert rel < 0.3, rel  # the signal passes at its own scale (it would be ~1/40 of it without the affine)
+    # without step 2 (plain anchor) the same norm shrinks the signal by more than 10x
+    plain = HunyuanVideoVAE(MINI_VAE).eval()
+    plain.load_state_dict(vae.state_dict())
+    torch.nn.init.ones_(plain.decoder.conv_norm_out.weight)
+    torch.nn.init.zeros_(plain.decoder.conv_norm_out.bias)
+    shrunk = norm_silu(plain.decoder.conv_norm_out, h, silu=False)[:, ~anchor]
+    assert float((shrunk - shrunk.mean()).norm()) < 0.1 * float((signal - signal.mean()).norm())
+
+
+def test_foreground_weights_mark_the_shape_pixels():
+    caption = "a yellow circle moving down on a blue background"
+    video = render_clip(parse_caption(caption), 5, 32, 32)[None]
+    w = foreground_weights(video, 4.0)
+    assert w.shape == (1, 1, 5, 32, 32)
+    assert set(torch.unique(w).tolist()) == {1.0, 5.0}
+    bg = torch.tensor([0.10, 0.18, 0.55]) * 2 - 1
+    far = (video[0] - bg[:, None, None, None]).abs().amax(0) > 0.5  # clearly inside the yellow circle
+    near = (video[0] - bg[:, None, None, None]).abs().amax(0) < 0.01  # clearly background
+    assert bool((w[0, 0][far] == 5.0).all()) and bool((w[0, 0][near] == 1.0).all())
+    assert 0.02 < float((w > 1).float().mean()) < 0.3
+
+
+def test_vae_and_teacher_training_clis_run_at_a_tiny_budget(tmp_path):
+    vae_out = tmp_path / "vae.safetensors"
+    assert vae_main(["--out", str(vae_out), "--steps", "2", "--batch", "1", "--crop", "32", "--window", "5",
+                     "--clips", "4", "--fg-weight", "4", "--warmup", "1"]) == 0
+    vae = load_vae(vae_out, dtype=torch.float32)
+    assert vae.config.block_out_channels == MINI_VAE.block_out_channels
+    log = json.loads((tmp_path / "train_vae.json").read_text())
+    result = log["runs"][-1]["result"]
+    assert result["steps"] == 2 and "heldout_shape_psnr_db" in result
+    assert log["commands"][-1].startswith("python -m accvideo_core.mini.train_vae --steps 2")
+    teacher_out = tmp_path / "teacher.safetensors"
+    assert teacher_main(["--vae", str(vae_out), "--out", str(teacher_out), "--clips", "8", "--batch", "2",
+                         "--stage1-steps", "2", "--stage2-steps", "2", "--warmup", "1"]) == 0
+    teacher = load_transformer(teacher_out, dtype=torch.float32)
+    assert teacher.config.guidance_embed
+    assert (tmp_path / "text_encoder.safetensors").is_file()
+    summary = json.loads((tmp_path / "train_teacher.json").read_text())
+    assert summary["config"]["stage1_steps"] == 2 and summary["result"]["parameters"] > 0
