@@ -30,8 +30,9 @@ from typing import Callable
 
 import torch
 
-from .mini.data import ClipSpec, attribute_combos, clip_spec, parse_caption
+from .mini.data import SHAPE_COLORS, ClipSpec, attribute_combos, clip_spec, parse_caption
 from .mini.family import MiniFamily, centroid, load_family, reference_video, shape_region_colour
+from .synvid.format import file_sha256
 from .utils.io import save_safetensors, write_bytes, write_json
 
 LABELS = {"teacher50": "teacher 50 steps", "teacher5": "teacher 5 steps", "traj5": "student 5 (traj only)",
@@ -80,18 +81,21 @@ def training_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 def heldout_prompts(n: int) -> list[str]:
-    """``n`` held-out captions spread over shapes and directions (fixed order)."""
+    """``n`` held-out captions spread over colours, shapes and directions (fixed order): each new one has a shape
+    colour not chosen yet (while there are) and a shape and direction unlike the previous two's."""
     combos = list(attribute_combos("heldout"))
     chosen: list[tuple] = []
-    for want_new in (True, False):
-        for c in combos:
-            if len(chosen) == n:
-                break
-            if c in chosen:
-                continue
-            if want_new and any(c[0] == o[0] or c[2] == o[2] for o in chosen[-2:]):
-                continue
-            chosen.append(c)
+
+    def new_colour(c: tuple) -> bool:
+        colours = {o[1] for o in chosen}
+        return c[1] not in colours or len(colours) == len(SHAPE_COLORS)
+
+    def new_motion(c: tuple) -> bool:
+        return not any(c[0] == o[0] or c[2] == o[2] for o in chosen[-2:])
+
+    tests = (lambda c: new_colour(c) and new_motion(c), new_colour, lambda c: True)  # strictest first
+    while len(chosen) < min(n, len(combos)):
+        chosen.append(next(c for test in tests for c in combos if c not in chosen and test(c)))
     return [ClipSpec(s, col, bg, d, 0.15, (0.5, 0.5), 0.4).caption() for s, col, d, bg in chosen]
 
 
@@ -298,6 +302,15 @@ def run_demo(cfg: DemoConfig, out: Path, *, fresh: bool = False, assets: str | N
 
     t0 = time.perf_counter()
     family = load_family(assets)
+    fingerprint = {name: file_sha256(path) for name, path in family.paths.items()}
+    previous = out / "family.json"
+    earlier = json.loads(previous.read_text()) if previous.is_file() else None
+    if not fresh and earlier != fingerprint and any((out / sub).exists() for sub in ("synvid", "train_traj")):
+        say("the miniature family changed since the last run in this folder (or that run did not record it): "
+            "starting over")
+        for sub in ("synvid", "train_traj", "train_adv"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    write_json(fingerprint, previous)
     prompts = training_prompts(cfg.synvid_samples, cfg.seed)
     emb = write_embeddings(family, prompts, out / "embeddings.safetensors")
     stage["load family + encode prompts"] = time.perf_counter() - t0

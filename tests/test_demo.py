@@ -54,3 +54,10 @@ def test_demo_runs_end_to_end_reduced(tmp_path, capsys):
                  "--heldout-prompts", "1", "--seeds-per-prompt", "1", "--shown", "1", "--threads", "1"]) == 0
     err = capsys.readouterr().err
     assert "3 of 3 samples already present" in err and err.count("reusing the finished training run") == 2
+    # a changed family (here: a different recorded fingerprint) is never mixed with the old run's data
+    (tmp_path / "family.json").write_text(json.dumps({"teacher": "sha256:other"}))
+    assert main(["--out", str(tmp_path), "--synvid-samples", "3", "--train-steps", "1", "--batch", "2",
+                 "--heldout-prompts", "1", "--seeds-per-prompt", "1", "--shown", "1", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "family changed since the last run" in err and "already present" not in err
+    assert "reusing the finished training run" not in err

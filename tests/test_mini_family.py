@@ -2,6 +2,8 @@
 prompt on held-out prompts it never saw in training and that its guidance embedding is trained."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -9,9 +11,11 @@ from accvideo_core.latents import to_model_space
 from accvideo_core.mini import TinyTextEncoder, TinyTextEncoderConfig
 from accvideo_core.demo import heldout_prompts
 from accvideo_core.mini.data import BACKGROUND_COLORS, SHAPE_COLORS, parse_caption
-from accvideo_core.mini.family import ASSETS, FILES, load_family, reference_video, shape_region_colour
-from accvideo_core.mini.train_teacher import MINI_TRANSFORMER
-from accvideo_core.mini.train_vae import MINI_VAE
+from accvideo_core.mini.family import ASSETS, FILES, centroid, load_family, reference_video, shape_region_colour
+from accvideo_core.mini.train_teacher import MINI_TRANSFORMER, encoder_sha256
+from accvideo_core.mini.train_vae import MINI_VAE, evaluate_vae
+
+COLOUR_MIN, MOTION_MIN = 4, 4  # of 6 held-out prompts (measured on the shipped family: see docs/demo.md)
 
 
 @pytest.fixture(scope="module")
@@ -36,21 +40,38 @@ def test_family_has_the_documented_architectures(family):
         assert torch.equal(v, family.text_encoder.state_dict()[k])
 
 
-def test_vae_reconstructs_better_than_the_clip_mean_and_latents_are_near_unit_variance(family):
-    """The tiny VAE is weak (docs/demo.md: ~17 dB); this pins that it beats the best constant-colour-per-clip
-    guess and that model-space latents have the documented scale."""
-    caption = "a yellow circle moving down on a blue background"
-    video = reference_video(caption)[None]
-    with torch.no_grad():
-        z = family.vae.encode(video)
-        recon = family.vae.decode(z, mode="untiled").clamp(-1, 1)
-    mse = float(((recon - video) / 2).square().mean())
-    flat = float(((video.mean(dim=(2, 3, 4), keepdim=True) - video) / 2).square().mean())
-    assert mse < flat, (mse, flat)
+def test_vae_reconstructs_shapes_and_latents_are_near_unit_variance(family):
+    """Held-out clips (8 x 17 frames, attribute combinations never trained on): whole-clip and shape-pixel PSNR
+    (``train_vae.json`` records the shipped figures), and model-space latents at the documented scale."""
+    result = evaluate_vae(family.vae)
+    assert result["heldout_psnr_db"] >= 21.0, result  # a constant colour per clip scores ~18.8 dB
+    assert result["heldout_shape_psnr_db"] >= 15.0, result  # backgrounds-only VAEs score ~7 dB here
     captions = [f"a white square moving up on a {bg} background" for bg in ("black", "blue", "green", "red")]
     with torch.no_grad():
         zs = family.vae.encode(torch.stack([reference_video(c) for c in captions]))
-    assert 0.5 < float(to_model_space(zs).std()) < 2.5  # across clips (train_vae.json: 1.64 on held-out clips)
+    assert 0.5 < float(to_model_space(zs).std()) < 2.5
+
+
+def test_teacher_was_trained_on_the_shipped_encoder(family):
+    """The teacher's latents come from the shipped VAE's encoder (the decoder-only run left it bit-identical)."""
+    record = json.loads((ASSETS / "train_teacher.json").read_text())
+    assert record["runs"][-1]["result"]["vae_encoder_sha256"] == encoder_sha256(family.vae)
+
+
+def test_teacher_follows_the_prompt_on_heldout_prompts(family):
+    """The issue's bar, "shapes and motion that follow the prompt", on the decoded teacher-50 videos of held-out
+    prompts: the colour of the pixels least like the prompted background is the prompted shape colour, and their
+    centroid moves the prompted way (the probes ``accvideo_core.demo`` reports as "colour ok" / "motion ok")."""
+    prompts = heldout_prompts(6)
+    videos, _ = family.generate(prompts, [7] * len(prompts), 50)
+    colour_ok = motion_ok = 0
+    for video, prompt in zip(videos, prompts):
+        spec = parse_caption(prompt)
+        colour_ok += shape_region_colour(video, prompt, frame=8)[0] == spec.color
+        (x0, y0), (x1, y1) = centroid(video, prompt, 0), centroid(video, prompt, -1)
+        moved = {"left": x0 - x1, "right": x1 - x0, "up": y0 - y1, "down": y1 - y0}[spec.direction]
+        motion_ok += moved > 0.05
+    assert colour_ok >= COLOUR_MIN and motion_ok >= MOTION_MIN, (colour_ok, motion_ok)
 
 
 def _encode_render(family, caption: str) -> torch.Tensor:
@@ -61,8 +82,7 @@ def _encode_render(family, caption: str) -> torch.Tensor:
 @pytest.mark.parametrize("index", [0, 4])
 def test_teacher_follows_the_prompted_background(family, index):
     """50 teacher steps at guidance 6 on a held-out prompt: the sample (model space) is closer to the encoded
-    render of its own caption than to the average of the same caption with each other background. (What the
-    shipped family does NOT yet do reliably - the shape's colour and motion - is documented in docs/demo.md.)"""
+    render of its own caption than to the average of the same caption with each other background."""
     caption = heldout_prompts(6)[index]
     spec = parse_caption(caption)
     latent = family.sample(family.teacher, family.encode([caption]), family.noise([11]), 50)

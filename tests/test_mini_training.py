@@ -74,6 +74,14 @@ def test_vae_and_teacher_training_clis_run_at_a_tiny_budget(tmp_path):
     result = log["runs"][-1]["result"]
     assert result["steps"] == 2 and "heldout_shape_psnr_db" in result
     assert log["commands"][-1].startswith("python -m accvideo_core.mini.train_vae --steps 2")
+    # --decoder-only keeps every latent (encoder + quant_conv) bit-identical and trains the decoder
+    tuned = tmp_path / "tuned" / "vae.safetensors"
+    assert vae_main(["--init", str(vae_out), "--out", str(tuned), "--decoder-only", "--steps", "2", "--batch", "1",
+                     "--crop", "32", "--window", "5", "--clips", "4", "--warmup", "1", "--lr", "1e-3"]) == 0
+    before, after = vae.state_dict(), load_vae(tuned, dtype=torch.float32).state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     teacher_out = tmp_path / "teacher.safetensors"
     assert teacher_main(["--vae", str(vae_out), "--out", str(teacher_out), "--clips", "8", "--batch", "2",
                          "--stage1-steps", "2", "--stage2-steps", "2", "--warmup", "1"]) == 0
@@ -81,4 +89,13 @@ def test_vae_and_teacher_training_clis_run_at_a_tiny_budget(tmp_path):
     assert teacher.config.guidance_embed
     assert (tmp_path / "text_encoder.safetensors").is_file()
     summary = json.loads((tmp_path / "train_teacher.json").read_text())
-    assert summary["config"]["stage1_steps"] == 2 and summary["result"]["parameters"] > 0
+    run = summary["runs"][-1]
+    assert run["config"]["stage1_steps"] == 2 and run["result"]["parameters"] > 0 and run["init"] is None
+    # continuing a teacher (--init) appends a run and its command
+    assert teacher_main(["--vae", str(vae_out), "--init", str(teacher_out), "--out", str(teacher_out), "--clips", "8",
+                         "--batch", "2", "--stage1-steps", "1", "--stage2-steps", "1", "--warmup", "1"]) == 0
+    summary = json.loads((tmp_path / "train_teacher.json").read_text())
+    assert len(summary["runs"]) == 2
+    assert summary["commands"][1].startswith(
+        f"python -m accvideo_core.mini.train_teacher --vae {vae_out} --init {teacher_out} --clips 8")
+    assert summary["runs"][1]["result"]["vae_encoder_sha256"] == summary["runs"][0]["result"]["vae_encoder_sha256"]

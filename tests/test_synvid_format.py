@@ -94,3 +94,14 @@ def test_manifest_reader_skips_and_reports_corrupt_files(tmp_path):
     with pytest.warns(UserWarning, match="000001|000003"):
         rebuilt = rebuild_manifest(tmp_path)
     assert [e["file"] for e in rebuilt["samples"]] == ["samples/000000.safetensors", "samples/000002.safetensors"]
+
+
+def test_a_data_set_holds_one_teachers_trajectories(tmp_path):
+    with SynVidWriter(tmp_path, dtype="float32") as w:
+        w.write(make_sample(0))
+    other = make_sample(1)
+    other.source_model_hash = "sha256:11"
+    with SynVidWriter(tmp_path, dtype="float32") as w:  # continuing the folder with another teacher
+        with pytest.raises(SynVidError, match="source_model_hash=sha256:11 differs .* separate folder"):
+            w.write(other)
+    assert len(SynVidDataset(tmp_path)) == 1

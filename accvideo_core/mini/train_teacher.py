@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 
 from ..latents import to_model_space
-from ..models.loading import save_transformer
+from ..models.loading import load_transformer, save_transformer
 from ..models.transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig
 from ..models.vae_loading import load_vae
+from ..synvid.format import state_dict_sha256
 from ..utils.io import write_json
 from .data import MiniVideoConfig, MiniVideoDataset
 from .text_encoder import TinyTextEncoder, TinyTextEncoderConfig
@@ -43,18 +44,18 @@ from .text_encoder import TinyTextEncoder, TinyTextEncoderConfig
 ENCODER_CONFIG = TinyTextEncoderConfig()
 MINI_TRANSFORMER = TransformerConfig(
     hidden_size=128, num_heads=2, num_double_blocks=2, num_single_blocks=2, num_refiner_blocks=2, mlp_ratio=4.0,
-    patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=ENCODER_CONFIG.text_dim,
+    patch_size=(1, 1, 1), in_channels=16, out_channels=16, text_dim=ENCODER_CONFIG.text_dim,
     pooled_dim=ENCODER_CONFIG.pooled_dim, guidance_embed=True)
 
 
 @dataclass
 class TeacherTrainConfig:
-    clips: int = 768
+    clips: int = 1536
     batch: int = 16
     lr: float = 5e-4
     warmup: int = 100
-    stage1_steps: int = 1200
-    stage2_steps: int = 300
+    stage1_steps: int = 1600
+    stage2_steps: int = 400
     stage2_lr: float = 2e-4
     caption_dropout: float = 0.15
     guidance_min: float = 1.0
@@ -63,6 +64,12 @@ class TeacherTrainConfig:
     ema_decay: float = 0.998
     seed: int = 0
     threads: int = 1
+
+
+def encoder_sha256(vae: torch.nn.Module) -> str:
+    """Hash of everything that makes a VAE's latents (encoder + quant_conv): a teacher trained on one VAE's
+    latents fits every VAE file with the same hash, whatever its decoder."""
+    return state_dict_sha256({k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))})
 
 
 @torch.no_grad()
@@ -135,7 +142,7 @@ def _stage(model, ema, data, cfg: TeacherTrainConfig, *, steps: int, lr: float, 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % 25 == 0 or step + 1 == steps:
             el = time.perf_counter() - t0
             log(f"teacher {tag} step {step + 1}/{steps} | loss {sum(losses[-25:]) / len(losses[-25:]):.4f} | "
@@ -143,8 +150,10 @@ def _stage(model, ema, data, cfg: TeacherTrainConfig, *, steps: int, lr: float, 
     return losses
 
 
-def train_teacher(cfg: TeacherTrainConfig, vae_path: str | Path, out: str | Path, *, log=print) -> dict:
-    """Train both stages and write ``out`` (bf16 safetensors with config metadata) and the text encoder file."""
+def train_teacher(cfg: TeacherTrainConfig, vae_path: str | Path, out: str | Path, *, init: str | Path | None = None,
+                  log=print) -> dict:
+    """Train both stages (from scratch, or continuing the teacher file ``init``) and write ``out`` (bf16
+    safetensors with config metadata) and the text encoder file."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     out = Path(out)
@@ -155,6 +164,8 @@ def train_teacher(cfg: TeacherTrainConfig, vae_path: str | Path, out: str | Path
     data = encode_clips(vae, encoder, cfg.clips, cfg.seed, log=log)
     log(f"model-space latents: std {float(data['latents'].std()):.3f}, mean {float(data['latents'].mean()):.3f}")
     model = HunyuanVideoTransformer3D(MINI_TRANSFORMER).train()
+    if init is not None:  # a guidance-distilled teacher at guidance 1.0 is the conditional model stage 1 trains
+        model.load_state_dict(load_transformer(init, dtype=torch.float32).state_dict())
     ema = copy.deepcopy(model).requires_grad_(False)
     try:
         l1 = _stage(model, ema, data, cfg, steps=cfg.stage1_steps, lr=cfg.lr, log=log, tag="stage 1 (flow)")
@@ -167,7 +178,8 @@ def train_teacher(cfg: TeacherTrainConfig, vae_path: str | Path, out: str | Path
         raise
     save_transformer(copy.deepcopy(ema).to(torch.bfloat16), out)
     return {"stage1_final_loss": sum(l1[-50:]) / len(l1[-50:]), "stage2_final_loss": sum(l2[-50:]) / len(l2[-50:]),
-            "latent_std": float(data["latents"].std()), "seconds": round(time.perf_counter() - t_start, 1),
+            "latent_std": float(data["latents"].std()), "vae_encoder_sha256": encoder_sha256(vae),
+            "seconds": round(time.perf_counter() - t_start, 1),
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -176,18 +188,26 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--vae", default="assets/mini/vae.safetensors")
     p.add_argument("--out", default="assets/mini/teacher.safetensors")
+    p.add_argument("--init", help="continue training this teacher file instead of starting from scratch")
     for f, default in asdict(TeacherTrainConfig()).items():
         p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
     args = vars(p.parse_args(argv))
-    vae_path, out = args.pop("vae"), Path(args.pop("out"))
+    vae_path, out, init = args.pop("vae"), Path(args.pop("out")), args.pop("init")
     cfg = TeacherTrainConfig(**args)
     try:
-        summary = train_teacher(cfg, vae_path, out, log=lambda m: print(m, file=sys.stderr, flush=True))
+        summary = train_teacher(cfg, vae_path, out, init=init, log=lambda m: print(m, file=sys.stderr, flush=True))
     except KeyboardInterrupt:
         return 130
-    write_json({"config": asdict(cfg), "transformer_config": MINI_TRANSFORMER.to_dict(),
+    log_path = out.with_name("train_teacher.json")
+    runs = json.loads(log_path.read_text()).get("runs", []) if init and log_path.is_file() else []
+    runs.append({"config": asdict(cfg), "vae": str(vae_path), "init": str(init) if init else None,
+                 "result": summary})
+    commands = [" ".join(["python -m accvideo_core.mini.train_teacher", f"--vae {r['vae']}",
+                          *([f"--init {r['init']}"] if r["init"] else []),
+                          *(f"--{k.replace('_', '-')} {v}" for k, v in r["config"].items())]) for r in runs]
+    write_json({"transformer_config": MINI_TRANSFORMER.to_dict(),
                 "text_encoder_config": {**asdict(ENCODER_CONFIG), "vocab": list(ENCODER_CONFIG.vocab)},
-                "result": summary}, out.with_name("train_teacher.json"))
+                "runs": runs, "commands": commands}, log_path)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -45,15 +45,17 @@ class VAETrainConfig:
     crop: int = 64  # whole frames
     window: int = 9  # frames per training window (4k + 1)
     anchor: float = 100.0  # see anchor_group_statistics_
+    init_affine: bool = True  # step 2 of anchor_group_statistics_ (the first shipped run predates it: False)
     init_logvar: float = -6.0  # initial posterior log-variance (bias of quant_conv's logvar half)
     fg_weight: float = 0.0  # extra loss weight on shape pixels (see foreground_weights); 0 = plain loss
     save_every: int = 0  # also write the VAE (and print held-out PSNR) every N steps; 0 = only at the end
+    decoder_only: bool = False  # freeze the encoder (and so every latent a teacher was trained on); train the decoder
     seed: int = 0
     threads: int = 1  # one thread: on a loaded 2-core machine two OpenMP threads run ~10x slower
 
 
 @torch.no_grad()
-def anchor_group_statistics_(vae: HunyuanVideoVAE, anchor: float, sample: torch.Tensor) -> None:
+def anchor_group_statistics_(vae: HunyuanVideoVAE, anchor: float, sample: torch.Tensor | None = None) -> None:
     """Initialisation that lets absolute colour levels through the two output GroupNorms, at full signal scale.
 
     The encoder's and the decoder's last GroupNorm (``conv_norm_out``) normalise each group over the *whole clip*,
@@ -67,12 +69,15 @@ def anchor_group_statistics_(vae: HunyuanVideoVAE, anchor: float, sample: torch.
        them (weight = std, bias = mean) on the other channels, and to 0 on the anchor channel: the norm starts as
        the identity on the signal. Without step 2 the anchor divides every signal by ~40 (std of a group holding
        a +100 channel) and ``conv_out`` must grow its weights ~40x at Adam's ~lr-per-step pace: measured, a VAE
-       then spends thousands of steps reproducing background colours before shapes appear.
+       then spends thousands of steps reproducing background colours before shapes appear. Skipped when
+       ``sample`` is None.
     """
     groups = vae.config.norm_num_groups
     convs = (vae.encoder.mid_block.resnets[-1].conv2.conv, vae.decoder.up_blocks[-1].resnets[-1].conv2.conv)
     for conv in convs:
         conv.bias[::conv.out_channels // groups] += anchor
+    if sample is None:
+        return
     enc, dec = vae.encoder, vae.decoder
     h = enc.conv_in(sample)
     for block in enc.down_blocks:
@@ -131,11 +136,17 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, *, init: str | Path | None =
     if init is not None:
         vae.load_state_dict(load_vae(init, dtype=torch.float32).state_dict())
     else:
-        sample = torch.stack([ds[i]["video"][:, :cfg.window] for i in range(4)])
+        sample = torch.stack([ds[i]["video"][:, :cfg.window] for i in range(4)]) if cfg.init_affine else None
         anchor_group_statistics_(vae, cfg.anchor, sample)
         with torch.no_grad():  # start with a nearly deterministic posterior: std e^-3 instead of 1, so the
             vae.quant_conv.bias[MINI_VAE.latent_channels:] = cfg.init_logvar  # decoder sees the initial means
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if cfg.decoder_only:
+        if init is None:
+            raise ValueError("--decoder-only continues a trained VAE: pass --init")
+        vae.encoder.requires_grad_(False).eval()
+        vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     t0, history = time.perf_counter(), []
     try:
         for step in range(cfg.steps):
@@ -143,7 +154,8 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, *, init: str | Path | None =
             for g in opt.param_groups:
                 g["lr"] = lr
             x = _batch(ds, rng, cfg)
-            mean, logvar = vae.quant_conv(vae.encoder(x)).chunk(2, dim=1)
+            with torch.set_grad_enabled(not cfg.decoder_only):
+                mean, logvar = vae.quant_conv(vae.encoder(x)).chunk(2, dim=1)
             logvar = logvar.clamp(-30.0, 20.0)
             z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
             recon = vae.decoder(vae.post_quant_conv(z))
@@ -157,7 +169,7 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, *, init: str | Path | None =
             loss = rec + cfg.kl_weight * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             history.append((rec.item(), kl.item()))
             if (step + 1) % 25 == 0 or step + 1 == cfg.steps:
@@ -170,9 +182,14 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, *, init: str | Path | None =
                 vae.eval()
                 log(f"vae step {step + 1}: held-out {evaluate_vae(vae, cfg.seed)} -> {out}")
                 save_vae(vae, out)
-                vae.train()
+                vae.decoder.train()
+                vae.post_quant_conv.train()
+                if not cfg.decoder_only:
+                    vae.train()
     except KeyboardInterrupt:
-        log(f"interrupted at step {len(history)}: nothing written (rerun to train from scratch; ~minutes)")
+        saved = f"{out} holds the step-{cfg.save_every * (len(history) // cfg.save_every)} weights" \
+            if cfg.save_every and len(history) >= cfg.save_every else "nothing written"
+        log(f"interrupted at step {len(history)}: {saved}; the run is not recorded in train_vae.json")
         raise
     vae.eval()
     summary = evaluate_vae(vae, cfg.seed)
@@ -198,12 +215,25 @@ def evaluate_vae(vae: HunyuanVideoVAE, seed: int = 0, clips: int = 8) -> dict:
             "model_space_latent_std": round(float(zm.std()), 3), "model_space_latent_mean": round(float(zm.mean()), 3)}
 
 
+def command_line(run: dict) -> str:
+    """The command that reproduces one recorded run (``train_vae.json``'s ``runs`` entries)."""
+    args = []
+    for k, v in run["config"].items():
+        flag = "--" + k.replace("_", "-")
+        args.append((flag if v else "--no-" + flag[2:]) if isinstance(v, bool) else f"{flag} {v}")
+    return " ".join(["python -m accvideo_core.mini.train_vae", *([f"--init {run['init']}"] if run["init"] else []),
+                     *args])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m accvideo_core.mini.train_vae", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="assets/mini/vae.safetensors")
     p.add_argument("--init", help="continue training this VAE file instead of starting from scratch")
     for f, default in asdict(VAETrainConfig()).items():
-        p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
+        if isinstance(default, bool):
+            p.add_argument("--" + f.replace("_", "-"), action=argparse.BooleanOptionalAction, default=default)
+        else:
+            p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
     args = vars(p.parse_args(argv))
     out, init = Path(args.pop("out")), args.pop("init")
     cfg = VAETrainConfig(**args)
@@ -215,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = json.loads(log_path.read_text()).get("runs", []) if init and log_path.is_file() else []
     runs.append({"config": asdict(cfg), "init": str(init) if init else None, "result": summary})
     write_json({"vae_config": MINI_VAE.to_dict(), "runs": runs,
-                "commands": [("python -m accvideo_core.mini.train_vae" + (f" --init {r['init']}" if r["init"] else "")
-                              + " " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["config"].items()))
-                             for r in runs]}, log_path)
+                "commands": [command_line(r) for r in runs]}, log_path)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -338,9 +338,11 @@ class SynVidWriter:
                  "pooled": list(sample.pooled.shape), "source_model": sample.source_model,
                  "source_model_hash": sample.source_model_hash}
         for k, v in facts.items():
-            if k in m and m[k] != v and k in ("latent_shape", "text_dim", "pooled", "steps", "key_steps"):
-                raise SynVidError(f"{self.root}: sample {k}={v} differs from the data set's {k}={m[k]}; "
-                                  "write it into a separate folder")
+            if k in m and m[k] != v and k in ("latent_shape", "text_dim", "pooled", "steps", "key_steps",
+                                                  "source_model_hash"):
+                raise SynVidError(f"{self.root}: sample {k}={v} differs from the data set's {k}={m[k]} (one "
+                                  "data set holds one teacher's trajectories of one shape); write it into a "
+                                  "separate folder")
             m.setdefault(k, v)
 
     def flush(self) -> None:
