@@ -243,7 +243,7 @@ def write_side_by_side(result: dict, rows: list[int], out: Path, *, references: 
     tmp = gif.with_suffix(".tmp.gif")
     from PIL import Image
 
-    small = [f.quantize(colors=64, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE) for f in frames]
+    small = [f.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE) for f in frames]
     small[0].save(tmp, save_all=True, append_images=small[1:], duration=int(1000 / fps), loop=0, optimize=True)
     os.replace(tmp, gif)
     stack = torch.from_numpy(np.stack([np.asarray(f) for f in frames])).float() / 255.0

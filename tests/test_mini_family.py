@@ -15,7 +15,9 @@ from accvideo_core.mini.family import ASSETS, FILES, centroid, load_family, refe
 from accvideo_core.mini.train_teacher import MINI_TRANSFORMER, encoder_sha256
 from accvideo_core.mini.train_vae import MINI_VAE, evaluate_vae
 
-COLOUR_MIN, MOTION_MIN = 4, 4  # of 6 held-out prompts (measured on the shipped family: see docs/demo.md)
+# of 12 teacher-50 videos of held-out prompts: measured 6 and 7 on the shipped teacher, 1 and 1 on an untrained
+# teacher of the same architecture (docs/demo.md)
+COLOUR_MIN, MOTION_MIN = 5, 6
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +64,8 @@ def test_teacher_follows_the_prompt_on_heldout_prompts(family):
     """The issue's bar, "shapes and motion that follow the prompt", on the decoded teacher-50 videos of held-out
     prompts: the colour of the pixels least like the prompted background is the prompted shape colour, and their
     centroid moves the prompted way (the probes ``accvideo_core.demo`` reports as "colour ok" / "motion ok")."""
-    prompts = heldout_prompts(6)
-    videos, _ = family.generate(prompts, [7] * len(prompts), 50)
+    prompts = heldout_prompts(6) * 2
+    videos, _ = family.generate(prompts, [7] * 6 + [8] * 6, 50)
     colour_ok = motion_ok = 0
     for video, prompt in zip(videos, prompts):
         spec = parse_caption(prompt)
@@ -79,18 +81,20 @@ def _encode_render(family, caption: str) -> torch.Tensor:
         return to_model_space(family.vae.encode(reference_video(caption)[None]))
 
 
-@pytest.mark.parametrize("index", [0, 4])
-def test_teacher_follows_the_prompted_background(family, index):
-    """50 teacher steps at guidance 6 on a held-out prompt: the sample (model space) is closer to the encoded
-    render of its own caption than to the average of the same caption with each other background."""
-    caption = heldout_prompts(6)[index]
-    spec = parse_caption(caption)
-    latent = family.sample(family.teacher, family.encode([caption]), family.noise([11]), 50)
-    own = float((latent - _encode_render(family, caption)).square().mean())
-    others = [float((latent - _encode_render(family, caption.replace(f"on a {spec.background} background",
-                                                                    f"on a {bg} background"))).square().mean())
-              for bg in BACKGROUND_COLORS if bg != spec.background and bg != spec.color]
-    assert own < 0.5 * sum(others) / len(others), (own, others)
+def test_teacher_follows_the_prompted_background(family):
+    """50 teacher steps at guidance 6 on each of the 6 held-out prompts: the sample (model space) is nearer to the
+    encoded render of its own caption than to the same caption with any other background in at least 4 of 6
+    (measured 5; picking among the 4-5 backgrounds by chance gets ~1)."""
+    nearest = 0
+    for caption in heldout_prompts(6):
+        spec = parse_caption(caption)
+        latent = family.sample(family.teacher, family.encode([caption]), family.noise([11]), 50)
+        own = float((latent - _encode_render(family, caption)).square().mean())
+        others = [float((latent - _encode_render(family, caption.replace(f"on a {spec.background} background",
+                                                                        f"on a {bg} background"))).square().mean())
+                  for bg in BACKGROUND_COLORS if bg != spec.background and bg != spec.color]
+        nearest += own < min(others)
+    assert nearest >= 4, nearest
 
 
 def test_guidance_embedding_changes_the_velocity(family):
