@@ -30,8 +30,8 @@ from typing import Callable
 
 import torch
 
-from .mini.data import SHAPE_COLORS, ClipSpec, attribute_combos, clip_spec, parse_caption
-from .mini.family import MiniFamily, centroid, load_family, reference_video, shape_region_colour
+from .mini.data import SHAPE_COLORS, ClipSpec, attribute_combos, clip_spec
+from .mini.family import MiniFamily, load_family, prompt_checks, reference_video
 from .synvid.format import file_sha256
 from .utils.io import save_safetensors, write_bytes, write_json
 
@@ -187,13 +187,8 @@ def evaluate(family: MiniFamily, models: dict[str, tuple[torch.nn.Module, int]],
         n = len(jobs)
         per = {k: statistics.median(st[k]) for k in ("text", "sampling", "decode")}
         per["total"] = statistics.median([a + b + c for a, b, c in zip(st["text"], st["sampling"], st["decode"])])
-        colour_ok = motion_ok = 0
-        for i, (prompt, _) in enumerate(jobs):
-            spec = parse_caption(prompt)
-            colour_ok += shape_region_colour(vid[i], prompt, frame=8)[0] == spec.color
-            (x0, y0), (x1, y1) = centroid(vid[i], prompt, 0), centroid(vid[i], prompt, -1)
-            moved = {"left": x0 - x1, "right": x1 - x0, "up": y0 - y1, "down": y1 - y0}[spec.direction]
-            motion_ok += moved > 0.05
+        checks = [prompt_checks(vid[i], prompt) for i, (prompt, _) in enumerate(jobs)]
+        colour_ok, motion_ok = sum(c for c, _ in checks), sum(m for _, m in checks)
         result[name] = {
             "steps": models[name][1], "seconds_per_video": per,
             "latent_mse_to_teacher50": float((lat - ref_lat).square().mean()),

@@ -11,7 +11,7 @@ from accvideo_core.latents import to_model_space
 from accvideo_core.mini import TinyTextEncoder, TinyTextEncoderConfig
 from accvideo_core.demo import heldout_prompts
 from accvideo_core.mini.data import BACKGROUND_COLORS, SHAPE_COLORS, parse_caption
-from accvideo_core.mini.family import ASSETS, FILES, centroid, load_family, reference_video, shape_region_colour
+from accvideo_core.mini.family import ASSETS, FILES, load_family, prompt_checks, reference_video, shape_region_colour
 from accvideo_core.mini.train_teacher import MINI_TRANSFORMER, encoder_sha256
 from accvideo_core.mini.train_vae import MINI_VAE, evaluate_vae
 
@@ -66,13 +66,8 @@ def test_teacher_follows_the_prompt_on_heldout_prompts(family):
     centroid moves the prompted way (the probes ``accvideo_core.demo`` reports as "colour ok" / "motion ok")."""
     prompts = heldout_prompts(6) * 2
     videos, _ = family.generate(prompts, [7] * 6 + [8] * 6, 50)
-    colour_ok = motion_ok = 0
-    for video, prompt in zip(videos, prompts):
-        spec = parse_caption(prompt)
-        colour_ok += shape_region_colour(video, prompt, frame=8)[0] == spec.color
-        (x0, y0), (x1, y1) = centroid(video, prompt, 0), centroid(video, prompt, -1)
-        moved = {"left": x0 - x1, "right": x1 - x0, "up": y0 - y1, "down": y1 - y0}[spec.direction]
-        motion_ok += moved > 0.05
+    checks = [prompt_checks(video, prompt) for video, prompt in zip(videos, prompts)]
+    colour_ok, motion_ok = sum(c for c, _ in checks), sum(m for _, m in checks)
     assert colour_ok >= COLOUR_MIN and motion_ok >= MOTION_MIN, (colour_ok, motion_ok)
 
 

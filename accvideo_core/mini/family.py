@@ -120,6 +120,17 @@ def centroid(video: torch.Tensor, caption: str, frame: int) -> tuple[float, floa
     return float((w.sum(0) * xs).sum() / total), float((w.sum(1) * ys).sum() / total)
 
 
+def prompt_checks(video: torch.Tensor, caption: str) -> tuple[bool, bool]:
+    """(colour ok, motion ok) of a decoded video ``[3, F, H, W]`` for its template caption: the pixels least like
+    the prompted background have the prompted shape colour at the middle frame (:func:`shape_region_colour`), and
+    their centroid moves the prompted way by more than 5 % of the frame from the first to the last frame."""
+    spec = parse_caption(caption)
+    colour_ok = shape_region_colour(video, caption, frame=video.shape[1] // 2)[0] == spec.color
+    (x0, y0), (x1, y1) = centroid(video, caption, 0), centroid(video, caption, -1)
+    moved = {"left": x0 - x1, "right": x1 - x0, "up": y0 - y1, "down": y1 - y0}[spec.direction]
+    return colour_ok, moved > 0.05
+
+
 def reference_video(caption: str) -> torch.Tensor:
     """The procedural renderer's version of a caption (default geometry), for side-by-side pictures."""
     return render_clip(parse_caption(caption), VIDEO.frames, VIDEO.height, VIDEO.width)

@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import math
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
