@@ -68,9 +68,8 @@ def anchor_group_statistics_(vae: HunyuanVideoVAE, anchor: float, sample: torch.
     2. on ``sample`` clips, measure each group's mean and std at those norms and set the norm's affine to undo
        them (weight = std, bias = mean) on the other channels, and to 0 on the anchor channel: the norm starts as
        the identity on the signal. Without step 2 the anchor divides every signal by ~40 (std of a group holding
-       a +100 channel) and ``conv_out`` must grow its weights ~40x at Adam's ~lr-per-step pace: measured, a VAE
-       then spends thousands of steps reproducing background colours before shapes appear. Skipped when
-       ``sample`` is None.
+       a +100 channel) and ``conv_out`` must grow its weights ~40x at Adam's ~lr-per-step pace. Skipped when
+       ``sample`` is None (how the first shipped run was made).
     """
     groups = vae.config.norm_num_groups
     convs = (vae.encoder.mid_block.resnets[-1].conv2.conv, vae.decoder.up_blocks[-1].resnets[-1].conv2.conv)
