@@ -8,19 +8,11 @@ import torch
 
 from accvideo_core.mini.data import MiniVideoDataset, parse_caption, render_clip
 from accvideo_core.mini.train_teacher import main as teacher_main
-from accvideo_core.mini.train_vae import MINI_VAE, anchor_group_statistics_, foreground_weights
+from accvideo_core.mini.train_vae import MINI_VAE, anchor_group_statistics_, foreground_weights, output_norm_inputs
 from accvideo_core.mini.train_vae import main as vae_main
 from accvideo_core.models.loading import load_transformer
 from accvideo_core.models.vae_hunyuan_video import HunyuanVideoVAE, norm_silu
 from accvideo_core.models.vae_loading import load_vae
-
-
-def _decoder_features(vae: HunyuanVideoVAE, video: torch.Tensor) -> torch.Tensor:
-    z = vae.quant_conv(vae.encoder(video)).chunk(2, dim=1)[0]
-    h = vae.decoder.mid_block(vae.decoder.conv_in(vae.post_quant_conv(z)))
-    for block in vae.decoder.up_blocks:
-        h = block(h)
-    return h
 
 
 @torch.no_grad()
@@ -32,7 +24,7 @@ def test_anchored_output_norm_starts_as_the_identity_on_the_signal():
     vae = HunyuanVideoVAE(MINI_VAE).eval()
     anchor_group_statistics_(vae, 100.0, sample)
     other = torch.stack([ds[i]["video"][:, :5, :32, :32] for i in (4, 5)])  # clips the statistics never saw
-    h = _decoder_features(vae, other)
+    h = output_norm_inputs(vae, other)["decoder"]
     out = norm_silu(vae.decoder.conv_norm_out, h, silu=False)
     per_group = h.shape[1] // MINI_VAE.norm_num_groups
     anchor = torch.zeros(h.shape[1], dtype=torch.bool)

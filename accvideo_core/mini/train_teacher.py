@@ -38,6 +38,7 @@ from ..models.vae_loading import load_vae
 from ..synvid.format import state_dict_sha256
 from ..utils.io import write_json
 from .data import MiniVideoConfig, MiniVideoDataset
+from .runlog import add_config_options, append_run, command_line
 from .text_encoder import TinyTextEncoder, TinyTextEncoderConfig
 
 ENCODER_CONFIG = TinyTextEncoderConfig()
@@ -188,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae", default="assets/mini/vae.safetensors")
     p.add_argument("--out", default="assets/mini/teacher.safetensors")
     p.add_argument("--init", help="continue training this teacher file instead of starting from scratch")
-    for f, default in asdict(TeacherTrainConfig()).items():
-        p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
+    add_config_options(p, TeacherTrainConfig)
     args = vars(p.parse_args(argv))
     vae_path, out, init = args.pop("vae"), Path(args.pop("out")), args.pop("init")
     cfg = TeacherTrainConfig(**args)
@@ -198,15 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     log_path = out.with_name("train_teacher.json")
-    runs = json.loads(log_path.read_text()).get("runs", []) if init and log_path.is_file() else []
-    runs.append({"config": asdict(cfg), "vae": str(vae_path), "init": str(init) if init else None,
-                 "result": summary})
-    commands = [" ".join(["python -m accvideo_core.mini.train_teacher", f"--vae {r['vae']}",
-                          *([f"--init {r['init']}"] if r["init"] else []),
-                          *(f"--{k.replace('_', '-')} {v}" for k, v in r["config"].items())]) for r in runs]
+    runs = append_run(log_path, cfg, summary, init=init, vae=vae_path)
     write_json({"transformer_config": MINI_TRANSFORMER.to_dict(),
                 "text_encoder_config": {**asdict(ENCODER_CONFIG), "vocab": list(ENCODER_CONFIG.vocab)},
-                "runs": runs, "commands": commands}, log_path)
+                "runs": runs, "commands": [command_line("accvideo_core.mini.train_teacher", r, ("vae",))
+                                           for r in runs]}, log_path)
     print(json.dumps(summary, indent=2))
     return 0
 

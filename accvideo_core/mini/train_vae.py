@@ -19,7 +19,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from ..models.vae_hunyuan_video import HunyuanVideoVAE, VAEConfig, norm_silu
 from ..models.vae_loading import load_vae, save_vae
 from ..utils.io import write_json
 from .data import MiniVideoConfig, MiniVideoDataset
+from .runlog import add_config_options, append_run, command_line
 
 MINI_VAE = VAEConfig(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=2)
 PRIOR_STD = 1.0 / VAE_SCALING_FACTOR  # VAE-space prior width: model-space latents ~ N(0, 1)
@@ -77,16 +78,9 @@ def anchor_group_statistics_(vae: HunyuanVideoVAE, anchor: float, sample: torch.
         conv.bias[::conv.out_channels // groups] += anchor
     if sample is None:
         return
-    enc, dec = vae.encoder, vae.decoder
-    h = enc.conv_in(sample)
-    for block in enc.down_blocks:
-        h = block(h)
-    enc_features = enc.mid_block(h)
-    z = vae.quant_conv(enc.conv_out(norm_silu(enc.conv_norm_out, enc_features))).chunk(2, dim=1)[0]
-    h = dec.mid_block(dec.conv_in(vae.post_quant_conv(z)))
-    for block in dec.up_blocks:
-        h = block(h)
-    for norm, features in ((enc.conv_norm_out, enc_features), (dec.conv_norm_out, h)):
+    for side in ("encoder", "decoder"):  # the encoder first: the decoder's inputs depend on its norm
+        norm = getattr(vae, side).conv_norm_out
+        features = output_norm_inputs(vae, sample)[side]
         b, c = features.shape[:2]
         per_group = c // groups
         flat = features.reshape(b, groups, -1)
@@ -95,6 +89,21 @@ def anchor_group_statistics_(vae: HunyuanVideoVAE, anchor: float, sample: torch.
         norm.bias.copy_(mean.repeat_interleave(per_group))
         norm.weight[::per_group] = 0.0
         norm.bias[::per_group] = 0.0
+
+
+def output_norm_inputs(vae: HunyuanVideoVAE, video: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What reaches the encoder's and the decoder's ``conv_norm_out`` when ``video`` is encoded (posterior mean)
+    and decoded."""
+    enc, dec = vae.encoder, vae.decoder
+    h = enc.conv_in(video)
+    for block in enc.down_blocks:
+        h = block(h)
+    enc_features = enc.mid_block(h)
+    z = vae.quant_conv(enc.conv_out(norm_silu(enc.conv_norm_out, enc_features))).chunk(2, dim=1)[0]
+    h = dec.mid_block(dec.conv_in(vae.post_quant_conv(z)))
+    for block in dec.up_blocks:
+        h = block(h)
+    return {"encoder": enc_features, "decoder": h}
 
 
 def kl_to_prior(mean: torch.Tensor, logvar: torch.Tensor, prior_std: float = PRIOR_STD) -> torch.Tensor:
@@ -214,25 +223,11 @@ def evaluate_vae(vae: HunyuanVideoVAE, seed: int = 0, clips: int = 8) -> dict:
             "model_space_latent_std": round(float(zm.std()), 3), "model_space_latent_mean": round(float(zm.mean()), 3)}
 
 
-def command_line(run: dict) -> str:
-    """The command that reproduces one recorded run (``train_vae.json``'s ``runs`` entries)."""
-    args = []
-    for k, v in run["config"].items():
-        flag = "--" + k.replace("_", "-")
-        args.append((flag if v else "--no-" + flag[2:]) if isinstance(v, bool) else f"{flag} {v}")
-    return " ".join(["python -m accvideo_core.mini.train_vae", *([f"--init {run['init']}"] if run["init"] else []),
-                     *args])
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m accvideo_core.mini.train_vae", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="assets/mini/vae.safetensors")
     p.add_argument("--init", help="continue training this VAE file instead of starting from scratch")
-    for f, default in asdict(VAETrainConfig()).items():
-        if isinstance(default, bool):
-            p.add_argument("--" + f.replace("_", "-"), action=argparse.BooleanOptionalAction, default=default)
-        else:
-            p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
+    add_config_options(p, VAETrainConfig)
     args = vars(p.parse_args(argv))
     out, init = Path(args.pop("out")), args.pop("init")
     cfg = VAETrainConfig(**args)
@@ -241,10 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     log_path = out.with_name("train_vae.json")
-    runs = json.loads(log_path.read_text()).get("runs", []) if init and log_path.is_file() else []
-    runs.append({"config": asdict(cfg), "init": str(init) if init else None, "result": summary})
+    runs = append_run(log_path, cfg, summary, init=init)
     write_json({"vae_config": MINI_VAE.to_dict(), "runs": runs,
-                "commands": [command_line(r) for r in runs]}, log_path)
+                "commands": [command_line("accvideo_core.mini.train_vae", r) for r in runs]}, log_path)
     print(json.dumps(summary, indent=2))
     return 0
 
