@@ -476,7 +476,6 @@ def plot(result: dict, path: str | Path, show_mismatch: float | None = None) -> 
     from .toy.plot import BLACK, BLUE, GRAY, GREEN, LIGHT, ORANGE, PURPLE, RED, Axes, Canvas
 
     cfg, arrays = result["config"], result["arrays"]
-    data = torch.tensor(cfg["data_points"])
     key_sigmas = arrays["key_sigmas"]
     canvas = Canvas(1500, 1040)
     ymax = float(max(abs(p) for p in cfg["data_points"]) + max(cfg["mismatches"]) + 1.0)

@@ -123,6 +123,15 @@ def markdown(results: dict, meta: dict) -> str:
                   f"| trajectory dump vs plain 50-step sampling, s/sample | {d['plain_s_per_sample']:.3f} (plain) | "
                   f"{d['dump_s_per_sample']:.3f} (dump) | {d['overhead']:+.1%} | <= 3% | {_fmt(d['goal_met'])} |",
                   ""]
+        floor = e2e.get("decoder_floor")
+        if floor:
+            lines += ["Decoder floor: one decode by the shipped decoder and by narrower decoders of the same "
+                      "architecture, in DiT calls (with text), and the end-to-end speedup each would allow at this "
+                      "transformer:", "", "| decoder widths | decode (ms) | text + decode, DiT calls | "
+                      "end-to-end bound |", "|---|---|---|---|"]
+            lines += [f"| {name} | {f['decode_s'] * 1e3:.1f} | {f['fixed_cost_in_dit_calls']:.2f} | "
+                      f"{f['speedup_bound']:.2f}x |" for name, f in floor["decoders"].items()]
+            lines += [""]
     lines += ["## All benchmarks", "", "| benchmark | what | status | time (s) | headline figures |",
               "|---|---|---|---|---|"]
     for name, rec in results.items():

@@ -9,6 +9,10 @@
 2. **Trajectory-dump overhead**: a ``dump_synvid`` run (the core dumper: 50 teacher steps, recording the 6 key
    latents and writing one SynVid file per sample) against a plain 50-step ``sample_flow`` run over the same
    noise and prompts, ``--rounds`` pairs of runs of ``--dump-samples`` samples, alternating order. Goal: <= 3 %.
+3. **Decoder floor**: the time of one decode (same latent, same video size) by the shipped decoder and by
+   ever narrower decoders of the same architecture (random weights: the cost does not depend on them), in
+   transformer calls, and the end-to-end speedup each would allow, ``(50 D + O) / (5 D + O)``. It shows how far
+   a cheaper VAE alone could move the figure.
 
     python bench/bench_e2e.py [--prompts 4] [--repeats 3] [--dump-samples 16] [--rounds 6] [--threads N]
 
@@ -17,6 +21,7 @@ Prints a summary and writes ``bench/out/bench_e2e.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -35,6 +40,7 @@ if str(ROOT) not in sys.path:
 from accvideo_core.demo import auto_threads, heldout_prompts  # noqa: E402
 from accvideo_core.mini.family import load_family  # noqa: E402
 from accvideo_core.models.loading import load_transformer  # noqa: E402
+from accvideo_core.models.vae_hunyuan_video import DecoderCausal3D  # noqa: E402
 from accvideo_core.sampling import flow_sigmas, sample_flow  # noqa: E402
 from accvideo_core.synvid.dump import dump_synvid  # noqa: E402
 from accvideo_core.utils.io import write_json  # noqa: E402
@@ -122,6 +128,39 @@ def dump_overhead(family, prompts: list[str], samples: int, rounds: int) -> dict
             "goal": "<= 3%", "goal_met": overhead <= 0.03}
 
 
+DECODER_WIDTHS = ((4, 8, 16, 32), (4, 4, 8, 16), (2, 4, 8, 16))
+
+
+@torch.no_grad()
+def decoder_floor(family, e2e: dict, repeats: int = 10) -> dict:
+    """Decode time of the shipped decoder and of narrower ones of the same architecture, in transformer calls."""
+    config = family.vae.config
+    z = torch.randn(1, config.latent_channels, 5, 8, 8, generator=torch.Generator().manual_seed(0))
+    decoders = {"shipped " + str(config.block_out_channels): family.vae.decoder}
+    for widths in DECODER_WIDTHS:
+        narrow = dataclasses.replace(config, block_out_channels=widths, norm_num_groups=min(config.norm_num_groups, *widths))
+        decoders[str(widths)] = DecoderCausal3D(narrow).eval()
+    times: dict[str, list[float]] = {name: [] for name in decoders}
+    for decoder in decoders.values():
+        decoder(z)  # warm-up
+    for _ in range(repeats):
+        for name, decoder in decoders.items():  # interleaved: all see the same load
+            t0 = time.perf_counter()
+            decoder(z)
+            times[name].append(time.perf_counter() - t0)
+    dit_call = e2e["teacher50"]["sampling_mean_s"] / 50
+    text = e2e["student5"]["text_mean_s"]
+    out = {}
+    for name, t in times.items():
+        fixed = (text + statistics.median(t)) / dit_call
+        out[name] = {"decode_s": statistics.median(t), "fixed_cost_in_dit_calls": fixed,
+                     "speedup_bound": (50 + fixed) / (5 + fixed),
+                     "parameters": sum(p.numel() for p in decoders[name].parameters())}
+    return {"decoders": out, "dit_call_s": dit_call,
+            "what": "decoder-only time of one 5 x 8 x 8 latent -> 17 x 64 x 64 decode (median of interleaved "
+                    "repeats) plus the measured text time, in DiT calls; speedup bound (50 D + O) / (5 D + O)"}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=4)
@@ -140,10 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     e2e = end_to_end(family, student, prompts, args.repeats)
     overhead = dump_overhead(family, prompts, args.dump_samples, args.rounds)
+    floor = decoder_floor(family, e2e)
     report = {"benchmark": "e2e_miniature", "threads": threads, "torch": torch.__version__,
               "platform": platform.platform(), "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
               "student": args.student or "teacher weights at 5 steps (same architecture and cost)",
               "video": "17 frames x 64 x 64 (latent 5 x 8 x 8)", "end_to_end": e2e, "dump_overhead": overhead,
+              "decoder_floor": floor,
               "seconds": time.perf_counter() - t0}
     path = write_json(report, args.out)
     t50, s5 = e2e["teacher50"], e2e["student5"]
@@ -157,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{overhead['overhead_median_of_rounds']:+.1%}): "
           f"plain {overhead['plain_s_per_sample']:.3f} s, "
           f"dump {overhead['dump_s_per_sample']:.3f} s per sample")
+    for name, d in floor["decoders"].items():
+        print(f"decoder {name}: {d['decode_s'] * 1e3:.1f} ms = {d['fixed_cost_in_dit_calls']:.2f} DiT calls with "
+              f"text -> end-to-end at most {d['speedup_bound']:.2f}x")
     print(f"wrote {path}")
     print(json.dumps({"speedup_end_to_end": e2e["speedup_end_to_end"], "dump_overhead": overhead["overhead"]}))
     return 0

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from accvideo_core.lora import extract, load_lora, merge_into_state_dict  # noqa: E402
+from accvideo_core.lora import extract, merge_into_state_dict  # noqa: E402
 from accvideo_core.testing import tiny_inputs, tiny_transformer  # noqa: E402
 from accvideo_core.utils.io import save_safetensors, write_json  # noqa: E402
 

@@ -14,10 +14,13 @@ from accvideo_core.mini.data import BACKGROUND_COLORS, SHAPE_COLORS, parse_capti
 from accvideo_core.mini.family import ASSETS, FILES, load_family, prompt_checks, reference_video, shape_region_colour
 from accvideo_core.mini.train_teacher import MINI_TRANSFORMER, encoder_sha256
 from accvideo_core.mini.train_vae import MINI_VAE, evaluate_vae
+from accvideo_core.mini.validate import main as validate_main
+from accvideo_core.models.loading import save_transformer
+from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransformer3D
 
-# of 12 teacher-50 videos of held-out prompts: measured 6 and 7 on the shipped teacher, 1 and 1 on an untrained
+# of 12 teacher-50 videos of held-out prompts: measured 5 and 9 on the shipped teacher, 1 and 1 on an untrained
 # teacher of the same architecture (docs/demo.md)
-COLOUR_MIN, MOTION_MIN = 5, 6
+COLOUR_MIN, MOTION_MIN = 4, 8
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +113,16 @@ def test_colour_check_can_fail(family):
         caption = f"a {colour} square moving up on a gray background"
         assert shape_region_colour(reference_video(caption), caption, frame=8)[0] == colour
     assert len(SHAPE_COLORS) > 2
+
+
+def test_validate_cli_separates_a_trained_from_an_untrained_teacher(tmp_path, capsys):
+    """``python -m accvideo_core.mini.validate`` (how teacher runs are chosen, on seeds the demo and tests do not
+    use) scores the shipped teacher above an untrained one of the same architecture on 8 held-out prompts."""
+    untrained = tmp_path / "untrained.safetensors"
+    torch.manual_seed(0)
+    save_transformer(HunyuanVideoTransformer3D(MINI_TRANSFORMER), untrained)
+    assert validate_main([str(ASSETS / FILES["teacher"]), str(untrained), "--prompts", "8", "--threads", "2"]) == 0
+    shipped, random_init = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert shipped["videos"] == random_init["videos"] == 8
+    assert shipped["motion_ok"] >= random_init["motion_ok"] + 4, (shipped, random_init)  # measured 7 vs 0
+    assert shipped["both_ok"] >= random_init["both_ok"] + 2, (shipped, random_init)  # measured 4 vs 0

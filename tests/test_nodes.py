@@ -3,7 +3,6 @@ helpers the nodes delegate to. Node execution inside ComfyUI is covered by tests
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import subprocess
 import sys
