@@ -112,6 +112,7 @@ def markdown(results: dict, meta: dict) -> str:
     if e2e:
         e, d = e2e["end_to_end"], e2e["dump_overhead"]
         lines += ["## Miniature end to end (AccVideo-5 vs teacher-50) and dump overhead", "",
+                  f"{e2e['threads']} CPU thread(s) (chosen automatically unless `--threads` is given).", "",
                   "| measure | teacher-50 | AccVideo-5 | ratio | goal | met |", "|---|---|---|---|---|---|",
                   f"| seconds per video, text + sampling + VAE decode | {e['teacher50']['total_mean_s']:.3f} | "
                   f"{e['student5']['total_mean_s']:.3f} | {e['speedup_end_to_end']:.2f}x | >= 9.5x | "
