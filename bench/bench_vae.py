@@ -7,10 +7,6 @@ allocated during the decode, measured by ``WorkingSetMeter``; weights included),
 PSNR against the untiled output. Then one more subprocess times the modes back to back, alternating, without the
 meter (best of ``--repeats`` rounds), so the time ratios come from one run under the same machine load.
 
-Last, for each size, one untiled decode with the upsamplers in their shipped polyphase form against the direct form
-(nearest upsampling, then the causal conv), alternating in one process (median of ``--upsampling-repeats``), with
-the max abs difference between the two (float rounding only).
-
 Budgets: exact gets weights + ``--exact-fraction`` of the untiled run's measured activation peak, fast gets weights
 + ``--fast-fraction`` of it. Targets (issue 3): fast peak <= 1/4 of untiled at <= 1.3x its time; exact max abs
 <= 1e-3 with the device working set within its budget.
@@ -26,12 +22,10 @@ Writes ``bench/out/bench_vae.json`` (``--quality``: ``bench/out/bench_vae_qualit
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,8 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from accvideo_core.mini.data import clip_spec, render_clip  # noqa: E402
-from accvideo_core.models.vae_hunyuan_video import (FastTiling, HunyuanVideoVAE, UpsampleCausal3D,  # noqa: E402
-                                                    VAEConfig, first_frame_causal_upsample)
+from accvideo_core.models.vae_hunyuan_video import FastTiling, HunyuanVideoVAE, VAEConfig  # noqa: E402
 from accvideo_core.models.vae_loading import load_vae  # noqa: E402
 from accvideo_core.testing import randomize_  # noqa: E402
 from accvideo_core.utils.io import write_json  # noqa: E402
@@ -147,41 +140,6 @@ def compare(video: torch.Tensor, reference: torch.Tensor) -> dict:
     return {"max_abs": diff.max().item(), "psnr_db": math.inf if mse == 0 else 10 * math.log10(4.0 / mse)}
 
 
-@contextlib.contextmanager
-def direct_upsampling():
-    """Upsamplers in the direct form for the duration: nearest upsampling, then the causal conv."""
-    polyphase = UpsampleCausal3D.forward
-    UpsampleCausal3D.forward = lambda self, x: self.conv(
-        first_frame_causal_upsample(x, self.time_factor, self.space_factor))
-    try:
-        yield
-    finally:
-        UpsampleCausal3D.forward = polyphase
-
-
-@torch.no_grad()
-def upsampling_speed(args: argparse.Namespace, size: str) -> dict:
-    """Untiled decode time with polyphase vs direct upsamplers, alternating in this process (median of repeats)."""
-    args.size = size
-    vae, z = _setup(args)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    times: dict[str, list[float]] = {"polyphase": [], "direct": []}
-    videos: dict[str, torch.Tensor] = {}
-    for r in range(args.upsampling_repeats + 1):  # round 0 warms up both
-        for form in (("polyphase", "direct") if r % 2 else ("direct", "polyphase")):
-            with direct_upsampling() if form == "direct" else contextlib.nullcontext():
-                sync()
-                started = time.perf_counter()
-                videos[form] = vae.decode(z, mode="untiled")
-                sync()
-            if r:
-                times[form].append(time.perf_counter() - started)
-    direct_s, polyphase_s = (statistics.median(times[f]) for f in ("direct", "polyphase"))
-    return {"latent": size, "direct_s": direct_s, "polyphase_s": polyphase_s,
-            "polyphase_speedup": direct_s / polyphase_s,
-            "max_abs": (videos["polyphase"].float() - videos["direct"].float()).abs().max().item()}
-
-
 def quality(args: argparse.Namespace) -> None:
     """Fast-mode error vs untiled with a trained VAE on real latents (encoded rendered clips): the official tiles
     (``FastTiling()``, 256 px / 64 frames, 0.25 overlap) and the streamed default at weights + ``--fast-fraction``
@@ -229,8 +187,6 @@ def main() -> None:
     parser.add_argument("--fast-fraction", type=float, default=0.25)
     parser.add_argument("--output", default=str(ROOT / "bench" / "out" / "bench_vae.json"))
     parser.add_argument("--repeats", type=int, default=1, help="timing rounds (best of); modes alternate")
-    parser.add_argument("--upsampling-repeats", type=int, default=5,
-                        help="timing rounds of the polyphase vs direct upsampling comparison (median)")
     parser.add_argument("--quality", action="store_true", help="only measure fast-mode error vs untiled with the "
                         "trained VAE of --weights on encoded clips (default: the mini VAE in assets/)")
     parser.add_argument("--quality-size", default="65x384x512", help="clip frames x height x width for --quality")
@@ -288,18 +244,11 @@ def main() -> None:
                       f"{(budgets[mode] / 2**20) if budgets[mode] else float('nan'):8.1f} "
                       f"{row['device_peak_vs_untiled']:11.3f} {stats['time_chunks']:>4}/{stats['space_chunks']:<5} "
                       f"{row['max_abs']:9.2e} {row['psnr_db']:6.1f}", flush=True)
-    upsampling = []
-    for size in sizes:
-        upsampling.append(upsampling_speed(args, size))
-        u = upsampling[-1]
-        print(f"{size:>10} untiled, upsamplers polyphase {u['polyphase_s']:.3f} s vs direct {u['direct_s']:.3f} s: "
-              f"{u['polyphase_speedup']:.2f}x (max abs difference {u['max_abs']:.1e})", flush=True)
     write_json({"config": args.config, "weights": args.weights or "random",
                 "block_out_channels": list(CONFIGS[args.config].block_out_channels),
                 "dtype": args.dtype, "device": args.device, "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "machine": platform.platform(),
-                "exact_fraction": args.exact_fraction, "fast_fraction": args.fast_fraction, "results": results,
-                "polyphase_upsampling": upsampling},
+                "exact_fraction": args.exact_fraction, "fast_fraction": args.fast_fraction, "results": results},
                args.output)
     print(f"wrote {args.output}")
 

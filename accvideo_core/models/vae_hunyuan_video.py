@@ -131,69 +131,15 @@ def upsampled_frame_source(index: torch.Tensor, time_factor: int) -> torch.Tenso
     return torch.where(index == 0, index, 1 + (index - 1).div(time_factor, rounding_mode="floor"))
 
 
-def _onednn_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
-
-
 def conv3d(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)``, with fp32 CPU inputs sent to oneDNN directly: PyTorch routes small fp32 CPU conv3d calls
     (``N * C * T * H <= 20480``, common at batch 1 in narrow VAEs) to its slow native kernel. Same result."""
-    if _onednn_eligible(x, conv.weight) and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple):
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
+            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return torch.mkldnn_convolution(x.contiguous(), conv.weight, conv.bias, conv.padding, conv.stride,
                                         conv.dilation, conv.groups)
     return conv(x)
-
-
-def _valid_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Stride-1, unpadded 3D convolution (through oneDNN directly for fp32 CPU inputs, as ``conv3d``)."""
-    if _onednn_eligible(x, weight):
-        return torch.mkldnn_convolution(x.contiguous(), weight, bias, (0, 0, 0), (1, 1, 1), (1, 1, 1), 1)
-    return F.conv3d(x, weight, bias)
-
-
-# A 3-tap kernel applied to a 2x nearest-upsampled signal, written as 2-tap kernels on the original grid: the
-# even outputs see (x[j-1], x[j]) with weights (w0, w1 + w2), the odd outputs (x[j], x[j+1]) with (w0 + w1, w2).
-_UPSAMPLE_PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
-
-
-def upsample_causal_conv3d(causal: "CausalConv3d", x: torch.Tensor, time_factor: int,
-                           space_factor: int) -> torch.Tensor:
-    """``CausalConv3d(first_frame_causal_upsample(x))`` for a 3x3x3 kernel and factors of 1 or 2, computed on the
-    grid of ``x`` without building the upsampled input ("polyphase" form).
-
-    Every output phase (even/odd frame, row, column) of a 3-tap kernel over a 2x nearest-upsampled signal is a
-    2-tap kernel over the original one (``_UPSAMPLE_PHASE_TAPS``), and replicate padding commutes with nearest
-    upsampling, so all phases are one convolution with ``phases x C_out`` output channels on ``x`` padded by
-    one sample, interleaved afterwards. For the causal time axis the even phase starts at the first frame (which
-    is not repeated) and the odd phase one frame later. The same sums in a different order: equal to the direct
-    form up to float rounding, with 8/27 of its multiply-adds for 2x time and space upsampling (4/9 for space
-    only). Other kernels or factors take the direct form.
-    """
-    b, _, t, h, w = x.shape
-    time_2x = time_factor == 2 and t > 1
-    conv = causal.conv
-    if conv.kernel_size != (3, 3, 3) or conv.stride != (1, 1, 1) or time_factor not in (1, 2) \
-            or space_factor not in (1, 2):
-        return causal(first_frame_causal_upsample(x, time_factor, space_factor))
-    identity = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)),
-    w_ = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
-    taps_t = torch.tensor(_UPSAMPLE_PHASE_TAPS if time_2x else identity, dtype=w_, device=x.device)
-    taps_s = torch.tensor(_UPSAMPLE_PHASE_TAPS if space_factor == 2 else identity, dtype=w_, device=x.device)
-    n_t, k_t, n_s, k_s = taps_t.shape[0], taps_t.shape[1], taps_s.shape[0], taps_s.shape[1]
-    c_out, c_in = conv.out_channels, conv.in_channels
-    weight = torch.einsum("pat,qbh,rcw,oithw->pqroiabc", taps_t, taps_s, taps_s, conv.weight.to(w_))
-    weight = weight.reshape(n_t * n_s * n_s * c_out, c_in, k_t, k_s, k_s).to(x.dtype)
-    bias = None if conv.bias is None else conv.bias.repeat(n_t * n_s * n_s).to(x.dtype)
-    y = _valid_conv3d(F.pad(x, (1, 1, 1, 1, k_t - 1, 0), mode="replicate"), weight, bias)
-    y = y.view(b, n_t, n_s, n_s, c_out, *y.shape[2:])
-    t_up = 2 * t - 1 if time_2x else t
-    out = y.new_empty(b, c_out, t_up, h * space_factor, w * space_factor)
-    for pt in range(n_t):
-        for ph in range(n_s):
-            for pw in range(n_s):  # phase p of an axis is read from output offset p, written to every n-th sample
-                out[:, :, pt::n_t, ph::n_s, pw::n_s] = y[:, pt, ph, pw, :, pt:, ph:ph + h, pw:pw + w]
-    return out
 
 
 class CausalConv3d(nn.Module):
@@ -289,7 +235,7 @@ class UpsampleCausal3D(nn.Module):
         self.conv = CausalConv3d(channels, channels, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upsample_causal_conv3d(self.conv, x, self.time_factor, self.space_factor)
+        return self.conv(first_frame_causal_upsample(x, self.time_factor, self.space_factor))
 
 
 class DownsampleCausal3D(nn.Module):
