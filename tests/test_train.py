@@ -17,7 +17,7 @@ import torch
 from accvideo_core.models.loading import load_transformer, save_transformer
 from accvideo_core.synvid.dump import dump_synvid
 from accvideo_core.testing import tiny_transformer
-from accvideo_core.train.config import ConfigError, config_from_dict, load_config
+from accvideo_core.train.config import ConfigError, TrainConfig, config_from_dict, load_config
 from accvideo_core.train.loop import Trainer
 from accvideo_core.utils.io import read_state_dict
 
@@ -49,7 +49,7 @@ def synvid(tmp_path_factory) -> Path:
     return root
 
 
-def make_cfg(synvid: Path, out: Path, **sections) -> "TrainConfig":  # noqa: F821
+def make_cfg(synvid: Path, out: Path, **sections) -> TrainConfig:
     base = {
         "model": {"teacher": str(synvid / "teacher.safetensors"), "gradient_checkpointing": False},
         "data": {"root": str(synvid / "data"), "val_samples": 4},
