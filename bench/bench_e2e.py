@@ -139,9 +139,10 @@ def decoder_floor(family, e2e: dict, repeats: int = 10) -> dict:
     latent = family.noise([0])  # [1, 16, 5, 8, 8]
     text = family.encode([heldout_prompts(1)[0]])
     timestep = torch.tensor([500.0])
+    shipped = f"shipped {config.block_out_channels}"
     jobs = {"transformer call": lambda: family.teacher(latent, timestep, text.states, text.mask, text.pooled, 6.0),
-            "shipped " + str(config.block_out_channels): lambda: family.vae.decoder(latent)}
-    params = {"shipped " + str(config.block_out_channels): sum(p.numel() for p in family.vae.decoder.parameters())}
+            shipped: lambda: family.vae.decoder(latent)}
+    params = {shipped: sum(p.numel() for p in family.vae.decoder.parameters())}
     for widths in DECODER_WIDTHS:
         narrow = DecoderCausal3D(dataclasses.replace(config, block_out_channels=widths,
                                                      norm_num_groups=min(config.norm_num_groups, *widths))).eval()
