@@ -188,12 +188,13 @@ def evaluate(family: MiniFamily, models: dict[str, tuple[torch.nn.Module, int]],
         per = {k: statistics.median(st[k]) for k in ("text", "sampling", "decode")}
         per["total"] = statistics.median([a + b + c for a, b, c in zip(st["text"], st["sampling"], st["decode"])])
         checks = [prompt_checks(vid[i], prompt) for i, (prompt, _) in enumerate(jobs)]
-        colour_ok, motion_ok = sum(c for c, _ in checks), sum(m for _, m in checks)
+        colour_ok, motion_ok, shape_ok = (sum(column) for column in zip(*checks))
         result[name] = {
             "steps": models[name][1], "seconds_per_video": per,
             "latent_mse_to_teacher50": float((lat - ref_lat).square().mean()),
             "psnr_db_to_teacher50": _psnr(vid, ref_vid) if name != "teacher50" else None,
             "prompt_colour_match": colour_ok / n, "prompt_motion_match": motion_ok / n,
+            "prompt_shape_match": shape_ok / n,
             "videos": vid}
     return result
 
@@ -253,15 +254,16 @@ def markdown_report(report: dict) -> str:
              f"({report['videos']} videos per model, 17 frames x 64 x 64), CPU threads {report['threads']}. "
              "Times are median wall seconds per video, measured interleaved (rotating order) in one run.", "",
              "| model | steps | text (s) | sampling (s) | VAE decode (s) | total (s) | speedup vs teacher-50 | "
-             "latent MSE to teacher-50 | PSNR to teacher-50 (dB) | colour ok | motion ok |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "latent MSE to teacher-50 | PSNR to teacher-50 (dB) | colour ok | motion ok | shape ok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = r["teacher50"]["seconds_per_video"]["total"]
     for name, v in r.items():
         s = v["seconds_per_video"]
         psnr = "-" if v["psnr_db_to_teacher50"] is None else f"{v['psnr_db_to_teacher50']:.2f}"
         lines.append(f"| {LABELS[name]} | {v['steps']} | {s['text']:.4f} | {s['sampling']:.3f} | {s['decode']:.3f} | "
                      f"{s['total']:.3f} | {base / s['total']:.2f}x | {v['latent_mse_to_teacher50']:.4f} | {psnr} | "
-                     f"{v['prompt_colour_match']:.0%} | {v['prompt_motion_match']:.0%} |")
+                     f"{v['prompt_colour_match']:.0%} | {v['prompt_motion_match']:.0%} | "
+                     f"{v['prompt_shape_match']:.0%} |")
     a = report["ablation"]
     lines += ["", "## Findings", "",
               f"- End-to-end speedup of the 5-step student over teacher-50 (text + sampling + decode): "

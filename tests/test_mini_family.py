@@ -10,7 +10,8 @@ import torch
 from accvideo_core.latents import to_model_space
 from accvideo_core.mini import TinyTextEncoder, TinyTextEncoderConfig
 from accvideo_core.demo import heldout_prompts
-from accvideo_core.mini.data import BACKGROUND_COLORS, SHAPE_COLORS, parse_caption
+from accvideo_core.mini.data import (BACKGROUND_COLORS, SHAPE_COLORS, SHAPES, MiniVideoConfig, MiniVideoDataset,
+                                     parse_caption)
 from accvideo_core.mini.family import ASSETS, FILES, load_family, prompt_checks, reference_video, shape_region_colour
 from accvideo_core.mini.train_teacher import MINI_TRANSFORMER, encoder_sha256
 from accvideo_core.mini.train_vae import MINI_VAE, evaluate_vae
@@ -70,7 +71,7 @@ def test_teacher_follows_the_prompt_on_heldout_prompts(family):
     prompts = heldout_prompts(6) * 2
     videos, _ = family.generate(prompts, [7] * 6 + [8] * 6, 50)
     checks = [prompt_checks(video, prompt) for video, prompt in zip(videos, prompts)]
-    colour_ok, motion_ok = sum(c for c, _ in checks), sum(m for _, m in checks)
+    colour_ok, motion_ok = sum(c.colour for c in checks), sum(c.motion for c in checks)
     assert colour_ok >= COLOUR_MIN and motion_ok >= MOTION_MIN, (colour_ok, motion_ok)
 
 
@@ -113,6 +114,19 @@ def test_colour_check_can_fail(family):
         caption = f"a {colour} square moving up on a gray background"
         assert shape_region_colour(reference_video(caption), caption, frame=8)[0] == colour
     assert len(SHAPE_COLORS) > 2
+
+
+def test_shape_check_names_rendered_shapes_and_can_fail():
+    """The shape probe picks the rendered shape on each of 48 held-out renderer clips (random sizes, places and
+    colours; all four shapes), and fails each clip when its caption names another shape."""
+    ds = MiniVideoDataset(48, split="heldout", config=MiniVideoConfig(seed=3))
+    assert {ds.spec(i).shape for i in range(len(ds))} == set(SHAPES)
+    for i in range(len(ds)):
+        item, shape = ds[i], ds.spec(i).shape
+        assert prompt_checks(item["video"], item["caption"]).shape, item["caption"]
+        for other in SHAPES:
+            if other != shape:
+                assert not prompt_checks(item["video"], item["caption"].replace(shape, other)).shape, (i, other)
 
 
 def test_validate_cli_separates_a_trained_from_an_untrained_teacher(tmp_path, capsys):

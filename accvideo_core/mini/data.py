@@ -133,7 +133,7 @@ def parse_caption(caption: str) -> ClipSpec:
     return ClipSpec(fields["shape"], fields["color"], fields["background"], fields["direction"], 0.15, start, travel)
 
 
-def _signed_distance(shape: str, dx: torch.Tensor, dy: torch.Tensor, radius: float) -> torch.Tensor:
+def signed_distance(shape: str, dx: torch.Tensor, dy: torch.Tensor, radius: float) -> torch.Tensor:
     """Signed distance in pixels (negative inside) of a shape centred at the origin (image axes, y down)."""
     if shape == "circle":
         return torch.hypot(dx, dy) - radius
@@ -161,7 +161,7 @@ def render_clip(spec: ClipSpec, frames: int = 17, height: int = 64, width: int =
     dx = xs[None, None, :] - cx[:, None, None]  # [F, 1, W]
     dy = ys[None, :, None] - cy[:, None, None]  # [F, H, 1]
     dx, dy = torch.broadcast_tensors(dx, dy)
-    coverage = (0.5 - _signed_distance(spec.shape, dx, dy, spec.radius * side)).clamp(0.0, 1.0)  # [F, H, W]
+    coverage = (0.5 - signed_distance(spec.shape, dx, dy, spec.radius * side)).clamp(0.0, 1.0)  # [F, H, W]
     fg = torch.tensor(SHAPE_COLORS[spec.color])[:, None, None, None]
     bg = torch.tensor(BACKGROUND_COLORS[spec.background])[:, None, None, None]
     video = bg + (fg - bg) * coverage[None]

@@ -6,11 +6,13 @@ miniature pipeline exercises the same code as the real 13B one: text encoding ->
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -18,7 +20,7 @@ from ..latents import latent_shape, to_vae_space
 from ..models.loading import load_transformer
 from ..models.vae_loading import load_vae
 from ..sampling import flow_sigmas, sample_flow
-from .data import BACKGROUND_COLORS, SHAPE_COLORS, MiniVideoConfig, parse_caption, render_clip
+from .data import BACKGROUND_COLORS, SHAPE_COLORS, SHAPES, MiniVideoConfig, parse_caption, render_clip, signed_distance
 from .text_encoder import TextEncoding, TinyTextEncoder
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "mini"
@@ -94,13 +96,18 @@ def load_family(root: str | os.PathLike | None = None, *, teacher: str | os.Path
                       teacher=load_transformer(paths["teacher"], dtype=torch.float32).eval(), paths=paths)
 
 
+def _far_from_background(video: torch.Tensor, caption: str, frame: int) -> torch.Tensor:
+    """Per-pixel RGB distance ``[H, W]`` of ``frame`` from the prompted background colour."""
+    rgb = (video[:, frame].float() + 1) / 2
+    bg = torch.tensor(BACKGROUND_COLORS[parse_caption(caption).background])[:, None, None]
+    return (rgb - bg).norm(dim=0)
+
+
 def shape_region_colour(video: torch.Tensor, caption: str, *, frame: int) -> tuple[str, float]:
     """Nearest named shape colour to the mean colour of ``video`` (``[3, F, H, W]`` in [-1, 1]) over the pixels
     of ``frame`` that differ most from the prompted background, and that distance."""
-    spec = parse_caption(caption)
     rgb = (video[:, frame].float() + 1) / 2  # [3, H, W] in [0, 1]
-    bg = torch.tensor(BACKGROUND_COLORS[spec.background])[:, None, None]
-    far = (rgb - bg).norm(dim=0)
+    far = _far_from_background(video, caption, frame)
     mask = far >= 0.5 * far.max()  # the pixels at least half as far from the background as the farthest
     mean = rgb[:, mask].mean(dim=1)
     names = list(SHAPE_COLORS)
@@ -110,25 +117,55 @@ def shape_region_colour(video: torch.Tensor, caption: str, *, frame: int) -> tup
 
 def centroid(video: torch.Tensor, caption: str, frame: int) -> tuple[float, float]:
     """(x, y) in [0, 1] of the pixels of ``frame`` least like the prompted background (weighted centroid)."""
-    spec = parse_caption(caption)
-    rgb = (video[:, frame].float() + 1) / 2
-    bg = torch.tensor(BACKGROUND_COLORS[spec.background])[:, None, None]
-    w = ((rgb - bg).norm(dim=0) - 0.25).clamp_min(0)
+    w = (_far_from_background(video, caption, frame) - 0.25).clamp_min(0)
     h, wd = w.shape
     ys, xs = (torch.arange(h) + 0.5) / h, (torch.arange(wd) + 0.5) / wd
     total = w.sum().clamp_min(1e-6)
     return float((w.sum(0) * xs).sum() / total), float((w.sum(1) * ys).sum() / total)
 
 
-def prompt_checks(video: torch.Tensor, caption: str) -> tuple[bool, bool]:
-    """(colour ok, motion ok) of a decoded video ``[3, F, H, W]`` for its template caption: the pixels least like
-    the prompted background have the prompted shape colour at the middle frame (:func:`shape_region_colour`), and
-    their centroid moves the prompted way by more than 5 % of the frame from the first to the last frame."""
+@lru_cache(maxsize=None)
+def _unit_shape_areas(n: int = 512) -> dict[str, float]:
+    """Area of each shape at radius 1 (numerically, on an ``n`` x ``n`` grid over [-2, 2]^2)."""
+    c = (torch.arange(n) + 0.5) / n * 4 - 2
+    dy, dx = torch.meshgrid(c, c, indexing="ij")
+    return {s: float((signed_distance(s, dx, dy, 1.0) <= 0).float().mean()) * 16 for s in SHAPES}
+
+
+def shape_fit(video: torch.Tensor, caption: str, *, frame: int) -> dict[str, float]:
+    """How well each shape fits the drawn one at ``frame``: IoU of the pixels at least half as far from the
+    prompted background as the farthest (the drawn shape) with each shape's mask of the same area and centroid."""
+    mask = _far_from_background(video, caption, frame)
+    mask = mask >= 0.5 * mask.max()
+    h, w = mask.shape
+    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    area = mask.sum().clamp_min(1)
+    cx, cy = (xs * mask).sum() / area, (ys * mask).sum() / area
+    fits = {}
+    for shape, unit_area in _unit_shape_areas().items():
+        template = signed_distance(shape, xs - cx, ys - cy, math.sqrt(float(area) / unit_area)) <= 0
+        fits[shape] = float((template & mask).sum() / (template | mask).sum())
+    return fits
+
+
+class PromptChecks(NamedTuple):
+    colour: bool
+    motion: bool
+    shape: bool
+
+
+def prompt_checks(video: torch.Tensor, caption: str) -> PromptChecks:
+    """Colour, motion and shape of a decoded video ``[3, F, H, W]`` against its template caption: the pixels least
+    like the prompted background have the prompted shape colour at the middle frame (:func:`shape_region_colour`),
+    their centroid moves the prompted way by more than 5 % of the frame from the first to the last frame, and the
+    prompted shape fits them best at the middle frame (:func:`shape_fit`; the renderer's clips score 48 of 48)."""
     spec = parse_caption(caption)
-    colour_ok = shape_region_colour(video, caption, frame=video.shape[1] // 2)[0] == spec.color
+    middle = video.shape[1] // 2
+    colour_ok = shape_region_colour(video, caption, frame=middle)[0] == spec.color
     (x0, y0), (x1, y1) = centroid(video, caption, 0), centroid(video, caption, -1)
     moved = {"left": x0 - x1, "right": x1 - x0, "up": y0 - y1, "down": y1 - y0}[spec.direction]
-    return colour_ok, moved > 0.05
+    fits = shape_fit(video, caption, frame=middle)
+    return PromptChecks(colour_ok, moved > 0.05, max(fits, key=fits.get) == spec.shape)
 
 
 def reference_video(caption: str) -> torch.Tensor:

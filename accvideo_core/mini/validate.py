@@ -4,8 +4,8 @@
 
 Each candidate generates one 50-step video per held-out prompt (seeds 100, 101, ...; the demo and the tests use
 7, 8 and 11) and is scored with the demo's probes (:func:`~accvideo_core.mini.family.prompt_checks`): how many
-videos show the prompted shape colour, the prompted motion, and both. This is how a teacher run is chosen among
-candidates trained side by side, without looking at the demo's or the tests' videos.
+videos show the prompted shape colour, the prompted motion, both, the prompted shape, and all three. This is how a
+teacher run is chosen among candidates trained side by side, without looking at the demo's or the tests' videos.
 """
 from __future__ import annotations
 
@@ -23,12 +23,14 @@ FIRST_SEED = 100
 
 
 def validate_teacher(family: MiniFamily, *, prompts: int | None = None, steps: int = 50) -> dict:
-    """Colour / motion / both counts of ``family.teacher`` over ``prompts`` held-out prompts (default: all)."""
+    """Colour / motion / both / shape / all-three counts of ``family.teacher`` over ``prompts`` held-out prompts
+    (default: all)."""
     captions = heldout_prompts(prompts or len(attribute_combos("heldout")))
     videos, _ = family.generate(captions, [FIRST_SEED + i for i in range(len(captions))], steps)
     checks = [prompt_checks(video, caption) for video, caption in zip(videos, captions)]
-    return {"videos": len(captions), "steps": steps, "colour_ok": sum(c for c, _ in checks),
-            "motion_ok": sum(m for _, m in checks), "both_ok": sum(c and m for c, m in checks)}
+    return {"videos": len(captions), "steps": steps, "colour_ok": sum(c.colour for c in checks),
+            "motion_ok": sum(c.motion for c in checks), "both_ok": sum(c.colour and c.motion for c in checks),
+            "shape_ok": sum(c.shape for c in checks), "all_ok": sum(all(c) for c in checks)}
 
 
 def main(argv: list[str] | None = None) -> int:
