@@ -16,6 +16,8 @@ Two stages, both flow matching in model space (``x_sigma = (1 - sigma) x_0 + sig
    the model, fed ``g`` through the guidance embedding, regresses ``v_g`` with one call. Sampling then uses the
    embedded guidance 6.0 with one model call per step, exactly like HunyuanVideo / AccVideo.
 
+Both stages can weight the squared error at the latent positions that cover the shape by ``1 + fg_weight``
+(:func:`latent_foreground`): the shape is ~15 % of the latent and carries the prompt's shape and colour.
 The shipped weights are the stage-2 EMA, stored in bf16 (loaded as fp32 for compute).
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ..models.vae_loading import load_vae
 from ..synvid.format import state_dict_sha256
 from ..utils.io import write_json
 from .data import MiniVideoConfig, MiniVideoDataset
+from .train_vae import foreground_weights
 from .runlog import add_config_options, append_run, command_line
 from .text_encoder import TinyTextEncoder, TinyTextEncoderConfig
 
@@ -62,6 +65,7 @@ class TeacherTrainConfig:
     guidance_max: float = 8.0
     shift: float = 7.0
     ema_decay: float = 0.998
+    fg_weight: float = 0.0  # extra loss weight on latent positions covering the shape (latent_foreground); 0 = off
     seed: int = 0
     threads: int = 1
 
@@ -72,19 +76,34 @@ def encoder_sha256(vae: torch.nn.Module) -> str:
     return state_dict_sha256({k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))})
 
 
+def latent_foreground(video: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, T', H/8, W/8]`` mask of the latent positions whose pixels include shape pixels
+    (:func:`~accvideo_core.mini.train_vae.foreground_weights`), on the causal 4x-time / 8x-space grid: latent frame
+    0 covers pixel frame 0, latent frame t covers pixel frames 4t-3 .. 4t."""
+    shape = foreground_weights(video, 1.0) > 1.5  # [B, 1, F, H, W]
+    first = shape[:, :, :1]
+    rest = shape[:, :, 1:].unflatten(2, (-1, 4)).any(dim=3)
+    grid = torch.cat([first, rest], dim=2).float()  # [B, 1, T', H, W]
+    return torch.nn.functional.max_pool3d(grid, (1, 8, 8))
+
+
 @torch.no_grad()
 def encode_clips(vae, encoder: TinyTextEncoder, clips: int, seed: int, log=print) -> dict[str, torch.Tensor]:
-    """Model-space latents ``[N, 16, 5, 8, 8]`` and text encodings of the first ``clips`` training clips."""
+    """Model-space latents ``[N, 16, 5, 8, 8]``, their shape masks ``[N, 1, 5, 8, 8]`` (:func:`latent_foreground`)
+    and text encodings of the first ``clips`` training clips."""
     ds = MiniVideoDataset(clips, split="train", config=MiniVideoConfig(seed=seed))
-    latents, captions = [], []
+    latents, foreground, captions = [], [], []
     for start in range(0, clips, 16):
         items = [ds[i] for i in range(start, min(clips, start + 16))]
-        latents.append(to_model_space(vae.encode(torch.stack([it["video"] for it in items]))))
+        videos = torch.stack([it["video"] for it in items])
+        latents.append(to_model_space(vae.encode(videos)))
+        foreground.append(latent_foreground(videos))
         captions += [it["caption"] for it in items]
         log(f"encoding clips {start + len(items)}/{clips}")
     text = encoder.encode(captions)
     empty = encoder.encode([""])
-    return {"latents": torch.cat(latents), "states": text.states, "mask": text.mask, "pooled": text.pooled,
+    return {"latents": torch.cat(latents), "foreground": torch.cat(foreground),
+            "states": text.states, "mask": text.mask, "pooled": text.pooled,
             "empty_states": empty.states, "empty_mask": empty.mask, "empty_pooled": empty.pooled}
 
 
@@ -136,7 +155,8 @@ def _stage(model, ema, data, cfg: TeacherTrainConfig, *, steps: int, lr: float, 
             v_cond, v_uncond = both[:b], both[b:]
             target = v_uncond + guidance.view(-1, 1, 1, 1, 1) * (v_cond - v_uncond)
         v = model(xt, t, states, mask, pooled, guidance)
-        loss = (v - target).square().mean()
+        weight = 1.0 + cfg.fg_weight * data["foreground"][idx]
+        loss = ((v - target).square() * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
