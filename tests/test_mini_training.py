@@ -9,8 +9,7 @@ import torch
 from accvideo_core.mini.data import MiniVideoDataset, parse_caption, render_clip
 from accvideo_core.mini.train_teacher import latent_foreground
 from accvideo_core.mini.train_teacher import main as teacher_main
-from accvideo_core.mini.train_vae import (MINI_VAE, FrameDiscriminator, adaptive_adv_weight,
-                                          anchor_group_statistics_, foreground_weights, output_norm_inputs)
+from accvideo_core.mini.train_vae import MINI_VAE, anchor_group_statistics_, foreground_weights, output_norm_inputs
 from accvideo_core.mini.train_vae import main as vae_main
 from accvideo_core.models.loading import load_transformer
 from accvideo_core.models.vae_hunyuan_video import HunyuanVideoVAE, norm_silu
@@ -71,15 +70,6 @@ def test_latent_foreground_follows_the_causal_latent_grid():
     assert not torch.equal(mask[0, 0, 0], mask[0, 0, 2])  # the shape moved
 
 
-def test_adaptive_adv_weight_balances_gradient_norms():
-    w = torch.randn(4, 3, requires_grad=True)
-    a, b = torch.randn(4, 3), torch.randn(4, 3)
-    scale = adaptive_adv_weight((w * a).sum(), (w * b).sum(), w)
-    assert torch.allclose(scale, a.norm() / (b.norm() + 1e-4))
-    logits = FrameDiscriminator(8)(torch.zeros(2, 3, 5, 32, 32))
-    assert logits.shape == (10, 1, 6, 6)  # one logit per patch of each of the 2 x 5 frames
-
-
 def test_vae_and_teacher_training_clis_run_at_a_tiny_budget(tmp_path):
     vae_out = tmp_path / "vae.safetensors"
     assert vae_main(["--out", str(vae_out), "--steps", "2", "--batch", "1", "--crop", "32", "--window", "5",
@@ -90,12 +80,10 @@ def test_vae_and_teacher_training_clis_run_at_a_tiny_budget(tmp_path):
     result = log["runs"][-1]["result"]
     assert result["steps"] == 2 and "heldout_shape_psnr_db" in result
     assert log["commands"][-1].startswith("python -m accvideo_core.mini.train_vae --steps 2")
-    # --decoder-only keeps every latent (encoder + quant_conv) bit-identical and trains the decoder (here with the
-    # adversarial loss from its second step)
+    # --decoder-only keeps every latent (encoder + quant_conv) bit-identical and trains the decoder
     tuned = tmp_path / "tuned" / "vae.safetensors"
     assert vae_main(["--init", str(vae_out), "--out", str(tuned), "--decoder-only", "--steps", "2", "--batch", "1",
-                     "--crop", "32", "--window", "5", "--clips", "4", "--warmup", "1", "--lr", "1e-3",
-                     "--adv-weight", "0.5", "--adv-start", "1"]) == 0
+                     "--crop", "32", "--window", "5", "--clips", "4", "--warmup", "1", "--lr", "1e-3"]) == 0
     before, after = vae.state_dict(), load_vae(tuned, dtype=torch.float32).state_dict()
     frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)

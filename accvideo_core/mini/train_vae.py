@@ -6,9 +6,6 @@ Loss per clip: L1 + MSE reconstruction of a posterior sample's decoding, plus ``
 of the posterior to the prior N(0, (1 / 0.476986)^2). The prior's width comes from the scaling factor fixed in
 ``accvideo_core/latents.py``, so the *model-space* latent (VAE latent x 0.476986) is close to unit variance: the
 convention of the HunyuanVideo VAE that every sampler in this project assumes (noise is N(0, I) there).
-Optionally (``adv_weight`` > 0, as real VAEs are trained) a hinge adversarial loss from a per-frame patch
-discriminator (:class:`FrameDiscriminator`), balanced against the reconstruction loss at the decoder's last layer
-(:func:`adaptive_adv_weight`); with ``--decoder-only`` this sharpens the decoder without moving any latent.
 Training uses random 9-frame windows (start frame 0, 4 or 8) of whole 64 x 64 frames (``crop`` < 64 takes random
 crops); the network is causal and convolutional (plus frame-causal attention at the latent resolution), so it
 encodes and decodes whole 17-frame clips. See :func:`anchor_group_statistics_` for the one initialisation choice
@@ -54,9 +51,6 @@ class VAETrainConfig:
     fg_weight: float = 0.0  # extra loss weight on shape pixels (see foreground_weights); 0 = plain loss
     save_every: int = 0  # also write the VAE (and print held-out PSNR) every N steps; 0 = only at the end
     decoder_only: bool = False  # freeze the encoder (and so every latent a teacher was trained on); train the decoder
-    adv_weight: float = 0.0  # adversarial loss (FrameDiscriminator, hinge) x this x the adaptive weight; 0 = off
-    adv_start: int = 0  # steps in which only the discriminator learns, before its loss reaches the VAE
-    disc_lr: float = 2e-4
     seed: int = 0
     threads: int = 1  # one thread: on a loaded 2-core machine two OpenMP threads run ~10x slower
 
@@ -129,34 +123,6 @@ def foreground_weights(x: torch.Tensor, fg_weight: float, threshold: float = 0.1
     return 1.0 + fg_weight * shape_pixels
 
 
-class FrameDiscriminator(torch.nn.Module):
-    """Patch discriminator on single frames (PatchGAN layout): one real/decoded logit per overlapping ~34-pixel
-    patch of each frame. L1/MSE reconstruction alone regresses to blurred means (square corners come out round
-    although the latent holds the shape); this loss rewards decodings that look like rendered frames."""
-
-    def __init__(self, channels: int = 32):
-        super().__init__()
-        c = channels
-        act = torch.nn.LeakyReLU(0.2)
-        self.layers = torch.nn.Sequential(
-            torch.nn.Conv2d(3, c, 4, 2, 1), act,
-            torch.nn.Conv2d(c, 2 * c, 4, 2, 1), torch.nn.GroupNorm(4, 2 * c), act,
-            torch.nn.Conv2d(2 * c, 4 * c, 4, 1, 1), torch.nn.GroupNorm(4, 4 * c), act,
-            torch.nn.Conv2d(4 * c, 1, 4, 1, 1))
-
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """``video`` ``[B, 3, T, H, W]`` -> logits ``[B * T, 1, h, w]``."""
-        return self.layers(video.transpose(1, 2).flatten(0, 1))
-
-
-def adaptive_adv_weight(rec: torch.Tensor, adv: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-    """Scale that gives the adversarial loss the reconstruction loss's gradient norm at ``last_layer`` (the
-    balancing rule of taming-transformers' VQGAN), clamped to [0, 1e4]."""
-    g_rec = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
-    g_adv = torch.autograd.grad(adv, last_layer, retain_graph=True)[0]
-    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
-
-
 def _batch(ds: MiniVideoDataset, rng: random.Random, cfg: VAETrainConfig) -> torch.Tensor:
     clips = []
     for _ in range(cfg.batch):
@@ -189,8 +155,6 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, *, init: str | Path | None =
         vae.quant_conv.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    disc = FrameDiscriminator().train() if cfg.adv_weight else None
-    disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9)) if disc else None
     t0, history = time.perf_counter(), []
     try:
         for step in range(cfg.steps):
@@ -211,31 +175,16 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, *, init: str | Path | None =
                 rec = error.abs().mean() + error.square().mean()
             kl = kl_to_prior(mean, logvar)
             loss = rec + cfg.kl_weight * kl
-            adv = d_loss = torch.zeros(())
-            if disc is not None:
-                if step >= cfg.adv_start:
-                    disc.requires_grad_(False)
-                    adv = -disc(recon).mean()  # hinge generator loss
-                    disc.requires_grad_(True)
-                    scale = adaptive_adv_weight(rec, adv, vae.decoder.conv_out.conv.weight)
-                    loss = loss + cfg.adv_weight * scale * adv
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            if disc is not None:  # after the VAE's backward, which needs the discriminator's current weights
-                d_loss = torch.relu(1 - disc(x)).mean() + torch.relu(1 + disc(recon.detach())).mean()
-                disc_opt.zero_grad(set_to_none=True)
-                d_loss.backward()
-                disc_opt.step()
-            history.append((rec.item(), kl.item(), adv.item(), d_loss.item()))
+            history.append((rec.item(), kl.item()))
             if (step + 1) % 25 == 0 or step + 1 == cfg.steps:
                 recent = [sum(col) / len(col) for col in zip(*history[-25:])]
                 el = time.perf_counter() - t0
-                gan = f"adv {recent[2]:.3f} | disc {recent[3]:.3f} | " if disc is not None else ""
-                log(f"vae step {step + 1}/{cfg.steps} | rec {recent[0]:.4f} | kl {recent[1]:.3f} | {gan}"
-                    f"lr {lr:.2e} | {el:.0f}s | "
-                    f"ETA {el / (step + 1) * (cfg.steps - step - 1):.0f}s")
+                log(f"vae step {step + 1}/{cfg.steps} | rec {recent[0]:.4f} | kl {recent[1]:.3f} | lr {lr:.2e} | "
+                    f"{el:.0f}s | ETA {el / (step + 1) * (cfg.steps - step - 1):.0f}s")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 vae.eval()
                 log(f"vae step {step + 1}: held-out {evaluate_vae(vae, cfg.seed)} -> {out}")
