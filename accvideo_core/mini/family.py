@@ -103,13 +103,17 @@ def _far_from_background(video: torch.Tensor, caption: str, frame: int) -> torch
     return (rgb - bg).norm(dim=0)
 
 
+def _drawn_shape(video: torch.Tensor, caption: str, frame: int) -> torch.Tensor:
+    """``[H, W]`` mask of the pixels of ``frame`` at least half as far from the prompted background as the farthest."""
+    far = _far_from_background(video, caption, frame)
+    return far >= 0.5 * far.max()
+
+
 def shape_region_colour(video: torch.Tensor, caption: str, *, frame: int) -> tuple[str, float]:
     """Nearest named shape colour to the mean colour of ``video`` (``[3, F, H, W]`` in [-1, 1]) over the pixels
     of ``frame`` that differ most from the prompted background, and that distance."""
     rgb = (video[:, frame].float() + 1) / 2  # [3, H, W] in [0, 1]
-    far = _far_from_background(video, caption, frame)
-    mask = far >= 0.5 * far.max()  # the pixels at least half as far from the background as the farthest
-    mean = rgb[:, mask].mean(dim=1)
+    mean = rgb[:, _drawn_shape(video, caption, frame)].mean(dim=1)
     names = list(SHAPE_COLORS)
     dists = torch.stack([(mean - torch.tensor(SHAPE_COLORS[n])).norm() for n in names])
     return names[int(dists.argmin())], float(dists.min())
@@ -135,8 +139,7 @@ def _unit_shape_areas(n: int = 512) -> dict[str, float]:
 def shape_fit(video: torch.Tensor, caption: str, *, frame: int) -> dict[str, float]:
     """How well each shape fits the drawn one at ``frame``: IoU of the pixels at least half as far from the
     prompted background as the farthest (the drawn shape) with each shape's mask of the same area and centroid."""
-    mask = _far_from_background(video, caption, frame)
-    mask = mask >= 0.5 * mask.max()
+    mask = _drawn_shape(video, caption, frame)
     h, w = mask.shape
     ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
     area = mask.sum().clamp_min(1)

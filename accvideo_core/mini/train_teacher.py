@@ -40,9 +40,9 @@ from ..models.vae_loading import load_vae
 from ..synvid.format import state_dict_sha256
 from ..utils.io import write_json
 from .data import MiniVideoConfig, MiniVideoDataset
-from .train_vae import foreground_weights
 from .runlog import add_config_options, append_run, command_line
 from .text_encoder import TinyTextEncoder, TinyTextEncoderConfig
+from .train_vae import foreground_weights
 
 ENCODER_CONFIG = TinyTextEncoderConfig()
 MINI_TRANSFORMER = TransformerConfig(
