@@ -133,6 +133,18 @@ def markdown(results: dict, meta: dict) -> str:
             lines += [f"| {name} | {f['decode_s'] * 1e3:.1f} | {f['fixed_cost_in_dit_calls']:.2f} | "
                       f"{f['speedup_bound']:.2f}x |" for name, f in floor["decoders"].items()]
             lines += [""]
+        ceiling = e2e.get("transformer_ceiling")
+        if ceiling:
+            lines += ["Transformer ceiling: the shipped transformer and wider ones of the same depth (random weights), "
+                      "one call each against the shipped decoder, the end-to-end speedup each would allow, and the "
+                      "cost of one training step (the demo's dump and distillation scale with it). The whole family "
+                      "must fit in 25 MB (VAE 3.0 MB + text encoder 0.2 MB):", "",
+                      "| transformer width | parameters | bf16 file (MB) | call (ms) | text + decode, calls | "
+                      "end-to-end bound | training step vs shipped |", "|---|---|---|---|---|---|---|"]
+            lines += [f"| {name} | {t['parameters'] / 1e6:.1f} M | {t['bf16_megabytes']:.1f} | {t['call_s'] * 1e3:.1f} | "
+                      f"{t['fixed_cost_in_dit_calls']:.2f} | {t['speedup_bound']:.2f}x | "
+                      f"{t['train_step_vs_shipped']:.1f}x |" for name, t in ceiling["transformers"].items()]
+            lines += [""]
     lines += ["## All benchmarks", "", "| benchmark | what | status | time (s) | headline figures |",
               "|---|---|---|---|---|"]
     for name, rec in results.items():

@@ -13,6 +13,11 @@
    ever narrower decoders of the same architecture (random weights: the cost does not depend on them), in
    transformer calls, and the end-to-end speedup each would allow, ``(50 D + O) / (5 D + O)``. It shows how far
    a cheaper VAE alone could move the figure.
+4. **Transformer ceiling**: the other lever: wider transformers of the shipped depth (random weights, head dim
+   kept), one call at the demo's size timed interleaved with the shipped decoder. For each width: parameters and
+   bf16 file size (the family must fit in 25 MB), text + decode in its calls and the end-to-end speedup it would
+   allow, and the cost of one training step (forward + backward, batch 8) relative to the shipped width: the demo's
+   dump and distillation time scale with it.
 
     python bench/bench_e2e.py [--prompts 4] [--repeats 3] [--dump-samples 16] [--rounds 6] [--threads N]
 
@@ -40,6 +45,7 @@ if str(ROOT) not in sys.path:
 from accvideo_core.demo import auto_threads, heldout_prompts  # noqa: E402
 from accvideo_core.mini.family import load_family  # noqa: E402
 from accvideo_core.models.loading import load_transformer  # noqa: E402
+from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransformer3D  # noqa: E402
 from accvideo_core.models.vae_hunyuan_video import DecoderCausal3D  # noqa: E402
 from accvideo_core.sampling import flow_sigmas, sample_flow  # noqa: E402
 from accvideo_core.synvid.dump import dump_synvid  # noqa: E402
@@ -169,6 +175,68 @@ def decoder_floor(family, e2e: dict, repeats: int = 10) -> dict:
                     "bound (50 D + O) / (5 D + O)"}
 
 
+TRANSFORMER_WIDTHS = (256, 384, 512)
+
+
+def transformer_ceiling(family, e2e: dict, repeats: int = 6, batch: int = 8) -> dict:
+    """Wider transformers than the shipped one (random weights, same depth and head dim): call time against the
+    shipped decoder, the end-to-end bound each allows, file size, and training-step cost relative to shipped."""
+    config = family.teacher.config
+    head_dim = config.head_dim
+    latent = family.noise([0])
+    text = family.encode([heldout_prompts(1)[0]])
+    timestep = torch.tensor([500.0])
+    models = {f"shipped {config.hidden_size}": family.teacher}
+    for width in TRANSFORMER_WIDTHS:
+        wide = dataclasses.replace(config, hidden_size=width, num_heads=width // head_dim)
+        models[str(width)] = HunyuanVideoTransformer3D(wide).eval()
+    train_latent = latent.expand(batch, -1, -1, -1, -1).contiguous()
+    train_text = [t.expand(batch, *t.shape[1:]).contiguous() for t in (text.states, text.mask, text.pooled)]
+
+    def train_step(model) -> None:
+        model.requires_grad_(True)
+        velocity = model(train_latent, timestep.expand(batch), *train_text, 6.0)
+        velocity.square().mean().backward()
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(False)
+
+    decode = lambda: family.vae.decoder(latent)  # noqa: E731
+    calls: dict[str, list[float]] = {name: [] for name in models}
+    steps: dict[str, list[float]] = {name: [] for name in models}
+    decodes: list[float] = []
+    with torch.no_grad():
+        decode()
+        for model in models.values():
+            model(latent, timestep, text.states, text.mask, text.pooled, 6.0)
+    for r in range(repeats):
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            decode()
+            decodes.append(time.perf_counter() - t0)
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model(latent, timestep, text.states, text.mask, text.pooled, 6.0)
+                calls[name].append(time.perf_counter() - t0)
+        if r < 2:  # training steps are slow: two each (the first is a warm-up), last one kept
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                train_step(model)
+                steps[name].append(time.perf_counter() - t0)
+    family.teacher.requires_grad_(False)
+    fixed_s = e2e["student5"]["text_mean_s"] + statistics.median(decodes)
+    shipped_step = steps[next(iter(models))][-1]
+    out = {}
+    for name, model in models.items():
+        call = statistics.median(calls[name])
+        n = sum(p.numel() for p in model.parameters())
+        out[name] = {"parameters": n, "bf16_megabytes": 2 * n / 1e6, "call_s": call,
+                     "fixed_cost_in_dit_calls": fixed_s / call, "speedup_bound": (50 * call + fixed_s) / (5 * call + fixed_s),
+                     "train_step_s": steps[name][-1], "train_step_vs_shipped": steps[name][-1] / shipped_step}
+    return {"transformers": out, "decode_s": statistics.median(decodes), "train_batch": batch,
+            "what": "one call of each width at 5 x 8 x 8 latents (interleaved with the shipped decoder); text + decode "
+                    "in its calls; bound (50 D + O) / (5 D + O); one forward + backward of batch 8 vs the shipped width"}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=4)
@@ -188,11 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     e2e = end_to_end(family, student, prompts, args.repeats)
     overhead = dump_overhead(family, prompts, args.dump_samples, args.rounds)
     floor = decoder_floor(family, e2e)
+    ceiling = transformer_ceiling(family, e2e)
     report = {"benchmark": "e2e_miniature", "threads": threads, "torch": torch.__version__,
               "platform": platform.platform(), "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
               "student": args.student or "teacher weights at 5 steps (same architecture and cost)",
               "video": "17 frames x 64 x 64 (latent 5 x 8 x 8)", "end_to_end": e2e, "dump_overhead": overhead,
-              "decoder_floor": floor,
+              "decoder_floor": floor, "transformer_ceiling": ceiling,
               "seconds": time.perf_counter() - t0}
     path = write_json(report, args.out)
     t50, s5 = e2e["teacher50"], e2e["student5"]
@@ -209,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, d in floor["decoders"].items():
         print(f"decoder {name}: {d['decode_s'] * 1e3:.1f} ms = {d['fixed_cost_in_dit_calls']:.2f} DiT calls with "
               f"text -> end-to-end at most {d['speedup_bound']:.2f}x")
+    for name, d in ceiling["transformers"].items():
+        print(f"transformer {name}: {d['parameters'] / 1e6:.1f} M params ({d['bf16_megabytes']:.1f} MB bf16), call "
+              f"{d['call_s'] * 1e3:.1f} ms, text + decode = {d['fixed_cost_in_dit_calls']:.2f} calls -> end-to-end at "
+              f"most {d['speedup_bound']:.2f}x; training step x{d['train_step_vs_shipped']:.1f}")
     print(f"wrote {path}")
     print(json.dumps({"speedup_end_to_end": e2e["speedup_end_to_end"], "dump_overhead": overhead["overhead"]}))
     return 0
