@@ -6,7 +6,8 @@ import torch
 
 from accvideo_core.mini import (CAPTION_TEMPLATE, MiniVideoConfig, MiniVideoDataset, TinyTextEncoder,
                                 TinyTextEncoderConfig, attribute_combos, clip_spec, parse_caption, render_clip)
-from accvideo_core.mini.data import BACKGROUND_COLORS, DIRECTIONS, SHAPE_COLORS, SHAPES, ClipSpec
+from accvideo_core.mini.data import (BACKGROUND_COLORS, DIRECTIONS, GEOMETRIES, SHAPE_COLORS, SHAPES, ClipSpec,
+                                     Geometry)
 from accvideo_core.utils.io import CheckpointError, save_safetensors
 
 
@@ -60,7 +61,8 @@ def test_video_shows_the_caption(shape, direction):
     motion = c[-1] - c[0]
     dx, dy = DIRECTIONS[direction]
     along = motion[0] * dx + motion[1] * dy
-    assert along > 0.3 * (64 if dx else 48), f"{direction}: moved {motion.tolist()}"
+    expected = spec.travel * (64 if dx else 48)  # the travel is the shape's displacement over the clip
+    assert abs(along - expected) < 0.05 * expected and along > 8, f"{direction}: moved {motion.tolist()}"
     assert (motion[1] if dx else motion[0]).abs() < 1.0
     assert not mask[:, 0].any() and not mask[:, -1].any() and not mask[:, :, 0].any() and not mask[:, :, -1].any()
     area = coverage(video, spec).sum((1, 2))
@@ -81,15 +83,31 @@ def test_shapes_are_distinguishable():
     assert areas["triangle"] < areas["diamond"] < areas["square"]
 
 
-def test_random_specs_stay_in_frame_and_respect_contrast():
+@pytest.mark.parametrize("geometry_name", sorted(GEOMETRIES))
+def test_random_specs_stay_in_frame_and_respect_contrast(geometry_name):
+    ranges = GEOMETRIES[geometry_name]
     for index in range(40):
-        spec = clip_spec(index, seed=1)
+        spec = clip_spec(index, seed=1, geometry_name=geometry_name)
+        assert ranges.radius[0] <= spec.radius <= ranges.radius[1]
+        assert ranges.travel[0] <= spec.travel <= ranges.travel[1]
         for t in (0.0, 1.0):
             dx, dy = DIRECTIONS[spec.direction]
             x = spec.start[0] + dx * spec.travel * t
             y = spec.start[1] + dy * spec.travel * t
             assert spec.radius <= x <= 1 - spec.radius and spec.radius <= y <= 1 - spec.radius
         assert spec.color != spec.background
+
+
+def test_geometries_are_named_and_checked():
+    """Same (seed, split, index): same attributes in every geometry, only the sizes differ; bad ranges and names
+    raise with what is expected."""
+    small, large = (clip_spec(7, seed=2, geometry_name=g) for g in ("small", "large"))
+    assert small.combo() == large.combo() and small.radius < large.radius
+    assert MiniVideoDataset(3, config=MiniVideoConfig(geometry="small")).spec(2) == clip_spec(2, geometry_name="small")
+    with pytest.raises(ValueError, match="stays inside the frame"):
+        Geometry(radius=(0.3, 0.4), travel=(0.2, 0.3))
+    with pytest.raises(ValueError, match="expected one of"):
+        MiniVideoConfig(geometry="huge")
 
 
 def test_heldout_split_is_disjoint_and_covers_every_attribute():

@@ -39,7 +39,7 @@ from ..models.transformer_hunyuan_video import HunyuanVideoTransformer3D, Transf
 from ..models.vae_loading import load_vae
 from ..synvid.format import state_dict_sha256
 from ..utils.io import write_json
-from .data import MiniVideoConfig, MiniVideoDataset
+from .data import DEFAULT_GEOMETRY, MiniVideoConfig, MiniVideoDataset
 from .runlog import add_config_options, append_run, command_line
 from .text_encoder import TinyTextEncoder, TinyTextEncoderConfig
 from .train_vae import foreground_weights
@@ -66,6 +66,7 @@ class TeacherTrainConfig:
     shift: float = 7.0
     ema_decay: float = 0.998
     fg_weight: float = 0.0  # extra loss weight on latent positions covering the shape (latent_foreground); 0 = off
+    geometry: str = DEFAULT_GEOMETRY  # clip geometry (data.GEOMETRIES); rounds 1-4 of the shipped teacher: "small"
     seed: int = 0
     threads: int = 1
 
@@ -88,10 +89,11 @@ def latent_foreground(video: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_clips(vae, encoder: TinyTextEncoder, clips: int, seed: int, log=print) -> dict[str, torch.Tensor]:
+def encode_clips(vae, encoder: TinyTextEncoder, clips: int, seed: int, log=print,
+                 geometry: str = DEFAULT_GEOMETRY) -> dict[str, torch.Tensor]:
     """Model-space latents ``[N, 16, 5, 8, 8]``, their shape masks ``[N, 1, 5, 8, 8]`` (:func:`latent_foreground`)
     and text encodings of the first ``clips`` training clips."""
-    ds = MiniVideoDataset(clips, split="train", config=MiniVideoConfig(seed=seed))
+    ds = MiniVideoDataset(clips, split="train", config=MiniVideoConfig(seed=seed, geometry=geometry))
     latents, foreground, captions = [], [], []
     for start in range(0, clips, 16):
         items = [ds[i] for i in range(start, min(clips, start + 16))]
@@ -181,7 +183,7 @@ def train_teacher(cfg: TeacherTrainConfig, vae_path: str | Path, out: str | Path
     encoder = TinyTextEncoder(ENCODER_CONFIG)
     encoder.save(out.with_name("text_encoder.safetensors"))
     vae = load_vae(vae_path, dtype=torch.float32).eval()
-    data = encode_clips(vae, encoder, cfg.clips, cfg.seed, log=log)
+    data = encode_clips(vae, encoder, cfg.clips, cfg.seed, log=log, geometry=cfg.geometry)
     log(f"model-space latents: std {float(data['latents'].std()):.3f}, mean {float(data['latents'].mean()):.3f}")
     model = HunyuanVideoTransformer3D(MINI_TRANSFORMER).train()
     if init is not None:  # a guidance-distilled teacher at guidance 1.0 is the conditional model stage 1 trains

@@ -28,7 +28,7 @@ from ..latents import VAE_SCALING_FACTOR, to_model_space
 from ..models.vae_hunyuan_video import HunyuanVideoVAE, VAEConfig, norm_silu
 from ..models.vae_loading import load_vae, save_vae
 from ..utils.io import write_json
-from .data import MiniVideoConfig, MiniVideoDataset
+from .data import DEFAULT_GEOMETRY, MiniVideoConfig, MiniVideoDataset
 from .runlog import add_config_options, append_run, command_line
 
 MINI_VAE = VAEConfig(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=2)
@@ -51,6 +51,7 @@ class VAETrainConfig:
     fg_weight: float = 0.0  # extra loss weight on shape pixels (see foreground_weights); 0 = plain loss
     save_every: int = 0  # also write the VAE (and print held-out PSNR) every N steps; 0 = only at the end
     decoder_only: bool = False  # freeze the encoder (and so every latent a teacher was trained on); train the decoder
+    geometry: str = DEFAULT_GEOMETRY  # clip geometry (data.GEOMETRIES); the shipped VAE was trained on "small"
     seed: int = 0
     threads: int = 1  # one thread: on a loaded 2-core machine two OpenMP threads run ~10x slower
 
@@ -139,7 +140,7 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, *, init: str | Path | None =
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = random.Random(f"mini-vae/{cfg.seed}")
-    ds = MiniVideoDataset(cfg.clips, split="train", config=MiniVideoConfig(seed=cfg.seed))
+    ds = MiniVideoDataset(cfg.clips, split="train", config=MiniVideoConfig(seed=cfg.seed, geometry=cfg.geometry))
     vae = HunyuanVideoVAE(MINI_VAE).train()
     if init is not None:
         vae.load_state_dict(load_vae(init, dtype=torch.float32).state_dict())
@@ -187,7 +188,7 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, *, init: str | Path | None =
                     f"{el:.0f}s | ETA {el / (step + 1) * (cfg.steps - step - 1):.0f}s")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 vae.eval()
-                log(f"vae step {step + 1}: held-out {evaluate_vae(vae, cfg.seed)} -> {out}")
+                log(f"vae step {step + 1}: held-out {evaluate_vae(vae, cfg.seed, geometry=cfg.geometry)} -> {out}")
                 save_vae(vae, out)
                 vae.decoder.train()
                 vae.post_quant_conv.train()
@@ -199,7 +200,7 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, *, init: str | Path | None =
         log(f"interrupted at step {len(history)}: {saved}; the run is not recorded in train_vae.json")
         raise
     vae.eval()
-    summary = evaluate_vae(vae, cfg.seed)
+    summary = evaluate_vae(vae, cfg.seed, geometry=cfg.geometry)
     save_vae(vae, out)
     summary.update(steps=cfg.steps, seconds=round(time.perf_counter() - t0, 1), final_rec=history[-1][0],
                    parameters=sum(p.numel() for p in vae.parameters()))
@@ -207,10 +208,10 @@ def train_vae(cfg: VAETrainConfig, out: str | Path, *, init: str | Path | None =
 
 
 @torch.no_grad()
-def evaluate_vae(vae: HunyuanVideoVAE, seed: int = 0, clips: int = 8) -> dict:
+def evaluate_vae(vae: HunyuanVideoVAE, seed: int = 0, clips: int = 8, geometry: str = DEFAULT_GEOMETRY) -> dict:
     """Reconstruction PSNR on held-out clips (whole clips, and only their shape pixels as
     :func:`foreground_weights` defines them) and the model-space latent statistics."""
-    ds = MiniVideoDataset(clips, split="heldout", config=MiniVideoConfig(seed=seed + 1))
+    ds = MiniVideoDataset(clips, split="heldout", config=MiniVideoConfig(seed=seed + 1, geometry=geometry))
     videos = torch.stack([ds[i]["video"] for i in range(clips)])
     z = vae.encode(videos)
     recon = vae.decode(z, mode="untiled").clamp(-1, 1)
