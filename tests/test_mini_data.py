@@ -105,7 +105,7 @@ def test_geometries_are_named_and_checked():
     assert small.combo() == large.combo() and small.radius < large.radius
     assert MiniVideoDataset(3, config=MiniVideoConfig(geometry="small")).spec(2) == clip_spec(2, geometry_name="small")
     with pytest.raises(ValueError, match="stays inside the frame"):
-        Geometry(radius=(0.3, 0.4), travel=(0.2, 0.3))
+        Geometry(radius=(0.3, 0.4), travel=(0.2, 0.3), reference=(0.3, 0.2))
     with pytest.raises(ValueError, match="expected one of"):
         MiniVideoConfig(geometry="huge")
 

@@ -40,10 +40,12 @@ SPLITS = ("train", "heldout")
 @dataclass(frozen=True)
 class Geometry:
     """Ranges the clip geometry is drawn from: the shape's radius (fraction of the shorter side) and its travel
-    over the clip (fraction of the frame along the motion axis)."""
+    over the clip (fraction of the frame along the motion axis); ``reference`` is the (radius, travel) of a
+    caption's reference clip (:func:`parse_caption`)."""
 
     radius: tuple[float, float]
     travel: tuple[float, float]
+    reference: tuple[float, float]
 
     def __post_init__(self) -> None:
         (r0, r1), (t0, t1) = self.radius, self.travel
@@ -53,14 +55,14 @@ class Geometry:
 
 
 GEOMETRIES: dict[str, Geometry] = {
-    # shapes 18-28 px across on 64 x 64, long travel: the first data set (the shipped VAE was trained on it);
-    # the VAE draws them as blobs (shape probe 17-18 of 48 held-out encode-decodes)
-    "small": Geometry(radius=(0.14, 0.22), travel=(0.3, 0.5)),
-    # shapes 33-41 px across, shorter travel: the same VAE draws every one (48 of 48) and its latents carry the shape
-    # (whole-latent probe 80 % vs 27 % for "small"); the teacher is trained on these
-    "large": Geometry(radius=(0.26, 0.32), travel=(0.2, 0.3)),
+    # shapes 18-28 px across on 64 x 64, long travel: the shipped VAE and teacher were trained on these; the VAE
+    # draws them as blobs (shape probe 22 of 48 held-out encode-decodes)
+    "small": Geometry(radius=(0.14, 0.22), travel=(0.3, 0.5), reference=(0.15, 0.4)),
+    # shapes 33-41 px across, shorter travel: the same VAE draws them (shape probe 47 of 48) and its latents carry
+    # the shape (whole-latent probe 80 % vs 27 % for "small"); for the next family (docs/demo.md, Limits)
+    "large": Geometry(radius=(0.26, 0.32), travel=(0.2, 0.3), reference=(0.29, 0.25)),
 }
-DEFAULT_GEOMETRY = "large"
+DEFAULT_GEOMETRY = "small"
 
 
 def geometry_ranges(name: str) -> Geometry:
@@ -161,8 +163,7 @@ def parse_caption(caption: str) -> ClipSpec:
             f"color in {tuple(SHAPE_COLORS)}, direction in {tuple(DIRECTIONS)}, background in "
             f"{tuple(BACKGROUND_COLORS)}")
     dx, dy = DIRECTIONS[fields["direction"]]
-    ranges = geometry_ranges(DEFAULT_GEOMETRY)
-    radius, travel = sum(ranges.radius) / 2, sum(ranges.travel) / 2
+    radius, travel = geometry_ranges(DEFAULT_GEOMETRY).reference
     first = 0.5 - travel / 2
     start = ((first if dx > 0 else 1 - first) if dx else 0.5, (first if dy > 0 else 1 - first) if dy else 0.5)
     return ClipSpec(fields["shape"], fields["color"], fields["background"], fields["direction"], radius, start, travel)
@@ -205,7 +206,7 @@ def render_clip(spec: ClipSpec, frames: int = 17, height: int = 64, width: int =
 
 @dataclass(frozen=True)
 class MiniVideoConfig:
-    """Clip size, seed and geometry of a data set. Defaults: 17 frames x 64 x 64 (latent 5 x 8 x 8), large shapes."""
+    """Clip size, seed and geometry of a data set. Defaults: 17 frames x 64 x 64 (latent 5 x 8 x 8), small shapes."""
 
     frames: int = 17
     height: int = 64

@@ -66,7 +66,7 @@ class TeacherTrainConfig:
     shift: float = 7.0
     ema_decay: float = 0.998
     fg_weight: float = 0.0  # extra loss weight on latent positions covering the shape (latent_foreground); 0 = off
-    geometry: str = DEFAULT_GEOMETRY  # clip geometry (data.GEOMETRIES); rounds 1-4 of the shipped teacher: "small"
+    geometry: str = DEFAULT_GEOMETRY  # clip geometry (data.GEOMETRIES); the shipped teacher: "small"
     seed: int = 0
     threads: int = 1
 
