@@ -65,7 +65,7 @@ def test_vae_draws_the_prompted_shapes(family):
     videos = torch.stack([ds[i]["video"] for i in range(len(ds))])
     with torch.no_grad():
         recon = family.vae.decode(family.vae.encode(videos), mode="untiled").clamp(-1, 1)
-    checks = [prompt_checks(r, ds[i]["caption"]) for i, r in enumerate(recon)]
+    checks = [prompt_checks(r, ds.spec(i).caption()) for i, r in enumerate(recon)]
     assert sum(c.colour for c in checks) >= 42 and sum(c.motion for c in checks) >= 42
     assert sum(c.shape for c in checks) >= 40
 
