@@ -16,10 +16,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from .. import kernels
 from .attention import attention
+from .sequence_parallel import SequenceParallel, TokenShard, joint_attention, replicated_input
 
 TIMESTEP_CHANNELS = 256
 TIMESTEP_MAX_PERIOD = 10000.0
@@ -125,6 +127,11 @@ def rope_cos_sin(grid: tuple[int, int, int], axes: tuple[int, int, int], theta: 
     return ang.cos(), ang.sin()
 
 
+def _split_qkv(x: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused projection ``[B, L, 3 * heads * D]`` (rows [q, k, v]) -> q, k, v ``[B, L, heads, D]`` (views)."""
+    return rearrange(x, "b l (qkv h d) -> qkv b l h d", qkv=3, h=heads).unbind(0)
+
+
 def _gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
     """In-place tanh-GELU (inference only; works on strided views)."""
     if hasattr(torch.ops.aten, "gelu_"):
@@ -225,7 +232,7 @@ class RefinerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, self_mask: torch.Tensor | None) -> torch.Tensor:
         gate_attn, gate_mlp = self.adaLN_modulation(cond).chunk(2, dim=-1)
-        q, k, v = self.self_attn_qkv(self.norm1(x)).unflatten(-1, (3, self.heads, -1)).unbind(2)
+        q, k, v = _split_qkv(self.self_attn_qkv(self.norm1(x)), self.heads)
         x = kernels.gated_residual(x, self.self_attn_proj(attention(q, k, v, self_mask)), gate_attn)
         return kernels.gated_residual(x, self.mlp(self.norm2(x)), gate_mlp)
 
@@ -277,20 +284,21 @@ class DoubleStreamBlock(nn.Module):
             setattr(self, f"{stream}_mlp", MLP(dim, mlp_hidden))
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec_act: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                sin: torch.Tensor, key_mask: torch.Tensor | None,
+                shard: TokenShard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``shard``: sequence parallelism (``img`` is this rank's shard of the image tokens)."""
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec_act)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec_act)
 
-        iq, ik, iv = self.img_attn_qkv(kernels.layer_norm_modulate(img, i_shift1, i_scale1)).unflatten(
-            -1, (3, self.heads, -1)).unbind(2)
+        iq, ik, iv = _split_qkv(self.img_attn_qkv(kernels.layer_norm_modulate(img, i_shift1, i_scale1)), self.heads)
         iq = kernels.rms_norm_rope(iq, self.img_attn_q_norm.weight, cos, sin)
         ik = kernels.rms_norm_rope(ik, self.img_attn_k_norm.weight, cos, sin)
-        tq, tk, tv = self.txt_attn_qkv(kernels.layer_norm_modulate(txt, t_shift1, t_scale1)).unflatten(
-            -1, (3, self.heads, -1)).unbind(2)
+        tq, tk, tv = _split_qkv(self.txt_attn_qkv(kernels.layer_norm_modulate(txt, t_shift1, t_scale1)), self.heads)
         tq = kernels.rms_norm_rope(tq, self.txt_attn_q_norm.weight)
         tk = kernels.rms_norm_rope(tk, self.txt_attn_k_norm.weight)
 
-        out = attention(torch.cat((iq, tq), 1), torch.cat((ik, tk), 1), torch.cat((iv, tv), 1), key_mask)
+        out = joint_attention(torch.cat((iq, tq), 1), torch.cat((ik, tk), 1), torch.cat((iv, tv), 1),
+                              img.shape[1], key_mask, shard)
         del iq, ik, iv, tq, tk, tv  # free before the MLPs (inference peak memory)
         img_attn, txt_attn = out.split((img.shape[1], txt.shape[1]), dim=1)
 
@@ -318,14 +326,15 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(dim, 3)
 
     def forward(self, x: torch.Tensor, vec_act: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                key_mask: torch.Tensor | None) -> torch.Tensor:
-        """x: ``[B, N_img + L_txt, dim]`` with image tokens first (RoPE covers the first ``cos.shape[0]``)."""
+                key_mask: torch.Tensor | None, shard: TokenShard | None = None) -> torch.Tensor:
+        """x: ``[B, N_img + L_txt, dim]`` with image tokens first (RoPE covers the first ``cos.shape[0]``, the image
+        tokens; with ``shard`` this rank's shard of them)."""
         shift, scale, gate = self.modulation(vec_act)
         fused = self.linear1(kernels.layer_norm_modulate(x, shift, scale))  # [q | k | v | mlp]
-        q, k, v = fused[..., : 3 * self.dim].unflatten(-1, (3, self.heads, -1)).unbind(2)
+        q, k, v = _split_qkv(fused[..., : 3 * self.dim], self.heads)
         q = kernels.rms_norm_rope(q, self.q_norm.weight, cos, sin)
         k = kernels.rms_norm_rope(k, self.k_norm.weight, cos, sin)
-        attn = attention(q, k, v, key_mask)
+        attn = joint_attention(q, k, v, cos.shape[0], key_mask, shard)
         del q, k, v  # free before the output projection (inference peak memory)
         if torch.is_grad_enabled():
             hidden = torch.cat((attn, F.gelu(fused[..., 3 * self.dim:], approximate="tanh")), dim=-1)
@@ -356,7 +365,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return rearrange(self.proj(x), "b c t h w -> b (t h w) c")
 
 
 @dataclass
@@ -370,6 +379,7 @@ class _Prepared:
     sin: torch.Tensor
     key_mask: torch.Tensor | None  # [B, N_img + L_valid] bool, only for mixed valid lengths
     grid: tuple[int, int, int]  # (T', H', W') token grid
+    shard: TokenShard | None = None  # sequence parallelism: img, cos and sin are this rank's rows
 
 
 class HunyuanVideoTransformer3D(nn.Module):
@@ -391,6 +401,7 @@ class HunyuanVideoTransformer3D(nn.Module):
             SingleStreamBlock(dim, c.num_heads, c.mlp_hidden) for _ in range(c.num_single_blocks))
         self.final_layer = FinalLayer(dim, math.prod(c.patch_size) * c.out_channels)
         self.gradient_checkpointing = False
+        self.sequence_parallel: SequenceParallel | None = None
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -405,6 +416,18 @@ class HunyuanVideoTransformer3D(nn.Module):
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in the backward pass (training memory ~ one block's activations)."""
         self.gradient_checkpointing = enabled
+
+    def enable_sequence_parallel(self, group: torch.distributed.ProcessGroup | None) -> None:
+        """Ulysses sequence parallelism over ``group`` (``None`` or a group of one rank: off).
+
+        Every rank of the group calls the model with the same inputs and gets the same (full) output; in between
+        it holds 1/N of the image tokens (see ``models/sequence_parallel.py``). Parameter gradients are this
+        rank's share: sum them over the group. Input gradients are complete on every rank.
+        """
+        sp = SequenceParallel.over(group) if group is not None else None
+        if sp is not None:
+            sp.check_heads(self.config.num_heads)
+        self.sequence_parallel = sp if sp is not None and sp.size > 1 else None
 
     # ------------------------------------------------------------------ inputs
     def _rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -451,6 +474,9 @@ class HunyuanVideoTransformer3D(nn.Module):
         self._check_inputs(latents, text_states, text_mask, pooled)
         c = self.config
         dtype, device = self.dtype, self.device
+        sp = self.sequence_parallel
+        if sp is not None:  # inputs are replicated over the group: their gradients are the group's sum
+            latents, text_states, pooled = (replicated_input(t, sp) for t in (latents, text_states, pooled))
         b = latents.shape[0]
         timestep = self._batch_vector(timestep, b, device, "timestep")
         if text_mask is None:  # no mask (as ComfyUI usually gives): every token is valid
@@ -467,6 +493,10 @@ class HunyuanVideoTransformer3D(nn.Module):
         img = self.img_in(latents.to(device, dtype))
         grid = tuple(s // p for s, p in zip(latents.shape[2:], c.patch_size))
         cos, sin = self._rope(grid, device)
+        shard = None
+        if sp is not None:
+            shard = TokenShard(sp, img.shape[1])
+            img, cos, sin = shard.shard(img), shard.local_rows(cos), shard.local_rows(sin)
 
         # Varlen attention as the original: drop padded text tokens. Equal valid counts -> plain gather, no mask;
         # otherwise left-pack the valid tokens and mask the rest out as keys (their own outputs are never used).
@@ -480,8 +510,9 @@ class HunyuanVideoTransformer3D(nn.Module):
                 order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :n_max]
                 txt = torch.gather(txt, 1, order[..., None].expand(-1, -1, txt.shape[-1]))
                 txt_valid = torch.arange(n_max, device=device)[None] < counts[:, None]
-                key_mask = torch.cat((mask.new_ones(b, img.shape[1]), txt_valid), dim=1)
-        return _Prepared(img=img, txt=txt, vec_act=F.silu(vec), cos=cos, sin=sin, key_mask=key_mask, grid=grid)
+                key_mask = torch.cat((mask.new_ones(b, math.prod(grid)), txt_valid), dim=1)
+        return _Prepared(img=img, txt=txt, vec_act=F.silu(vec), cos=cos, sin=sin, key_mask=key_mask, grid=grid,
+                         shard=shard)
 
     # ------------------------------------------------------------------ blocks
     def _call(self, block: nn.Module, *args: Any):
@@ -490,11 +521,12 @@ class HunyuanVideoTransformer3D(nn.Module):
         return block(*args)
 
     def _run_blocks(self, p: _Prepared, layers: int) -> torch.Tensor:
-        """Run the first ``layers`` blocks (double first); returns the image tokens ``[B, N, hidden]``."""
+        """Run the first ``layers`` blocks (double first); returns the image tokens ``[B, N, hidden]`` (this rank's
+        shard under sequence parallelism)."""
         img, txt = p.img, p.txt
         p.img = p.txt = None  # hold no stale activations (inference peak memory)
         for block in self.double_blocks[:layers]:
-            img, txt = self._call(block, img, txt, p.vec_act, p.cos, p.sin, p.key_mask)
+            img, txt = self._call(block, img, txt, p.vec_act, p.cos, p.sin, p.key_mask, p.shard)
         n_single = layers - len(self.double_blocks)
         if n_single <= 0:
             return img
@@ -502,7 +534,7 @@ class HunyuanVideoTransformer3D(nn.Module):
         x = torch.cat((img, txt), dim=1)
         del img, txt
         for block in self.single_blocks[:n_single]:
-            x = self._call(block, x, p.vec_act, p.cos, p.sin, p.key_mask)
+            x = self._call(block, x, p.vec_act, p.cos, p.sin, p.key_mask, p.shard)
         return x[:, :n_img]
 
     # ------------------------------------------------------------------ public API
@@ -512,12 +544,14 @@ class HunyuanVideoTransformer3D(nn.Module):
         """Velocity ``[B, C_out, T, H, W]`` (in ``latents``' dtype).
 
         latents ``[B, C, T, H, W]`` (model space); timestep ``[B]`` or float = sigma x 1000; text_states
-        ``[B, L, text_dim]``; text_mask ``[B, L]`` (1 = valid; None = all valid); pooled ``[B, pooled_dim]``; guidance = the plain
-        embedded-guidance scale (default 6.0; ignored by models without a guidance embedding).
+        ``[B, L, text_dim]``; text_mask ``[B, L]`` (1 = valid; None = all valid); pooled ``[B, pooled_dim]``;
+        guidance = the plain embedded-guidance scale (default 6.0; ignored by models without a guidance embedding).
         """
         p = self._prepare(latents, timestep, text_states, text_mask, pooled, guidance)
         img = self._run_blocks(p, self.config.num_layers)
         out = self._call(self.final_layer, img, p.vec_act)
+        if p.shard is not None:
+            out = p.shard.gather(out)
         return self._unpatchify(out, p.grid).to(latents.dtype)
 
     def image_features(self, latents: torch.Tensor, timestep: torch.Tensor | float, text_states: torch.Tensor,
@@ -533,11 +567,11 @@ class HunyuanVideoTransformer3D(nn.Module):
                              f"then single blocks); got {layer}")
         p = self._prepare(latents, timestep, text_states, text_mask, pooled, guidance)
         img = self._run_blocks(p, layer)
-        return img.transpose(1, 2).unflatten(2, p.grid)
+        if p.shard is not None:
+            img = p.shard.gather(img)
+        t, h, w = p.grid
+        return rearrange(img, "b (t h w) c -> b c t h w", t=t, h=h, w=w)
 
     def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        pt, ph, pw = self.config.patch_size
-        t, h, w = grid
-        x = x.reshape(x.shape[0], t, h, w, self.config.out_channels, pt, ph, pw)
-        return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(x.shape[0], self.config.out_channels, t * pt, h * ph,
-                                                         w * pw)
+        (pt, ph, pw), (t, h, w) = self.config.patch_size, grid
+        return rearrange(x, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw)

@@ -1,0 +1,202 @@
+"""Ulysses sequence parallelism for the HunyuanVideo transformer (DeepSpeed-Ulysses style).
+
+With a sequence-parallel group of N ranks every rank holds 1/N of the image tokens between the attention calls.
+Around attention an all-to-all trades the token split for a head split (each rank then sees every image token for
+1/N of the heads) and a second all-to-all trades it back. The text tokens (a few hundred) are replicated on every
+rank: their q/k/v are sliced to the rank's heads locally, and their attention outputs are all-gathered over heads.
+So attention is exact, with the same text padding (key mask) and RoPE positions as one process.
+
+Token counts that N does not divide are padded at the end of the sequence (the last ranks hold pad tokens); the pad
+tokens are dropped right after the all-to-all, so attention never sees them, and dropped again when the output is
+gathered. Nothing per token mixes tokens outside attention, so pad tokens cannot change a real token.
+
+Gradients (every rank computes the same loss on the gathered output, as the trainer does):
+- the gather's backward takes the rank's slice of the full gradient; inside the model every parameter gradient
+  is this rank's share, so the **sum over the SP group** is the exact gradient (the text and conditioning paths,
+  computed on every rank, receive shares too: the text head slice backpropagates zeros for other ranks' heads and
+  the head all-gather's backward is a reduce-scatter);
+- gradients of the model's inputs (latents for the discriminator path) are summed over the group by an
+  identity-forward / all-reduce-backward op, so every rank holds the full, exact input gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+
+from .attention import attention
+
+# torch 2.13 renamed the tensor collectives (the old names still work there, with a deprecation warning)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass(frozen=True)
+class SequenceParallel:
+    """A sequence-parallel process group: ``size`` ranks, this one is ``rank`` within it."""
+
+    group: dist.ProcessGroup
+    size: int
+    rank: int
+
+    @classmethod
+    def over(cls, group: dist.ProcessGroup | None = None) -> "SequenceParallel":
+        """The group (default: all ranks of the default process group)."""
+        group = group if group is not None else dist.group.WORLD
+        return cls(group, dist.get_world_size(group), dist.get_rank(group))
+
+    def check_heads(self, num_heads: int) -> None:
+        if num_heads % self.size:
+            divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+            raise ValueError(f"sequence parallel degree {self.size} must divide the number of attention heads "
+                             f"({num_heads}; 24 for HunyuanVideo): use one of {divisors}")
+
+
+@dataclass(frozen=True)
+class TokenShard:
+    """How one forward splits ``tokens`` image tokens over a :class:`SequenceParallel` group."""
+
+    sp: SequenceParallel
+    tokens: int
+
+    @property
+    def local(self) -> int:
+        """Image tokens per rank (pad included)."""
+        return -(-self.tokens // self.sp.size)
+
+    @property
+    def padded(self) -> int:
+        return self.local * self.sp.size
+
+    @property
+    def start(self) -> int:
+        return self.sp.rank * self.local
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Pad dim 1 (tokens) of ``x`` from ``tokens`` to ``padded`` with zeros."""
+        extra = self.padded - x.shape[1]
+        return x if extra == 0 else F.pad(x, (0, 0) * (x.dim() - 2) + (0, extra))
+
+    def local_rows(self, table: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a per-token table ``[tokens, ...]`` (RoPE cos / sin), pad rows zero."""
+        return self.pad(table[None])[0, self.start:self.start + self.local]
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, tokens, C]`` replicated -> this rank's ``[B, local, C]`` (backward: this rank's share)."""
+        return _Shard.apply(x, self)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's ``[B, local, C]`` -> ``[B, tokens, C]`` on every rank (backward: this rank's slice)."""
+        return _Gather.apply(x, self)
+
+
+def _all_to_all(x: torch.Tensor, sp: SequenceParallel, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Chunk ``scatter_dim`` into ``size`` parts, send part s to rank s, concatenate the received parts (in rank
+    order) along ``gather_dim``."""
+    send = torch.stack(x.chunk(sp.size, dim=scatter_dim)).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=sp.group)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sp: SequenceParallel, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+        ctx.args = (sp, scatter_dim, gather_dim)
+        return _all_to_all(x, sp, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        sp, scatter_dim, gather_dim = ctx.args
+        return _all_to_all(grad.contiguous(), sp, gather_dim, scatter_dim), None, None, None
+
+
+class _GatherHeads(torch.autograd.Function):
+    """``[B, L, h, D]`` (this rank's heads) -> ``[B, L, N*h, D]``; backward reduce-scatters the rank shares."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
+        ctx.sp = sp
+        out = x.new_empty((sp.size * x.shape[0], *x.shape[1:]))
+        _all_gather(out, x.contiguous(), group=sp.group)
+        return rearrange(out, "(n b) l h d -> b l (n h) d", n=sp.size)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        sp = ctx.sp
+        send = rearrange(grad, "b l (n h) d -> (n b) l h d", n=sp.size).contiguous()
+        out = send.new_empty((send.shape[0] // sp.size, *send.shape[1:]))
+        _reduce_scatter(out, send, group=sp.group)
+        return out, None
+
+
+class _Shard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shard: TokenShard) -> torch.Tensor:
+        ctx.shard, ctx.shape = shard, x.shape
+        return shard.pad(x)[:, shard.start:shard.start + shard.local].clone(memory_format=torch.contiguous_format)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        s = ctx.shard
+        full = grad.new_zeros((ctx.shape[0], s.padded, *ctx.shape[2:]))
+        full[:, s.start:s.start + s.local] = grad
+        return full[:, :s.tokens], None
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shard: TokenShard) -> torch.Tensor:
+        ctx.shard = shard
+        out = x.new_empty((shard.sp.size * x.shape[0], *x.shape[1:]))
+        _all_gather(out, x.contiguous(), group=shard.sp.group)
+        return rearrange(out, "(n b) l c -> b (n l) c", n=shard.sp.size)[:, :shard.tokens]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        s = ctx.shard
+        return s.pad(grad)[:, s.start:s.start + s.local].contiguous(), None
+
+
+class _SumGrad(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the group (replicated input -> exact input gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
+        ctx.sp = sp
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.sp.group)
+        return grad, None
+
+
+def replicated_input(x, sp: SequenceParallel):
+    """Mark a model input that is the same on every rank of the group: its gradient becomes the group's sum."""
+    if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+        return _SumGrad.apply(x, sp)
+    return x
+
+
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_img: int, key_mask: torch.Tensor | None,
+                    shard: TokenShard | None) -> torch.Tensor:
+    """Attention over ``[image tokens, text tokens]`` (``[B, n_img + L, heads, D]`` each) -> ``[B, n_img + L,
+    heads * D]``. Without ``shard`` plain :func:`attention`; with it the ``n_img`` image tokens are this rank's
+    shard and the sequence attended is the whole one (all ranks' image tokens, then the text)."""
+    if shard is None:
+        return attention(q, k, v, key_mask)
+    sp, n = shard.sp, shard.tokens
+    h = q.shape[2] // sp.size
+    heads = slice(sp.rank * h, (sp.rank + 1) * h)
+    img = _AllToAll.apply(torch.stack([t[:, :n_img] for t in (q, k, v)]), sp, 3, 2)[:, :, :n]  # [3, B, n, h, D]
+    full = [torch.cat((i, t[:, n_img:, heads]), dim=1) for i, t in zip(img.unbind(0), (q, k, v))]
+    del img
+    out = attention(*full, key_mask).unflatten(-1, (h, -1))  # [B, n + L, h, D]
+    img_out = _AllToAll.apply(shard.pad(out[:, :n]), sp, 1, 2)  # [B, n_img, heads, D]
+    txt_out = _GatherHeads.apply(out[:, n:], sp)
+    return torch.cat((img_out, txt_out), dim=1).flatten(2)
