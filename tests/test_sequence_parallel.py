@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from accvideo_core.models.sequence_parallel import lead_sequence_parallel
+from accvideo_core.sampling import flow_sigmas, sample_flow
 from accvideo_core.testing import tiny_inputs, tiny_transformer
 
 # (model overrides, input kwargs, gradient checkpointing)
@@ -56,6 +58,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             for key in [k for k in r if k.startswith("grad/")]:
                 dist.all_reduce(r[key])  # each rank holds its share of the parameter gradients
             results[name] = r
+        results["led"] = _led_sampling(rank)
         try:
             three = tiny_transformer(seed=0, num_heads=3, hidden_size=48, rope_axes=(4, 4, 8))
             three.enable_sequence_parallel(dist.group.WORLD)
@@ -65,6 +68,23 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _sampling_inputs():
+    model = tiny_transformer(seed=5)
+    inp = tiny_inputs(model.config, batch=2, valid=[6, 3], frames=2, height=4, width=6, seed=6)
+    return model, inp
+
+
+def _led_sampling(rank: int) -> torch.Tensor | None:
+    """3 Euler steps run by rank 0 through lead_sequence_parallel; rank 1 only serves (returns None)."""
+    model, inp = _sampling_inputs()
+    with lead_sequence_parallel(model) as lead:
+        if lead is None:
+            assert rank != 0
+            return None
+        return sample_flow(lead, inp["latents"], flow_sigmas(3), text_states=inp["text_states"],
+                           text_mask=inp["text_mask"], pooled=inp["pooled"], guidance=torch.tensor([6.0, 3.0]))
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +114,47 @@ def test_sp2_equals_one_process(sp2, name):
             assert err <= 1e-5, f"rank {rank} {name} {key}: relative error {err:.2e}"
 
 
+def test_lead_sequence_parallel_runs_one_process_calls_on_every_rank(sp2):
+    """The dumper's mode: rank 0 samples, rank 1 serves its calls; rank 0's result equals one process."""
+    model, inp = _sampling_inputs()
+    with torch.no_grad():
+        ref = sample_flow(model, inp["latents"], flow_sigmas(3), text_states=inp["text_states"],
+                          text_mask=inp["text_mask"], pooled=inp["pooled"], guidance=torch.tensor([6.0, 3.0]))
+    assert sp2[1]["led"] is None
+    assert _rel_err(sp2[0]["led"], ref) <= 1e-5
+
+
 def test_sp_degree_must_divide_the_heads(sp2):
     assert "sequence parallel degree 2 must divide the number of attention heads (3" in sp2[0]["heads_error"]
     assert "use one of [1, 3]" in sp2[0]["heads_error"]
+
+
+def test_estimate_counts_the_flops_torch_counts():
+    """The estimate's forward FLOPs equal torch's FLOP counter on a real forward (math SDPA, so attention counts)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from accvideo_core.train.estimate import forward_flops
+
+    model = tiny_transformer(seed=0)
+    inp = tiny_inputs(model.config, batch=1, frames=3, height=8, width=6, text_len=7)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(**inp)
+    assert forward_flops(model, 3 * 4 * 3, 7) == counter.get_total_flops()
+
+
+def test_estimate_with_sequence_parallel(capsys):
+    from accvideo_core.models.transformer_hunyuan_video import TransformerConfig
+    from accvideo_core.train.estimate import estimate, main
+
+    one = estimate(TransformerConfig(), frames=93, height=544, width=960, gpus=8)
+    eight = estimate(TransformerConfig(), frames=93, height=544, width=960, gpus=8, sp=8)
+    local = (24 * 34 * 60 // 8 + 256) * 3072 * 2  # bf16 [1/8 of the image tokens + all text, hidden]
+    assert eight.activations["trajectory phase"] == pytest.approx((60 + 20 + 6) * local / 1e9)
+    assert eight.static == one.static  # FSDP2 shards over all 8 ranks in both layouts
+    assert one.peak > 70 and eight.peak < 40
+    assert eight.days(gpus=8) == one.days(gpus=8) == pytest.approx(2 * one.days(gpus=16))
+    with pytest.raises(ValueError, match="sp 5 must divide the number of GPUs"):
+        estimate(TransformerConfig(), frames=93, height=544, width=960, gpus=10, sp=5)
+    assert main(["--plan"]) == 0
+    assert "| 1280x720x129 (119056) | 8 | 8 |" in capsys.readouterr().out

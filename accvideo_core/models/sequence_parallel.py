@@ -20,6 +20,7 @@ Gradients (every rank computes the same loss on the gathered output, as the trai
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -200,3 +201,87 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_img: in
     img_out = _AllToAll.apply(shard.pad(out[:, :n]), sp, 1, 2)  # [B, n_img, heads, D]
     txt_out = _GatherHeads.apply(out[:, n:], sp)
     return torch.cat((img_out, txt_out), dim=1).flatten(2)
+
+
+
+@contextlib.contextmanager
+def lead_sequence_parallel(model: torch.nn.Module, group: dist.ProcessGroup | None = None):
+    """Spread one process's calls of ``model`` over a sequence-parallel group (the SynVid dumper under torchrun).
+
+    Without a process group it yields ``model``. With one, sequence parallelism over ``group`` (default: all
+    ranks) is enabled; the group's first rank gets a stand-in whose every call all ranks of the group run with the
+    same inputs (tensors broadcast on the model's device, same grad mode and autocast); the other ranks serve those
+    calls until the first rank leaves the ``with`` block, then get ``None``.
+    """
+    if not dist.is_initialized():
+        yield model
+        return
+    model.enable_sequence_parallel(group)
+    sp = SequenceParallel.over(group)
+    device = next(model.parameters()).device
+    if sp.rank != 0:
+        _serve(model, sp, device)
+        yield None
+        return
+    try:
+        yield _Leader(model, sp)
+    finally:
+        _send_call(sp, None, device)
+
+
+class _Leader(torch.nn.Module):
+    """The stand-in of :func:`lead_sequence_parallel`: sends every call to the other ranks, then runs it."""
+
+    def __init__(self, model: torch.nn.Module, sp: SequenceParallel) -> None:
+        super().__init__()
+        self.model, self.sp = model, sp
+
+    def forward(self, *args, **kwargs):
+        _send_call(self.sp, (args, kwargs), next(self.model.parameters()).device)
+        return self.model(*args, **kwargs)
+
+    def state_dict(self, *args, **kwargs):
+        return self.model.state_dict(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class _TensorSlot:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _send_call(sp: SequenceParallel, call: tuple | None, device: torch.device) -> None:
+    """Broadcast one call ``(args, kwargs)`` (``None`` = stop) from the group's first rank: tensors by collectives
+    on ``device``, other values pickled, with the caller's grad mode and autocast state."""
+    src = dist.get_global_rank(sp.group, 0)
+    if call is None:
+        dist.broadcast_object_list([None], src=src, group=sp.group)
+        return
+    args, kwargs = call
+    values = list(args) + list(kwargs.values())
+    plain = [_TensorSlot(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for v in values]
+    amp = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+    dist.broadcast_object_list([(len(args), list(kwargs), plain, torch.is_grad_enabled(), amp)], src=src,
+                               group=sp.group)
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            dist.broadcast(v.detach().to(device).contiguous(), src=src, group=sp.group)
+
+
+def _serve(model: torch.nn.Module, sp: SequenceParallel, device: torch.device) -> None:
+    """Run the first rank's calls (sent by :func:`_send_call`) until it sends stop."""
+    src = dist.get_global_rank(sp.group, 0)
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=src, group=sp.group)
+        if box[0] is None:
+            return
+        n_args, names, plain, grad, (amp, amp_dtype) = box[0]
+        values = []
+        for v in plain:
+            if isinstance(v, _TensorSlot):
+                v = torch.empty(v.shape, dtype=v.dtype, device=device)
+                dist.broadcast(v, src=src, group=sp.group)
+            values.append(v)
+        with torch.set_grad_enabled(grad), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            model(*values[:n_args], **dict(zip(names, values[n_args:])))

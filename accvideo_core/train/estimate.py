@@ -1,11 +1,14 @@
-"""Per-GPU memory (and compute) estimate of an AccVideo training run, from the model config and video size.
+"""Per-GPU memory and compute estimate of an AccVideo training run, from the model config and video size.
 
 ``python -m accvideo_core.train.estimate [--frames 93 --height 544 --width 960 --gpus 8 --sp 1 --ema]``
+``python -m accvideo_core.train.estimate --plan`` (the 544p / 720p table of docs/training.md)
 
-The formulas are those of docs/training.md ("13B on 8 GPUs"): FSDP2 over ``gpus`` ranks, fp32 master weights,
-gradients and AdamW states, bf16 frozen teacher, per-block gradient checkpointing, micro-batch 1, O(N)-memory
-attention; ``sp`` = sequence-parallel degree dividing the activations. Parameter counts come from building the
-transformer on the meta device, so they are exact for the given config.
+The formulas are those of docs/training.md ("13B: memory and days"): FSDP2 over all ``gpus`` ranks (the
+sequence-parallel ranks shard the weights too), fp32 master weights, gradients and AdamW states, bf16 frozen
+teacher, per-block gradient checkpointing, micro-batch 1, O(N)-memory attention. ``sp`` = Ulysses sequence-parallel
+degree as built (``models/sequence_parallel.py``): each rank holds 1/sp of the image tokens and all text tokens,
+plus the all-to-all buffers of q/k/v; the discriminator's gathered features are full size on every rank.
+Parameter counts and forward FLOPs come from the transformer built on the meta device (exact for the config).
 """
 from __future__ import annotations
 
@@ -21,6 +24,13 @@ from accvideo_core.train.heads import DiscriminatorHead
 
 GB = 1e9
 RECOMPUTE_FACTOR = 20  # one single block's recompute + backward working set, in hidden-state tensors (~6 GB at 544p)
+ALL_TO_ALL_BUFFERS = 6  # sp > 1: stacked q/k/v sent and received around one attention, in local hidden tensors
+# One segment of one sample, in forward-equivalents: student trajectory (forward, recompute, backward = 2: 4),
+# student fake step (4), teacher fake features with the input gradient (forward, recompute, backward ~2: 4),
+# teacher real features (forward only: 1).
+FORWARDS_PER_SEGMENT = 13
+PAPER_ITERATIONS = 1200
+SUSTAINED_TFLOPS = 125.0  # per GPU: 40 % of an A100's bf16 peak (312 TFLOP/s)
 
 
 @dataclass
@@ -30,13 +40,50 @@ class Estimate:
     static: dict[str, float]
     activations: dict[str, float]
 
+    forward_flops: float = 0.0  # one student forward of one sample
+
     @property
     def peak(self) -> float:
         return sum(self.static.values()) + max(self.activations.values())
 
+    def days(self, *, gpus: int, iterations: int = PAPER_ITERATIONS, batch: int = 32, segments: int = 5,
+             tflops: float = SUSTAINED_TFLOPS) -> float:
+        """Days for ``iterations`` of ``batch`` samples x ``segments`` trained segments at the counted FLOPs
+        (communication not counted)."""
+        total = iterations * batch * segments * FORWARDS_PER_SEGMENT * self.forward_flops
+        return total / (gpus * tflops * 1e12) / 86400
+
+
+def forward_flops(model: HunyuanVideoTransformer3D, image_tokens: int, text_tokens: int) -> float:
+    """Multiply-add FLOPs (x2) of one forward of one sample: every Linear / the patch conv on the tokens it sees
+    (image stream, text stream, both, or one conditioning vector), plus attention QK^T and AV over the joint
+    sequence of every double and single block (the refiner's text-only attention too)."""
+    both = image_tokens + text_tokens
+    flops = 2.0 * model.img_in.proj.weight.numel() * image_tokens
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if "_mod" in name or "modulation" in name or name.startswith(("time_in", "vector_in", "guidance_in")) \
+                or ".t_embedder" in name or ".c_embedder" in name:
+            tokens = 1                                  # conditioning vectors
+        elif name.startswith("txt_in") or ".txt_" in name:
+            tokens = text_tokens
+        elif ".img_" in name or name.startswith("final_layer"):
+            tokens = image_tokens
+        else:
+            tokens = both                               # single-block linear1 / linear2
+        flops += 2.0 * module.in_features * module.out_features * tokens
+    c = model.config
+    flops += 4.0 * both ** 2 * c.hidden_size * c.num_layers + 4.0 * text_tokens ** 2 * c.hidden_size * \
+        c.num_refiner_blocks
+    return flops
+
 
 def estimate(config: TransformerConfig, *, frames: int, height: int, width: int, gpus: int, sp: int = 1,
              text_tokens: int = 256, ema: bool = False, segments: int = 5, head_width: int = 256) -> Estimate:
+    if gpus % sp or config.num_heads % sp:
+        raise ValueError(f"sp {sp} must divide the number of GPUs ({gpus}) and of attention heads "
+                         f"({config.num_heads})")
     with torch.device("meta"):
         model = HunyuanVideoTransformer3D(config)
         head = DiscriminatorHead(config.hidden_size, head_width)
@@ -46,7 +93,8 @@ def estimate(config: TransformerConfig, *, frames: int, height: int, width: int,
     heads = segments * sum(t.numel() for t in head.parameters())
     _, _, t, h, w = latent_shape(frames, height, width)
     pt, ph, pw = config.patch_size
-    tokens = (t // pt) * (h // ph) * (w // pw) + text_tokens
+    image_tokens = (t // pt) * (h // ph) * (w // pw)
+    tokens = image_tokens + text_tokens
     static = {
         "student fp32 weights": 4 * p / gpus, "student fp32 gradients": 4 * p / gpus,
         "AdamW states": 8 * p / gpus, "teacher bf16": 2 * p / gpus, "heads (replicated)": 16 * heads,
@@ -54,12 +102,40 @@ def estimate(config: TransformerConfig, *, frames: int, height: int, width: int,
     }
     if ema:
         static["EMA fp32"] = 4 * p / gpus
-    hidden = tokens * config.hidden_size * 2 / sp           # one bf16 [tokens, hidden] tensor (per SP rank)
+    # one bf16 [tokens, hidden] tensor of an SP rank: 1/sp of the image tokens (rounded up), every text token
+    hidden = (-(-image_tokens // sp) + text_tokens) * config.hidden_size * 2
     graph = config.num_layers * hidden                      # checkpointed block inputs of one forward graph
-    recompute = RECOMPUTE_FACTOR * hidden
-    activations = {"trajectory phase": graph + recompute, "adversarial phase": 2 * graph + recompute}
+    recompute = (RECOMPUTE_FACTOR + (ALL_TO_ALL_BUFFERS if sp > 1 else 0)) * hidden
+    features = 2 * image_tokens * config.hidden_size * 2    # gathered teacher features + their gradient (heads)
+    activations = {"trajectory phase": graph + recompute, "adversarial phase": 2 * graph + recompute + features}
     return Estimate(p, tokens, {k: v / GB for k, v in static.items()},
-                    {k: v / GB for k, v in activations.items()})
+                    {k: v / GB for k, v in activations.items()}, forward_flops(model, image_tokens, text_tokens))
+
+
+PLAN_VIDEOS = ((93, 544, 960), (129, 720, 1280))
+PLAN_LAYOUTS = ((8, 1), (8, 2), (8, 4), (8, 8), (16, 8), (32, 8))  # (GPUs, SP degree)
+
+
+def plan_rows(tflops: float = SUSTAINED_TFLOPS, iterations: int = PAPER_ITERATIONS) -> list[dict]:
+    """Full fine-tune at 544p and 720p over the GPU / SP layouts of docs/training.md."""
+    rows = []
+    for frames, height, width in PLAN_VIDEOS:
+        for gpus, sp in PLAN_LAYOUTS:
+            e = estimate(TransformerConfig(), frames=frames, height=height, width=width, gpus=gpus, sp=sp)
+            rows.append({"video": f"{width}x{height}x{frames}", "tokens": e.tokens, "gpus": gpus, "sp": sp,
+                         "peak_gb": e.peak, "forward_pflop": e.forward_flops / 1e15,
+                         "days_5_segments": e.days(gpus=gpus, iterations=iterations, tflops=tflops),
+                         "days_1_segment": e.days(gpus=gpus, iterations=iterations, segments=1, tflops=tflops)})
+    return rows
+
+
+def _print_plan(rows: list[dict], tflops: float, iterations: int) -> None:
+    print(f"| video (tokens) | GPUs | SP | GB per GPU | days, 5 segments / 1 segment per sample |  "
+          f"({iterations} iterations of 32 samples, {tflops:g} TFLOP/s per GPU sustained)")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['video']} ({r['tokens']}) | {r['gpus']} | {r['sp']} | {r['peak_gb']:.1f} | "
+              f"{r['days_5_segments']:.1f} / {r['days_1_segment']:.1f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,15 +144,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--height", type=int, default=544)
     ap.add_argument("--width", type=int, default=960)
     ap.add_argument("--gpus", type=int, default=8)
-    ap.add_argument("--sp", type=int, default=1, help="sequence-parallel degree (not implemented by the trainer yet)")
+    ap.add_argument("--sp", type=int, default=1,
+                    help="Ulysses sequence-parallel degree (must divide --gpus and the 24 heads)")
     ap.add_argument("--ema", action="store_true")
+    ap.add_argument("--segments", type=int, default=5, help="segments trained per sample and iteration (1..5)")
+    ap.add_argument("--iterations", type=int, default=PAPER_ITERATIONS)
+    ap.add_argument("--tflops", type=float, default=SUSTAINED_TFLOPS, help="sustained bf16 TFLOP/s per GPU")
+    ap.add_argument("--plan", action="store_true", help="the 544p / 720p table over GPU and SP layouts")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.plan:
+        rows = plan_rows(args.tflops, args.iterations)
+        print(json.dumps(rows, indent=2)) if args.json else _print_plan(rows, args.tflops, args.iterations)
+        return 0
     e = estimate(TransformerConfig(), frames=args.frames, height=args.height, width=args.width, gpus=args.gpus,
                  sp=args.sp, ema=args.ema)
+    days = e.days(gpus=args.gpus, iterations=args.iterations, segments=args.segments, tflops=args.tflops)
     if args.json:
         print(json.dumps({"params": e.params, "tokens": e.tokens, "static_gb": e.static,
-                          "activations_gb": e.activations, "peak_gb": e.peak}, indent=2))
+                          "activations_gb": e.activations, "peak_gb": e.peak, "forward_flops": e.forward_flops,
+                          "days": days}, indent=2))
         return 0
     print(f"HunyuanVideo {e.params / 1e9:.3f} B params, {args.frames}x{args.height}x{args.width} -> {e.tokens} "
           f"tokens, {args.gpus} GPUs (FSDP2), SP degree {args.sp}")
@@ -86,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in e.activations.items():
         print(f"  {'activations, ' + name:<30}{value:8.2f} GB")
     print(f"  {'peak per GPU':<30}{e.peak:8.2f} GB")
+    print(f"  one forward {e.forward_flops / 1e15:.2f} PFLOP; {args.iterations} iterations x 32 samples x "
+          f"{args.segments} segments x {FORWARDS_PER_SEGMENT} forward-equivalents at {args.tflops:g} TFLOP/s per "
+          f"GPU: {days:.1f} days (communication not counted)")
     return 0
 
 
