@@ -259,14 +259,20 @@ def load_transformer(source: str | os.PathLike | Mapping[str, torch.Tensor], *, 
     return model.eval()
 
 
-def save_transformer(model: HunyuanVideoTransformer3D, path: str | os.PathLike) -> Path:
+def save_transformer(model: HunyuanVideoTransformer3D, path: str | os.PathLike, *,
+                     tensors: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None,
+                     metadata: dict[str, str] | None = None) -> Path:
     """Atomically write ``model`` as an original-layout safetensors file with its config in the metadata.
 
     fp8 weights are written as fp8; when some carry a ``scale_weight`` the ``scaled_fp8`` marker key that ComfyUI
-    uses to recognise scaled fp8 files is added.
+    uses to recognise scaled fp8 files is added. ``tensors``: the weights to write instead of
+    ``model.state_dict()`` (e.g. gathered from a sharded model); ``dtype``: cast floating-point weights;
+    ``metadata``: extra entries next to the config.
     """
-    meta = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())}
-    tensors = model.state_dict()
+    meta = {**(metadata or {}), CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())}
+    tensors = dict(model.state_dict() if tensors is None else tensors)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     if any(k.endswith(".scale_weight") for k in tensors):
         tensors["scaled_fp8"] = torch.empty(0, dtype=FP8_DTYPES[0])
     return save_safetensors(tensors, path, metadata=meta)

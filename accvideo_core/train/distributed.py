@@ -65,8 +65,8 @@ def shutdown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def shard_transformer(model: nn.Module, *, param_dtype: torch.dtype | None, reshard_after_forward: bool,
-                      device: torch.device, extra_methods: Iterable[str] = ()) -> nn.Module:
+def shard_transformer(model: nn.Module, *, mesh, param_dtype: torch.dtype | None, reshard_after_forward: bool,
+                      extra_methods: Iterable[str] = ()) -> nn.Module:
     """FSDP2: ``fully_shard`` every double/single block, then the root (embedders, refiner, final layer).
 
     ``param_dtype`` (bf16 on CUDA) becomes the MixedPrecisionPolicy with fp32 gradient reduction; ``None`` keeps
@@ -77,7 +77,7 @@ def shard_transformer(model: nn.Module, *, param_dtype: torch.dtype | None, resh
     # Our callers never modify a model output in place, so FSDP2's "returned a view tensor" warning is moot.
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*", category=UserWarning)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
-    kwargs = {"reshard_after_forward": reshard_after_forward, "mesh": _mesh(device)}
+    kwargs = {"reshard_after_forward": reshard_after_forward, "mesh": mesh}
     if mp is not None:
         kwargs["mp_policy"] = mp
     # no model.to(device): fully_shard moves one block at a time to the mesh device and keeps only its shard
@@ -92,7 +92,7 @@ def shard_transformer(model: nn.Module, *, param_dtype: torch.dtype | None, resh
 _MESHES: dict[str, object] = {}
 
 
-def _mesh(device: torch.device):
+def device_mesh(device: torch.device):
     """The 1-D device mesh over all ranks on ``device``'s type (created once)."""
     if device.type not in _MESHES:
         from torch.distributed.device_mesh import init_device_mesh

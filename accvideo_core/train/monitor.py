@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from accvideo_core.train.plot import plot_panels
+from accvideo_core.utils.io import write_bytes
 
 
 class Monitor:
@@ -31,6 +32,15 @@ class Monitor:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
+    def truncate(self, step: int) -> None:
+        """Keep only rows up to ``step`` (none for a fresh run): on resume, the rows of the killed run past its
+        checkpoint go. Rewritten atomically, so a kill here never cuts the log."""
+        if not self.enabled or not self.path.is_file():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if step > 0 and json.loads(line).get("step", 0) <= step]
+        write_bytes("".join(line + "\n" for line in kept).encode(), self.path)
+
     def step(self, step: int, metrics: dict[str, float]) -> None:
         """Record iteration ``step`` (1-based count of finished iterations) and maybe print the progress line."""
         elapsed = time.perf_counter() - self.t0
@@ -52,8 +62,9 @@ class Monitor:
         if self.enabled:
             print(message, file=self.stream, flush=True)
 
-    def plot(self, out_png: Path) -> Path | None:
-        """Loss curves of ``metrics.jsonl``: trajectory loss per segment, adversarial losses, validation MSE."""
+    def plot(self, out_png: Path, *, teacher_steps: int) -> Path | None:
+        """Loss curves of ``metrics.jsonl``: trajectory loss per segment, adversarial losses, validation MSE
+        (to the teacher's final latent after ``teacher_steps`` steps)."""
         if not self.enabled or not self.path.is_file():
             return None
         rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -68,7 +79,8 @@ class Monitor:
         if any("adv_g" in r for r in train):
             panels.append(("ADVERSARIAL", series(train, ["adv_g", "adv_d"]), False))
         if val:
-            panels.append(("VALIDATION MSE TO TEACHER 50 STEP", series(val, ["student_mse", "teacher5_mse"]), True))
+            title = f"VALIDATION MSE TO TEACHER {teacher_steps} STEP"
+            panels.append((title, series(val, ["student_mse", "teacher5_mse"]), True))
         return plot_panels(panels, out_png)
 
 

@@ -1,0 +1,184 @@
+"""Everything the trainer builds before its first iteration: data, models, device mesh and sharding, optimizers.
+
+- :func:`build_data`: the SynVid key timesteps, the per-rank training stream and the held-out records;
+- :func:`build_models`: student (fp32 copy of the teacher), frozen teacher, optional EMA, heads, optimizers;
+- :func:`place_models`: **the one place** where the device mesh is chosen and the models are sharded (FSDP2
+  under torchrun) or moved to the device; extend it for other mesh layouts.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from accvideo_core.synvid.format import SynVidDataset, SynVidError, key_steps_for, read_sample
+from accvideo_core.train import distributed as D
+from accvideo_core.train.batching import Record, SampleStream, sample_record
+from accvideo_core.train.config import ConfigError, TrainConfig
+from accvideo_core.train.heads import build_heads, default_feature_layers
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Data:
+    """Training stream of this rank, held-out records and the data set's key timesteps (sigma 1 first)."""
+
+    stream: SampleStream
+    val_records: list[Record]
+    key_steps: list[int]
+    key_sigmas: list[float]
+    bad_samples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Models:
+    """The trained and frozen modules with their optimizers, placed on the device (sharded under torchrun)."""
+
+    student: nn.Module
+    teacher: nn.Module
+    ema: nn.Module | None
+    heads: nn.ModuleList
+    opt: torch.optim.Optimizer
+    head_opt: torch.optim.Optimizer
+    config: Any                 # the teacher's TransformerConfig
+    feature_layers: list[int]   # teacher layer of the discriminator features per key timestep k
+
+
+def build_data(cfg: TrainConfig, info: D.DistInfo) -> Data:
+    """Key timesteps from the manifest, key sigmas from the first readable sample, train/held-out split."""
+    root = cfg.data.root
+    if not root:
+        raise ConfigError("data.root is empty: set it to a SynVid folder (python -m accvideo_core.synvid.dump)")
+    steps = SynVidDataset(root).manifest.get("steps")
+    if not isinstance(steps, int):
+        raise SynVidError(f"{root}: manifest has no teacher 'steps'; rebuild it")
+    key_steps = key_steps_for(steps, cfg.data.segments)
+    train_ds = SynVidDataset(root, steps=key_steps)
+    n = len(train_ds)
+    if cfg.data.val_root:
+        val_ds = SynVidDataset(cfg.data.val_root, steps=key_steps)
+        val_idx, train_idx = list(range(min(len(val_ds), max(cfg.data.val_samples, 0)))), list(range(n))
+    else:
+        n_val = max(0, min(cfg.data.val_samples, n - info.world))
+        val_ds, val_idx, train_idx = train_ds, list(range(n - n_val, n)), list(range(n - n_val))
+    key_sigmas = _key_sigmas(train_ds, train_idx, key_steps)
+    bad: list[str] = []
+
+    def report_bad(index: int, err: SynVidError) -> None:
+        bad.append(str(err))
+        print(f"skipping corrupt SynVid sample (rank {info.rank}): {err}", file=sys.stderr, flush=True)
+
+    def check_sigmas(sample) -> None:
+        got = [float(sample.sigmas[j]) for j in key_steps]
+        if any(abs(a - b) > 1e-6 for a, b in zip(got, key_sigmas)):
+            raise SynVidError(f"key sigmas {got} differ from the data set's {key_sigmas}")
+
+    stream = SampleStream(train_ds, train_idx, rank=info.rank, world=info.world, seed=cfg.optim.seed,
+                          on_error=report_bad, check=check_sigmas)
+    val_records = [sample_record(sample, -1 - i) for i, sample in val_ds.iter_valid(val_idx, on_error=report_bad)]
+    return Data(stream, val_records, key_steps, key_sigmas, bad)
+
+
+def _key_sigmas(ds: SynVidDataset, indices: list[int], key_steps: list[int]) -> list[float]:
+    for i in indices:
+        try:
+            s = read_sample(ds.path(i), steps=key_steps[:1], check_finite=False)
+        except SynVidError:
+            continue
+        return [float(s.sigmas[j]) for j in key_steps]
+    raise SynVidError(f"{ds.root}: no readable training sample")
+
+
+def build_models(cfg: TrainConfig, info: D.DistInfo, teacher: nn.Module | None, *, bf16: bool) -> Models:
+    """Student (fp32 copy of the teacher, every parameter trains), frozen teacher, optional EMA, heads, AdamW."""
+    teacher, full_sd = _teacher(cfg, info, teacher)
+    meta = next(teacher.parameters()).is_meta
+    if not meta:
+        _check_not_fp8(teacher)
+    tdtype = DTYPES.get(cfg.model.teacher_dtype) or (torch.bfloat16 if info.device.type == "cuda" else
+                                                     torch.float32)
+    student = copy.deepcopy(teacher).float().train().requires_grad_(True)
+    teacher = teacher.to(dtype=tdtype).eval().requires_grad_(False)
+    student.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
+    teacher.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
+    ema = copy.deepcopy(student).requires_grad_(False).eval() if cfg.optim.ema_decay > 0 else None
+    place_models(cfg, info, student=student, teacher=teacher, ema=ema, full_sd=full_sd if meta else None,
+                 bf16=bf16)
+    nl, m = teacher.config.num_layers, cfg.data.segments
+    feature_layers = list(cfg.loss.feature_layers or default_feature_layers(nl, m))
+    if any(not 1 <= layer <= nl for layer in feature_layers):
+        raise ConfigError(f"loss.feature_layers {feature_layers} must be in 1..{nl} for this teacher")
+    lo, o = cfg.loss, cfg.optim
+    heads = build_heads(m, teacher.config.hidden_size, width=lo.head_width, blocks=lo.head_blocks,
+                        kernel=lo.head_kernel, groups=lo.head_groups).to(info.device)
+    D.broadcast_module_(heads, info)
+    opt = torch.optim.AdamW(student.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    head_opt = torch.optim.AdamW(heads.parameters(), lr=o.head_lr, betas=o.betas, eps=o.eps,
+                                 weight_decay=o.weight_decay)
+    return Models(student, teacher, ema, heads, opt, head_opt, teacher.config, feature_layers)
+
+
+def _teacher(cfg: TrainConfig, info: D.DistInfo,
+             teacher: nn.Module | None) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+    """The teacher module, and (under torchrun) rank 0's full fp32 state dict for a meta-device teacher.
+
+    Under torchrun only rank 0 reads the file; every rank builds the model on the meta device and
+    :func:`place_models` broadcasts the weights, so a node holds one full copy in CPU memory, not one per rank.
+    """
+    if teacher is not None:
+        return teacher, None
+    if not cfg.model.teacher:
+        raise ConfigError("model.teacher is empty: set it to the teacher checkpoint (.safetensors/.pt)")
+    from accvideo_core.models.loading import load_transformer
+
+    if not (info.fsdp and info.world > 1):
+        return load_transformer(cfg.model.teacher, dtype=torch.float32), None
+    from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig
+
+    full_sd: dict[str, torch.Tensor] | None = None
+    shared: list[Any] = [None]
+    if info.is_main:
+        loaded = load_transformer(cfg.model.teacher, dtype=torch.float32)
+        _check_not_fp8(loaded)
+        full_sd = loaded.state_dict()
+        shared = [loaded.config.to_dict()]
+        del loaded
+    torch.distributed.broadcast_object_list(shared, src=0)
+    with torch.device("meta"):
+        return HunyuanVideoTransformer3D(TransformerConfig.from_dict(shared[0])), full_sd
+
+
+def place_models(cfg: TrainConfig, info: D.DistInfo, *, student: nn.Module, teacher: nn.Module,
+                 ema: nn.Module | None, full_sd: dict[str, torch.Tensor] | None, bf16: bool) -> None:
+    """Device mesh and sharding: FSDP2 over all ranks (per block, then the root) or a plain move to the device.
+
+    ``full_sd``: rank 0's weights for models built on the meta device (broadcast into every rank's shards).
+    The student computes in bf16 on CUDA (fp32 master weights); the teacher and EMA keep their dtype.
+    """
+    models = [m for m in (student, teacher, ema) if m is not None]
+    if not info.fsdp:
+        for model in models:
+            model.to(info.device)
+        return
+    mesh = D.device_mesh(info.device)
+    D.shard_transformer(student, mesh=mesh, param_dtype=torch.bfloat16 if bf16 else None,
+                        reshard_after_forward=cfg.runtime.reshard_after_forward)
+    D.shard_transformer(teacher, mesh=mesh, param_dtype=None, reshard_after_forward=True,
+                        extra_methods=("image_features",))
+    if ema is not None:
+        D.shard_transformer(ema, mesh=mesh, param_dtype=None, reshard_after_forward=True)
+    if next(student.parameters()).is_meta:
+        for model in models:
+            model.to_empty(device=info.device)
+            D.load_full_model_state(model, dict(full_sd or {}), info)  # the loader mutates its dict
+
+
+def _check_not_fp8(model: nn.Module) -> None:
+    if any(p.dtype.itemsize == 1 for p in model.parameters()):
+        raise ConfigError("the teacher holds fp8 weights; distil from a bf16/fp32 checkpoint (the student "
+                          "trains every parameter and starts from the teacher's weights)")
