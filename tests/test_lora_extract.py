@@ -264,3 +264,23 @@ def test_merge_checkpoint_streams_and_equals_in_memory_merge(tmp_path, capsys):
     assert torch.equal(fp8[key].float(), single[key].float().to(torch.float8_e4m3fn).float())
     bias = "final_layer.adaLN_modulation.1.bias"
     assert torch.equal(fp8[bias], single[bias].bfloat16())
+
+
+def test_cli_merge_default_dtype_keeps_each_tensors_dtype(tmp_path, capsys):
+    """Regression: ``merge`` without ``--dtype`` (default ``keep``) died with KeyError 'keep'."""
+    base, tuned = make_pair()
+    mixed = {k: (v.bfloat16() if v.ndim == 2 else v) for k, v in base.items()}  # bf16 matrices, fp32 the rest
+    save_safetensors(mixed, tmp_path / "base.safetensors")
+    lora = extract(base, tuned, rank=3, out=tmp_path / "l.safetensors", dtype=torch.float32).path
+    code = cli_main(["merge", "--base", str(tmp_path / "base.safetensors"), "--lora", str(lora),
+                     "--out", str(tmp_path / "merged.safetensors")])
+    assert code == 0, capsys.readouterr().err
+    got = load_file(tmp_path / "merged.safetensors")
+    assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in mixed.items()}
+    want = merge_into_state_dict(mixed, [(lora, 1.0)])
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert cli_main(["merge", "--base", str(tmp_path / "base.safetensors"), "--lora", str(lora),
+                     "--out", str(tmp_path / "m16.safetensors"), "--dtype", "float16"]) == 0
+    assert {v.dtype for v in load_file(tmp_path / "m16.safetensors").values() if v.is_floating_point()} == \
+        {torch.float16}

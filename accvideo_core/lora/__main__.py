@@ -6,16 +6,16 @@ import argparse
 import json
 import sys
 
-import torch
+from accvideo_core.utils.dtypes import names_for, parse_dtype
 
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_FLOATS = ("float16", "bfloat16", "float32")
 
 
 def _extract(args: argparse.Namespace) -> int:
     from .extract import extract, progress_printer
 
     try:
-        result = extract(args.base, args.tuned, args.rank, out=args.out, dtype=_DTYPES[args.dtype],
+        result = extract(args.base, args.tuned, args.rank, out=args.out, dtype=parse_dtype(args.dtype),
                          qk_norms=args.qk_norms, svd=args.svd, device=args.device,
                          progress=progress_printer())
     except KeyboardInterrupt:
@@ -44,7 +44,7 @@ def _merge(args: argparse.Namespace) -> int:
     from .extract import progress_printer
     from .merge import FP8, merge_checkpoint
 
-    dtype = {"keep": None, "fp8": FP8}.get(args.dtype) or _DTYPES[args.dtype]
+    dtype = {"keep": None, "fp8": FP8}[args.dtype] if args.dtype in ("keep", "fp8") else parse_dtype(args.dtype)
     try:
         path = merge_checkpoint(args.base, [_lora_arg(x) for x in args.lora], args.out, dtype=dtype,
                                 progress=progress_printer(label="merge"))
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--tuned", required=True, help="fine-tuned transformer checkpoint, e.g. the AccVideo model")
     ex.add_argument("--rank", type=int, required=True, help="LoRA rank (e.g. 32, 64, 128)")
     ex.add_argument("--out", required=True, help="output .safetensors")
-    ex.add_argument("--dtype", choices=sorted(_DTYPES), default="fp16", help="dtype of the written tensors")
+    ex.add_argument("--dtype", choices=names_for(*_FLOATS), default="fp16", help="dtype of the written tensors")
     ex.add_argument("--svd", choices=("auto", "exact", "randomized"), default="auto")
     ex.add_argument("--device", default="cpu", help="device for the SVDs (e.g. cuda)")
     ex.add_argument("--qk-norms", choices=("comfy", "original", "skip"), default="comfy",
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     mg.add_argument("--lora", required=True, action="append", metavar="FILE[:STRENGTH]",
                     help="LoRA to merge, optionally with a strength (default 1.0); repeat for several")
     mg.add_argument("--out", required=True, help="output .safetensors (original layout)")
-    mg.add_argument("--dtype", choices=("keep", "bf16", "fp16", "fp32", "fp8"), default="keep",
+    mg.add_argument("--dtype", choices=["keep", "fp8", *names_for(*_FLOATS)], default="keep",
                     help="output dtype; fp8 = linear weights in float8_e4m3fn, the rest bf16")
     mg.set_defaults(func=_merge)
     ins = sub.add_parser("inspect", help="detected format, modules and unused keys of a LoRA file")

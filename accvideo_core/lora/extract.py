@@ -28,17 +28,11 @@ from typing import Callable, Mapping
 
 import torch
 
-from accvideo_core.utils.io import CheckpointError, save_safetensors, unwrap_state_dict
+from accvideo_core.utils.io import CheckpointError, LazyCheckpoint, save_safetensors
 
 from . import comfy_names, names
 
 QK_NORM_MODES = ("comfy", "original", "skip")
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool,
-                      **{name: getattr(torch, attr) for name, attr in (("F8_E4M3", "float8_e4m3fn"),
-                                                                      ("F8_E5M2", "float8_e5m2"))
-                         if hasattr(torch, attr)}}
 _SOURCE_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "module.", "transformer.")
 Progress = Callable[[int, int, str], None]
 
@@ -83,25 +77,8 @@ class WeightSource:
             get, keys = source.__getitem__, list(source)
             meta = None
         else:
-            path = Path(source)
-            if not path.is_file():
-                raise CheckpointError(f"checkpoint not found: {path}")
-            if path.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                handle = stack.enter_context(safe_open(str(path), framework="pt"))
-                get, keys = handle.get_tensor, list(handle.keys())
-
-                def meta(k: str) -> tuple[tuple[int, ...], torch.dtype]:
-                    view = handle.get_slice(k)
-                    return tuple(view.get_shape()), SAFETENSORS_DTYPES[view.get_dtype()]
-            else:
-                try:
-                    sd = unwrap_state_dict(torch.load(str(path), map_location="cpu", weights_only=True, mmap=True),
-                                           source=str(path))
-                except (RuntimeError, OSError, EOFError) as err:
-                    raise CheckpointError(f"{path} could not be read as a weights-only torch checkpoint ({err})") from err
-                get, keys, meta = sd.__getitem__, list(sd), None
+            reader = stack.enter_context(LazyCheckpoint(source))
+            get, keys, meta = reader.get, reader.keys(), reader.shape_dtype
         self._get = get
         self._meta = meta or (lambda k: (tuple(get(k).shape), get(k).dtype))
         # original key -> [(file key, target)] (several parts for diffusers' split q/k/v)

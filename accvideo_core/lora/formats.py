@@ -20,12 +20,11 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from accvideo_core.utils.io import CheckpointError, read_state_dict
+from accvideo_core.utils.io import read_metadata, read_state_dict
 
 from . import names
 
@@ -241,16 +240,7 @@ def _peft_scale(config: dict, file_name: str, rank: int) -> float | None:
 
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and safetensors metadata of a LoRA file (pickles: weights only, no metadata)."""
-    path = Path(path)
-    if path.suffix == ".safetensors" and path.is_file():
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
-        except Exception as err:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from err
-    return read_state_dict(path), {}
+    return read_state_dict(path), read_metadata(path)
 
 
 def load_lora(lora: str | os.PathLike | Mapping[str, torch.Tensor], *,

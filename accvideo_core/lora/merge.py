@@ -17,12 +17,12 @@ from typing import Iterable, Mapping
 
 import torch
 
+from accvideo_core.utils.dtypes import SAFETENSORS_TAGS
 from accvideo_core.utils.io import atomic_path
 
 from .apply import LoraLike, as_lora, match
-from .extract import SAFETENSORS_DTYPES, Progress, WeightSource
+from .extract import Progress, WeightSource
 
-_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 FP8 = "fp8"  # linear weights in float8_e4m3fn, everything else bf16
 
 
@@ -61,7 +61,7 @@ def merge_checkpoint(base: str | os.PathLike | Mapping[str, torch.Tensor], loras
         offset = 0
         for key in keys:
             size = math.prod(metas[key][0]) * torch.empty((), dtype=out_dtypes[key]).element_size()
-            header[key] = {"dtype": _DTYPE_NAMES[out_dtypes[key]], "shape": list(metas[key][0]),
+            header[key] = {"dtype": SAFETENSORS_TAGS[out_dtypes[key]], "shape": list(metas[key][0]),
                            "data_offsets": [offset, offset + size]}
             offset += size
         sources = ", ".join(state.source for state, _ in states)

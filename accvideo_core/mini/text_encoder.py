@@ -24,7 +24,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
-from ..utils.io import CheckpointError, read_state_dict, save_safetensors
+from ..utils.io import CheckpointError, read_metadata, read_state_dict, save_safetensors
 from .data import BACKGROUND_COLORS, CAPTION_TEMPLATE, DIRECTIONS, SHAPE_COLORS, SHAPES
 
 PAD, BOS, UNK = "<pad>", "<bos>", "<unk>"
@@ -128,11 +128,7 @@ class TinyTextEncoder(nn.Module):
         path = Path(path)
         if path.suffix != ".safetensors":
             raise CheckpointError(f"{path}: the mini text encoder is stored as .safetensors")
-        tensors = read_state_dict(path)
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
+        tensors, meta = read_state_dict(path), read_metadata(path)
         if meta.get("format") != "accvideo-mini-text-encoder" or "config" not in meta:
             raise CheckpointError(f"{path} is not a mini text encoder file (metadata {sorted(meta)}); write it "
                                   "with TinyTextEncoder.save")

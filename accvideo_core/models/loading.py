@@ -21,13 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..utils.io import CheckpointError, StateDict, read_state_dict, save_safetensors
+from ..utils.dtypes import FP8_DTYPES, names_for, parse_dtype
+from ..utils.io import CheckpointError, StateDict, read_metadata, read_state_dict, save_safetensors
 from .key_maps import (DIFFUSERS_MARKER, ORIGINAL_MARKER, comfy_internal_to_original, diffusers_to_original,
                        strip_prefix)
 from .transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig
 
 PREFIXES = ("model.diffusion_model.", "model.model.", "diffusion_model.", "transformer.")
-FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 CONFIG_METADATA_KEY = "accvideo.transformer_config"
 ORIGINAL_LAYOUT = "HunyuanVideo transformer (original layout)"
 DIFFUSERS_LAYOUT = "HunyuanVideo transformer (diffusers layout)"
@@ -160,14 +160,8 @@ def _read_source(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> tupl
         return dict(source), {}, "state dict"
     path = Path(source)
     sd = read_state_dict(path)
-    stored = {}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        if CONFIG_METADATA_KEY in meta:
-            stored = json.loads(meta[CONFIG_METADATA_KEY])
+    meta = read_metadata(path)
+    stored = json.loads(meta[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in meta else {}
     return sd, stored, str(path)
 
 
@@ -278,7 +272,7 @@ def save_transformer(model: HunyuanVideoTransformer3D, path: str | os.PathLike, 
     return save_safetensors(tensors, path, metadata=meta)
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -294,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
                                              "it) from any supported layout")
     convert.add_argument("path")
     convert.add_argument("out")
-    convert.add_argument("--dtype", choices=sorted(_DTYPES), help="weight dtype (default: keep the file's)")
+    convert.add_argument("--dtype", choices=names_for(*_COMPUTE_DTYPES), help="weight dtype (default: keep the file's)")
     convert.add_argument("--fp8", action="store_true", help="store the block Linear weights as float8_e4m3fn")
     args = parser.parse_args(argv)
 
@@ -313,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(config_from_state_dict(sd, rope_axes=tuple(axes) if axes else None).to_dict(), indent=2))
         return
     print(f"reading and converting {args.path} ...", flush=True)
-    model = load_transformer(args.path, dtype=_DTYPES.get(args.dtype),
+    model = load_transformer(args.path, dtype=parse_dtype(args.dtype) if args.dtype else None,
                              storage_dtype=FP8_DTYPES[0] if args.fp8 else None)
     print(f"writing {args.out} ...", flush=True)
     print(f"wrote {save_transformer(model, args.out)} ({model.config.num_double_blocks} double + "

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from ..utils.io import CheckpointError, read_state_dict, save_safetensors
+from ..utils.io import CheckpointError, read_metadata, read_state_dict, save_safetensors
 from .vae_hunyuan_video import HunyuanVideoVAE, VAEConfig
 
 StateDict = dict[str, torch.Tensor]
@@ -229,14 +229,9 @@ def vae_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, config: VAECo
 
 
 def _read_config_metadata(path: Path) -> dict | None:
-    if path.suffix != ".safetensors":
-        return None
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception:  # unreadable files get their clear error from read_state_dict
+        meta = read_metadata(path)
+    except CheckpointError:  # unreadable files get their clear error from read_state_dict
         return None
     return json.loads(meta[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in meta else None
 

@@ -25,23 +25,22 @@ from accvideo_core.sampling import flow_sigmas, sample_flow
 from accvideo_core.synvid.format import (
     SynVidError, SynVidSample, SynVidWriter, file_sha256, key_steps_for, state_dict_sha256,
 )
+from accvideo_core.utils.io import LazyCheckpoint
 
 
 def load_embeddings(path: str | Path) -> dict:
     """Read a precomputed-embeddings file (see the module docstring) with clear errors."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise SynVidError(f"embeddings file not found: {path}")
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
+        with LazyCheckpoint(path) as fh:
+            meta = fh.metadata
             missing = [k for k in ("text_states", "text_mask", "pooled") if k not in fh.keys()]
             if missing:
                 raise SynVidError(f"{path}: missing tensors {missing}; expected text_states [N, L, D], "
                                   "text_mask [N, L] and pooled [N, P]")
-            emb = {k: fh.get_tensor(k) for k in ("text_states", "text_mask", "pooled")}
+            emb = {k: fh.get(k) for k in ("text_states", "text_mask", "pooled")}
     except SynVidError:
         raise
     except Exception as err:

@@ -34,7 +34,9 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 
 from accvideo_core.latents import LATENT_CHANNELS, latent_shape
-from accvideo_core.utils.io import save_safetensors, write_json
+from accvideo_core.utils import dtypes
+from accvideo_core.utils.dtypes import dtype_name
+from accvideo_core.utils.io import LazyCheckpoint, save_safetensors, write_json
 
 FORMAT_NAME = "synvid"
 FORMAT_VERSION = 1
@@ -45,8 +47,7 @@ REQUIRED_METADATA = (
     "format", "format_version", "prompt", "seed", "steps", "shift", "guidance", "sigmas", "key_steps",
     "stored_steps", "height", "width", "frames", "latent_space", "source_model", "source_model_hash",
 )
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class SynVidError(ValueError):
@@ -55,15 +56,10 @@ class SynVidError(ValueError):
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """``"bf16"``/``"bfloat16"``/``"fp16"``/``"fp32"``... -> torch dtype, with a clear error otherwise."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise SynVidError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
-    return DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    try:
+        return dtypes.parse_dtype(name, allowed=STORAGE_DTYPES)
+    except ValueError as err:
+        raise SynVidError(str(err)) from None
 
 
 def key_steps_for(steps: int, segments: int = 5) -> list[int]:
@@ -158,15 +154,13 @@ def read_sample(path: str | os.PathLike, *, steps: Sequence[int] | None = None, 
     just those slices. ``expect``: optional shapes (``latent``, ``text_states``, ``pooled``) every sample of a
     data set must share. Raises :class:`SynVidError` naming the file for every problem.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     src = str(path)
     if not path.is_file():
         raise SynVidError(f"{src}: file not found")
     try:
-        with safe_open(src, framework="pt") as fh:
-            meta = fh.metadata() or {}
+        with LazyCheckpoint(path) as fh:
+            meta = fh.metadata
             names = set(fh.keys())
             missing = [n for n in TENSOR_NAMES if n not in names]
             if missing:
@@ -174,19 +168,18 @@ def read_sample(path: str | os.PathLike, *, steps: Sequence[int] | None = None, 
             _check_metadata(meta, src)
             stored = _meta_int_list(meta, "stored_steps", src)
             if steps is None:
-                latents = fh.get_tensor("latents")
+                latents = fh.get("latents")
                 kept = stored
             else:
                 absent = [s for s in steps if s not in stored]
                 if absent:
                     raise SynVidError(f"{src}: teacher steps {absent} are not stored (stored: {stored})")
-                sl = fh.get_slice("latents")
-                latents = torch.stack([sl[stored.index(s)] for s in steps])
+                latents = fh.get_rows("latents", [stored.index(s) for s in steps])
                 kept = list(steps)
-            t = {n: fh.get_tensor(n) for n in TENSOR_NAMES if n != "latents"}
+            t = {n: fh.get(n) for n in TENSOR_NAMES if n != "latents"}
     except SynVidError:
         raise
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError) as err:  # CheckpointError is a ValueError
         raise SynVidError(f"{src}: not a readable safetensors file ({err}); it is probably truncated or corrupt: "
                           "delete it and dump it again") from err
     sample = SynVidSample(

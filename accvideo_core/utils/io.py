@@ -12,11 +12,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
 StateDict = dict[str, torch.Tensor]
+T = TypeVar("T")
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 WRAPPER_KEYS = ("module", "ema", "state_dict", "model")
@@ -43,28 +44,128 @@ def read_state_dict(path: str | os.PathLike, *, device: str = "cpu") -> StateDic
         try:
             return load_file(str(path), device=device)
         except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(
-                f"{path} is not a readable safetensors file ({err}); the file may be truncated or corrupt: "
-                "download it again"
-            ) from err
+            raise _unreadable_safetensors(path, err) from err
+    return unwrap_state_dict(_load_pickle(path, device=device, mmap=True), source=str(path))
+
+
+def _load_pickle(path: Path, *, device: str = "cpu", mmap: bool = True) -> object:
+    """``torch.load`` weights-only (memory-mapped when the file is zip-format), every failure a CheckpointError."""
     if path.suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(
             f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors or one of {PICKLE_SUFFIXES}"
         )
     try:
         try:  # memory-map zip-format pickles so a 25 GB checkpoint is not read into RAM up front
-            obj = torch.load(str(path), map_location=device, weights_only=True, mmap=True)
+            return torch.load(str(path), map_location=device, weights_only=True, mmap=mmap)
         except RuntimeError as err:
-            if "mmap" not in str(err):
+            if not mmap or "mmap" not in str(err):
                 raise
-            obj = torch.load(str(path), map_location=device, weights_only=True)  # legacy (non-zip) format
+            return torch.load(str(path), map_location=device, weights_only=True)  # legacy (non-zip) format
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         raise CheckpointError(
             f"{path} could not be read as a weights-only torch checkpoint ({type(err).__name__}: {err}). "
             "Files that need arbitrary code to unpickle are refused; convert the file to .safetensors, "
             "or download it again if it is truncated"
         ) from err
-    return unwrap_state_dict(obj, source=str(path))
+
+
+def _unreadable_safetensors(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable safetensors file ({err}); the file may be truncated or "
+                           "corrupt: download it again")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file's header (``{}`` for pickles, which carry none)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    with LazyCheckpoint(path) as ckpt:
+        return ckpt.metadata
+
+
+class LazyCheckpoint:
+    """Per-tensor access to a checkpoint file without reading it whole (use as a context manager).
+
+    ``.safetensors`` are read tensor by tensor (or row by row with :meth:`get_rows`) from the file; pickles are
+    memory-mapped weights-only and unwrapped like :func:`read_state_dict`. Every read error is a
+    :class:`CheckpointError` naming the file.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"checkpoint not found: {self.path}")
+        self._handle = None
+        self._tensors: StateDict = {}
+        self.metadata: dict[str, str] = {}
+        if self.path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                self._handle = safe_open(str(self.path), framework="pt").__enter__()
+                self._keys = list(self._handle.keys())
+                self.metadata = dict(self._handle.metadata() or {})
+            except Exception as err:  # safetensors raises its own error types for corrupt headers
+                self.close()
+                raise _unreadable_safetensors(self.path, err) from err
+        else:
+            self._tensors = unwrap_state_dict(_load_pickle(self.path), source=str(self.path))
+            self._keys = list(self._tensors)
+
+    def __enter__(self) -> "LazyCheckpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the file (safetensors handle, mmapped pickle tensors)."""
+        if self._handle is not None:
+            self._handle.__exit__(None, None, None)
+            self._handle = None
+        self._tensors = {}
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def _read(self, key: str, what: Callable[[], T]) -> T:
+        if key not in self._keys:
+            raise KeyError(f"{self.path}: no tensor {key!r}")
+        if self._handle is None and not self._tensors:
+            raise CheckpointError(f"{self.path}: read after close")
+        try:
+            return what()
+        except Exception as err:
+            if self._handle is None:
+                raise
+            raise _unreadable_safetensors(self.path, err) from err
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor, as stored."""
+        return self._read(key, lambda: self._handle.get_tensor(key) if self._handle else self._tensors[key])
+
+    def get_rows(self, key: str, rows: Sequence[int]) -> torch.Tensor:
+        """``tensor[rows]`` reading only those rows of the first dimension."""
+        def read() -> torch.Tensor:
+            if self._handle is None:
+                return self._tensors[key][list(rows)]
+            view = self._handle.get_slice(key)
+            return torch.stack([view[i] for i in rows])
+        return self._read(key, read)
+
+    def shape_dtype(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of one tensor without reading its data."""
+        from .dtypes import SAFETENSORS
+
+        def read() -> tuple[tuple[int, ...], torch.dtype]:
+            if self._handle is None:
+                return tuple(self._tensors[key].shape), self._tensors[key].dtype
+            view = self._handle.get_slice(key)
+            return tuple(view.get_shape()), SAFETENSORS[view.get_dtype()]
+        return self._read(key, read)
 
 
 def unwrap_state_dict(obj: object, *, source: str = "state dict") -> StateDict:
@@ -134,5 +235,6 @@ def save_torch(obj: object, path: str | os.PathLike) -> Path:
 
 
 def load_torch(path: str | os.PathLike, *, device: str = "cpu") -> object:
-    """``torch.load`` restricted to weights-only content."""
-    return torch.load(str(path), map_location=device, weights_only=True)
+    """``torch.load`` restricted to weights-only content (any object of tensors and plain containers, not
+    unwrapped); an unreadable file is a :class:`CheckpointError` naming it."""
+    return _load_pickle(Path(path), device=device, mmap=False)
