@@ -94,43 +94,101 @@ class TokenShard:
         return _Gather.apply(x, self)
 
 
-def _all_to_all(x: torch.Tensor, sp: SequenceParallel, scatter_dim: int, gather_dim: int) -> torch.Tensor:
-    """Chunk ``scatter_dim`` into ``size`` parts, send part s to rank s, concatenate the received parts (in rank
-    order) along ``gather_dim``."""
-    send = torch.stack(x.chunk(sp.size, dim=scatter_dim)).contiguous()
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=sp.group)
-    return torch.cat(recv.unbind(0), dim=gather_dim)
+def _token_chunks(shard: TokenShard):
+    """(rank s, first token, token count) of every rank's chunk of the real (unpadded) image tokens."""
+    for s in range(shard.sp.size):
+        lo = s * shard.local
+        yield s, lo, max(0, min(shard.tokens, lo + shard.local) - lo)
 
 
-class _AllToAll(torch.autograd.Function):
+class _TokensToHeads(torch.autograd.Function):
+    """q, k, v ``[B, local + L, H, D]`` (this rank's image tokens, then the replicated text) -> ``[3, B, tokens + L,
+    H/N, D]``: every image token (one all-to-all, pad tokens dropped) and the text, for this rank's heads.
+    Backward: the inverse all-to-all for the image tokens; the text gradient for this rank's heads only (its share)."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sp: SequenceParallel, scatter_dim: int, gather_dim: int) -> torch.Tensor:
-        ctx.args = (sp, scatter_dim, gather_dim)
-        return _all_to_all(x, sp, scatter_dim, gather_dim)
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shard: TokenShard) -> torch.Tensor:
+        sp, local, tokens = shard.sp, shard.local, shard.tokens
+        b, length, heads, d = q.shape
+        h = heads // sp.size
+        ctx.shard, ctx.shape = shard, q.shape
+        send = q.new_empty((sp.size, 3, b, local, h, d))
+        for i, t in enumerate((q, k, v)):
+            send[:, i] = rearrange(t[:, :local], "b n (s h) d -> s b n h d", s=sp.size)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=sp.group)
+        del send
+        joint = q.new_empty((3, b, tokens + length - local, h, d))
+        for s, lo, count in _token_chunks(shard):
+            joint[:, :, lo:lo + count] = recv[s, :, :, :count]
+        del recv
+        for i, t in enumerate((q, k, v)):
+            joint[i, :, tokens:] = t[:, local:, sp.rank * h:(sp.rank + 1) * h]
+        return joint
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        sp, scatter_dim, gather_dim = ctx.args
-        return _all_to_all(grad.contiguous(), sp, gather_dim, scatter_dim), None, None, None
+        shard, (b, length, heads, d) = ctx.shard, ctx.shape
+        sp, local, tokens = shard.sp, shard.local, shard.tokens
+        h = heads // sp.size
+        send = grad.new_zeros((sp.size, 3, b, local, h, d))  # pad tokens get zero gradients
+        for s, lo, count in _token_chunks(shard):
+            send[s, :, :, :count] = grad[:, :, lo:lo + count]
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=sp.group)
+        del send
+        grads = []
+        for i in range(3):
+            g = grad.new_zeros((b, length, heads, d))
+            g[:, :local] = rearrange(recv[:, i], "s b n h d -> b n (s h) d")
+            g[:, local:, sp.rank * h:(sp.rank + 1) * h] = grad[i, :, tokens:]
+            grads.append(g)
+        return *grads, None
 
 
-class _GatherHeads(torch.autograd.Function):
-    """``[B, L, h, D]`` (this rank's heads) -> ``[B, L, N*h, D]``; backward reduce-scatters the rank shares."""
+class _HeadsToTokens(torch.autograd.Function):
+    """Attention output ``[B, tokens + L, H/N * D]`` (this rank's heads) -> ``[B, local + L, H * D]``: this rank's
+    image tokens (the inverse all-to-all) and the text for all heads (an all-gather). Backward: the all-to-all
+    back, and for the text a reduce-scatter of the ranks' shares."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
-        ctx.sp = sp
-        out = x.new_empty((sp.size * x.shape[0], *x.shape[1:]))
-        _all_gather(out, x.contiguous(), group=sp.group)
-        return rearrange(out, "(n b) l h d -> b l (n h) d", n=sp.size)
+    def forward(ctx, out: torch.Tensor, shard: TokenShard) -> torch.Tensor:
+        sp, local, tokens = shard.sp, shard.local, shard.tokens
+        b, _, c = out.shape
+        ctx.shard = shard
+        send = out.new_zeros((sp.size, b, local, c))
+        for s, lo, count in _token_chunks(shard):
+            send[s, :, :count] = out[:, lo:lo + count]
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=sp.group)
+        del send
+        text = out[:, tokens:].contiguous()
+        gathered = out.new_empty((sp.size * b, *text.shape[1:]))
+        _all_gather(gathered, text, group=sp.group)
+        result = out.new_empty((b, local + text.shape[1], sp.size, c))
+        result[:, :local] = rearrange(recv, "s b n c -> b n s c")
+        result[:, local:] = rearrange(gathered, "(s b) l c -> b l s c", s=sp.size)
+        return result.flatten(2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        sp = ctx.sp
-        send = rearrange(grad, "b l (n h) d -> (n b) l h d", n=sp.size).contiguous()
-        out = send.new_empty((send.shape[0] // sp.size, *send.shape[1:]))
-        _reduce_scatter(out, send, group=sp.group)
+        shard = ctx.shard
+        sp, local, tokens = shard.sp, shard.local, shard.tokens
+        grad = grad.unflatten(-1, (sp.size, -1))  # [B, local + L, N, c]
+        b, _, _, c = grad.shape
+        send = rearrange(grad[:, :local], "b n s c -> s b n c").contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=sp.group)
+        del send
+        text_len = grad.shape[1] - local
+        out = grad.new_empty((b, tokens + text_len, c))
+        for s, lo, count in _token_chunks(shard):
+            out[:, lo:lo + count] = recv[s, :, :count]
+        del recv
+        text = rearrange(grad[:, local:], "b l s c -> (s b) l c").contiguous()
+        text_grad = grad.new_empty((b, text_len, c))
+        _reduce_scatter(text_grad, text, group=sp.group)
+        out[:, tokens:] = text_grad
         return out, None
 
 
@@ -184,24 +242,15 @@ def replicated_input(x, sp: SequenceParallel):
     return x
 
 
-def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_img: int, key_mask: torch.Tensor | None,
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
                     shard: TokenShard | None) -> torch.Tensor:
-    """Attention over ``[image tokens, text tokens]`` (``[B, n_img + L, heads, D]`` each) -> ``[B, n_img + L,
-    heads * D]``. Without ``shard`` plain :func:`attention`; with it the ``n_img`` image tokens are this rank's
-    shard and the sequence attended is the whole one (all ranks' image tokens, then the text)."""
+    """Attention over ``[image tokens, text tokens]`` (``[B, N_img + L, heads, D]`` each) -> ``[B, N_img + L,
+    heads * D]``. Without ``shard`` plain :func:`attention`; with it the image tokens are this rank's shard
+    (``shard.local`` of them) and the sequence attended is the whole one (all ranks' image tokens, then the text)."""
     if shard is None:
         return attention(q, k, v, key_mask)
-    sp, n = shard.sp, shard.tokens
-    h = q.shape[2] // sp.size
-    heads = slice(sp.rank * h, (sp.rank + 1) * h)
-    img = _AllToAll.apply(torch.stack([t[:, :n_img] for t in (q, k, v)]), sp, 3, 2)[:, :, :n]  # [3, B, n, h, D]
-    full = [torch.cat((i, t[:, n_img:, heads]), dim=1) for i, t in zip(img.unbind(0), (q, k, v))]
-    del img
-    out = attention(*full, key_mask).unflatten(-1, (h, -1))  # [B, n + L, h, D]
-    img_out = _AllToAll.apply(shard.pad(out[:, :n]), sp, 1, 2)  # [B, n_img, heads, D]
-    txt_out = _GatherHeads.apply(out[:, n:], sp)
-    return torch.cat((img_out, txt_out), dim=1).flatten(2)
-
+    joint = _TokensToHeads.apply(q, k, v, shard)  # [3, B, tokens + L, heads / N, D]
+    return _HeadsToTokens.apply(attention(*joint.unbind(0), key_mask), shard)
 
 
 @contextlib.contextmanager

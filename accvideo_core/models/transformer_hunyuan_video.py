@@ -297,8 +297,8 @@ class DoubleStreamBlock(nn.Module):
         tq = kernels.rms_norm_rope(tq, self.txt_attn_q_norm.weight)
         tk = kernels.rms_norm_rope(tk, self.txt_attn_k_norm.weight)
 
-        out = joint_attention(torch.cat((iq, tq), 1), torch.cat((ik, tk), 1), torch.cat((iv, tv), 1),
-                              img.shape[1], key_mask, shard)
+        out = joint_attention(torch.cat((iq, tq), 1), torch.cat((ik, tk), 1), torch.cat((iv, tv), 1), key_mask,
+                              shard)
         del iq, ik, iv, tq, tk, tv  # free before the MLPs (inference peak memory)
         img_attn, txt_attn = out.split((img.shape[1], txt.shape[1]), dim=1)
 
@@ -334,7 +334,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = _split_qkv(fused[..., : 3 * self.dim], self.heads)
         q = kernels.rms_norm_rope(q, self.q_norm.weight, cos, sin)
         k = kernels.rms_norm_rope(k, self.k_norm.weight, cos, sin)
-        attn = joint_attention(q, k, v, cos.shape[0], key_mask, shard)
+        attn = joint_attention(q, k, v, key_mask, shard)
         del q, k, v  # free before the output projection (inference peak memory)
         if torch.is_grad_enabled():
             hidden = torch.cat((attn, F.gelu(fused[..., 3 * self.dim:], approximate="tanh")), dim=-1)
