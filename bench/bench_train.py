@@ -7,6 +7,11 @@ trainer, one warm-up iteration, then ``--iters`` timed iterations (median). Peak
 ``bench/out/bench_train.json`` with the ratios measured side by side.
 
     python bench/bench_train.py [--iters 3] [--frames 9] [--height 64] [--width 96] [--batch 2] [--device cpu]
+
+It also measures the trainer's final export (``train.checkpoint.export_student``) of a wider tiny-family
+transformer (hidden ``--export-hidden``) in a fresh subprocess: peak RSS growth while writing the bf16
+original-layout file, streamed tensor by tensor vs from a gathered full state dict (``checkpoint_format = "full"``),
+next to the model's and its largest block's size.
 """
 from __future__ import annotations
 
@@ -92,6 +97,38 @@ def child(args) -> None:
     print(json.dumps({"step_seconds": statistics.median(times), "all_step_seconds": times, "peak_growth_bytes": peak}))
 
 
+def export_child(args) -> None:
+    """Subprocess: peak RSS growth of the streamed and the gathered export (bf16 file) of one model."""
+    import ctypes
+
+    from accvideo_core.testing import tiny_transformer
+    from accvideo_core.train import distributed as D
+    from accvideo_core.train.checkpoint import export_student
+
+    h = args.export_hidden
+    model = tiny_transformer(seed=0, hidden_size=h, num_heads=h // 128, num_double_blocks=2, num_single_blocks=4)
+    info = D.DistInfo()
+    blocks = list(model.double_blocks) + list(model.single_blocks)
+    sizes = {"model_bytes_fp32": sum(p.numel() * 4 for p in model.parameters()),
+             "largest_block_bytes_fp32": max(sum(p.numel() * 4 for p in b.parameters()) for b in blocks),
+             "largest_tensor_bytes_fp32": max(p.numel() * 4 for p in model.parameters())}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        export_student(model, Path(tmp) / "warm.safetensors", torch.bfloat16, info, metadata={})  # imports
+        for name in ("streamed", "gathered"):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            base = _status_kib("VmRSS") * 1024
+            t0 = time.perf_counter()
+            state = D.full_model_state(model, info) if name == "gathered" else None
+            export_student(model, Path(tmp) / f"{name}.safetensors", torch.bfloat16, info, metadata={}, state=state)
+            out[name] = {"peak_growth_bytes": _status_kib("VmHWM") * 1024 - base,
+                         "seconds": time.perf_counter() - t0}
+            del state
+    print(json.dumps({**sizes, **out}))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=3)
@@ -104,9 +141,14 @@ def main() -> int:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--checkpointing", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--export-hidden", type=int, default=512, help="hidden size of the model of the export bench")
+    p.add_argument("--export-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args)
+        return 0
+    if args.export_child:
+        export_child(args)
         return 0
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,6 +162,11 @@ def main() -> int:
                 raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
             out = proc.stdout
             results["checkpointing" if ckpt else "no_checkpointing"] = json.loads(out.strip().splitlines()[-1])
+        proc = subprocess.run([sys.executable, __file__, "--export-child", "--export-hidden", str(args.export_hidden)],
+                              capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        if proc.returncode:
+            raise RuntimeError(f"export benchmark child failed:\n{proc.stderr[-3000:]}")
+        export = json.loads(proc.stdout.strip().splitlines()[-1])
     off, on = results["no_checkpointing"], results["checkpointing"]
     report = {
         "benchmark": "accvideo train iteration (traj + adversarial, 5 segments, sequential updates)",
@@ -132,6 +179,9 @@ def main() -> int:
         "time_ratio_checkpointing_vs_not": on["step_seconds"] / off["step_seconds"],
         "memory_ratio_checkpointing_vs_not": (on["peak_growth_bytes"] / off["peak_growth_bytes"]
                                               if off["peak_growth_bytes"] > 0 else None),
+        "export": {"model": f"tiny_transformer(hidden_size={args.export_hidden}, 2 double + 4 single blocks)",
+                   "file_dtype": "bf16", "memory_method": "peak RSS growth while exporting (fresh subprocess)",
+                   **export},
     }
     print(f"{'variant':<20}{'s/iter':>10}{'peak MiB':>12}")
     for name, r in results.items():
@@ -139,6 +189,11 @@ def main() -> int:
     mr = report["memory_ratio_checkpointing_vs_not"]
     print(f"checkpointing / none: time x{report['time_ratio_checkpointing_vs_not']:.2f}, memory "
           f"x{mr:.2f}" if mr is not None else "memory ratio n/a")
+    mib = 2 ** 20
+    print(f"export (hidden {args.export_hidden}): model {export['model_bytes_fp32'] / mib:.1f} MiB fp32, largest "
+          f"block {export['largest_block_bytes_fp32'] / mib:.1f} MiB; peak RSS growth streamed "
+          f"{export['streamed']['peak_growth_bytes'] / mib:.1f} MiB, gathered "
+          f"{export['gathered']['peak_growth_bytes'] / mib:.1f} MiB")
     write_json(report, args.out)
     print(f"wrote {args.out}")
     return 0

@@ -18,6 +18,7 @@ from accvideo_core.models.loading import load_transformer, save_transformer
 from accvideo_core.synvid.dump import dump_synvid
 from accvideo_core.testing import tiny_transformer
 from accvideo_core.train.config import ConfigError, TrainConfig, config_from_dict, load_config
+from accvideo_core.train.checkpoint import checkpoint_tensors
 from accvideo_core.train.loop import Trainer
 from accvideo_core.utils.io import read_state_dict
 
@@ -180,13 +181,9 @@ def test_gan_losses_push_logits_the_right_way(kind):
 
 
 def _states(out: Path) -> dict[str, torch.Tensor]:
-    ck = out / "checkpoints" / json.loads((out / "checkpoints" / "latest.json").read_text())["path"]
-    state = read_state_dict(ck / "student.safetensors")
-    trainer = torch.load(ck / "trainer.pt", weights_only=True)
-    state.update({f"head.{k}": v for k, v in trainer["heads"].items()})
-    opt = torch.load(ck / "optimizer.pt", weights_only=True)
-    state.update({f"opt.{n}.{s}": t for n, d in opt["state"].items() for s, t in d.items() if torch.is_tensor(t)})
-    return state
+    """Every tensor of the latest checkpoint of ``out`` (student, optimizer, EMA, heads; either format)."""
+    return checkpoint_tensors(out / "checkpoints" / json.loads((out / "checkpoints" / "latest.json").read_text())[
+        "path"])
 
 
 def test_resume_after_kill_is_bit_exact(synvid, tmp_path):
@@ -204,12 +201,114 @@ def test_resume_after_kill_is_bit_exact(synvid, tmp_path):
     a, b = _states(tmp_path / "a"), _states(tmp_path / "b")
     assert set(a) == set(b) and len(a) > 100
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
-    ema_a = read_state_dict(tmp_path / "a/checkpoints/step_0000004/student_ema.safetensors")
-    ema_b = read_state_dict(tmp_path / "b/checkpoints/step_0000004/student_ema.safetensors")
+    assert any(k.startswith("ema.") for k in a) and any(k.startswith("optimizer.") for k in a)
+    ema_a = read_state_dict(tmp_path / "a/student_ema.safetensors")
+    ema_b = read_state_dict(tmp_path / "b/student_ema.safetensors")
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     steps_b = [json.loads(x)["step"] for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()
                if json.loads(x)["type"] == "train"]
     assert steps_b == [1, 2, 3, 4]  # the lost step 3 of the killed run is not logged twice
+
+
+def _latest(out: Path) -> Path:
+    return out / "checkpoints" / json.loads((out / "checkpoints" / "latest.json").read_text())["path"]
+
+
+def _train_steps(out: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+            if json.loads(x)["type"] == "train"]
+
+
+def test_pruning_counts_only_this_runs_complete_checkpoints(synvid, tmp_path):
+    """An older run's higher-step checkpoint, half-written folders and temp files in checkpoints/ once made
+    pruning delete the checkpoint just written (latest.json named a deleted folder, the run died at its end)."""
+    out, fast = tmp_path / "run", {"data": {"val_samples": 1}}
+    Trainer(make_cfg(synvid, out, optim={"steps": 2}, log={"ckpt_every": 1, "keep_checkpoints": 2}, **fast),
+            teacher=tiny_transformer(seed=TEACHER_SEED)).run()
+    ck = out / "checkpoints"
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_0000001", "step_0000002"]
+    shutil.copytree(ck / "step_0000002", ck / "step_0000099")  # another run's complete, higher-step checkpoint
+    marker = json.loads((ck / "step_0000099/checkpoint.json").read_text())
+    (ck / "step_0000099/checkpoint.json").write_text(json.dumps({**marker, "step": 99, "run": "older"}))
+    (ck / "step_0000098").mkdir()  # half-written by an older version (no marker, no trainer.pt)
+    (ck / "step_0000098/rank00000.pt").write_bytes(b"partial")
+    (ck / ".step_0000003.partial").mkdir()  # a killed write
+    (ck / ".latest.json.x1.tmp").write_text("{")
+    (out / ".metrics.jsonl.x2.tmp").write_text("")
+    result = Trainer(make_cfg(synvid, out, optim={"steps": 4}, log={"ckpt_every": 1, "keep_checkpoints": 1},
+                              **fast), teacher=tiny_transformer(seed=TEACHER_SEED), resume="auto").run()
+    assert _latest(out).name == "step_0000004" and (_latest(out) / "checkpoint.json").is_file()
+    assert Path(result["checkpoint"]) == _latest(out) and (out / "student.safetensors").is_file()
+    assert sorted(p.name for p in ck.iterdir()) == ["latest.json", "step_0000004", "step_0000099"]
+    assert not list(out.glob(".*.tmp")) and _train_steps(out) == [1, 2, 3, 4]
+
+
+def test_a_killed_checkpoint_write_leaves_the_previous_one_resumable(synvid, tmp_path, monkeypatch):
+    """keep_checkpoints = 1: a write killed half-way never replaces or deletes the last complete checkpoint."""
+    import accvideo_core.train.checkpoint as C
+
+    out = tmp_path / "run"
+    cfg = make_cfg(synvid, out, optim={"steps": 3}, data={"val_samples": 1},
+                   log={"ckpt_every": 1, "keep_checkpoints": 1})
+    rank_state = C._rank_state
+
+    def dies_at_step_2(tr):
+        if tr.step == 2:
+            raise KeyboardInterrupt("killed while writing")
+        return rank_state(tr)
+
+    monkeypatch.setattr(C, "_rank_state", dies_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, teacher=tiny_transformer(seed=TEACHER_SEED)).run()
+    monkeypatch.setattr(C, "_rank_state", rank_state)
+    ck = out / "checkpoints"
+    assert (ck / ".step_0000002.partial/sharded/.metadata").is_file()  # the model part was written
+    assert _latest(out).name == "step_0000001" and (_latest(out) / "checkpoint.json").is_file()
+    resumed = Trainer(cfg, teacher=tiny_transformer(seed=TEACHER_SEED), resume="auto")
+    assert resumed.step == 1 and not (ck / ".step_0000002.partial").exists()
+    resumed.run()
+    assert sorted(p.name for p in ck.iterdir()) == ["latest.json", "step_0000003"]
+    assert _train_steps(out) == [1, 2, 3]
+
+
+def test_a_non_empty_out_dir_needs_resume_or_overwrite(synvid, tmp_path):
+    """A fresh run in an old run's folder once cut its metrics.jsonl (67 -> 12 lines) and mixed checkpoints."""
+    from accvideo_core.train.__main__ import main
+
+    out = tmp_path / "run"
+    (out / "checkpoints/step_0000067").mkdir(parents=True)
+    old_rows = "".join(json.dumps({"type": "train", "step": i}) + "\n" for i in range(1, 68))
+    (out / "metrics.jsonl").write_text(old_rows)
+    (out / "notes.txt").write_text("mine")
+    cfg = make_cfg(synvid, out, optim={"steps": 1}, data={"val_samples": 1})
+    (tmp_path / "c.json").write_text(json.dumps(cfg.to_dict()))
+    assert main(["--config", str(tmp_path / "c.json")]) == 2  # refused before any work
+    with pytest.raises(ConfigError, match="--resume auto.*--overwrite"):
+        Trainer(cfg, teacher=tiny_transformer(seed=TEACHER_SEED))
+    assert (out / "metrics.jsonl").read_text() == old_rows
+    Trainer(cfg, teacher=tiny_transformer(seed=TEACHER_SEED), overwrite=True).run()
+    assert _train_steps(out) == [1] and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest.json", "step_0000001"]
+
+
+def test_metrics_truncation_is_atomic(tmp_path, monkeypatch):
+    from accvideo_core.train.monitor import Monitor
+
+    rows = "".join(json.dumps({"type": "train", "step": i}) + "\n" for i in range(1, 68))
+    (tmp_path / "metrics.jsonl").write_text(rows)
+    monitor = Monitor(tmp_path, total_steps=100, start_step=12, enabled=True)
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed while renaming")
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        monitor.truncate(12)
+    assert (tmp_path / "metrics.jsonl").read_text() == rows and not list(tmp_path.glob(".*.tmp"))
+    monkeypatch.undo()
+    monitor.truncate(12)
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(
+        range(1, 13))
 
 
 def _env() -> dict[str, str]:
@@ -232,27 +331,54 @@ def test_ctrl_c_writes_a_checkpoint_first(synvid, tmp_path):
     assert proc.returncode == 130, err
     latest = json.loads((tmp_path / "run/checkpoints/latest.json").read_text())
     assert latest["step"] >= 1 and "resume with --resume" in err
-    assert (tmp_path / "run/checkpoints" / latest["path"] / "student.safetensors").is_file()
+    assert (tmp_path / "run/checkpoints" / latest["path"] / "checkpoint.json").is_file()
+
+
+def _torchrun(cfg: TrainConfig, path: Path, *args: str) -> None:
+    path.write_text(json.dumps(cfg.to_dict()))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(torchrun + ["-m", "accvideo_core.train", "--config", str(path), *args], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _assert_close_states(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want) and len(want) > 100
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-4, msg=k)
 
 
 def test_torchrun_two_ranks_fsdp2_matches_single_process(synvid, tmp_path):
-    common = dict(optim={"steps": 2, "total_batch": 2}, model={"gradient_checkpointing": True},
-                  data={"val_samples": 2}, log={"plot": False})
+    """2 ranks (gloo + FSDP2, sharded checkpoints) = 1 process, and a checkpoint resumes on the other number of
+    ranks like an uninterrupted single-process run: 2 -> 1 and 1 -> 2 (queues carry fakes across iterations)."""
+    common = dict(optim={"steps": 4, "total_batch": 2, "segments_per_iteration": 2, "ema_decay": 0.9},
+                  model={"gradient_checkpointing": True}, data={"val_samples": 2},
+                  log={"plot": False, "ckpt_every": 2, "val_every": 2})
     single = Trainer(make_cfg(synvid, tmp_path / "one", **common), teacher=tiny_transformer(seed=TEACHER_SEED))
-    r1 = single.run()
-    cfg = make_cfg(synvid, tmp_path / "two", **common)
-    (tmp_path / "c.json").write_text(json.dumps(cfg.to_dict()))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(torchrun + ["-m", "accvideo_core.train", "--config", str(tmp_path / "c.json")], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = _states(tmp_path / "one"), _states(tmp_path / "two")
-    assert set(one) == set(two)
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], atol=1e-4, rtol=1e-4, msg=k)
-    val = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
-    assert val[-1]["type"] == "val"
-    assert val[-1]["student_mse"] == pytest.approx(r1["val"]["student_mse"], rel=1e-4)
+    r1 = single.run()  # uninterrupted, checkpoints at steps 2 and 4
+    half = tmp_path / "one/checkpoints/step_0000002"
+    _torchrun(make_cfg(synvid, tmp_path / "two", **{**common, "optim": {**common["optim"], "steps": 2}}),
+              tmp_path / "c2.json")
+    _assert_close_states(_states(tmp_path / "two"), checkpoint_tensors(half))
+    val_one = [json.loads(x) for x in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
+    val_two = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+    assert val_two[-1]["type"] == "val" and val_two[-1]["step"] == 2
+    mid = next(r for r in val_one if r["type"] == "val" and r["step"] == 2)
+    assert val_two[-1]["student_mse"] == pytest.approx(mid["student_mse"], rel=1e-4)
+    # 2 ranks -> 1 process: continue the 2-rank run to step 4
+    Trainer(make_cfg(synvid, tmp_path / "two", **common), teacher=tiny_transformer(seed=TEACHER_SEED),
+            resume="auto").run()
+    _assert_close_states(_states(tmp_path / "two"), _states(tmp_path / "one"))
+    # 1 process -> 2 ranks: continue the single-process checkpoint of step 2 to step 4
+    _torchrun(make_cfg(synvid, tmp_path / "three", **common), tmp_path / "c3.json", "--resume", str(half))
+    _assert_close_states(_states(tmp_path / "three"), _states(tmp_path / "one"))
+    for name in ("student", "student_ema"):  # the 2-rank export, streamed tensor by tensor from the shards
+        got, want = (read_state_dict(tmp_path / run / f"{name}.safetensors") for run in ("three", "one"))
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-4, msg=k)
+    assert r1["val"]["student_mse"] == pytest.approx(
+        json.loads((tmp_path / "three/metrics.jsonl").read_text().splitlines()[-1])["student_mse"], rel=1e-4)
 
 
 _COMFY_PROBE = r'''

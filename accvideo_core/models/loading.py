@@ -15,14 +15,14 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..utils.dtypes import FP8_DTYPES, names_for, parse_dtype
-from ..utils.io import CheckpointError, StateDict, read_metadata, read_state_dict, save_safetensors
+from ..utils.io import CheckpointError, StateDict, read_metadata, read_state_dict, save_safetensors_stream
 from .key_maps import (DIFFUSERS_MARKER, ORIGINAL_MARKER, comfy_internal_to_original, diffusers_to_original,
                        strip_prefix)
 from .transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig
@@ -253,23 +253,35 @@ def load_transformer(source: str | os.PathLike | Mapping[str, torch.Tensor], *, 
     return model.eval()
 
 
-def save_transformer(model: HunyuanVideoTransformer3D, path: str | os.PathLike, *,
-                     tensors: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None,
-                     metadata: dict[str, str] | None = None) -> Path:
+def save_transformer(model: HunyuanVideoTransformer3D, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                     metadata: dict[str, str] | None = None,
+                     materialize: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Path:
     """Atomically write ``model`` as an original-layout safetensors file with its config in the metadata.
 
     fp8 weights are written as fp8; when some carry a ``scale_weight`` the ``scaled_fp8`` marker key that ComfyUI
-    uses to recognise scaled fp8 files is added. ``tensors``: the weights to write instead of
-    ``model.state_dict()`` (e.g. gathered from a sharded model); ``dtype``: cast floating-point weights;
-    ``metadata``: extra entries next to the config.
+    uses to recognise scaled fp8 files is added. ``dtype``: cast floating-point weights; ``metadata``: extra
+    entries next to the config. The file is written one tensor at a time; ``materialize(name, value)`` turns a
+    ``state_dict()`` value into the full CPU tensor just before it is written (e.g. gathering a sharded
+    parameter), so a sharded model is never held in full.
     """
     meta = {**(metadata or {}), CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())}
-    tensors = dict(model.state_dict() if tensors is None else tensors)
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    tensors = model.state_dict()
+
+    def cast(t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
+
+    specs = [(name, cast(t), tuple(t.shape)) for name, t in tensors.items()]
     if any(k.endswith(".scale_weight") for k in tensors):
-        tensors["scaled_fp8"] = torch.empty(0, dtype=FP8_DTYPES[0])
-    return save_safetensors(tensors, path, metadata=meta)
+        specs.append(("scaled_fp8", FP8_DTYPES[0], (0,)))
+
+    def stream() -> Iterator[torch.Tensor]:
+        for name, t in tensors.items():
+            full = materialize(name, t) if materialize is not None else t
+            yield full.detach().to("cpu", cast(t))
+        if specs[-1][0] == "scaled_fp8":
+            yield torch.empty(0, dtype=FP8_DTYPES[0])
+
+    return save_safetensors_stream(specs, stream(), path, metadata=meta)
 
 
 _COMPUTE_DTYPES = ("bfloat16", "float16", "float32")

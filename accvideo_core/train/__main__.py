@@ -18,11 +18,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config field, value parsed as JSON (repeatable), e.g. optim.steps=100")
     parser.add_argument("--resume", help="'auto' (latest checkpoint of log.out_dir) or a checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a non-empty log.out_dir, removing its run files and checkpoints")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
 
     from accvideo_core.synvid.format import SynVidError
     from accvideo_core.train.config import ConfigError, load_config
+    from accvideo_core.utils.io import CheckpointError
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = None
     code = 0
     try:
-        trainer = Trainer(cfg, resume=args.resume)
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
         result = trainer.run()
         if trainer.info.is_main:
             print(json.dumps({k: v for k, v in result.items() if k != "bad_samples"}, indent=2))
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(str(err), file=sys.stderr)
         code = 130
-    except (ConfigError, SynVidError, FileNotFoundError) as err:
+    except (ConfigError, SynVidError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
     finally:

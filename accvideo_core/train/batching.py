@@ -108,6 +108,16 @@ class SampleStream:
     def load_state_dict(self, d: dict) -> None:
         self.state = StreamState(int(d["epoch"]), int(d["cursor"]), tuple(int(i) for i in d["bad"]))
 
+    def load_resharded(self, states: list[dict]) -> None:
+        """Continue from the states of all ranks of a run on ``len(states)`` ranks: the epoch position (samples
+        consumed) is kept and this rank takes its share of the rest, so the global batches go on as in an
+        uninterrupted run (exactly when the training samples split evenly over both rank counts and none was
+        skipped; after a skipped sample the furthest rank's position is kept)."""
+        epoch, cursor = max((int(d["epoch"]), int(d["cursor"])) for d in states)
+        consumed = cursor * len(states)
+        bad = sorted({int(i) for d in states for i in d["bad"]})
+        self.state = StreamState(epoch, -(-consumed // self.world), tuple(bad))
+
 
 def noise_for(uids: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Gaussian noise per sample, a pure function of (seed, sample uid): identical for any rank layout."""

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from accvideo_core.utils.dtypes import names_for
+
 
 @dataclass
 class ModelConfig:
@@ -67,6 +69,7 @@ class RuntimeConfig:
     reshard_after_forward: bool = True
     unsharded_accumulation: bool = False    # True: reduce-scatter once per update (needs full-size fp32 grads)
     deterministic: bool = False             # torch.use_deterministic_algorithms
+    checkpoint_format: str = "sharded"      # "sharded": torch.distributed.checkpoint, each rank its shards; "full"
 
 
 @dataclass
@@ -104,8 +107,9 @@ _CHOICES = {
     ("loss", "gan_loss"): ("nonsaturating", "hinge"),
     ("runtime", "precision"): ("auto", "bf16", "fp32"),
     ("runtime", "fsdp"): ("auto", "on", "off"),
-    ("model", "teacher_dtype"): ("auto", "bf16", "fp16", "fp32"),
-    ("log", "save_dtype"): ("bf16", "fp16", "fp32"),
+    ("runtime", "checkpoint_format"): ("sharded", "full"),
+    ("model", "teacher_dtype"): ("auto", *names_for("bfloat16", "float16", "float32")),
+    ("log", "save_dtype"): tuple(names_for("bfloat16", "float16", "float32")),
 }
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -128,6 +130,20 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: T, info: DistInfo) -> T:
+    """Rank 0's ``obj`` (a small picklable value) on every rank."""
+    if info.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def broadcast_module_(module: nn.Module, info: DistInfo) -> None:

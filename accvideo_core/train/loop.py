@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import signal
 import sys
 import threading
@@ -29,13 +28,14 @@ from torch.func import functional_call
 from accvideo_core.sampling import sample_flow
 from accvideo_core.train import distributed as D
 from accvideo_core.train.batching import collate, noise_for
-from accvideo_core.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from accvideo_core.train.checkpoint import (Lineage, export_final, load_checkpoint, prepare_out_dir, resolve_resume,
+                                            save_checkpoint)
 from accvideo_core.train.config import ConfigError, TrainConfig, check_batching
 from accvideo_core.train.losses import discriminator_loss, generator_loss, segment_target, trajectory_loss
 from accvideo_core.train.monitor import Monitor
 from accvideo_core.train.queues import TrajectoryQueues
 from accvideo_core.train.setup import build_data, build_models
-from accvideo_core.utils.io import atomic_path, write_json
+from accvideo_core.utils.io import write_json
 
 SIGNAL_DEBOUNCE = 5.0  # seconds
 
@@ -48,13 +48,17 @@ class Trainer:
     """Builds data, student, frozen teacher, heads, optimizers and queues from a :class:`TrainConfig`.
 
     ``teacher``: an already built ``HunyuanVideoTransformer3D`` (fp32) instead of ``cfg.model.teacher``.
-    ``resume``: ``"auto"`` (the latest checkpoint of ``log.out_dir``) or a checkpoint folder.
+    ``resume``: ``"auto"`` (the latest checkpoint of ``log.out_dir``) or a checkpoint folder; without it a
+    non-empty ``log.out_dir`` is refused unless ``overwrite`` (which removes the run files there).
     """
 
-    def __init__(self, cfg: TrainConfig, *, teacher: nn.Module | None = None, resume: str | None = None):
+    def __init__(self, cfg: TrainConfig, *, teacher: nn.Module | None = None, resume: str | None = None,
+                 overwrite: bool = False):
         self.cfg = cfg
         self.info = D.init_distributed(cfg.runtime.device, cfg.runtime.fsdp)
         self.out = Path(cfg.log.out_dir)
+        ckdir = resolve_resume(self.out, resume) if resume else None
+        prepare_out_dir(self.out, self.info, resuming=ckdir is not None, overwrite=overwrite)
         self.device = self.info.device
         self.bf16 = cfg.runtime.precision == "bf16" or (cfg.runtime.precision == "auto" and
                                                         self.device.type == "cuda")
@@ -75,11 +79,12 @@ class Trainer:
         self.queues = TrajectoryQueues(self.m, cfg.loss.queue_capacity)
         self.step = 0
         self.teacher_baseline: float | None = None  # the teacher's own m-step validation MSE (computed once)
+        self.lineage = Lineage()  # which checkpoints are this run's (pruning)
         self.interrupted = False
         self._signal_time = 0.0
         self._last_note = time.monotonic()
-        if resume:
-            load_checkpoint(self, resolve_resume(self.out, resume))
+        if ckdir is not None:
+            load_checkpoint(self, ckdir)
         self.monitor = Monitor(self.out, total_steps=cfg.optim.steps, start_step=self.step,
                                enabled=self.info.is_main, log_every=cfg.log.log_every)
         if self.info.is_main:
@@ -116,14 +121,13 @@ class Trainer:
                     save_checkpoint(self)
             final_val = self.validate()
             ckdir = save_checkpoint(self)
+            student = export_final(self)
             if self.info.is_main:
-                with atomic_path(self.out / "student.safetensors") as tmp:
-                    shutil.copyfile(ckdir / "student.safetensors", tmp)
                 if cfg.log.plot:
                     png = self.monitor.plot(self.out / "loss_curves.png", teacher_steps=self.key_steps[-1])
                     self.monitor.note(f"loss curves: {png}")
             return {"step": self.step, "val": final_val, "checkpoint": str(ckdir),
-                    "student": str(self.out / "student.safetensors"), "bad_samples": list(self.bad_samples)}
+                    "student": str(student), "bad_samples": list(self.bad_samples)}
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
@@ -339,6 +343,6 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, *, teacher: nn.Module | None = None, resume: str | None = None,
-          stop_after: int | None = None) -> dict[str, Any]:
+          overwrite: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """Build a :class:`Trainer` and run it (the process group, if any, stays up; see ``__main__``)."""
-    return Trainer(cfg, teacher=teacher, resume=resume).run(stop_after=stop_after)
+    return Trainer(cfg, teacher=teacher, resume=resume, overwrite=overwrite).run(stop_after=stop_after)

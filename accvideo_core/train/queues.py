@@ -50,6 +50,25 @@ class TrajectoryQueues:
         return {"queues": [[{k: v.to("cpu") for k, v in rec.items()} for rec in q] for q in self.queues],
                 "dropped": list(self.dropped)}
 
+    def load_resharded(self, states: list[dict], rank: int, world: int, device: torch.device | str) -> None:
+        """Entries for ``rank`` of ``world`` from the queues of all ranks of a run on ``len(states)`` ranks.
+
+        Entry i of old rank r is entry ``i * len(states) + r`` of the run's global order (ranks push in
+        lockstep, rank r holding global batch positions r, r + W, ...); this rank takes positions
+        ``rank, rank + world, ...``, the newest ``capacity`` kept.
+        """
+        if any(len(d["queues"]) != self.segments + 1 for d in states):
+            raise ValueError(f"checkpoint queues do not match this run's {self.segments + 1}")
+        for k in range(self.segments + 1):
+            lists = [d["queues"][k] for d in states]
+            if len({len(q) for q in lists}) > 1:
+                raise ValueError(f"queue Q_{k} has different lengths on the saved ranks; resume on "
+                                 f"{len(states)} ranks")
+            merged = [q[i] for i in range(len(lists[0])) for q in lists]
+            mine = merged[rank::world][-self.capacity:]
+            self.queues[k] = deque({key: v.to(device) for key, v in rec.items()} for rec in mine)
+        self.dropped = [sum(d["dropped"][k] for d in states) // world for k in range(self.segments + 1)]
+
     def load_state_dict(self, d: dict, device: torch.device | str) -> None:
         if len(d["queues"]) != self.segments + 1:
             raise ValueError(f"checkpoint has {len(d['queues'])} queues, this run needs {self.segments + 1}")

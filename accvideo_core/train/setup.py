@@ -20,9 +20,7 @@ from accvideo_core.train import distributed as D
 from accvideo_core.train.batching import Record, SampleStream, sample_record
 from accvideo_core.train.config import ConfigError, TrainConfig
 from accvideo_core.train.heads import build_heads, default_feature_layers
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
+from accvideo_core.utils.dtypes import parse_dtype
 
 @dataclass
 class Data:
@@ -100,8 +98,8 @@ def build_models(cfg: TrainConfig, info: D.DistInfo, teacher: nn.Module | None, 
     meta = next(teacher.parameters()).is_meta
     if not meta:
         _check_not_fp8(teacher)
-    tdtype = DTYPES.get(cfg.model.teacher_dtype) or (torch.bfloat16 if info.device.type == "cuda" else
-                                                     torch.float32)
+    tdtype = (parse_dtype(cfg.model.teacher_dtype) if cfg.model.teacher_dtype != "auto" else
+              torch.bfloat16 if info.device.type == "cuda" else torch.float32)
     student = copy.deepcopy(teacher).float().train().requires_grad_(True)
     teacher = teacher.to(dtype=tdtype).eval().requires_grad_(False)
     student.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import pickle
+import struct
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
+
+from .dtypes import SAFETENSORS_TAGS
 
 StateDict = dict[str, torch.Tensor]
 T = TypeVar("T")
@@ -238,3 +243,117 @@ def load_torch(path: str | os.PathLike, *, device: str = "cpu") -> object:
     """``torch.load`` restricted to weights-only content (any object of tensors and plain containers, not
     unwrapped); an unreadable file is a :class:`CheckpointError` naming it."""
     return _load_pickle(Path(path), device=device, mmap=False)
+
+
+def save_safetensors_stream(specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+                            tensors: Iterable[torch.Tensor], path: str | os.PathLike,
+                            metadata: Mapping[str, str] | None = None) -> Path:
+    """Atomically write a safetensors file one tensor at a time: the header comes from ``specs`` (name, dtype,
+    shape), then each tensor of ``tensors`` (same order) is written and dropped, so only one is ever held."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dtype, shape in specs:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_TAGS[dtype], "shape": list(shape), "data_offsets": [offset,
+                                                                                                  offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        count = 0
+        for (name, dtype, shape), t in zip(specs, tensors):
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: got {t.dtype} {tuple(t.shape)}, the header says {dtype} {tuple(shape)}")
+            fh.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            count += 1
+        if count != len(specs):
+            raise ValueError(f"{path}: {count} tensors for {len(specs)} header entries")
+    return Path(path)
+
+
+_DCP_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties",
+                                              "ChunkStorageMetadata", "MetadataIndex", "StorageMeta",
+                                              "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Unpickles a ``torch.distributed.checkpoint`` ``.metadata`` file allowing only its own plain classes."""
+
+    def find_class(self, module: str, name: str):
+        if name in _DCP_METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+def _dcp_reader(folder: Path):
+    """A ``torch.distributed.checkpoint`` reader whose ``.metadata`` goes through the allow-list unpickler and may
+    hold only tensor entries (DCP's own reader ``pickle.load``s it and unpickles non-tensor entries)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
+    class SafeReader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs) -> Metadata:
+            try:
+                with open(folder / ".metadata", "rb") as fh:
+                    md = _DCPMetadataUnpickler(fh).load()
+            except (OSError, EOFError, pickle.UnpicklingError, AttributeError, TypeError, ValueError) as err:
+                raise CheckpointError(f"{folder}: unreadable distributed-checkpoint metadata ({err})") from err
+            if not isinstance(md, Metadata):
+                raise CheckpointError(f"{folder}/.metadata holds a {type(md).__name__}, not checkpoint metadata")
+            bad = [k for k, v in md.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)]
+            if bad:
+                raise CheckpointError(f"{folder}: non-tensor entries {bad[:3]} (this project writes tensors only)")
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return SafeReader(str(folder))
+
+
+def read_distributed_checkpoint(state: dict, folder: str | os.PathLike) -> None:
+    """Fill ``state`` (nested dicts of tensors / DTensors, in place, resharded to this run's layout) from a
+    ``torch.distributed.checkpoint`` folder; reading it never runs pickled code."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(folder)
+    if not (folder / ".metadata").is_file():
+        raise CheckpointError(f"{folder} is not a distributed checkpoint (no .metadata)")
+    with _single_process_ok():
+        dcp.load(state, storage_reader=_dcp_reader(folder))
+
+
+def read_distributed_checkpoint_flat(folder: str | os.PathLike) -> StateDict:
+    """Every tensor of a ``torch.distributed.checkpoint`` folder, full size on CPU, keyed by its flat name
+    (``student.double_blocks.0...``); one process, any number of writing ranks."""
+    folder = Path(folder)
+    reader = _dcp_reader(folder)
+    if not (folder / ".metadata").is_file():
+        raise CheckpointError(f"{folder} is not a distributed checkpoint (no .metadata)")
+    md = reader.read_metadata()
+    state = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in md.state_dict_metadata.items()}
+    import torch.distributed.checkpoint as dcp
+
+    with _single_process_ok():
+        dcp.load(state, storage_reader=reader)
+    return state
+
+
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """Without a process group DCP warns that it assumes one process: that is what we mean."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
