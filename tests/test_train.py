@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -309,6 +310,43 @@ def test_metrics_truncation_is_atomic(tmp_path, monkeypatch):
     monitor.truncate(12)
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(
         range(1, 13))
+
+
+def test_streamed_safetensors_and_safe_distributed_checkpoint_reading(tmp_path):
+    """The export's one-tensor-at-a-time writer gives what safetensors itself reads back (mixed dtypes), refuses a
+    tensor that does not match its header; a sharded checkpoint whose metadata pickle would run code is refused."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    from accvideo_core.utils.io import (CheckpointError, read_distributed_checkpoint_flat,
+                                        save_safetensors_stream)
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g).bfloat16(), "b": torch.arange(7), "c": torch.randn(2, generator=g),
+               "d": torch.randn(4, 1, generator=g).half()}
+    specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    save_safetensors_stream(specs, iter(tensors.values()), tmp_path / "s.safetensors", {"k": "v"})
+    back = load_file(tmp_path / "s.safetensors")
+    assert set(back) == set(tensors) and all(torch.equal(back[k], v) for k, v in tensors.items())
+    with pytest.raises(ValueError, match="header says"):
+        save_safetensors_stream(specs, iter([tensors["b"]]), tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists() and not list(tmp_path.glob(".*.tmp"))
+    with warnings.catch_warnings():  # DCP notes that it runs in one process without a process group
+        warnings.simplefilter("ignore")
+        dcp.save({"w": tensors["c"], "n": {"m": tensors["a"]}}, checkpoint_id=str(tmp_path / "ck"))
+    flat = read_distributed_checkpoint_flat(tmp_path / "ck")
+    assert set(flat) == {"w", "n.m"} and torch.equal(flat["n.m"], tensors["a"])
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match="not allowed"):
+        read_distributed_checkpoint_flat(tmp_path / "ck")
+    assert not (tmp_path / "pwned").exists()
 
 
 def _env() -> dict[str, str]:
