@@ -330,14 +330,14 @@ class Trainer:
         self.student.eval()
         if self.teacher_baseline is None:
             self.teacher_baseline = self._few_step_mse(self.teacher)
-        result = {"student_mse": self._few_step_mse(self.student), "teacher5_mse": self.teacher_baseline}
+        result = {"student_mse": self._few_step_mse(self.student), "teacher_mse": self.teacher_baseline}
         if self.ema is not None:
             result["student_ema_mse"] = self._few_step_mse(self.ema)
-        result["ratio"] = result["student_mse"] / result["teacher5_mse"] if result["teacher5_mse"] else float("nan")
+        result["ratio"] = result["student_mse"] / result["teacher_mse"] if result["teacher_mse"] else float("nan")
         self.student.train()
         self.monitor.write({"type": "val", "step": self.step, **result})
         self.monitor.note(f"validation @ step {self.step}: student {self.m}-step MSE {result['student_mse']:.4g}, "
-                          f"teacher {self.m}-step MSE {result['teacher5_mse']:.4g} (vs the teacher's "
+                          f"teacher {self.m}-step MSE {result['teacher_mse']:.4g} (vs the teacher's "
                           f"{self.key_steps[-1]}-step latents of {len(self.val_records)} held-out samples)")
         return result
 

@@ -80,7 +80,7 @@ class Monitor:
             panels.append(("ADVERSARIAL", series(train, ["adv_g", "adv_d"]), False))
         if val:
             title = f"VALIDATION MSE TO TEACHER {teacher_steps} STEP"
-            panels.append((title, series(val, ["student_mse", "teacher5_mse"]), True))
+            panels.append((title, series(val, ["student_mse", "teacher_mse"]), True))
         return plot_panels(panels, out_png)
 
 
