@@ -39,7 +39,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from accvideo_core.mini.data import clip_spec, render_clip  # noqa: E402
-from accvideo_core.models.vae_hunyuan_video import FastTiling, HunyuanVideoVAE, VAEConfig  # noqa: E402
+from accvideo_core.models.vae_decode_plan import FastTiling  # noqa: E402
+from accvideo_core.models.vae_hunyuan_video import HunyuanVideoVAE, VAEConfig  # noqa: E402
 from accvideo_core.models.vae_loading import load_vae  # noqa: E402
 from accvideo_core.testing import randomize_  # noqa: E402
 from accvideo_core.utils.io import write_json  # noqa: E402

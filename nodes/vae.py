@@ -25,8 +25,9 @@ class AccVideoVAEDecode(io.ComfyNode):
             category="AccVideo/vae",
             description="Decodes a HunyuanVideo LATENT with AccVideo's decoder, reusing the native VAE's weights in "
                         "place (no second copy). exact: equals an untiled decode of the official VAE within float "
-                        "rounding under any memory budget (whole-video GroupNorm statistics, frame-causal "
-                        "mid-block attention streamed over tiles). fast: the official overlapping-tile decode. "
+                        "rounding (whole-video GroupNorm statistics, frame-causal mid-block attention streamed "
+                        "over tiles); a budget it cannot meet is an error, never an approximate decode. fast: "
+                        "approximate tiles streamed through time, lowest memory. "
                         "Note: ComfyUI 0.3.64's native VAEDecode omits the official frame-causal attention mask, so "
                         "for more than one latent frame the native result differs from the official VAE; this node "
                         "follows the official VAE.",
@@ -37,8 +38,9 @@ class AccVideoVAEDecode(io.ComfyNode):
                                tooltip="Device memory the decode may use, weights included. auto: 90% of the free "
                                        "GPU memory (a quarter of the free RAM on CPU)."),
                 io.Combo.Input("mode", options=MODES, default="exact",
-                               tooltip="exact: same result as an untiled decode at any budget. fast: official "
-                                       "overlapping tiles with blending (slightly different at tile seams)."),
+                               tooltip="exact: same result as an untiled decode at any budget it can meet. fast: "
+                                       "approximate spatial tiles streamed through time with per-tile GroupNorm "
+                                       "statistics, blended at the seams (lowest memory)."),
             ],
             outputs=[io.Image.Output(tooltip="Frames [batch x frames, H, W, 3] in [0, 1].")],
         )

@@ -7,9 +7,11 @@ import torch
 
 from accvideo_core import load_vae
 from accvideo_core.testing import randomize_
-from accvideo_core.models import vae_hunyuan_video as vae_module
-from accvideo_core.models.vae_hunyuan_video import (CausalConv3d, FastTiling, HunyuanVideoVAE, NonFiniteDecodeError,
-                                                    StreamTiling, VAEConfig, frame_causal_attention, tile_starts)
+from accvideo_core.models import vae_hunyuan_video
+from accvideo_core.models.vae_decode_fast import CausalStream, ramp_weights
+from accvideo_core.models.vae_decode_plan import FastTiling, StreamTiling, tile_starts
+from accvideo_core.models.vae_hunyuan_video import (CausalConv3d, HunyuanVideoVAE, NonFiniteDecodeError, VAEConfig,
+                                                    frame_causal_attention, norm_silu)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -135,6 +137,22 @@ def test_exact_budget_too_small_is_a_clear_error(pair):
 
 
 @torch.no_grad()
+def test_exact_without_host_memory_for_its_store_is_an_error_not_fast(pair, monkeypatch):
+    """exact never quietly becomes fast: when the store fits neither the device budget nor the host, it raises."""
+    _, ours = pair
+    z = torch.randn(1, 16, 3, 4, 6)
+    budget = ours.weight_bytes() + 400_000  # the store does not fit here: it would go to the host
+    monkeypatch.setattr(vae_hunyuan_video, "available_host_memory", lambda: 1000)
+    ours.last_decode_info = None
+    with pytest.raises(MemoryError, match=r"never falls back.*mode='fast'"):
+        ours.decode(z, memory_budget=budget)
+    assert ours.last_decode_info is None
+    monkeypatch.undo()
+    ours.decode(z, memory_budget=budget)
+    assert ours.last_decode_info.mode == "exact" and "store=host" in ours.last_decode_info.notes
+
+
+@torch.no_grad()
 def test_fast_decode_matches_diffusers_tiled(pair):
     ref, ours = pair
     z = torch.randn(1, 16, 3, 5, 5)
@@ -175,11 +193,11 @@ def test_streamed_decode_carries_causal_state_exactly(pair):
     _, ours = pair
     z = torch.randn(1, 16, 6, 4, 5)
     expected = ours.decode(z, mode="untiled")
-    whole = vae_module._CausalStream(ours)
+    whole = CausalStream(ours)
     assert (whole(z) - expected).abs().max().item() <= 1e-4  # one chunk: running statistics are whole-volume
     frozen = {key: (mean.float(), torch.rsqrt(m2 / n + 1e-6).float()) for key, (n, mean, m2) in whole.stats.items()}
-    stream = vae_module._CausalStream(ours)
-    stream.norm = lambda norm, x, silu=True: vae_module.norm_silu(norm, x, silu, *frozen[id(norm)])
+    stream = CausalStream(ours)
+    stream.norm = lambda norm, x, silu=True: norm_silu(norm, x, silu, *frozen[id(norm)])
     parts = [stream(z[:, :, a:b]) for a, b in ((0, 2), (2, 3), (3, 6))]
     assert [p.shape[2] for p in parts] == [5, 4, 12]
     assert (torch.cat(parts, dim=2) - expected).abs().max().item() <= 1e-4
@@ -192,7 +210,7 @@ def test_streamed_decode_carries_causal_state_exactly(pair):
 def test_tile_starts_and_blend_weights_sum_to_one():
     starts = tile_starts(20, 8, 2)
     assert starts == [0, 6, 12] and tile_starts(5, 8, 2) == [0]
-    weights = vae_module._ramp_weights(20, starts, 8, 8, "cpu", torch.float32)
+    weights = ramp_weights(20, starts, 8, 8, "cpu", torch.float32)
     total = torch.zeros(160)
     for a, w in zip(starts, weights):
         total[a * 8:a * 8 + w.numel()] += w
