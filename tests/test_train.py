@@ -187,10 +187,12 @@ def _states(out: Path) -> dict[str, torch.Tensor]:
         "path"])
 
 
-def test_resume_after_kill_is_bit_exact(synvid, tmp_path):
+@pytest.mark.parametrize("checkpoint_format", ["sharded", "full"])
+def test_resume_after_kill_is_bit_exact(synvid, tmp_path, checkpoint_format):
     # 2 of the 5 segments per iteration: the queues carry fakes across iterations, so their saved state matters
     kw = dict(optim={"steps": 4, "segment_updates": "joint", "segments_per_iteration": 2, "ema_decay": 0.9},
-              log={"ckpt_every": 2, "plot": False})
+              log={"ckpt_every": 2, "plot": False, "save_dtype": "bf16"},
+              runtime={"checkpoint_format": checkpoint_format})
     Trainer(make_cfg(synvid, tmp_path / "a", **kw), teacher=tiny_transformer(seed=TEACHER_SEED)).run()
     cfg_b = make_cfg(synvid, tmp_path / "b", **kw)
     r = Trainer(cfg_b, teacher=tiny_transformer(seed=TEACHER_SEED)).run(stop_after=3)  # killed after step 3
