@@ -9,9 +9,9 @@ trainer, one warm-up iteration, then ``--iters`` timed iterations (median). Peak
     python bench/bench_train.py [--iters 3] [--frames 9] [--height 64] [--width 96] [--batch 2] [--device cpu]
 
 It also measures the trainer's final export (``train.checkpoint.export_student``) of a wider tiny-family
-transformer (hidden ``--export-hidden``) in a fresh subprocess: peak RSS growth while writing the bf16
-original-layout file, streamed tensor by tensor vs from a gathered full state dict (``checkpoint_format = "full"``),
-next to the model's and its largest block's size.
+transformer (hidden ``--export-hidden``), in one process and under ``torchrun --nproc_per_node 2`` (FSDP2-sharded):
+rank 0's peak RSS growth while writing the bf16 original-layout file, streamed tensor by tensor vs from a gathered
+full state dict (``checkpoint_format = "full"``), next to the model's and its largest block's size.
 """
 from __future__ import annotations
 
@@ -107,11 +107,13 @@ def export_child(args) -> None:
 
     h = args.export_hidden
     model = tiny_transformer(seed=0, hidden_size=h, num_heads=h // 128, num_double_blocks=2, num_single_blocks=4)
-    info = D.DistInfo()
     blocks = list(model.double_blocks) + list(model.single_blocks)
     sizes = {"model_bytes_fp32": sum(p.numel() * 4 for p in model.parameters()),
              "largest_block_bytes_fp32": max(sum(p.numel() * 4 for p in b.parameters()) for b in blocks),
              "largest_tensor_bytes_fp32": max(p.numel() * 4 for p in model.parameters())}
+    info = D.init_distributed("cpu", "auto")  # under torchrun: FSDP2-sharded like the trainer's student
+    if info.fsdp:
+        D.shard_transformer(model, mesh=D.device_mesh(info.device), param_dtype=None, reshard_after_forward=True)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         export_student(model, Path(tmp) / "warm.safetensors", torch.bfloat16, info, metadata={})  # imports
@@ -126,7 +128,9 @@ def export_child(args) -> None:
             out[name] = {"peak_growth_bytes": _status_kib("VmHWM") * 1024 - base,
                          "seconds": time.perf_counter() - t0}
             del state
-    print(json.dumps({**sizes, **out}))
+    if info.is_main:
+        print(json.dumps({**sizes, "ranks": info.world, **out}))
+    D.shutdown(info)
 
 
 def main() -> int:
@@ -162,11 +166,14 @@ def main() -> int:
                 raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
             out = proc.stdout
             results["checkpointing" if ckpt else "no_checkpointing"] = json.loads(out.strip().splitlines()[-1])
-        proc = subprocess.run([sys.executable, __file__, "--export-child", "--export-hidden", str(args.export_hidden)],
-                              capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        if proc.returncode:
-            raise RuntimeError(f"export benchmark child failed:\n{proc.stderr[-3000:]}")
-        export = json.loads(proc.stdout.strip().splitlines()[-1])
+        export = {}
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        for ranks, launch in ((1, [sys.executable]), (2, torchrun)):
+            proc = subprocess.run(launch + [__file__, "--export-child", "--export-hidden", str(args.export_hidden)],
+                                  capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            if proc.returncode:
+                raise RuntimeError(f"export benchmark child failed:\n{proc.stderr[-3000:]}")
+            export[f"{ranks}_rank"] = json.loads(proc.stdout.strip().splitlines()[-1])
     off, on = results["no_checkpointing"], results["checkpointing"]
     report = {
         "benchmark": "accvideo train iteration (traj + adversarial, 5 segments, sequential updates)",
@@ -180,7 +187,8 @@ def main() -> int:
         "memory_ratio_checkpointing_vs_not": (on["peak_growth_bytes"] / off["peak_growth_bytes"]
                                               if off["peak_growth_bytes"] > 0 else None),
         "export": {"model": f"tiny_transformer(hidden_size={args.export_hidden}, 2 double + 4 single blocks)",
-                   "file_dtype": "bf16", "memory_method": "peak RSS growth while exporting (fresh subprocess)",
+                   "file_dtype": "bf16", "memory_method": "rank 0's peak RSS growth while exporting (fresh process "
+                   "per rank count; 2 ranks: torchrun, gloo, FSDP2-sharded model)",
                    **export},
     }
     print(f"{'variant':<20}{'s/iter':>10}{'peak MiB':>12}")
@@ -190,10 +198,11 @@ def main() -> int:
     print(f"checkpointing / none: time x{report['time_ratio_checkpointing_vs_not']:.2f}, memory "
           f"x{mr:.2f}" if mr is not None else "memory ratio n/a")
     mib = 2 ** 20
-    print(f"export (hidden {args.export_hidden}): model {export['model_bytes_fp32'] / mib:.1f} MiB fp32, largest "
-          f"block {export['largest_block_bytes_fp32'] / mib:.1f} MiB; peak RSS growth streamed "
-          f"{export['streamed']['peak_growth_bytes'] / mib:.1f} MiB, gathered "
-          f"{export['gathered']['peak_growth_bytes'] / mib:.1f} MiB")
+    for name, e in export.items():
+        print(f"export (hidden {args.export_hidden}, {name}): model {e['model_bytes_fp32'] / mib:.1f} MiB fp32, "
+              f"largest block {e['largest_block_bytes_fp32'] / mib:.1f} MiB; rank 0 peak RSS growth streamed "
+              f"{e['streamed']['peak_growth_bytes'] / mib:.1f} MiB, gathered "
+              f"{e['gathered']['peak_growth_bytes'] / mib:.1f} MiB")
     write_json(report, args.out)
     print(f"wrote {args.out}")
     return 0
