@@ -2,6 +2,7 @@
 safetensors with config metadata), config from shapes, no-copy wrapping of in-memory weights, clear errors."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -9,9 +10,9 @@ import pytest
 import torch
 
 from accvideo_core import load_vae
+from accvideo_core.models.key_maps import vae_comfy_internal_to_original, vae_original_to_comfy_internal
 from accvideo_core.models.vae_hunyuan_video import HunyuanVideoVAE, VAEConfig
-from accvideo_core.models.vae_loading import (comfyui_to_original, config_from_state_dict, original_to_comfyui,
-                                              save_vae)
+from accvideo_core.models.vae_loading import CONFIG_METADATA_KEY, config_from_state_dict, save_vae
 from accvideo_core.utils.io import CheckpointError, save_safetensors, save_torch
 
 TINY = VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4)
@@ -53,6 +54,25 @@ def test_safetensors_with_config_metadata_needs_no_hints(tiny, latents, tmp_path
     assert _same_decode(tiny, loaded, latents)
 
 
+def test_recorded_config_is_validated_against_the_shapes(tiny, latents, tmp_path):
+    """The config save_vae records supplies what shapes cannot show; a recorded field that contradicts the weights
+    (an edited or mislabelled file) is an error naming it, not a silent override."""
+    weights = tiny.state_dict()
+    hidden_only = save_safetensors(weights, tmp_path / "groups.safetensors",
+                                   metadata={CONFIG_METADATA_KEY: json.dumps({"norm_num_groups": 4})})
+    assert load_vae(hidden_only).config == TINY
+    for field, wrong in (("layers_per_block", 2), ("block_out_channels", [8, 16, 16, 32]), ("has_encoder", False)):
+        recorded = {**TINY.to_dict(), field: wrong}
+        path = save_safetensors(weights, tmp_path / f"{field}.safetensors",
+                                metadata={CONFIG_METADATA_KEY: json.dumps(recorded)})
+        with pytest.raises(CheckpointError, match=f"disagrees with their shapes.*{field}"):
+            load_vae(path)
+    unknown = save_safetensors(weights, tmp_path / "unknown.safetensors",
+                               metadata={CONFIG_METADATA_KEY: json.dumps({**TINY.to_dict(), "ch_mult": [1, 2]})})
+    with pytest.raises(CheckpointError, match="unknown VAEConfig fields"):
+        load_vae(unknown)
+
+
 def test_comfyui_repackaged_file_layout(tiny, latents, tmp_path):
     # ComfyUI's repackaged hunyuan_video_vae_bf16.safetensors carries the original names.
     path = save_safetensors({k: v.to(torch.bfloat16) for k, v in tiny.state_dict().items()},
@@ -71,10 +91,14 @@ def test_diffusers_folder(latents, tmp_path):
     assert loaded.config == TINY
     with torch.no_grad():
         assert torch.equal(loaded.post_quant_conv.weight, ref.post_quant_conv.weight)
+    config_json = tmp_path / "pipe" / "vae" / "config.json"
+    config_json.write_text(json.dumps({**json.loads(config_json.read_text()), "latent_channels": 4}))
+    with pytest.raises(CheckpointError, match="latent_channels 4 recorded, 16 in the weights"):
+        load_vae(tmp_path / "pipe")
 
 
 def test_comfyui_internal_names_wrap_without_copy(tiny, latents):
-    internal = {f"first_stage_model.{k}": v for k, v in original_to_comfyui(tiny.state_dict()).items()}
+    internal = {f"first_stage_model.{k}": v for k, v in vae_original_to_comfy_internal(tiny.state_dict()).items()}
     assert internal["first_stage_model.decoder.mid.attn_1.q.weight"].shape == (16, 16, 1, 1, 1)
     loaded = load_vae(internal, norm_num_groups=4, device=None)
     pointers = {v.data_ptr() for v in internal.values()}
@@ -91,7 +115,7 @@ def test_comfyui_internal_names_of_the_released_vae():
     conv3d=True, ch 128, ch_mult [1, 2, 4, 4], 2 res blocks (248 tensors)."""
     with torch.device("meta"):
         vae = HunyuanVideoVAE(VAEConfig())
-    internal = original_to_comfyui(vae.state_dict())
+    internal = vae_original_to_comfy_internal(vae.state_dict())
     assert len(internal) == 248
     expected = {
         "decoder.conv_in.conv.weight": (512, 16, 3, 3, 3),
@@ -116,7 +140,7 @@ def test_comfyui_internal_names_of_the_released_vae():
     }
     assert {k: tuple(internal[k].shape) for k in expected} == expected
     assert "decoder.up.0.upsample.conv.conv.weight" not in internal  # the last up level has no upsampler
-    back = comfyui_to_original(internal)
+    back = vae_comfy_internal_to_original(internal)
     assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in vae.state_dict().items()}
     assert config_from_state_dict(back) == VAEConfig()
 

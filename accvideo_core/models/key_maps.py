@@ -1,4 +1,5 @@
-"""HunyuanVideo transformer key layouts: original (Tencent, our module names) <-> diffusers.
+"""HunyuanVideo transformer key layouts: original (Tencent, our module names) <-> diffusers; the VAE's original
+<-> ComfyUI internal names in the last section.
 
 Both directions are generic in the hidden size: H is read from tensor shapes, never hard-coded (diffusers' own
 converter assumes H = 3072 and cannot convert a small model). Conversions only slice and concatenate, so
@@ -12,6 +13,7 @@ Layout facts (see ``docs/transformer.md``):
 """
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 import torch
@@ -262,4 +264,96 @@ def comfy_internal_to_original(sd: Mapping[str, torch.Tensor]) -> StateDict:
             if comfy in new:
                 new = new.replace(comfy, original)
         out[new] = tensor
+    return out
+
+
+# ================================================================================================================
+# HunyuanVideo VAE: original names (= diffusers', our module names) <-> ComfyUI's internal (LDM-style) names
+# ================================================================================================================
+# Key fragments, original -> ComfyUI internal, applied in this order. "{s}" is encoder/decoder, "{i}"/"{j}" block
+# and resnet indices; "{u}" is ComfyUI's level of decoder up block i, counted from the other end (n_up - 1 - i).
+# Fragments starting with "." match anywhere in a key, the others at its start. Checked against ComfyUI's own
+# module tree for the released widths (248 tensors, docs/vae.md).
+VAE_COMFY_RENAMES: tuple[tuple[str, str], ...] = (
+    ("{s}.mid_block.resnets.0.", "{s}.mid.block_1."),
+    ("{s}.mid_block.resnets.1.", "{s}.mid.block_2."),
+    ("{s}.mid_block.attentions.0.group_norm.", "{s}.mid.attn_1.norm."),
+    ("{s}.mid_block.attentions.0.to_q.", "{s}.mid.attn_1.q."),
+    ("{s}.mid_block.attentions.0.to_k.", "{s}.mid.attn_1.k."),
+    ("{s}.mid_block.attentions.0.to_v.", "{s}.mid.attn_1.v."),
+    ("{s}.mid_block.attentions.0.to_out.0.", "{s}.mid.attn_1.proj_out."),
+    ("encoder.down_blocks.{i}.resnets.{j}.", "encoder.down.{i}.block.{j}."),
+    ("encoder.down_blocks.{i}.downsamplers.0.", "encoder.down.{i}.downsample."),
+    ("decoder.up_blocks.{i}.resnets.{j}.", "decoder.up.{u}.block.{j}."),
+    ("decoder.up_blocks.{i}.upsamplers.0.", "decoder.up.{u}.upsample."),
+    (".conv_shortcut.", ".nin_shortcut."),
+    ("{s}.conv_norm_out.", "{s}.norm_out."),
+)
+# ComfyUI holds the attention projections as 1x1x1 convolutions: weights [C, C, 1, 1, 1] instead of [C, C].
+VAE_COMFY_CONV_PROJECTIONS = ("mid.attn_1.q.weight", "mid.attn_1.k.weight", "mid.attn_1.v.weight",
+                              "mid.attn_1.proj_out.weight")
+# Old diffusers attention names -> current ones (inside ``*.attentions.0.``).
+VAE_LEGACY_ATTENTION: tuple[tuple[str, str], ...] = (
+    ("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0"))
+VAE_ATTENTION_WEIGHTS = tuple(f".attentions.0.{name}.weight" for name in ("to_q", "to_k", "to_v", "to_out.0"))
+_VAE_FIELDS = {"s": r"(?P<s>encoder|decoder)", "i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)", "u": r"(?P<u>\d+)"}
+
+
+def vae_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``[C, C, 1, 1(, 1)]`` 1x1 conv weight -> ``[C, C]`` linear weight, as a view (no copy)."""
+    return weight.flatten(1) if weight.dim() > 2 else weight
+
+
+def _vae_pattern(fragment: str) -> re.Pattern:
+    parts = re.split(r"\{(\w)\}", fragment)  # literal, field, literal, ...
+    regex = "".join(_VAE_FIELDS[p] if k % 2 else re.escape(p) for k, p in enumerate(parts))
+    return re.compile(regex if fragment.startswith(".") else "^" + regex)
+
+
+def _vae_rename(sd: Mapping[str, torch.Tensor], to_comfy: bool) -> StateDict:
+    """Apply ``VAE_COMFY_RENAMES`` in one direction; the up-level index runs the other way in ComfyUI."""
+    rows = [(_vae_pattern(a), b) if to_comfy else (_vae_pattern(b), a) for a, b in VAE_COMFY_RENAMES]
+    level = re.compile(r"^decoder\.up_blocks\.(\d+)\." if to_comfy else r"^decoder\.up\.(\d+)\.")
+    n_up = 1 + max((int(m.group(1)) for k in sd if (m := level.match(k))), default=-1)
+    out: StateDict = {}
+    for key, value in sd.items():
+        for pattern, target in rows:
+            m = pattern.search(key)
+            if m:
+                fields = m.groupdict()
+                if "i" in fields:
+                    fields["u"] = str(n_up - 1 - int(fields["i"]))
+                elif "u" in fields:
+                    fields["i"] = str(n_up - 1 - int(fields["u"]))
+                key = key[:m.start()] + target.format(**fields) + key[m.end():]
+        if to_comfy and key.endswith(VAE_COMFY_CONV_PROJECTIONS):
+            value = value.reshape(*value.shape, 1, 1, 1)
+        elif not to_comfy and key.endswith(VAE_ATTENTION_WEIGHTS):
+            value = vae_linear_weight(value)
+        out[key] = value
+    return out
+
+
+
+def vae_comfy_internal_to_original(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """ComfyUI's internal VAE names -> original names, without copying tensors (attention weights as views)."""
+    return _vae_rename(sd, to_comfy=False)
+
+
+def vae_original_to_comfy_internal(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """Original VAE names -> ComfyUI's internal names (attention weights as ``[C, C, 1, 1, 1]`` views); the inverse
+    of ``vae_comfy_internal_to_original``."""
+    return _vae_rename(sd, to_comfy=True)
+
+
+def vae_legacy_to_original(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """Old diffusers attention names (``query``/``key``/``value``/``proj_attn``) -> current names."""
+    legacy = dict(VAE_LEGACY_ATTENTION)
+    pattern = re.compile(r"^(.*\.attentions\.0\.)(" + "|".join(legacy) + r")\.(weight|bias)$")
+    out: StateDict = {}
+    for key, value in sd.items():
+        m = pattern.match(key)
+        if m:
+            key = f"{m.group(1)}{legacy[m.group(2)]}.{m.group(3)}"
+        out[key] = vae_linear_weight(value) if key.endswith(VAE_ATTENTION_WEIGHTS) else value
     return out
