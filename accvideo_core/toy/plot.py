@@ -1,18 +1,17 @@
-"""A tiny dependency-free plotting canvas: RGB numpy raster, lines, dots, rectangles, a 5x7 bitmap font, PNG out.
+"""A tiny dependency-free plotting canvas: RGB numpy raster, lines, dots, rectangles, a 5x7 bitmap font.
 
-Just enough for the toy experiments' figures without adding matplotlib to anybody's environment. Coordinates are
-pixels (x right, y down) unless a :class:`Axes` maps data coordinates onto a panel.
+Just enough for the toy experiment's figure without adding matplotlib to anybody's environment; the PNG is written
+by the project's one PNG writer (``utils/png.py``). Coordinates are pixels (x right, y down) unless an
+:class:`Axes` maps data coordinates onto a panel.
 """
 from __future__ import annotations
 
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..utils.io import write_bytes
+from ..utils.png import write_png
 
 Color = tuple[float, float, float]
 
@@ -130,53 +129,11 @@ class Canvas:
         return (np.clip(self.pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
     def save_png(self, path: str | Path) -> Path:
-        return write_bytes(encode_png(self.to_uint8()), path)
+        return write_png(self.to_uint8(), path)
 
 
 def text_width(s: str, scale: int = 2) -> int:
     return max(0, len(s) * (GLYPH_W + 1) * scale - scale)
-
-
-def encode_png(rgb: np.ndarray) -> bytes:
-    """Encode an ``[H, W, 3]`` uint8 array as a PNG (8-bit RGB, filter 0, zlib level 9)."""
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected an [H, W, 3] uint8 array, got {rgb.dtype} {tuple(rgb.shape)}")
-    h, w, _ = rgb.shape
-    raw = np.concatenate([np.zeros((h, 1), dtype=np.uint8), rgb.reshape(h, w * 3)], axis=1).tobytes()
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """Decode a PNG written by :func:`encode_png` (8-bit RGB, filter 0 only); used by the tests."""
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError("not a PNG file")
-    pos, idat, size = 8, b"", None
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        if zlib.crc32(kind + body) & 0xFFFFFFFF != crc:
-            raise ValueError(f"PNG chunk {kind!r} has a bad CRC")
-        if kind == b"IHDR":
-            w, h, depth, ctype = struct.unpack(">IIBB", body[:10])
-            if (depth, ctype) != (8, 2):
-                raise ValueError("only 8-bit RGB PNGs are supported")
-            size = (h, w)
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    if size is None:
-        raise ValueError("PNG has no IHDR chunk")
-    h, w = size
-    rows = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(h, 1 + w * 3)
-    if rows[:, 0].any():
-        raise ValueError("only PNG filter type 0 is supported")
-    return rows[:, 1:].reshape(h, w, 3).copy()
 
 
 @dataclass

@@ -5,12 +5,12 @@ One panel per series group, x = iteration, y linear or log10, min/max labels. Go
 from __future__ import annotations
 
 import math
-import struct
-import zlib
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from accvideo_core.utils.io import write_bytes
+import numpy as np
+
+from accvideo_core.utils.png import write_png
 
 _FONT = {  # 3x5 glyphs, rows top to bottom, '1' = ink
     "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
@@ -56,14 +56,9 @@ class Canvas:
                                 self.dot(x + col * scale + dx, y + r * scale + dy, c)
             x += 4 * scale
 
-    def png(self) -> bytes:
-        raw = b"".join(b"\x00" + bytes(self.px[y * self.w * 3:(y + 1) * self.w * 3]) for y in range(self.h))
-
-        def chunk(tag: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    def rgb(self) -> np.ndarray:
+        """The raster as an ``[H, W, 3]`` uint8 array."""
+        return np.frombuffer(bytes(self.px), dtype=np.uint8).reshape(self.h, self.w, 3)
 
 
 def _fmt(v: float) -> str:
@@ -120,4 +115,4 @@ def plot_panels(panels: Sequence[tuple[str, Mapping[str, Sequence[tuple[float, f
                 else:
                     canvas.dot(*cur, c)
                 prev = cur
-    return write_bytes(canvas.png(), path)
+    return write_png(canvas.rgb(), path)

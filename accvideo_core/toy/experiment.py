@@ -13,32 +13,27 @@ A start point ``(x, sigma)`` is **useless** when no trajectory of the teacher's 
 radius). Convention as in the rest of the project: ``x_sigma = (1 - sigma) * x0 + sigma * noise``, velocity
 ``noise - x0``, Euler from sigma 1 (noise) to 0 (data).
 
-Run ``python -m accvideo_core.toy1d --out DIR`` (writes ``toy1d.json``, ``toy1d.md`` and ``toy1d.png``).
+The command line (``python -m accvideo_core.toy --out DIR``) is in ``__main__.py``, the table and the figure in
+``report.py``.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import sys
 import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from .utils.io import write_bytes, write_json
 
 Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class Toy1DConfig:
-    """Everything that defines one run. ``PRESETS`` holds the paper-sized, default and CI-sized variants."""
+    """Everything that defines one run. ``RUN_SIZES`` holds the paper-sized, default and CI-sized variants."""
 
     data_points: tuple[float, ...] = (-3.0, 3.0)
     # network: Conv1D + BatchNorm residual blocks, AvgPool, positional encoding of t, FC head (paper Fig. 8)
@@ -79,7 +74,7 @@ class Toy1DConfig:
             raise ValueError(f"time_features must be even, got {self.time_features}")
 
 
-PRESETS: dict[str, Toy1DConfig] = {
+RUN_SIZES: dict[str, Toy1DConfig] = {  # the CLI's --size
     # the paper's budget for the teacher (10,000 iterations; the paper gives no student budget); minutes on a CPU
     "paper": Toy1DConfig(teacher_iters=10_000, student_iters=1500),
     # the documented run: iterations scaled down so the whole experiment stays within ~2 minutes on 2 CPU cores
@@ -200,8 +195,11 @@ def trajectory_loss_batch(pairs: "PairSet", key_sigmas: torch.Tensor, batch: int
 # ---------------------------------------------------------------------------------------------------- sampling
 
 
-def flow_sigmas(steps: int) -> torch.Tensor:
-    """``linspace(1, 0, steps + 1)`` (shift 1: the toy needs no resolution shift)."""
+def linear_sigmas(steps: int) -> torch.Tensor:
+    """``linspace(1, 0, steps + 1)`` in fp32: the toy's unshifted schedule (a 1D toy needs no resolution shift).
+
+    Not ``sampling.flow_sigmas(steps, shift=1.0)``: that rounds an fp64 linspace and differs by an ulp at some
+    points (e.g. 50 steps), which would move the documented figures."""
     return torch.linspace(1.0, 0.0, steps + 1)
 
 
@@ -323,12 +321,13 @@ def endpoint_mismatch(pairs: PairSet, data_points: torch.Tensor) -> torch.Tensor
 
 def output_stats(outputs: torch.Tensor, reference: torch.Tensor, data_points: torch.Tensor,
                  tolerance: float) -> dict[str, float]:
-    """How well generated points land on the data, and their paired error to the teacher's 50-step outputs."""
+    """How well generated points land on the data, and their paired error to the teacher's full-step outputs
+    (``reference``: the teacher with ``teacher_steps`` from the same noise)."""
     dist = (outputs[:, None] - data_points[None]).abs().min(1).values
     return {
         "on_data_pct": 100.0 * (dist <= tolerance).float().mean().item(),
         "mean_dist_to_data": dist.mean().item(),
-        "mean_abs_err_to_teacher50": (outputs - reference).abs().mean().item(),
+        "mean_abs_err_to_teacher": (outputs - reference).abs().mean().item(),
         "positive_pct": 100.0 * (outputs > 0).float().mean().item(),
     }
 
@@ -370,7 +369,7 @@ def _run(cfg: Toy1DConfig, progress: Progress | None) -> dict:
     clock = _Clock(timings)
     gen = torch.Generator().manual_seed(cfg.seed)
     data = torch.tensor(cfg.data_points, dtype=torch.float32)
-    teacher_sigmas = flow_sigmas(cfg.teacher_steps)
+    teacher_sigmas = linear_sigmas(cfg.teacher_steps)
     stride = cfg.teacher_steps // cfg.student_steps
     key_sigmas = teacher_sigmas[::stride]
 
@@ -397,15 +396,14 @@ def _run(cfg: Toy1DConfig, progress: Progress | None) -> dict:
                                                stride, gen)
         datasets.update({f"M={m:g}": pairs for m, pairs in zip(cfg.mismatches, shifted_sets)})
         eval_noise = torch.randn(cfg.eval_samples, generator=gen)
-        teacher50_path = euler_trajectory(teacher, eval_noise, teacher_sigmas)
-        heldout = teacher50_path[::stride][:-1]  # fresh teacher trajectories at the key sigmas
-        radii = (cfg.coverage_radius, *cfg.sensitivity_radii)
+        teacher_path = euler_trajectory(teacher, eval_noise, teacher_sigmas)
+        heldout = teacher_path[::stride][:-1]  # fresh teacher trajectories at the key sigmas
         clock.lap("data")
 
         # 4. students: the teacher's architecture and weights, trained on each data set with the trajectory loss
-        teacher50 = teacher50_path[-1]
-        outputs = {"teacher-50": teacher50, f"teacher-{cfg.student_steps}": euler_trajectory(teacher, eval_noise,
-                                                                                               key_sigmas)[-1]}
+        teacher_full = teacher_path[-1]
+        outputs = {f"teacher-{cfg.teacher_steps}": teacher_full,
+                   f"teacher-{cfg.student_steps}": euler_trajectory(teacher, eval_noise, key_sigmas)[-1]}
         student_losses = {}
         for name, pairs in datasets.items():
             student = copy.deepcopy(teacher)
@@ -416,23 +414,13 @@ def _run(cfg: Toy1DConfig, progress: Progress | None) -> dict:
         clock.lap("students")
     clock.total()
 
-    rows = []
-    for name, pairs in datasets.items():
-        row = {"dataset": name, "mismatch": None if name == "trajectory" else float(name[2:]),
-               "useless_pct": {f"{r:g}": 100.0 * useless_mask(pairs.x_start, key_reference, r).float().mean().item()
-                               for r in radii},
-               "useless_pct_per_key_sigma": [round(100.0 * v, 3) for v in useless_mask(
-                   pairs.x_start, key_reference, cfg.coverage_radius).float().mean(1).tolist()],
-               "endpoint_mismatch_pct": 100.0 * endpoint_mismatch(pairs, data).float().mean().item(),
-               "student": output_stats(outputs[f"student[{name}]"], teacher50, data, cfg.on_data_tolerance)}
-        rows.append(row)
-    heldout_useless = {f"{r:g}": 100.0 * useless_mask(heldout, key_reference, r).float().mean().item() for r in radii}
+    rows, heldout_useless = _summarise(cfg, data, datasets, key_reference, heldout, outputs)
     return {
         "config": asdict(cfg),
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "teacher": {"final_loss": teacher_losses[-1], "velocity_rel_err_on_trajectories": velocity_rel_err,
-                    **{f"{k}_outputs": output_stats(outputs[k], teacher50, data, cfg.on_data_tolerance)
-                       for k in ("teacher-50", f"teacher-{cfg.student_steps}")}},
+                    **{f"{k}_outputs": output_stats(outputs[k], teacher_full, data, cfg.on_data_tolerance)
+                       for k in (f"teacher-{cfg.teacher_steps}", f"teacher-{cfg.student_steps}")}},
         "heldout_teacher_trajectories_useless_pct": heldout_useless,
         "rows": rows,
         "losses": {"teacher": teacher_losses, "students": student_losses},
@@ -441,167 +429,21 @@ def _run(cfg: Toy1DConfig, progress: Progress | None) -> dict:
     }
 
 
-# ---------------------------------------------------------------------------------------------------- reporting
-
-
-def markdown_table(result: dict) -> str:
-    cfg = result["config"]
-    radius = f"{cfg['coverage_radius']:g}"
-    others = [f"{r:g}" for r in cfg["sensitivity_radii"]]
-    head = (f"| distillation data | useless % (r={radius}) | " + " | ".join(f"useless % (r={r})" for r in others)
-            + " | endpoint mismatch % | student on data % | student mean dist to data | student mean abs err vs teacher-50 |")
-    lines = [head, "|" + "---|" * (6 + len(others))]
-    for row in result["rows"]:
-        name = "teacher trajectories (a)" if row["dataset"] == "trajectory" else f"forward diffusion, {row['dataset']} (b)"
-        s = row["student"]
-        lines.append(f"| {name} | {row['useless_pct'][radius]:.2f} | "
-                     + " | ".join(f"{row['useless_pct'][r]:.2f}" for r in others)
-                     + f" | {row['endpoint_mismatch_pct']:.2f} | {s['on_data_pct']:.1f} | {s['mean_dist_to_data']:.3f}"
-                     f" | {s['mean_abs_err_to_teacher50']:.3f} |")
-    held = result["heldout_teacher_trajectories_useless_pct"]
-    lines.append(f"| (check) fresh teacher trajectories, held out | {held[radius]:.2f} | "
-                 + " | ".join(f"{held[r]:.2f}" for r in others) + " | - | - | - | - |")
-    t = result["teacher"]
-    steps = cfg["student_steps"]
-    for k in ("teacher-50", f"teacher-{steps}"):
-        s = t[f"{k}_outputs"]
-        lines.append(f"| (baseline) {k} sampling, no distillation | - | " + " | ".join("-" for _ in others)
-                     + f" | - | {s['on_data_pct']:.1f} | {s['mean_dist_to_data']:.3f} | {s['mean_abs_err_to_teacher50']:.3f} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, path: str | Path, show_mismatch: float | None = None) -> Path:
-    """The figure: (A) teacher trajectories, (B) forward-diffused start points with the useless ones in red,
-    (C) useless fraction against M, (D) the outputs of every model as histograms."""
-    from .toy.plot import BLACK, BLUE, GRAY, GREEN, LIGHT, ORANGE, PURPLE, RED, Axes, Canvas
-
-    cfg, arrays = result["config"], result["arrays"]
-    key_sigmas = arrays["key_sigmas"]
-    canvas = Canvas(1500, 1040)
-    ymax = float(max(abs(p) for p in cfg["data_points"]) + max(cfg["mismatches"]) + 1.0)
-    top_tick = int(ymax // 3) * 3
-    ticks = list(range(-top_tick, top_tick + 1, 3))
-
-    def draw_trajectories(ax: Axes, color, alpha: float) -> None:
-        sig = arrays["teacher_sigmas"].numpy()
-        traj = arrays["trajectories"].numpy()
-        for i in range(0, traj.shape[1], max(1, traj.shape[1] // 96)):
-            ax.line(sig, traj[:, i], color, width=1.0, alpha=alpha)
-        for p in cfg["data_points"]:
-            ax.scatter([0.0], [p], BLACK, radius=5)
-
-    a = Axes(canvas, 80, 50, 620, 380, (1.0, 0.0), (-ymax, ymax))
-    a.frame("A  TEACHER ODE TRAJECTORIES = DATA (A)", "SIGMA (1 = NOISE, 0 = DATA)", "X",
-            xticks=[1.0, 0.8, 0.6, 0.4, 0.2, 0.0], yticks=ticks)
-    draw_trajectories(a, BLUE, 0.25)
-    ref = arrays["key_reference"].numpy()
-    for j, s in enumerate(key_sigmas[:-1].tolist()):
-        a.scatter(np.full(ref.shape[1], s), ref[j], GREEN, radius=1.5, alpha=0.5)
-
-    ms = [m for m in cfg["mismatches"]]
-    m_show = show_mismatch if show_mismatch is not None else ms[len(ms) // 2]
-    pairs = arrays["datasets"][f"M={m_show:g}"]
-    useless = useless_mask(pairs.x_start, arrays["key_reference"], cfg["coverage_radius"]).numpy()
-    b = Axes(canvas, 840, 50, 620, 380, (1.0, 0.0), (-ymax, ymax))
-    b.frame(f"B  FORWARD DIFFUSION, M={m_show:g} (B): USELESS IN RED", "SIGMA", "X",
-            xticks=[1.0, 0.8, 0.6, 0.4, 0.2, 0.0], yticks=ticks)
-    draw_trajectories(b, GRAY, 0.2)
-    rng = np.random.default_rng(0)
-    for j, s in enumerate(key_sigmas[:-1].tolist()):
-        xs = pairs.x_start[j].numpy()
-        jitter = s + rng.uniform(-0.03, 0.03, size=len(xs))
-        b.scatter(jitter[~useless[j]], xs[~useless[j]], GREEN, radius=1.2, alpha=0.35)
-        b.scatter(jitter[useless[j]], xs[useless[j]], RED, radius=1.5, alpha=0.8)
-
-    rows = [r for r in result["rows"] if r["dataset"] != "trajectory"]
-    m_arr = np.array([r["mismatch"] for r in rows])
-    ymax_c = max(5.0, max(max(r["useless_pct"].values()) for r in rows) * 1.15)
-    c = Axes(canvas, 80, 560, 620, 380, (0.0, float(m_arr.max()) + 0.5), (0.0, ymax_c))
-    step = 10 if ymax_c > 40 else 5
-    c.frame("C  USELESS START POINTS (%) VS MISMATCH M", "M", "%",
-            xticks=[float(m) for m in m_arr], yticks=list(range(0, int(ymax_c) + 1, step)))
-    colors = [RED, ORANGE, PURPLE]
-    radii = [f"{cfg['coverage_radius']:g}"] + [f"{r:g}" for r in cfg["sensitivity_radii"]]
-    for k, r in enumerate(radii):
-        vals = np.array([row["useless_pct"][r] for row in rows])
-        c.line(m_arr, vals, colors[k % 3], width=3 if k == 0 else 1.5, dashed=k > 0)
-        c.scatter(m_arr, vals, colors[k % 3], radius=4 if k == 0 else 2.5)
-        canvas.text(c.left + 330, c.top + 12 + 20 * k, f"(B) R={r}" + (" (DEFINITION)" if k == 0 else ""),
-                    color=colors[k % 3])
-    c.line([0.0, float(m_arr.max()) + 0.5], [0.0, 0.0], GREEN, width=3)
-    canvas.text(c.left + 330, c.top + 12 + 20 * len(radii), "(A) TRAJECTORIES: 0", color=GREEN)
-
-    outputs = arrays["outputs"]
-    names = list(outputs)
-    d = Axes(canvas, 1040, 560, 420, 380, (-ymax, ymax), (0.0, float(len(names))))
-    d.frame("D  OUTPUTS FROM THE SAME NOISE", "X", "", xticks=ticks)
-    bins = np.linspace(-ymax, ymax, 141)
-    for p in cfg["data_points"]:
-        d.line([p, p], [0.0, float(len(names))], LIGHT, width=2)
-    for i, name in enumerate(names):
-        base = len(names) - 1 - i
-        hist, _ = np.histogram(outputs[name].numpy(), bins=bins)
-        hist = hist / max(1, hist.max())
-        color = BLUE if name.startswith("teacher") else GREEN if "trajectory" in name else RED
-        for k, h in enumerate(hist):
-            if h > 0:
-                x0, x1 = float(d.px(bins[k])), float(d.px(bins[k + 1]))
-                canvas.rect(x0, float(d.py(base + 0.1)), x1 - 1, float(d.py(base + 0.1 + 0.8 * h)), color)
-        label = name.replace("student[", "").replace("]", "").replace("trajectory", "STUDENT (A)")
-        if label.startswith("M="):
-            label = f"STUDENT (B) {label}"
-        canvas.text(d.left - 8, float(d.py(base + 0.5)) - 7, label, anchor="right", scale=2)
-    canvas.text(80, 1000, f"AccVideo 1D toy: teacher {cfg['teacher_iters']} it, students {cfg['student_iters']} it, "
-                f"{cfg['student_steps']} steps, r={cfg['coverage_radius']:g}; {result['timings']['total_wall_s']:.0f} s wall, "
-                f"{result['timings']['total_cpu_s']:.0f} s CPU",
-                color=GRAY)
-    return canvas.save_png(path)
-
-
-def to_json(result: dict) -> dict:
-    """The JSON-able part of a result (everything but the raw tensors under ``"arrays"``)."""
-    return {k: v for k, v in result.items() if k != "arrays"}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m accvideo_core.toy1d", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="output folder for toy1d.json/.md/.png")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                        help="default: ~1-2 min on 2 CPU cores; fast: seconds (CI); paper: the paper's 10k "
-                             "teacher iterations")
-    parser.add_argument("--seed", type=int, default=None, help="override the preset's seed")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default 1: fastest for this tiny net on a shared machine)")
-    parser.add_argument("--quiet", action="store_true", help="no progress line")
-    args = parser.parse_args(argv)
-    cfg = PRESETS[args.preset]
-    if args.seed is not None:
-        cfg = replace(cfg, seed=args.seed)
-    if args.threads is not None:
-        cfg = replace(cfg, threads=args.threads)
-
-    def progress(msg: str) -> None:
-        if not args.quiet:
-            print(f"\r\033[K{msg}", end="", file=sys.stderr, flush=True)
-
-    try:
-        result = run(cfg, progress)
-    except KeyboardInterrupt:
-        print("\ninterrupted; nothing written", file=sys.stderr)
-        return 130
-    if not args.quiet:
-        print(file=sys.stderr)
-    out: Path = args.out
-    write_json(to_json(result), out / "toy1d.json")
-    table = markdown_table(result)
-    write_bytes(table.encode(), out / "toy1d.md")
-    plot(result, out / "toy1d.png")
-    print(table)
-    print(f"teacher: final loss {result['teacher']['final_loss']:.4f}, velocity rel. error on its trajectories "
-          f"{result['teacher']['velocity_rel_err_on_trajectories']:.4f}; timings {result['timings']}")
-    print(f"wrote {out / 'toy1d.json'}, {out / 'toy1d.md'}, {out / 'toy1d.png'}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def _summarise(cfg: Toy1DConfig, data: torch.Tensor, datasets: dict[str, PairSet], key_reference: torch.Tensor,
+               heldout: torch.Tensor, outputs: dict[str, torch.Tensor]) -> tuple[list[dict], dict[str, float]]:
+    """One table row per distillation data set (useless fractions, endpoint mismatch, its student's outputs) and
+    the useless fraction of fresh teacher trajectories (the control)."""
+    radii = (cfg.coverage_radius, *cfg.sensitivity_radii)
+    teacher_full = outputs[f"teacher-{cfg.teacher_steps}"]
+    rows = []
+    for name, pairs in datasets.items():
+        rows.append({
+            "dataset": name, "mismatch": None if name == "trajectory" else float(name[2:]),
+            "useless_pct": {f"{r:g}": 100.0 * useless_mask(pairs.x_start, key_reference, r).float().mean().item()
+                            for r in radii},
+            "useless_pct_per_key_sigma": [round(100.0 * v, 3) for v in useless_mask(
+                pairs.x_start, key_reference, cfg.coverage_radius).float().mean(1).tolist()],
+            "endpoint_mismatch_pct": 100.0 * endpoint_mismatch(pairs, data).float().mean().item(),
+            "student": output_stats(outputs[f"student[{name}]"], teacher_full, data, cfg.on_data_tolerance)})
+    heldout_useless = {f"{r:g}": 100.0 * useless_mask(heldout, key_reference, r).float().mean().item() for r in radii}
+    return rows, heldout_useless
