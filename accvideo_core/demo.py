@@ -2,13 +2,18 @@
 
 On the shipped miniature HunyuanVideo family (``assets/mini/``) it chains the project's real entry points:
 
-1. text-encode training prompts -> ``embeddings.safetensors`` (the dumper's precomputed-embeddings format);
-2. ``python -m accvideo_core.synvid.dump``: the teacher's 50-step trajectories -> a mini SynVid;
-3. ``python -m accvideo_core.train`` twice with the same budget: trajectory loss only, and trajectory +
-   adversarial (the paper's Fig. 7 ablation order) -> two 5-step students;
-4. held-out prompts (attribute combinations the teacher never saw in training) with teacher-50, teacher-5 and
-   the students at 5 steps, timed end to end (text encoding + sampling + VAE decoding) per video;
+1. text-encode training prompts;
+2. ``dump_synvid`` (what ``python -m accvideo_core.synvid.dump`` runs): the teacher's trajectories at the teacher
+   recipe (``sampling.HUNYUAN_TEACHER``: 50 steps) -> a mini SynVid;
+3. the trainer (``Trainer``, what ``python -m accvideo_core.train`` runs) twice with the same budget: trajectory
+   loss only, and trajectory + adversarial (the paper's Fig. 7 ablation order) -> two students;
+4. held-out prompts (attribute combinations the teacher never saw in training) with the teacher at both recipes
+   and the students at the student recipe (``sampling.ACCVIDEO_STUDENT``: 5 steps), timed end to end (text
+   encoding + sampling + VAE decoding) per video;
 5. ``report.json``, ``report.md``, a side-by-side ``side_by_side.mp4`` and ``side_by_side.gif``.
+
+The library is called directly, as the tests call it; the side-by-side GIF needs Pillow (``make demo`` installs
+it with ``requirements-test.txt``; ComfyUI ships it), checked before any work starts.
 
 Everything goes under ``--out`` (default ``outputs/demo/``, git-ignored). Re-running continues: the SynVid dump
 skips present samples and a finished training run with the same config is reused (``--fresh`` starts over).
@@ -17,6 +22,7 @@ Ctrl-C stops cleanly at any stage (exit code 130).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -31,12 +37,20 @@ from typing import Callable
 import torch
 
 from .mini.data import SHAPE_COLORS, ClipSpec, attribute_combos, clip_spec
-from .mini.family import MiniFamily, load_family, prompt_checks, reference_video
-from .synvid.format import file_sha256
-from .utils.io import save_safetensors, write_bytes, write_json
+from .mini.family import VIDEO, MiniFamily, load_family, prompt_checks, reference_video
+from .sampling import ACCVIDEO_STUDENT, HUNYUAN_TEACHER, FlowPreset
+from .synvid.format import SynVidError, file_sha256
+from .train.config import ConfigError
+from .utils.io import write_bytes, write_json
 
-LABELS = {"teacher50": "teacher 50 steps", "teacher5": "teacher 5 steps", "traj5": "student 5 (traj only)",
-          "student5": "AccVideo student 5"}
+TEACHER, STUDENT = HUNYUAN_TEACHER, ACCVIDEO_STUDENT  # the two sampling recipes every model here runs at
+# the evaluated models: key -> (label, recipe); "teacher" (the full recipe) is the reference of every error
+MODELS = {
+    "teacher": (f"teacher {TEACHER.steps} steps", TEACHER),
+    "teacher_few_steps": (f"teacher {STUDENT.steps} steps", STUDENT),
+    "student_trajectory": (f"student {STUDENT.steps} (traj only)", STUDENT),
+    "student_accvideo": (f"AccVideo student {STUDENT.steps}", STUDENT),
+}
 
 
 @dataclass
@@ -99,10 +113,10 @@ def heldout_prompts(n: int) -> list[str]:
     return [ClipSpec(s, col, bg, d, 0.15, (0.5, 0.5), 0.4).caption() for s, col, d, bg in chosen]
 
 
-def write_embeddings(family: MiniFamily, prompts: list[str], path: Path) -> Path:
+def text_embeddings(family: MiniFamily, prompts: list[str]) -> dict:
+    """The prompts' text encodings in the dumper's embeddings layout (``synvid.dump.load_embeddings``)."""
     text = family.encode(prompts)
-    return save_safetensors({"text_states": text.states, "text_mask": text.mask, "pooled": text.pooled}, path,
-                            metadata={"prompts": json.dumps(prompts)})
+    return {"text_states": text.states, "text_mask": text.mask, "pooled": text.pooled, "prompts": list(prompts)}
 
 
 def train_config(cfg: DemoConfig, family: MiniFamily, synvid: Path, out_dir: Path, adversarial: bool) -> dict:
@@ -120,29 +134,28 @@ def train_config(cfg: DemoConfig, family: MiniFamily, synvid: Path, out_dir: Pat
 
 
 def run_training(config: dict, run_dir: Path, fresh: bool) -> tuple[Path, bool]:
-    """``python -m accvideo_core.train --config`` (in process); reuses a finished run with the same config.
-    Returns (student checkpoint, whether it was reused)."""
-    from .train.__main__ import main as train_main
+    """The distillation trainer (``Trainer``, as ``python -m accvideo_core.train --config`` runs it) on ``config``;
+    reuses a finished run with the same config. Returns (student checkpoint, whether it was reused)."""
     from .train.config import config_from_dict
+    from .train.loop import Interrupted, Trainer
 
     student = run_dir / "student.safetensors"
-    wanted = config_from_dict(json.loads(json.dumps(config))).to_dict()
+    cfg = config_from_dict(json.loads(json.dumps(config)))
+    wanted = json.loads(json.dumps(cfg.to_dict()))
     done = run_dir / "demo_done.json"
-    if not fresh and student.is_file() and done.is_file() and json.loads(done.read_text()) == json.loads(
-            json.dumps(wanted)):
+    if not fresh and student.is_file() and done.is_file() and json.loads(done.read_text()) == wanted:
         say(f"reusing the finished training run in {run_dir} (--fresh retrains)")
         return student, True
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    cfg_path = run_dir.parent / f"{run_dir.name}.json"
-    write_json(config, cfg_path)
-    say(f"python -m accvideo_core.train --config {cfg_path}")
-    code = train_main(["--config", str(cfg_path)])
-    if code == 130:
-        raise KeyboardInterrupt
-    if code != 0:
-        raise RuntimeError(f"training failed with exit code {code} (config {cfg_path})")
+    say(f"training into {run_dir} (its config: {run_dir / 'config.json'})")
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+    except Interrupted as err:
+        raise KeyboardInterrupt from err
+    finally:
+        trainer.close()
     write_json(wanted, done)
     return student, False
 
@@ -152,23 +165,25 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 99.0 if mse == 0 else -10 * math.log10(mse)
 
 
-def evaluate(family: MiniFamily, models: dict[str, tuple[torch.nn.Module, int]], prompts: list[str],
+def evaluate(family: MiniFamily, models: dict[str, tuple[torch.nn.Module, FlowPreset]], prompts: list[str],
              seeds: list[int], progress: Callable[[str], None] = say) -> dict:
-    """Generate every (prompt, seed) with every model, interleaved so the timings share the machine's load.
+    """Generate every (prompt, seed) with every model at its recipe, interleaved so the timings share the
+    machine's load.
 
-    Returns per model: median seconds per video (text, sampling, decode, total), latent MSE and pixel PSNR to
-    teacher-50,
-    prompt checks, plus the videos themselves (``[N, 3, F, H, W]``)."""
+    Returns per model: median seconds per video (text, sampling, decode, total), latent MSE and pixel PSNR to the
+    ``"teacher"`` model's videos (the full teacher recipe), prompt checks, plus the videos themselves
+    (``[N, 3, F, H, W]``)."""
     jobs = [(p, s) for p in prompts for s in seeds]
     stats = {name: {"text": [], "sampling": [], "decode": [], "latents": [], "videos": []} for name in models}
     names = list(models)
     for j, (prompt, seed) in enumerate(jobs):
         for name in names[j % len(names):] + names[:j % len(names)]:  # rotate the order: no model always first
-            model, steps = models[name]
+            model, recipe = models[name]
             t0 = time.perf_counter()
             text = family.encode([prompt])
             t1 = time.perf_counter()
-            lat = family.sample(model, text, family.noise([seed]), steps)
+            lat = family.sample(model, text, family.noise([seed]), recipe.steps, shift=recipe.shift,
+                                guidance=recipe.guidance)
             t2 = time.perf_counter()
             video = family.decode(lat)
             t3 = time.perf_counter()
@@ -179,8 +194,8 @@ def evaluate(family: MiniFamily, models: dict[str, tuple[torch.nn.Module, int]],
             st["latents"].append(lat)
             st["videos"].append(video)
         progress(f"evaluation {j + 1}/{len(jobs)}: {prompt!r} seed {seed}")
-    ref_lat = torch.cat(stats["teacher50"]["latents"])
-    ref_vid = torch.cat(stats["teacher50"]["videos"])
+    ref_lat = torch.cat(stats["teacher"]["latents"])
+    ref_vid = torch.cat(stats["teacher"]["videos"])
     result = {}
     for name, st in stats.items():
         lat, vid = torch.cat(st["latents"]), torch.cat(st["videos"])
@@ -190,9 +205,9 @@ def evaluate(family: MiniFamily, models: dict[str, tuple[torch.nn.Module, int]],
         checks = [prompt_checks(vid[i], prompt) for i, (prompt, _) in enumerate(jobs)]
         colour_ok, motion_ok, shape_ok = (sum(column) for column in zip(*checks))
         result[name] = {
-            "steps": models[name][1], "seconds_per_video": per,
-            "latent_mse_to_teacher50": float((lat - ref_lat).square().mean()),
-            "psnr_db_to_teacher50": _psnr(vid, ref_vid) if name != "teacher50" else None,
+            "steps": models[name][1].steps, "seconds_per_video": per,
+            "latent_mse_to_teacher": float((lat - ref_lat).square().mean()),
+            "psnr_db_to_teacher": _psnr(vid, ref_vid) if name != "teacher" else None,
             "prompt_colour_match": colour_ok / n, "prompt_motion_match": motion_ok / n,
             "prompt_shape_match": shape_ok / n,
             "videos": vid}
@@ -231,7 +246,7 @@ def write_side_by_side(result: dict, rows: list[int], out: Path, *, references: 
     from .video import write_mp4
 
     names = list(result)
-    columns, labels = [result[n]["videos"][rows] for n in names], [LABELS[n] for n in names]
+    columns, labels = [result[n]["videos"][rows] for n in names], [MODELS[n][0] for n in names]
     if references is not None:
         columns, labels = [references, *columns], ["prompt (renderer)", *labels]
     frames = _frame_grid(columns, labels)
@@ -249,101 +264,95 @@ def write_side_by_side(result: dict, rows: list[int], out: Path, *, references: 
 
 def markdown_report(report: dict) -> str:
     r = report["results"]
+    full, few = f"teacher-{TEACHER.steps}", f"teacher-{STUDENT.steps}"
     lines = ["# AccVideo miniature demo: report", "",
              f"Held-out prompts: {len(report['prompts'])} x {report['seeds_per_prompt']} seeds "
-             f"({report['videos']} videos per model, 17 frames x 64 x 64), CPU threads {report['threads']}. "
-             "Times are median wall seconds per video, measured interleaved (rotating order) in one run.", "",
-             "| model | steps | text (s) | sampling (s) | VAE decode (s) | total (s) | speedup vs teacher-50 | "
-             "latent MSE to teacher-50 | PSNR to teacher-50 (dB) | colour ok | motion ok | shape ok |",
+             f"({report['videos']} videos per model, {VIDEO.frames} frames x {VIDEO.height} x {VIDEO.width}), CPU "
+             f"threads {report['threads']}. Times are median wall seconds per video, measured interleaved (rotating "
+             "order) in one run.", "",
+             f"| model | steps | text (s) | sampling (s) | VAE decode (s) | total (s) | speedup vs {full} | "
+             f"latent MSE to {full} | PSNR to {full} (dB) | colour ok | motion ok | shape ok |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = r["teacher50"]["seconds_per_video"]["total"]
+    base = r["teacher"]["seconds_per_video"]["total"]
     for name, v in r.items():
         s = v["seconds_per_video"]
-        psnr = "-" if v["psnr_db_to_teacher50"] is None else f"{v['psnr_db_to_teacher50']:.2f}"
-        lines.append(f"| {LABELS[name]} | {v['steps']} | {s['text']:.4f} | {s['sampling']:.3f} | {s['decode']:.3f} | "
-                     f"{s['total']:.3f} | {base / s['total']:.2f}x | {v['latent_mse_to_teacher50']:.4f} | {psnr} | "
-                     f"{v['prompt_colour_match']:.0%} | {v['prompt_motion_match']:.0%} | "
-                     f"{v['prompt_shape_match']:.0%} |")
+        psnr = "-" if v["psnr_db_to_teacher"] is None else f"{v['psnr_db_to_teacher']:.2f}"
+        lines.append(f"| {MODELS[name][0]} | {v['steps']} | {s['text']:.4f} | {s['sampling']:.3f} | "
+                     f"{s['decode']:.3f} | {s['total']:.3f} | {base / s['total']:.2f}x | "
+                     f"{v['latent_mse_to_teacher']:.4f} | {psnr} | {v['prompt_colour_match']:.0%} | "
+                     f"{v['prompt_motion_match']:.0%} | {v['prompt_shape_match']:.0%} |")
     a = report["ablation"]
     lines += ["", "## Findings", "",
-              f"- End-to-end speedup of the 5-step student over teacher-50 (text + sampling + decode): "
+              f"- End-to-end speedup of the {STUDENT.steps}-step student over {full} (text + sampling + decode): "
               f"**{report['speedup_end_to_end']:.2f}x**; sampling alone {report['speedup_sampling']:.2f}x "
-              "(the limit is 10x: 50 vs 5 model calls). Text encoding and VAE decoding are the same work for "
-              "every model and cap the end-to-end figure.",
-              f"- Error to teacher-50 (latent MSE): teacher-5 {r['teacher5']['latent_mse_to_teacher50']:.4f}, "
-              f"AccVideo student-5 {r['student5']['latent_mse_to_teacher50']:.4f} "
-              f"({report['student_vs_teacher5']:.2f}x of teacher-5's error).",
+              f"(the limit is {TEACHER.steps / STUDENT.steps:g}x: {TEACHER.steps} vs {STUDENT.steps} model calls). "
+              "Text encoding and VAE decoding are the same work for every model and cap the end-to-end figure.",
+              f"- Error to {full} (latent MSE): {few} {r['teacher_few_steps']['latent_mse_to_teacher']:.4f}, "
+              f"AccVideo student-{STUDENT.steps} {r['student_accvideo']['latent_mse_to_teacher']:.4f} "
+              f"({report['student_vs_teacher_few_steps']:.2f}x of {few}'s error).",
               f"- Ablation (same {a['train_steps']} iterations x batch {a['batch']}): trajectory loss only "
               f"{a['traj_only_mse']:.4f}, trajectory + adversarial {a['traj_adv_mse']:.4f} (latent MSE to "
-              "teacher-50 on held-out prompts).",
+              f"{full} on held-out prompts).",
               "", "## Pipeline timings", ""]
     for stage, sec in report["stage_seconds"].items():
         lines.append(f"- {stage}: {sec:.1f} s")
     lines += ["", "Side-by-side video: `side_by_side.mp4` / `side_by_side.gif` (columns: the prompt as the data "
-              "set's renderer draws it (not a model output), " + ", ".join(LABELS[n] for n in r) + ").", ""]
+              "set's renderer draws it (not a model output), " + ", ".join(MODELS[n][0] for n in r) + ").", ""]
     return "\n".join(lines)
 
 
-def run_demo(cfg: DemoConfig, out: Path, *, fresh: bool = False, assets: str | None = None) -> dict:
-    """The whole demo; returns the report dict (also written as JSON and markdown under ``out``)."""
-    from .synvid.dump import main as dump_main
+def require_pillow() -> None:
+    """Stop before any work when Pillow (the side-by-side GIF's encoder) is missing, saying how to get it."""
+    if importlib.util.find_spec("PIL") is None:
+        raise ModuleNotFoundError("the demo writes its side-by-side GIF with Pillow, which is not installed: "
+                                  "pip install Pillow (make demo installs it with requirements-test.txt)")
 
-    threads = cfg.threads or auto_threads()
-    torch.set_num_threads(threads)
-    out.mkdir(parents=True, exist_ok=True)
-    if fresh:
-        for sub in ("synvid", "train_traj", "train_adv"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-    stage: dict[str, float] = {}
-    t_all = time.perf_counter()
 
-    t0 = time.perf_counter()
-    family = load_family(assets)
+def prepare_folder(out: Path, family: MiniFamily, fresh: bool) -> None:
+    """Start over (drop the SynVid and the training runs) when asked or when the family changed since the last
+    run in ``out``; record the family's file hashes."""
     fingerprint = {name: file_sha256(path) for name, path in family.paths.items()}
     previous = out / "family.json"
     earlier = json.loads(previous.read_text()) if previous.is_file() else None
-    if not fresh and earlier != fingerprint and any((out / sub).exists() for sub in ("synvid", "train_traj")):
+    changed = earlier != fingerprint and any((out / sub).exists() for sub in ("synvid", "train_traj"))
+    if changed and not fresh:
         say("the miniature family changed since the last run in this folder (or that run did not record it): "
             "starting over")
+    if fresh or changed:
         for sub in ("synvid", "train_traj", "train_adv"):
             shutil.rmtree(out / sub, ignore_errors=True)
     write_json(fingerprint, previous)
+
+
+def dump_teacher_trajectories(cfg: DemoConfig, family: MiniFamily, out: Path) -> str:
+    """The teacher's SynVid (``dump_synvid``, the dumper CLI's code path); returns the stage's label."""
+    from .synvid.dump import dump_synvid
+
     prompts = training_prompts(cfg.synvid_samples, cfg.seed)
-    emb = write_embeddings(family, prompts, out / "embeddings.safetensors")
-    stage["load family + encode prompts"] = time.perf_counter() - t0
-    say(f"[1/4] family loaded, {len(prompts)} training prompts encoded ({threads} CPU threads)")
-
+    teacher_file = family.paths["teacher"]
+    say(f"[2/4] SynVid dump: {cfg.synvid_samples} teacher trajectories, {TEACHER.steps} steps, shift "
+        f"{TEACHER.shift:g}, guidance {TEACHER.guidance:g} -> {out / 'synvid'}")
     t0 = time.perf_counter()
-    dump_args = ["--teacher", str(family.paths["teacher"]), "--embeddings", str(emb), "--out", str(out / "synvid"),
-                 "--num", str(cfg.synvid_samples), "--seed", "1000", "--frames", "17", "--height", "64",
-                 "--width", "64", "--steps", "50", "--dtype", "float32", "--batch-size", "8", "--device", "cpu"]
-    say("[2/4] python -m accvideo_core.synvid.dump " + " ".join(dump_args))
-    code = dump_main(dump_args)
-    if code == 130:
-        raise KeyboardInterrupt
-    if code != 0:
-        raise RuntimeError(f"SynVid dump failed with exit code {code}")
-    stage["SynVid dump (teacher, 50 steps)" + (" - samples already present" if time.perf_counter() - t0 < 1 and
-                                                 (out / "synvid" / "manifest.json").is_file() else "")] = \
-        time.perf_counter() - t0
+    dump_synvid(family.teacher, text_embeddings(family, prompts), out / "synvid", num=cfg.synvid_samples,
+                seed=1000, frames=VIDEO.frames, height=VIDEO.height, width=VIDEO.width, steps=TEACHER.steps,
+                shift=TEACHER.shift, guidance=TEACHER.guidance, segments=STUDENT.steps, dtype="float32",
+                batch_size=8, source_model=teacher_file.name, source_model_hash=file_sha256(teacher_file),
+                progress=say)
+    reused = time.perf_counter() - t0 < 1 and (out / "synvid" / "manifest.json").is_file()
+    return f"SynVid dump (teacher, {TEACHER.steps} steps)" + (" - samples already present" if reused else "")
 
-    students = {}
-    for name, adversarial in (("traj", False), ("adv", True)):
-        t0 = time.perf_counter()
-        say(f"[3/4] distilling a 5-step student: trajectory loss{' + adversarial' if adversarial else ' only'}")
-        run_dir = out / f"train_{name}"
-        students[name], reused = run_training(train_config(cfg, family, out / "synvid", run_dir, adversarial),
-                                              run_dir, fresh)
-        label = f"training ({'trajectory + adversarial' if adversarial else 'trajectory only'})"
-        stage[label + (" - reused a finished run" if reused else "")] = time.perf_counter() - t0
 
+def evaluate_and_report(cfg: DemoConfig, family: MiniFamily, students: dict[str, Path], out: Path,
+                        threads: int, stage: dict[str, float]) -> dict:
+    """Held-out evaluation of every model, the side-by-side videos and the report dict."""
     from .models.loading import load_transformer
 
     t0 = time.perf_counter()
     torch.set_num_threads(threads)
-    models = {"teacher50": (family.teacher, 50), "teacher5": (family.teacher, 5),
-              "traj5": (load_transformer(students["traj"], dtype=torch.float32).eval(), 5),
-              "student5": (load_transformer(students["adv"], dtype=torch.float32).eval(), 5)}
+    loaded = {"teacher": family.teacher, "teacher_few_steps": family.teacher,
+              "student_trajectory": load_transformer(students["traj"], dtype=torch.float32).eval(),
+              "student_accvideo": load_transformer(students["adv"], dtype=torch.float32).eval()}
+    models = {name: (loaded[name], recipe) for name, (_, recipe) in MODELS.items()}
     held = heldout_prompts(cfg.heldout_prompts)
     seeds = [cfg.seed * 1000 + 7 + i for i in range(cfg.seeds_per_prompt)]
     say(f"[4/4] held-out evaluation: {len(held)} prompts x {len(seeds)} seeds x {len(models)} models")
@@ -352,22 +361,53 @@ def run_demo(cfg: DemoConfig, out: Path, *, fresh: bool = False, assets: str | N
     rows = [i * len(seeds) for i in range(min(cfg.shown, len(held)))]
     references = torch.stack([reference_video(held[i]) for i in range(len(rows))])
     mp4, gif = write_side_by_side(result, rows, out, references=references)
-
-    t50, s5 = result["teacher50"]["seconds_per_video"], result["student5"]["seconds_per_video"]
-    report = {
+    full, student = result["teacher"]["seconds_per_video"], result["student_accvideo"]["seconds_per_video"]
+    mse = {name: r["latent_mse_to_teacher"] for name, r in result.items()}
+    return {
         "config": asdict(cfg), "threads": threads, "prompts": held, "seeds_per_prompt": len(seeds),
         "videos": len(held) * len(seeds),
         "results": {n: {k: v for k, v in r.items() if k != "videos"} for n, r in result.items()},
-        "speedup_end_to_end": t50["total"] / s5["total"], "speedup_sampling": t50["sampling"] / s5["sampling"],
-        "student_vs_teacher5": result["student5"]["latent_mse_to_teacher50"] /
-        result["teacher5"]["latent_mse_to_teacher50"],
-        "ablation": {"train_steps": cfg.train_steps, "batch": cfg.batch,
-                     "traj_only_mse": result["traj5"]["latent_mse_to_teacher50"],
-                     "traj_adv_mse": result["student5"]["latent_mse_to_teacher50"]},
-        "stage_seconds": stage, "total_seconds": time.perf_counter() - t_all,
+        "speedup_end_to_end": full["total"] / student["total"],
+        "speedup_sampling": full["sampling"] / student["sampling"],
+        "student_vs_teacher_few_steps": mse["student_accvideo"] / mse["teacher_few_steps"],
+        "ablation": {"train_steps": cfg.train_steps, "batch": cfg.batch, "traj_only_mse": mse["student_trajectory"],
+                     "traj_adv_mse": mse["student_accvideo"]},
+        "stage_seconds": stage,
         "files": {"mp4": str(mp4), "gif": str(gif), "synvid": str(out / "synvid"),
                   "students": {k: str(v) for k, v in students.items()}},
     }
+
+
+def run_demo(cfg: DemoConfig, out: Path, *, fresh: bool = False, assets: str | None = None) -> dict:
+    """The whole demo; returns the report dict (also written as JSON and markdown under ``out``)."""
+    require_pillow()
+    threads = cfg.threads or auto_threads()
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    stage: dict[str, float] = {}
+    t_all = t0 = time.perf_counter()
+    family = load_family(assets)
+    prepare_folder(out, family, fresh)
+    stage["load family"] = time.perf_counter() - t0
+    say(f"[1/4] family loaded ({threads} CPU threads)")
+
+    t0 = time.perf_counter()
+    label = dump_teacher_trajectories(cfg, family, out)
+    stage[label] = time.perf_counter() - t0
+
+    students = {}
+    for name, adversarial in (("traj", False), ("adv", True)):
+        t0 = time.perf_counter()
+        say(f"[3/4] distilling a {STUDENT.steps}-step student: trajectory loss"
+            f"{' + adversarial' if adversarial else ' only'}")
+        run_dir = out / f"train_{name}"
+        students[name], reused = run_training(train_config(cfg, family, out / "synvid", run_dir, adversarial),
+                                              run_dir, fresh)
+        label = f"training ({'trajectory + adversarial' if adversarial else 'trajectory only'})"
+        stage[label + (" - reused a finished run" if reused else "")] = time.perf_counter() - t0
+
+    report = evaluate_and_report(cfg, family, students, out, threads, stage)
+    report["total_seconds"] = time.perf_counter() - t_all
     write_json(report, out / "report.json")
     write_bytes(markdown_report(report).encode(), out / "report.md")
     return report
@@ -388,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("interrupted; run the same command again to continue (the SynVid and finished runs are kept)")
         return 130
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ModuleNotFoundError, SynVidError, ConfigError) as err:
         say(f"error: {err}")
         return 2
     say(f"done in {report['total_seconds']:.0f} s: {out / 'report.md'}, {report['files']['mp4']}, "

@@ -1,5 +1,5 @@
-"""The miniature demo's whole chain (embeddings -> core dumper CLI -> trainer CLI x2 -> held-out evaluation ->
-reports + mp4 + GIF) at a very reduced setting, on the shipped family."""
+"""The miniature demo's whole chain (text encoding -> core dumper -> trainer x2 -> held-out evaluation -> reports +
+mp4 + GIF) at a very reduced setting, on the shipped family."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ import pytest
 
 from accvideo_core.demo import DemoConfig, heldout_prompts, main, run_demo, training_prompts
 from accvideo_core.mini.data import attribute_combos, parse_caption
+from accvideo_core.sampling import ACCVIDEO_STUDENT, HUNYUAN_TEACHER
 from accvideo_core.synvid.format import SynVidDataset
 from accvideo_core.video import count_frames
 
@@ -30,23 +31,24 @@ def test_demo_runs_end_to_end_reduced(tmp_path, capsys):
     report = run_demo(cfg, tmp_path)
     # the real entry points ran: a SynVid from the dumper, two trainer runs with their exported students
     ds = SynVidDataset(tmp_path / "synvid")
-    assert len(ds) == 3 and ds.manifest["steps"] == 50
+    assert len(ds) == 3 and ds.manifest["steps"] == HUNYUAN_TEACHER.steps
     for run in ("train_traj", "train_adv"):
         assert (tmp_path / run / "student.safetensors").is_file()
         cfg_used = json.loads((tmp_path / run / "config.json").read_text())
         assert cfg_used["loss"]["adversarial"] == (run == "train_adv") and cfg_used["optim"]["steps"] == 1
     r = report["results"]
-    assert set(r) == {"teacher50", "teacher5", "traj5", "student5"}
-    assert r["teacher50"]["latent_mse_to_teacher50"] == 0.0
-    assert r["teacher5"]["latent_mse_to_teacher50"] > 0.0
+    assert set(r) == {"teacher", "teacher_few_steps", "student_trajectory", "student_accvideo"}
+    assert [r[n]["steps"] for n in r] == [HUNYUAN_TEACHER.steps] + [ACCVIDEO_STUDENT.steps] * 3
+    assert r["teacher"]["latent_mse_to_teacher"] == 0.0
+    assert r["teacher_few_steps"]["latent_mse_to_teacher"] > 0.0
     for name in r:
         s = r[name]["seconds_per_video"]
         assert s["total"] == pytest.approx(s["text"] + s["sampling"] + s["decode"])
     assert report["speedup_sampling"] > 1.0
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["ablation"]["traj_only_mse"] == pytest.approx(r["traj5"]["latent_mse_to_teacher50"])
+    assert saved["ablation"]["traj_only_mse"] == pytest.approx(r["student_trajectory"]["latent_mse_to_teacher"])
     md = (tmp_path / "report.md").read_text()
-    assert "AccVideo student 5" in md and "Ablation" in md
+    assert "| AccVideo student 5 | 5 |" in md and "| teacher 50 steps | 50 |" in md and "Ablation" in md
     assert count_frames(tmp_path / "side_by_side.mp4") == 17
     assert (tmp_path / "side_by_side.gif").stat().st_size > 1000
     # a second run continues: nothing is re-dumped and both finished trainings are reused

@@ -19,7 +19,7 @@ import torch
 from ..latents import latent_shape, to_vae_space
 from ..models.loading import load_transformer
 from ..models.vae_loading import load_vae
-from ..sampling import flow_sigmas, sample_flow
+from ..sampling import HUNYUAN_TEACHER, flow_sigmas, sample_flow
 from .data import BACKGROUND_COLORS, SHAPE_COLORS, SHAPES, MiniVideoConfig, parse_caption, render_clip, signed_distance
 from .text_encoder import TextEncoding, TinyTextEncoder
 
@@ -46,8 +46,9 @@ class MiniFamily:
         return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
     def sample(self, model: torch.nn.Module, text: TextEncoding, noise: torch.Tensor, steps: int, *,
-               guidance: float = 6.0, shift: float = 7.0) -> torch.Tensor:
-        """Euler flow sampling (``sample_flow``) from ``noise`` -> model-space latents."""
+               guidance: float = HUNYUAN_TEACHER.guidance, shift: float = HUNYUAN_TEACHER.shift) -> torch.Tensor:
+        """Euler flow sampling (``sample_flow``) from ``noise`` -> model-space latents; shift and guidance default
+        to the teacher recipe's (``sampling.HUNYUAN_TEACHER``; the student recipe uses the same two)."""
         return sample_flow(model, noise, flow_sigmas(steps, shift), text_states=text.states, text_mask=text.mask,
                            pooled=text.pooled, guidance=guidance)
 
@@ -56,8 +57,9 @@ class MiniFamily:
         """Model-space latents -> videos ``[B, 3, F, H, W]`` in [-1, 1]."""
         return self.vae.decode(to_vae_space(latents), mode="untiled").clamp(-1, 1)
 
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = 50, *,
-                 model: torch.nn.Module | None = None, guidance: float = 6.0) -> tuple[torch.Tensor, dict]:
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = HUNYUAN_TEACHER.steps, *,
+                 model: torch.nn.Module | None = None,
+                 guidance: float = HUNYUAN_TEACHER.guidance) -> tuple[torch.Tensor, dict]:
         """Text -> video for each prompt, one at a time. Returns (videos ``[B, 3, F, H, W]``, seconds per stage)."""
         model = model or self.teacher
         times = {"text": 0.0, "sampling": 0.0, "decode": 0.0}

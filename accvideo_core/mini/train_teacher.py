@@ -37,6 +37,7 @@ from ..latents import to_model_space
 from ..models.loading import load_transformer, save_transformer
 from ..models.transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig
 from ..models.vae_loading import load_vae
+from ..sampling import HUNYUAN_TEACHER
 from ..synvid.format import state_dict_sha256
 from ..utils.io import write_json
 from .data import DEFAULT_GEOMETRY, MiniVideoConfig, MiniVideoDataset
@@ -63,7 +64,7 @@ class TeacherTrainConfig:
     caption_dropout: float = 0.15
     guidance_min: float = 1.0
     guidance_max: float = 8.0
-    shift: float = 7.0
+    shift: float = HUNYUAN_TEACHER.shift  # the shifted half of the training sigmas follows the sampler's schedule
     ema_decay: float = 0.998
     fg_weight: float = 0.0  # extra loss weight on latent positions covering the shape (latent_foreground); 0 = off
     geometry: str = DEFAULT_GEOMETRY  # clip geometry (data.GEOMETRIES); the shipped teacher: "small"

@@ -2,9 +2,10 @@
 
 ``python -m accvideo_core.mini.validate CANDIDATE.safetensors [...] [--prompts 59] [--steps 50]``
 
-Each candidate generates one 50-step video per held-out prompt (seeds 100, 101, ...; the demo and the tests use
-7, 8 and 11) and is scored with the demo's probes (:func:`~accvideo_core.mini.family.prompt_checks`): how many
-videos show the prompted shape colour, the prompted motion, both, the prompted shape, and all three. This is how a
+Each candidate generates one video per held-out prompt at the teacher recipe (``sampling.HUNYUAN_TEACHER``, 50
+steps; seeds 100, 101, ...; the demo and the tests use 7, 8 and 11) and is scored with the demo's probes
+(:func:`~accvideo_core.mini.family.prompt_checks`): how many videos show the prompted shape colour, the prompted
+motion, both, the prompted shape, and all three. This is how a
 teacher run is chosen among candidates trained side by side, without looking at the demo's or the tests' videos.
 """
 from __future__ import annotations
@@ -16,13 +17,14 @@ from pathlib import Path
 import torch
 
 from ..demo import heldout_prompts
+from ..sampling import HUNYUAN_TEACHER
 from .data import attribute_combos
 from .family import MiniFamily, load_family, prompt_checks
 
 FIRST_SEED = 100
 
 
-def validate_teacher(family: MiniFamily, *, prompts: int | None = None, steps: int = 50) -> dict:
+def validate_teacher(family: MiniFamily, *, prompts: int | None = None, steps: int = HUNYUAN_TEACHER.steps) -> dict:
     """Colour / motion / both / shape / all-three counts of ``family.teacher`` over ``prompts`` held-out prompts
     (default: all)."""
     captions = heldout_prompts(prompts or len(attribute_combos("heldout")))
@@ -37,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m accvideo_core.mini.validate", description=__doc__.split("\n\n")[0])
     p.add_argument("teachers", nargs="+", type=Path, help="teacher .safetensors files to compare")
     p.add_argument("--prompts", type=int, default=None, help="held-out prompts to use (default: all)")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=HUNYUAN_TEACHER.steps,
+                   help=f"sampling steps (default: the teacher recipe's {HUNYUAN_TEACHER.steps})")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
