@@ -1,4 +1,10 @@
-"""Helpers shared by the test suites of every area (and the tiny demo models): small configs, random weights.
+"""Small transformer configs, deterministic random weights and inputs, and the diffusers oracle, shared by the tests
+and the benchmarks.
+
+It ships in the package (not under tests/) because ``bench/`` imports it (``bench_transformer``, ``bench_vae``,
+``bench_lora``, ``bench_train``), as does the integration tier's model maker, and a benchmark must not depend on the
+test suite; nothing else in ``accvideo_core`` imports it. ``diffusers_transformer`` needs diffusers (a test
+dependency, imported only when called).
 
 Random test weights are deliberately NON-degenerate: every bias is non-zero and every norm weight is away from 1,
 so a differential test exercises every parameter (a zero bias or a unit norm weight hides wrong mappings).

@@ -1,6 +1,8 @@
-"""Shared test setup: deterministic CPU runs, and the repository root importable."""
+"""Shared test setup: deterministic CPU runs, the repository root importable, and the integration tier's ComfyUI
+checkout (``COMFYUI_PATH``) as one fixture for every test that needs it, unit files included."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,3 +18,16 @@ if str(ROOT) not in sys.path:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def comfyui_path() -> Path:
+    """The ComfyUI checkout named by ``COMFYUI_PATH`` (>= 0.3.64); every test using it is skipped, saying why, when
+    the variable is unset or does not point at a checkout."""
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        pytest.skip("integration tier: set COMFYUI_PATH to a ComfyUI checkout (>= 0.3.64) to run it")
+    checkout = Path(path)
+    if not (checkout / "main.py").is_file():
+        pytest.skip(f"integration tier: COMFYUI_PATH={path} has no main.py (not a ComfyUI checkout)")
+    return checkout

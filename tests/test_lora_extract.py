@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -200,13 +199,11 @@ def _third_party_loras(base: dict) -> dict[str, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.integration
-def test_native_comfyui_loads_and_applies_every_key(tmp_path):
+def test_native_comfyui_loads_and_applies_every_key(tmp_path, comfyui_path):
     """Native ComfyUI (its own LoRA loader + ModelPatcher, as LoraLoaderModelOnly uses them) applies our extracted
     LoRA completely with patched weights equal to ours; and for third-party files in formats it reads natively,
     its patched weights equal ours too (an independent reader of those formats)."""
-    comfy = os.environ.get("COMFYUI_PATH")
-    if not comfy or not (Path(comfy) / "main.py").is_file():
-        pytest.skip("integration tier: set COMFYUI_PATH to a ComfyUI checkout (>= 0.3.64) to run it")
+    comfy = str(comfyui_path)
     from accvideo_core.lora import comfy_names
 
     base, tuned = make_pair(comfy_compatible=True, noise=0.01)

@@ -1,6 +1,9 @@
 """AccVideo / HunyuanVideo flow-matching schedule and Euler sampler."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,23 +11,17 @@ from accvideo_core import euler_flow, flow_sigmas, sample_flow
 from accvideo_core.sampling import ACCVIDEO_STUDENT, HUNYUAN_TEACHER, PRESETS
 from accvideo_core.testing import tiny_inputs, tiny_transformer
 
-# Shift-7 teacher timesteps for 50 steps, from the reference file (/work/shared/reference/accvideo.md).
-TEACHER_TIMESTEPS = [
-    1000.0, 997.093018, 994.082886, 990.963867, 987.730103, 984.375, 980.891785, 977.272766, 973.509888,
-    969.594543, 965.517212, 961.267639, 956.834473, 952.205933, 947.368408, 942.3078, 937.007935, 931.45166,
-    925.619751, 919.491516, 913.043457, 906.25, 899.08252, 891.509399, 883.495178, 875.0, 865.97937, 856.382996,
-    846.15387, 835.227234, 823.529358, 810.975525, 797.468323, 782.894775, 767.123291, 750.0, 731.343262,
-    710.9375, 688.524536, 663.793091, 636.363647, 605.769287, 571.428528, 532.608704, 488.37207, 437.5,
-    378.378357, 308.823517, 225.806442, 125.0,
-]
+# The official schedule's sigmas and timesteps (provenance: tests/data/README.md).
+SCHEDULE = json.loads((Path(__file__).parent / "data" / "accvideo_schedule.json").read_text())
+TEACHER_TIMESTEPS = SCHEDULE["teacher_timesteps_50_steps"]
 
 
 def test_student_sigmas():
-    expected = torch.tensor([1.0, 0.965517, 0.913043, 0.823529, 0.636364, 0.0])
+    expected = torch.tensor(SCHEDULE["student_sigmas_5_steps"])
     got = flow_sigmas(5, 7.0)
     assert got.shape == (6,) and got.dtype == torch.float32
     assert (got - expected).abs().max() <= 1e-6
-    assert torch.equal(got[:-1] * 1000, torch.tensor([1000.0, 965.517212, 913.043457, 823.529358, 636.363647]))
+    assert torch.equal(got[:-1] * 1000, torch.tensor(SCHEDULE["student_timesteps_5_steps"]))
 
 
 def test_student_sigmas_are_every_tenth_teacher_sigma():

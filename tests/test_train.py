@@ -441,12 +441,10 @@ print("PROBE", type(patcher.model).__name__)
 
 
 @pytest.mark.integration
-def test_exported_student_loads_in_native_comfyui(tmp_path):
+def test_exported_student_loads_in_native_comfyui(tmp_path, comfyui_path):
     """The trainer's exported student (bf16, original layout) loads with ComfyUI's UNETLoader code path
     (``comfy.sd.load_diffusion_model``) and predicts the same velocity as our transformer."""
-    comfy = os.environ.get("COMFYUI_PATH")
-    if not comfy or not (Path(comfy) / "main.py").is_file():
-        pytest.skip("integration tier: set COMFYUI_PATH to a ComfyUI checkout (>= 0.3.64) to run it")
+    comfy = str(comfyui_path)
     from safetensors.torch import save_file
 
     teacher = tiny_transformer(seed=5, comfy_compatible=True)

@@ -3,7 +3,6 @@ safetensors with config metadata), config from shapes, no-copy wrapping of in-me
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import pytest
@@ -172,13 +171,10 @@ def test_clear_errors(tiny, tmp_path):
 
 
 @pytest.mark.integration
-def test_wraps_comfyui_autoencoder_without_copy():
+def test_wraps_comfyui_autoencoder_without_copy(comfyui_path):
     """Build ComfyUI's own HunyuanVideo VAE module (released widths, random weights), wrap it, decode a single
     latent frame both ways (ComfyUI omits the frame-causal mask, which only matters for > 1 latent frame)."""
-    root = os.environ.get("COMFYUI_PATH")
-    if not root:
-        pytest.skip("COMFYUI_PATH is not set (needs a ComfyUI checkout)")
-    sys.path.insert(0, root)
+    sys.path.insert(0, str(comfyui_path))
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True

@@ -5,7 +5,7 @@ What is checked, and against what:
   copies of the UI files; the files equal what ``python -m workflows.generate`` writes;
 - every ``class_type`` is one of our nodes (schemas read through ``tests/integration/comfy_standin.py``) or a native
   node of the ``/object_info`` snapshot of the ComfyUI version we test against
-  (``tests/integration/data/native_nodes.json``; the integration tier checks both against a live ComfyUI);
+  (``tests/data/native_nodes.json``; the integration tier checks both against a live ComfyUI);
 - widgets: each UI node stores exactly one value per widget (+ one per control_after_generate) in schema order,
   of the right type, inside min/max, and in the options of static combos;
 - twins: an independent UI->API conversion written here (not the generator's) equals the API file: same nodes,
@@ -25,7 +25,7 @@ from workflows import generate
 ROOT = Path(__file__).resolve().parents[1]
 UI_DIR, API_DIR = ROOT / "workflows" / "ui", ROOT / "workflows" / "api"
 UI_FILES = sorted(UI_DIR.glob("*.json"))
-NATIVE = json.loads((ROOT / "tests/integration/data/native_nodes.json").read_text())
+NATIVE = json.loads((ROOT / "tests/data/native_nodes.json").read_text())
 MODEL_FOLDERS = {"diffusion_models", "text_encoders", "vae", "loras", "checkpoints", "clip"}
 
 

@@ -6,7 +6,7 @@
 
 Widget order comes from the node definitions: ours read through the test stand-in of ComfyUI's API
 (``tests/integration/comfy_standin.py``), native ones from the ``/object_info`` snapshot of the ComfyUI version we
-test against (``tests/integration/data/native_nodes.json``). ``example_workflows/`` (ComfyUI's template browser)
+test against (``tests/data/native_nodes.json``). ``example_workflows/`` (ComfyUI's template browser)
 gets generated copies of the UI files: the browser's static file handler refuses symlinks.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ WORKFLOWS = ROOT / "workflows"
 UI_DIR = WORKFLOWS / "ui"  # not workflows/*.json: ComfyUI also lists a pack's workflows/*.json as templates
 API_DIR = WORKFLOWS / "api"
 EXAMPLES = ROOT / "example_workflows"
-NATIVE_INFO = ROOT / "tests" / "integration" / "data" / "native_nodes.json"
+NATIVE_INFO = ROOT / "tests" / "data" / "native_nodes.json"
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 FRONTEND_ONLY = ("Note", "MarkdownNote")  # virtual nodes: saved in the UI file, absent from the API prompt
 

@@ -45,16 +45,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
 
 
-def comfyui_path() -> Path:
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        pytest.skip("integration tier: set COMFYUI_PATH to a ComfyUI checkout (>= 0.3.64) to run it")
-    p = Path(path)
-    if not (p / "main.py").is_file():
-        pytest.skip(f"integration tier: COMFYUI_PATH={path} has no main.py (not a ComfyUI checkout)")
-    return p
-
-
 def _cache_dir() -> Path:
     base = Path(os.environ.get("ACCVIDEO_INTEGRATION_CACHE", Path(tempfile.gettempdir()) / "accvideo-integration"))
     d = base / ASSET_VERSION
@@ -152,9 +142,9 @@ def error_of(entry: dict) -> str | None:
     return None
 
 
-def start_server(base: Path, *, front_end: bool) -> Server:
-    """Start ComfyUI on a free loopback port with the pack and the test pack in ``base/custom_nodes``."""
-    comfy = comfyui_path()
+def start_server(comfy: Path, base: Path, *, front_end: bool) -> Server:
+    """Start the ComfyUI checkout ``comfy`` (the ``comfyui_path`` fixture of tests/conftest.py) on a free loopback
+    port with the pack and the test pack in ``base/custom_nodes``."""
     assets = make_assets()
     for sub in ("models/diffusion_models", "models/vae", "models/loras", "models/text_encoders", "output", "input",
                 "custom_nodes", "user", "empty_front_end"):
@@ -211,10 +201,9 @@ def stop_server(server: Server) -> None:
 
 
 @pytest.fixture(scope="session")
-def comfy_api(tmp_path_factory):
+def comfy_api(tmp_path_factory, comfyui_path):
     """API-only ComfyUI (empty front end) with the pack loaded; shared by the API tests."""
-    comfyui_path()
-    server = start_server(tmp_path_factory.mktemp("comfyui_api"), front_end=False)
+    server = start_server(comfyui_path, tmp_path_factory.mktemp("comfyui_api"), front_end=False)
     yield server
     stop_server(server)
     shutil.copy(server.log, tmp_path_factory.getbasetemp() / "comfyui_api.log")

@@ -22,7 +22,7 @@ from tests.integration.conftest import (RANDOM_VAE, TEXT_DIM, TINY_LORA, TINY_MO
                                         make_assets)
 
 ROOT = Path(__file__).resolve().parents[2]
-NATIVE = json.loads((ROOT / "tests/integration/data/native_nodes.json").read_text())
+NATIVE = json.loads((ROOT / "tests/data/native_nodes.json").read_text())
 W, H, FRAMES = 64, 48, 9
 PROJECTED = ("default", "min", "max", "step", "control_after_generate", "forceInput", "tooltip", "multiline")
 

@@ -32,10 +32,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 
 @pytest.fixture(scope="module")
-def browser_server(tmp_path_factory):
-    from tests.integration.conftest import comfyui_path
-
-    comfyui_path()
+def browser_server(tmp_path_factory, comfyui_path):
     pytest.importorskip("playwright", reason="browser test: pip install playwright (never `playwright install`)")
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"browser test: no Chromium at {CHROMIUM} (apt-get install chromium, or set ACCVIDEO_CHROMIUM)")
@@ -51,7 +48,7 @@ def browser_server(tmp_path_factory):
     settings = base / "user" / "default"
     settings.mkdir(parents=True, exist_ok=True)
     (settings / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
-    server = start_server(base, front_end=True)
+    server = start_server(comfyui_path, base, front_end=True)
     yield server
     stop_server(server)
 
