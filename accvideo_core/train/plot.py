@@ -1,4 +1,4 @@
-"""Loss curves as a PNG without plotting libraries: a tiny raster, a 3x5 pixel font and zlib.
+"""Loss curves as a PNG without plotting libraries: a tiny raster and a 3x5 pixel font (PNG by ``utils/png.py``).
 
 One panel per series group, x = iteration, y linear or log10, min/max labels. Good enough to eyeball a run.
 """
