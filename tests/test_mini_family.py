@@ -148,7 +148,7 @@ def test_validate_cli_separates_a_trained_from_an_untrained_teacher(tmp_path, ca
     untrained = tmp_path / "untrained.safetensors"
     torch.manual_seed(0)
     save_transformer(HunyuanVideoTransformer3D(MINI_TRANSFORMER), untrained)
-    assert validate_main([str(ASSETS / FILES["teacher"]), str(untrained), "--prompts", "8", "--threads", "2"]) == 0
+    assert validate_main([str(ASSETS / FILES["teacher"]), str(untrained), "--prompts", "8", "--threads", "1"]) == 0
     shipped, random_init = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert shipped["videos"] == random_init["videos"] == 8
     assert shipped["motion_ok"] >= random_init["motion_ok"] + 4, (shipped, random_init)  # measured 7 vs 0
