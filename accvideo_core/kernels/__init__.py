@@ -1,4 +1,4 @@
-"""Fused element-wise / normalisation kernels shared by the transformer, the VAE, the trainer and the nodes.
+"""Fused element-wise / normalisation kernels of the transformer and the VAE (everything else uses them via those).
 
 Callers always import from here: ``from accvideo_core import kernels; kernels.rms_norm_rope(...)``.
 The backend is chosen per call: the Triton kernels (``triton_kernels.py``) when the tensors are on a CUDA device,
