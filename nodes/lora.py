@@ -67,7 +67,9 @@ class AccVideoLoraLoader(io.ComfyNode):
         if strength == 0:
             return io.NodeOutput(model)
         state = _read_lora(folder_paths.get_full_path_or_raise("loras", lora_name))
-        patches = {key: _to_comfy(p) for key, p in comfy_patches(state).items()}
+        # matched against the model's shapes: a LoRA for another model size is an error, not a silent no-op
+        shapes = {key: value.shape for key, value in model.model.state_dict().items()}
+        patches = {key: _to_comfy(p) for key, p in comfy_patches(state, shapes, warn=False).items()}
         patched = model.clone()
         report = comfy_match_report(state, patched.add_patches(patches, strength))
         if not report.patches:
@@ -88,8 +90,9 @@ class AccVideoLoraExtract(io.ComfyNode):
             category=CATEGORY,
             description="Extracts a LoRA (tuned - base, truncated SVD per layer, diffs for norms and biases) from two "
                         "HunyuanVideo checkpoints in diffusion_models, streaming one tensor pair at a time, and "
-                        "writes it atomically into the loras folder. Keys load with native LoraLoaderModelOnly and "
-                        "with AccVideo LoRA Loader.",
+                        "writes it atomically into the loras folder (never over an existing file; identical models "
+                        "are an error, not an empty LoRA). Keys load with native LoraLoaderModelOnly and with "
+                        "AccVideo LoRA Loader.",
             inputs=[
                 io.Combo.Input("base_model", options=_comfy.model_file_names("diffusion_models"),
                                tooltip="The base model (e.g. hunyuan_video_t2v_720p_bf16)."),
@@ -97,7 +100,8 @@ class AccVideoLoraExtract(io.ComfyNode):
                                tooltip="The tuned model (e.g. the AccVideo 5-step checkpoint)."),
                 io.Int.Input("rank", default=64, min=1, max=3072, tooltip="LoRA rank (higher = closer, larger)."),
                 io.String.Input("filename", default="accvideo_hunyuan_video_lora.safetensors",
-                                tooltip="File name in the loras folder (.safetensors)."),
+                                tooltip="File name in the loras folder (.safetensors). An existing file is never "
+                                        "replaced: the LoRA is then written as name_00001.safetensors, ..."),
                 io.Combo.Input("dtype", options=EXTRACT_DTYPES, default=EXTRACT_DTYPES[0],
                                tooltip="Storage precision of the LoRA tensors."),
             ],
@@ -121,7 +125,7 @@ class AccVideoLoraExtract(io.ComfyNode):
             raise ValueError(f"filename must be a plain file name ending in .safetensors, got {filename!r}")
         if dtype not in EXTRACT_DTYPES:
             raise ValueError(f"dtype must be one of {EXTRACT_DTYPES}, got {dtype!r}")
-        out = os.path.join(folder_paths.get_folder_paths("loras")[0], name)
+        folder = folder_paths.get_folder_paths("loras")[0]
         pbar = None
 
         def progress(done: int, total: int, key: str) -> None:
@@ -132,7 +136,24 @@ class AccVideoLoraExtract(io.ComfyNode):
             pbar.update_absolute(done, max(total, 1))
 
         result = extract(folder_paths.get_full_path_or_raise("diffusion_models", base_model),
-                         folder_paths.get_full_path_or_raise("diffusion_models", distilled_model), rank, out=out,
+                         folder_paths.get_full_path_or_raise("diffusion_models", distilled_model), rank,
                          dtype=getattr(torch, dtype), progress=progress)
-        log.info("AccVideo LoRA Extract wrote %s: %s", out, result.summary())
+        name = _save_numbered(result, folder, name)
+        log.info("AccVideo LoRA Extract wrote %s: %s", result.path, result.summary())
         return io.NodeOutput(name, ui={"text": [f"{name}: {result.summary()}"]})
+
+
+def _save_numbered(result, folder: str, name: str) -> str:
+    """Write the LoRA as ``name``, or as ``stem_00001.safetensors``, ... when taken (like SaveImage, an existing file
+    is never replaced, also not by a concurrent writer); returns the name written."""
+    import os
+
+    stem, ext = os.path.splitext(name)
+    for i in range(100_000):
+        candidate = name if i == 0 else f"{stem}_{i:05d}{ext}"
+        try:
+            result.save(os.path.join(folder, candidate), overwrite=False)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{folder}: {stem}_00001{ext} ... {stem}_99999{ext} all exist; choose another filename")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -281,3 +282,82 @@ def test_cli_merge_default_dtype_keeps_each_tensors_dtype(tmp_path, capsys):
                      "--out", str(tmp_path / "m16.safetensors"), "--dtype", "float16"]) == 0
     assert {v.dtype for v in load_file(tmp_path / "m16.safetensors").values() if v.is_floating_point()} == \
         {torch.float16}
+
+
+def test_extract_and_loader_read_the_same_checkpoint_prefixes_and_pickles(tmp_path):
+    """Every prefix of key_maps.CHECKPOINT_PREFIXES and legacy (non-zip) pickles, which cannot be memory-mapped:
+    load_transformer and extract's reader take them alike (extract refused legacy .pt files before)."""
+    import contextlib
+
+    from accvideo_core.lora.extract import WeightSource
+    from accvideo_core.models.key_maps import CHECKPOINT_PREFIXES
+    from accvideo_core.models.loading import load_transformer
+
+    base, tuned = make_pair()
+    for i, prefix in enumerate(CHECKPOINT_PREFIXES):
+        path = tmp_path / f"tuned{i}.pt"
+        torch.save({"state_dict": {prefix + k: v for k, v in tuned.items()}}, path,
+                   _use_new_zipfile_serialization=i % 2 == 0)  # odd: the legacy format
+        loaded = load_transformer(path).state_dict()
+        with contextlib.ExitStack() as stack:
+            source = WeightSource(path, stack)
+            assert sorted(source.keys()) == sorted(tuned), prefix
+            for k, v in tuned.items():
+                assert torch.equal(loaded[k], v) and torch.equal(source.get(k, dtype=None), v), (prefix, k)
+    want = extract(base, tuned, rank=3, dtype=torch.float32).tensors
+    got = extract(base, tmp_path / "tuned1.pt", rank=3, dtype=torch.float32).tensors
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_extract_refuses_identical_models_and_never_overwrites_when_asked(tmp_path):
+    """Regression (issue 17): identical models gave a 0-tensor LoRA reported as success, over an existing file."""
+    base, tuned = make_pair()
+    existing = save_safetensors({"keep": torch.ones(2)}, tmp_path / "old.safetensors")
+    before = existing.read_bytes()
+    with pytest.raises(CheckpointError, match="do not differ: the LoRA would be empty"):
+        extract(base, {k: v.clone() for k, v in base.items()}, rank=2, out=tmp_path / "new.safetensors")
+    assert not (tmp_path / "new.safetensors").exists()
+    with pytest.raises(CheckpointError, match="except in 12 q/k norm scales left out"):
+        only_norms = {k: v + 1 if k.endswith("_norm.weight") or ".q_norm." in k or ".k_norm." in k else v
+                      for k, v in base.items()}
+        extract(base, only_norms, rank=2, qk_norms="skip")
+    with pytest.raises(FileExistsError, match="old.safetensors"):
+        extract(base, tuned, rank=2, out=existing, overwrite=False)
+    result = extract(base, tuned, rank=2)
+    with pytest.raises(FileExistsError):
+        result.save(existing, overwrite=False)
+    assert existing.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["old.safetensors"]
+    written = result.save(tmp_path / "new.safetensors", overwrite=False)
+    meta = json.loads(__import__("safetensors").safe_open(str(written), "pt").metadata()["accvideo_lora"])
+    assert meta["rank"] == 2 and meta["tensors"] == len(result.tensors) and meta["dtype"] == "float16"
+
+
+def test_cli_errors_are_one_line_naming_the_file_and_exit_2(tmp_path, capsys):
+    """Regression (issue 17): bad files gave tracebacks with rc 1 instead of one clear line and rc 2."""
+    import pickle
+
+    base, tuned = make_pair()
+    good = save_safetensors(base, tmp_path / "base.safetensors")
+    save_safetensors(tuned, tmp_path / "tuned.safetensors")
+    lora = extract(base, tuned, rank=2, out=tmp_path / "lora.safetensors").path
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(print))
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:1000])
+    save_safetensors({"blocks.0.self_attn.q.lora_A.weight": torch.zeros(2, 8)}, tmp_path / "wan.safetensors")
+    out = str(tmp_path / "out.safetensors")
+    cases = {
+        "evil.pt": ["extract", "--base", str(tmp_path / "evil.pt"), "--tuned", str(good), "--rank", "2", "--out", out],
+        "cut.safetensors": ["merge", "--base", str(tmp_path / "cut.safetensors"), "--lora", str(lora), "--out", out],
+        "missing.safetensors": ["inspect", str(tmp_path / "missing.safetensors")],
+        "wan.safetensors": ["merge", "--base", str(good), "--lora", str(tmp_path / "wan.safetensors"), "--out", out],
+        "base.safetensors": ["extract", "--base", str(good), "--tuned", str(good), "--rank", "2", "--out", out],
+    }
+    for name, argv in cases.items():
+        assert cli_main(argv) == 2, name
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[extract]")]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], (name, err)
+    assert not Path(out).exists()
+    # the same through the interpreter: no traceback, rc 2
+    run = subprocess.run([sys.executable, "-m", "accvideo_core.lora", "inspect", str(tmp_path / "evil.pt")],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 2 and "Traceback" not in run.stderr and "evil.pt" in run.stderr, run.stderr

@@ -282,12 +282,52 @@ def test_comfy_patches_matched_against_comfy_model_shapes(base_sd, caplog):
 
 
 def test_module_catalogue_is_the_transformer_layout():
-    """names.all_modules (used to resolve every naming) lists exactly the transformer's weighted modules."""
+    """The module catalogue of lora.names (used to resolve every naming) lists exactly the transformer's weighted
+    modules."""
     from accvideo_core.lora import names
 
     model_modules = [k.removesuffix(".weight") for k in tiny_transformer(seed=1).state_dict() if k.endswith(".weight")]
-    assert sorted(names.all_modules(n_double=2, n_single=2, n_refiner=2)) == sorted(model_modules)
+    catalogue = list(names.TOP_LEVEL) + [f"{block_list}.{i}.{m}" for block_list, modules in names.BLOCK_MODULES.items()
+                                         for i in range(2) for m in modules]  # tiny model: 2 blocks of each list
+    assert sorted(catalogue) == sorted(model_modules)
     for module in model_modules:
         assert names.resolve(module).module == module
         assert names.resolve(module.replace(".", "_")).module == module
         assert names.resolve(comfy_names.to_comfy_module(module)).module == module
+
+
+def test_missing_up_factors_are_named(base_sd, tmp_path):
+    """Regression (issue 17): a LoRA whose lora_up tensors are missing got 'no key belongs to HunyuanVideo'."""
+    downs = {f"diffusion_model.{m}.lora_down.weight": down for m, (_, down, _) in _factors(base_sd, 2, 0).items()}
+    downs["diffusion_model.double_blocks.0.img_attn_qkv.alpha"] = torch.tensor(2.0)
+    with pytest.raises(LoraFormatError, match="lacks one of its two factors") as err:
+        load_lora(_write(tmp_path / "no_up.safetensors", downs))
+    assert "'diffusion_model.double_blocks.0.img_attn_qkv.lora_up.weight'" in str(err.value)
+    kohya_ups = {"lora_unet_double_blocks_0_img_attn_qkv.lora_B.weight": torch.randn(3 * H, 2)}
+    with pytest.raises(LoraFormatError, match="'lora_unet_double_blocks_0_img_attn_qkv.lora_A.weight'"):
+        load_lora(kohya_ups)
+    # some modules complete, one without its up factor: loads, and the warning says what is missing
+    state = load_lora({**downs, "diffusion_model.double_blocks.1.img_mlp.fc1.lora_up.weight": torch.randn(4 * H, 2),
+                       "diffusion_model.double_blocks.1.img_mlp.fc1.lora_down.weight": torch.randn(2, H)})
+    assert set(state.modules) == {"double_blocks.1.img_mlp.fc1"}
+    assert state.unused["diffusion_model.double_blocks.0.img_attn_qkv.lora_down.weight"] == \
+        "down factor without its up factor"
+
+
+def test_flux_lora_is_refused_although_its_block_names_fit(tmp_path):
+    """Flux names its blocks like ComfyUI's HunyuanVideo and has the same block shapes at hidden 3072: a Flux LoRA
+    is told apart by its Flux-only modules or by Flux's depth (19 + 38 blocks)."""
+    def pair(name: str) -> dict[str, torch.Tensor]:
+        return {f"{name}.lora_A.weight": torch.zeros(1, 4), f"{name}.lora_B.weight": torch.zeros(4, 1)}
+
+    flux_blocks = {**{k: v for i in range(19) for k, v in pair(f"diffusion_model.double_blocks.{i}.img_attn.qkv").items()},
+                   **{k: v for i in range(38) for k, v in pair(f"diffusion_model.single_blocks.{i}.linear1").items()}}
+    with pytest.raises(LoraFormatError, match="Flux LoRA.*exactly Flux's 19 double \\+ 38 single blocks"):
+        load_lora(flux_blocks)
+    for only in ("diffusion_model.img_in", "transformer.x_embedder", "lora_unet_txt_in"):
+        with pytest.raises(LoraFormatError, match=f"Flux LoRA.*only Flux has.*{only}"):
+            load_lora({**pair("diffusion_model.double_blocks.0.img_attn.qkv"), **pair(only)})
+    # a HunyuanVideo LoRA with all 20 + 40 blocks is not mistaken for one
+    hunyuan = {**flux_blocks, **pair("diffusion_model.double_blocks.19.img_attn.qkv"),
+               **pair("diffusion_model.single_blocks.38.linear1"), **pair("diffusion_model.single_blocks.39.linear1")}
+    assert len(load_lora(hunyuan).modules) == 60

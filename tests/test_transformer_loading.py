@@ -277,3 +277,56 @@ def test_cli_info_and_convert(model, inputs, tmp_path, capsys):
     assert converted.single_blocks[0].linear1.weight.dtype == FP8
     expected = load_transformer(model.state_dict(), dtype=torch.float32, storage_dtype=FP8)
     assert torch.equal(_out(converted, inputs), _out(expected, inputs))
+
+
+def test_stored_config_is_validated_against_the_tensors(tmp_path):
+    """A config written into a checkpoint is checked on load: a stale or broken one is refused, naming the field."""
+    import json
+
+    from accvideo_core.models.loading import CONFIG_METADATA_KEY
+
+    model = tiny_transformer(seed=25, rope_axes=(2, 6, 8))
+    sd = model.state_dict()
+    good = model.config.to_dict()
+    for field, value in (("num_double_blocks", 3), ("text_dim", 99), ("guidance_embed", not good["guidance_embed"]),
+                         ("mlp_ratio", 2.0)):
+        path = save_safetensors(sd, tmp_path / f"{field}.safetensors",
+                                metadata={CONFIG_METADATA_KEY: json.dumps({**good, field: value})})
+        with pytest.raises(CheckpointError, match=f"disagrees with its tensors: {field} "):
+            load_transformer(path)
+    for text in ("{not json", "[1, 2]", json.dumps({**good, "depth": 3}), json.dumps({**good, "rope_axes": [2, 2, 2]})):
+        path = save_safetensors(sd, tmp_path / "broken.safetensors", metadata={CONFIG_METADATA_KEY: text})
+        with pytest.raises(CheckpointError, match="is not a valid transformer config"):
+            load_transformer(path)
+    # a file written by save_transformer loads; an explicit rope_axes overrides the stored one
+    path = save_transformer(model, tmp_path / "ok.safetensors")
+    assert load_transformer(path).config == model.config
+    assert load_transformer(path, rope_axes=(4, 4, 8)).config.rope_axes == (4, 4, 8)
+
+
+def test_comfy_internal_names_have_one_table_both_ways():
+    from accvideo_core.lora import comfy_names
+    from accvideo_core.models import key_maps
+
+    # ComfyUI 0.3.64's names for a few keys, written out by hand (the spec the table must reproduce)
+    spec = {
+        "double_blocks.0.img_attn_qkv.weight": "double_blocks.0.img_attn.qkv.weight",
+        "double_blocks.1.txt_mod.linear.bias": "double_blocks.1.txt_mod.lin.bias",
+        "double_blocks.0.img_mlp.fc2.weight": "double_blocks.0.img_mlp.2.weight",
+        "double_blocks.0.txt_attn_k_norm.weight": "double_blocks.0.txt_attn.norm.key_norm.scale",
+        "single_blocks.1.q_norm.weight": "single_blocks.1.norm.query_norm.scale",
+        "single_blocks.0.modulation.linear.weight": "single_blocks.0.modulation.lin.weight",
+        "time_in.mlp.0.weight": "time_in.in_layer.weight",
+        "guidance_in.mlp.2.bias": "guidance_in.out_layer.bias",
+        "txt_in.t_embedder.mlp.0.weight": "txt_in.t_embedder.in_layer.weight",
+        "txt_in.c_embedder.linear_2.weight": "txt_in.c_embedder.out_layer.weight",
+        "txt_in.individual_token_refiner.blocks.1.mlp.fc1.weight": "txt_in.individual_token_refiner.blocks.1.mlp.0.weight",
+        "vector_in.in_layer.weight": "vector_in.in_layer.weight",
+        "img_in.proj.weight": "img_in.proj.weight",
+    }
+    for original, internal in spec.items():
+        assert key_maps.original_to_comfy_key(original) == comfy_names.to_comfy_key(original) == internal
+        assert key_maps.comfy_to_original_key(internal) == original
+    sd = tiny_transformer(seed=2).state_dict()
+    internal = {key_maps.original_to_comfy_key(k): v for k, v in sd.items()}
+    assert len(internal) == len(sd) and key_maps.comfy_internal_to_original(internal).keys() == sd.keys()

@@ -1,5 +1,6 @@
 """CLI: ``python -m accvideo_core.lora extract --base A --tuned B --rank R --out F``,
-``merge --base A --lora F[:strength] ... --out B`` and ``inspect FILE``."""
+``merge --base A --lora F[:strength] ... --out B`` and ``inspect FILE``. Exit codes: 0 done, 2 bad input (one
+``error:`` line naming the file), 130 interrupted."""
 from __future__ import annotations
 
 import argparse
@@ -96,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("file")
     ins.set_defaults(func=_inspect)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:  # CheckpointError / LoraFormatError (ValueErrors) name their file
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

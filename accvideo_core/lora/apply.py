@@ -61,11 +61,12 @@ class MatchReport:
         )
 
 
-def match(state: LoraState, shapes: Mapping[str, torch.Size]) -> MatchReport:
+def match(state: LoraState, shapes: Mapping[str, torch.Size], *, warn: bool = True) -> MatchReport:
     """Match a LoRA against a model's parameter shapes (``{"double_blocks.0.img_attn_qkv.weight": shape}``).
 
     Zero matched keys raise :class:`LoraFormatError` with the format and three example keys; shape mismatches
-    raise too (a LoRA for a differently sized model). Partial matches log one warning line.
+    raise too (a LoRA for a differently sized model). Partial matches log one warning line (``warn``; callers
+    that report the match themselves pass False).
     """
     patches, absent = {}, []
     for module, patch in state.modules.items():
@@ -84,7 +85,7 @@ def match(state: LoraState, shapes: Mapping[str, torch.Size]) -> MatchReport:
             f"{state.source}: none of the {state.total_keys} keys of this LoRA (format: {state.format}) matches a "
             f"module of this model, e.g. {state.example_keys()}; it was made for a model with other blocks"
         )
-    line = report.message()
+    line = report.message() if warn else None
     if line:
         log.warning(line)
     return report
@@ -341,13 +342,14 @@ class ComfyPatch(NamedTuple):
 
 
 def comfy_patches(lora: LoraLike, shapes: Mapping[str, torch.Size] | None = None, *,
-                  prefix: str = comfy_names.COMFY_PREFIX) -> dict[str, ComfyPatch]:
+                  prefix: str = comfy_names.COMFY_PREFIX, warn: bool = True) -> dict[str, ComfyPatch]:
     """A LoRA as ComfyUI patches keyed by ComfyUI internal parameter names
     (``diffusion_model.double_blocks.0.img_attn.qkv.weight``); strength is ModelPatcher's ``add_patches`` one.
 
     ``shapes``: the ComfyUI model's ``{key: shape}`` (``model.model.state_dict()``, internal names, any prefix).
-    When given, the LoRA is matched against it like :func:`match` (error when nothing fits, one warning line for
-    a partial match) and only patches for parameters the model has are returned.
+    When given, the LoRA is matched against it like :func:`match` (error when nothing fits or a shape differs, one
+    warning line for a partial match unless ``warn`` is False) and only patches for parameters the model has are
+    returned.
     """
     state = as_lora(lora)
     modules = state.modules
@@ -357,7 +359,7 @@ def comfy_patches(lora: LoraLike, shapes: Mapping[str, torch.Size] | None = None
             resolved = names.resolve_param(key, (f"model.{prefix}", prefix))
             if resolved is not None:
                 original[resolved[0]] = shape
-        modules = match(state, original).patches
+        modules = match(state, original, warn=warn).patches
     out: dict[str, ComfyPatch] = {}
     for module, patch in modules.items():
         weight_key = prefix + comfy_names.to_comfy_key(f"{module}.weight")

@@ -11,34 +11,13 @@ q/k norm diffs under original names, so such keys are skipped ("lora key not loa
 """
 from __future__ import annotations
 
-# Ordered (old, new) substring replacements applied to a full parameter key, as ComfyUI does on load.
-_TO_INTERNAL: tuple[tuple[str, str], ...] = (
-    ("txt_in.t_embedder.mlp.0.", "txt_in.t_embedder.in_layer."),
-    ("txt_in.t_embedder.mlp.2.", "txt_in.t_embedder.out_layer."),
-    ("txt_in.c_embedder.linear_1.", "txt_in.c_embedder.in_layer."),
-    ("txt_in.c_embedder.linear_2.", "txt_in.c_embedder.out_layer."),
-    ("_mod.linear.", "_mod.lin."),
-    ("_attn_qkv.", "_attn.qkv."),
-    ("mlp.fc1.", "mlp.0."),
-    ("mlp.fc2.", "mlp.2."),
-    ("_attn_q_norm.weight", "_attn.norm.query_norm.scale"),
-    ("_attn_k_norm.weight", "_attn.norm.key_norm.scale"),
-    (".q_norm.weight", ".norm.query_norm.scale"),
-    (".k_norm.weight", ".norm.key_norm.scale"),
-    ("_attn_proj.", "_attn.proj."),
-    (".modulation.linear.", ".modulation.lin."),
-    ("_in.mlp.2.", "_in.out_layer."),
-    ("_in.mlp.0.", "_in.in_layer."),
-)
-# The back-conversion in ComfyUI's HunyuanVideo LoRA key map (internal -> names it also accepts).
-_LORA_BACK: tuple[tuple[str, str], ...] = (
-    ("_mod.lin.", "_mod.linear."),
-    ("_attn.qkv.", "_attn_qkv."),
-    ("_attn.proj.", "_attn_proj."),
-    ("mlp.0.", "mlp.fc1."),
-    ("mlp.2.", "mlp.fc2."),
-    (".modulation.lin.", ".modulation.linear."),
-)
+from accvideo_core.models import key_maps
+
+# ComfyUI's HunyuanVideo LoRA key map back-converts only these renames of key_maps.ORIGINAL_TO_COMFY (internal ->
+# original); the others (embedders, q/k norms) stay internal-only.
+_NATIVE_BACK = ("_mod.linear.", ".modulation.linear.", "_attn_qkv.", "_attn_proj.", "mlp.fc1.", "mlp.fc2.")
+_LORA_BACK: tuple[tuple[str, str], ...] = tuple(
+    (internal, original) for original, internal in key_maps.ORIGINAL_TO_COMFY if original in _NATIVE_BACK)
 
 COMFY_PREFIX = "diffusion_model."
 
@@ -50,8 +29,9 @@ def _replace_all(key: str, table: tuple[tuple[str, str], ...]) -> str:
 
 
 def to_comfy_key(key: str) -> str:
-    """Original parameter key (``double_blocks.0.img_attn_qkv.weight``) -> ComfyUI internal key."""
-    return _replace_all(key, _TO_INTERNAL)
+    """Original parameter key (``double_blocks.0.img_attn_qkv.weight``) -> ComfyUI internal key (the table is
+    :data:`accvideo_core.models.key_maps.ORIGINAL_TO_COMFY`)."""
+    return key_maps.original_to_comfy_key(key)
 
 
 def to_comfy_module(module: str) -> str:

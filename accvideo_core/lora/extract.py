@@ -18,6 +18,7 @@ loaded"); "skip" leaves them out and reports their size.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -28,12 +29,13 @@ from typing import Callable, Mapping
 
 import torch
 
+from accvideo_core.models import key_maps
+from accvideo_core.utils.dtypes import dtype_name
 from accvideo_core.utils.io import CheckpointError, LazyCheckpoint, save_safetensors
 
 from . import comfy_names, names
 
 QK_NORM_MODES = ("comfy", "original", "skip")
-_SOURCE_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "module.", "transformer.")
 Progress = Callable[[int, int, str], None]
 
 
@@ -51,6 +53,14 @@ class ExtractResult:
     tensors: dict[str, torch.Tensor]
     layers: list[LayerResult] = field(default_factory=list)
     path: Path | None = None
+    metadata: dict[str, str] = field(default_factory=dict)  # what :meth:`save` writes besides the summary
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+        """Write the LoRA atomically (``overwrite=False``: ``FileExistsError`` instead of replacing a file)."""
+        info = json.loads(self.metadata.get("accvideo_lora", "{}"))
+        meta = {**self.metadata, "accvideo_lora": json.dumps({**info, **self.summary()})}
+        self.path = save_safetensors(self.tensors, path, metadata=meta, overwrite=overwrite)
+        return self.path
 
     def summary(self) -> dict:
         low_rank = [l for l in self.layers if l.written == "lora"]
@@ -84,7 +94,7 @@ class WeightSource:
         # original key -> [(file key, target)] (several parts for diffusers' split q/k/v)
         self.parts: dict[str, list[tuple[str, names.Target]]] = {}
         for key in keys:
-            resolved = names.resolve_param(key, _SOURCE_PREFIXES)
+            resolved = names.resolve_param(key, key_maps.CHECKPOINT_PREFIXES)
             if resolved is not None:
                 original_key, target = resolved
                 self.parts.setdefault(original_key, []).append((key, target))
@@ -140,8 +150,11 @@ def _low_rank(diff: torch.Tensor, rank: int, svd: str) -> tuple[torch.Tensor, to
 def extract(base: str | os.PathLike | Mapping[str, torch.Tensor], tuned: str | os.PathLike | Mapping[str, torch.Tensor],
             rank: int, *, out: str | os.PathLike | None = None, dtype: torch.dtype = torch.float16,
             qk_norms: str = "comfy", svd: str = "auto", device: str | torch.device = "cpu",
-            progress: Progress | None = None) -> ExtractResult:
-    """LoRA of ``tuned - base`` at ``rank`` (see the module doc); written atomically to ``out`` when given.
+            progress: Progress | None = None, overwrite: bool = True) -> ExtractResult:
+    """LoRA of ``tuned - base`` at ``rank`` (see the module doc); written atomically to ``out`` when given
+    (``overwrite=False``: an existing ``out`` is refused before any work and never replaced).
+
+    Raises :class:`CheckpointError` when the models do not differ (the LoRA would be empty).
 
     ``svd``: "exact" (full SVD), "randomized" (``torch.svd_lowrank``, 6 power iterations) or "auto" (exact for
     matrices up to 1024 on the short side or ranks above a quarter of it).
@@ -152,6 +165,8 @@ def extract(base: str | os.PathLike | Mapping[str, torch.Tensor], tuned: str | o
         raise ValueError(f"qk_norms must be one of {QK_NORM_MODES}, got {qk_norms!r}")
     if svd not in ("auto", "exact", "randomized"):
         raise ValueError(f"svd must be 'auto', 'exact' or 'randomized', got {svd!r}")
+    if out is not None and not overwrite and Path(out).exists():
+        raise FileExistsError(errno.EEXIST, "exists; not overwritten (choose another name)", str(out))
     result = ExtractResult({})
     with contextlib.ExitStack() as stack:
         base_src, tuned_src = WeightSource(base, stack), WeightSource(tuned, stack)
@@ -177,12 +192,18 @@ def extract(base: str | os.PathLike | Mapping[str, torch.Tensor], tuned: str | o
             del diff, tensors
         if progress is not None:
             progress(len(keys), len(keys), "")
+    if not result.tensors:
+        skipped = result.summary()["skipped_qk_norms"]
+        raise CheckpointError(
+            f"{base_src.name} and {tuned_src.name} do not differ"
+            + (f" except in {skipped} q/k norm scales left out by qk_norms='skip'" if skipped else "")
+            + ": the LoRA would be empty and change nothing; pick the fine-tuned model as 'tuned'"
+        )
+    result.metadata = {"format": "pt", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
+                       "accvideo_lora": json.dumps({"rank": rank, "base": base_src.name, "tuned": tuned_src.name,
+                                                    "dtype": dtype_name(dtype), "svd": svd, "qk_norms": qk_norms})}
     if out is not None:
-        meta = {"format": "pt", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
-                "accvideo_lora": json.dumps({"rank": rank, "base": base_src.name, "tuned": tuned_src.name,
-                                             "dtype": str(dtype).removeprefix("torch."), "svd": svd,
-                                             "qk_norms": qk_norms, **result.summary()})}
-        result.path = save_safetensors(result.tensors, out, metadata=meta)
+        result.save(out, overwrite=overwrite)
     return result
 
 

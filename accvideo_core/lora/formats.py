@@ -24,6 +24,7 @@ from typing import Mapping
 
 import torch
 
+from accvideo_core.models import key_maps
 from accvideo_core.utils.io import read_metadata, read_state_dict
 
 from . import names
@@ -44,12 +45,22 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".diff_b", "diff_b"),
     (".diff", "diff"),
 )
-# File prefixes, dotted and underscored; tried longest first, and no prefix last.
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "unet.")
+# File prefixes, dotted and underscored; tried in this order, and no prefix last: a checkpoint's own prefixes plus
+# PEFT's and the SD-era "unet.".
+_PREFIXES = (*key_maps.CHECKPOINT_PREFIXES, "base_model.model.", "unet.")
 _UNDERSCORE_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
 _LYCORIS_MARKERS = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2", ".lokr_w1",
                     ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2", ".oft_blocks",
                     ".oft_diag")
+# down-factor suffix -> its up-factor suffix (both directions are looked up)
+_FACTOR_PAIRS = {".lora_A.default.weight": ".lora_B.default.weight", ".lora_down.weight": ".lora_up.weight",
+                 ".lora.down.weight": ".lora.up.weight", ".lora_A.weight": ".lora_B.weight"}
+_FACTOR_PAIRS.update({up: down for down, up in list(_FACTOR_PAIRS.items())})
+# Modules only Flux has (its plain-Linear patch / text embedders, original and diffusers names). Flux shares
+# HunyuanVideo's block names and, at hidden 3072, every block shape, so these and its depth (19 double + 38 single
+# blocks, HunyuanVideo has 20 + 40) are what tell a Flux LoRA apart.
+_FLUX_ONLY = ("img_in", "txt_in", "x_embedder", "context_embedder")
+_FLUX_DEPTH = (19, 38)
 _UNSUPPORTED = {"mid": "LoCon/LoHa mid weights are not supported",
                 "dora_scale": "DoRA is not supported (the magnitude vector cannot be applied as a weight delta)"}
 
@@ -171,20 +182,60 @@ class _Group:
     keys: dict[str, str] = field(default_factory=dict)  # role -> file key
 
 
+def _suffix(key: str) -> tuple[str, str, str] | None:
+    """``key`` -> (body, suffix, role) when the suffix is known."""
+    for suffix, role in _SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix, role
+    return None
+
+
+def _unprefixed(body: str) -> list[tuple[str, str]]:
+    """(prefix, rest) for every file prefix ``body`` carries, and ("", body) last."""
+    return [(p, body[len(p):]) for p in (*_PREFIXES, *_UNDERSCORE_PREFIXES) if body.startswith(p)] + [("", body)]
+
+
 def _split_key(key: str) -> tuple[str, str, str] | None:
     """``key`` -> (prefix, module name, role) when the suffix is known and the module resolves."""
-    role = None
-    for suffix, r in _SUFFIXES:
-        if key.endswith(suffix):
-            role, body = r, key[: -len(suffix)]
-            break
-    if role is None:
+    parsed = _suffix(key)
+    if parsed is None:
         return None
-    candidates = [(p, body[len(p):]) for p in (*_PREFIXES, *_UNDERSCORE_PREFIXES) if body.startswith(p)]
-    for prefix, rest in (*candidates, ("", body)):
+    body, _, role = parsed
+    for prefix, rest in _unprefixed(body):
         if names.resolve(rest) is not None:
             return prefix, rest, role
     return None
+
+
+def _flux_evidence(unusable: list[str], modules: Mapping[str, "ModulePatch"]) -> str | None:
+    """Why a LoRA is a Flux LoRA (Flux-only module keys, or exactly Flux's block depth); None when nothing says so."""
+    flux_keys = [k for k in unusable if (parsed := _suffix(k))
+                 and any(rest in _FLUX_ONLY for _, rest in _unprefixed(parsed[0]))]
+    if flux_keys:
+        return f"it changes modules only Flux has, e.g. {flux_keys[:3]}"
+    depth = tuple({int(m.split(".")[1]) for m in modules if m.startswith(f"{block_list}.")}
+                  for block_list in (names.DOUBLE_LIST, names.SINGLE_LIST))
+    if depth == tuple(set(range(n)) for n in _FLUX_DEPTH):
+        return (f"it covers exactly Flux's {_FLUX_DEPTH[0]} double + {_FLUX_DEPTH[1]} single blocks (HunyuanVideo has "
+                "20 + 40)")
+    return None
+
+
+_LONE = " factor"  # ending of the reason given to a factor key whose partner is missing
+
+
+def _partner(key: str) -> str | None:
+    """The other factor's key of a low-rank factor key (``...lora_down.weight`` -> ``...lora_up.weight``)."""
+    parsed = _suffix(key)
+    return None if parsed is None or parsed[1] not in _FACTOR_PAIRS else parsed[0] + _FACTOR_PAIRS[parsed[1]]
+
+
+def _lone_reason(key: str) -> str:
+    """Why a key of an incomplete module is unusable."""
+    role = _suffix(key)[2]
+    if role in ("up", "down"):
+        return f"{role} factor without its {'up' if role == 'down' else 'down'}{_LONE}"
+    return f"{role} without the module's lora_up / lora_down factors"
 
 
 def _format_label(prefixes: set[str], namings: set[str]) -> str:
@@ -285,13 +336,33 @@ def load_lora(lora: str | os.PathLike | Mapping[str, torch.Tensor], *,
     for group in groups.values():
         role_keys = {r: k for r, k in group.keys.items() if r != "prefix"}
         if not _add_group(group, modules, peft):
-            for r, k in role_keys.items():
-                unused[k] = f"{r} without its partner tensors"
+            unused.update({k: _lone_reason(k) for k in role_keys.values()})
             continue
         prefixes.add(group.keys["prefix"])
         namings.add(group.naming)
         modules[group.target.module].keys.extend(role_keys.values())
 
+    _refuse_unusable(source, tensors, unused, modules)
+    return LoraState(modules, _format_label(prefixes, namings), source, len(tensors), unused)
+
+
+def _refuse_unusable(source: str, tensors: Mapping[str, torch.Tensor], unused: Mapping[str, str],
+                     modules: Mapping[str, ModulePatch]) -> None:
+    """Raise :class:`LoraFormatError` for a Flux LoRA, a LoRA whose factors are missing, or one with no usable key."""
+    flux = _flux_evidence(list(unused), modules)
+    if flux:
+        raise LoraFormatError(
+            f"{source}: this is a Flux LoRA, not a HunyuanVideo one: {flux}. Flux shares HunyuanVideo's block names "
+            "and sizes, so its block keys would load without an error and change the model meaninglessly; use a "
+            "LoRA trained on HunyuanVideo."
+        )
+    missing = [p for k, why in unused.items() if why.endswith(_LONE) and (p := _partner(k)) and p not in tensors]
+    if not modules and missing:
+        raise LoraFormatError(
+            f"{source}: every low-rank module of this LoRA lacks one of its two factors: {len(missing)} factor keys "
+            f"are missing, e.g. {missing[:3]} (each lora_down / lora_A needs its lora_up / lora_B and the reverse). The file is "
+            "incomplete (interrupted download or a broken export): get it again or re-export it."
+        )
     if not modules:
         keys = list(tensors)
         raise LoraFormatError(
@@ -302,7 +373,6 @@ def load_lora(lora: str | os.PathLike | Mapping[str, torch.Tensor], *,
             "'transformer.transformer_blocks.0.attn.to_q.lora_A.weight'; a LoRA for another model "
             "(Wan, Flux, SD) cannot be used with HunyuanVideo."
         )
-    return LoraState(modules, _format_label(prefixes, namings), source, len(tensors), unused)
 
 
 def _add_group(group: _Group, modules: dict[str, ModulePatch], peft: dict) -> bool:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from accvideo_core.models import key_maps
+
 from . import comfy_names
 
 # Block lists and the modules of one block, in original names, with their kind:
@@ -108,15 +110,6 @@ def module_kind(module: str) -> str | None:
     return None
 
 
-def all_modules(n_double: int, n_single: int, n_refiner: int = 2) -> list[str]:
-    """Every original module name of a transformer with these block counts (in checkpoint order)."""
-    counts = {REFINER_LIST: n_refiner, DOUBLE_LIST: n_double, SINGLE_LIST: n_single}
-    names = [n for n in TOP_LEVEL if not n.startswith("final_layer")]
-    for block_list, modules in BLOCK_MODULES.items():
-        names += [f"{block_list}.{i}.{m}" for i in range(counts[block_list]) for m in modules]
-    return names + [n for n in TOP_LEVEL if n.startswith("final_layer")]
-
-
 def _templates() -> dict[str, str]:
     """Original module templates (block index as ``{i}``) -> kind."""
     out = dict(TOP_LEVEL)
@@ -131,8 +124,6 @@ def _diffusers_aliases() -> dict[str, Target]:
     A probe state dict with hidden size 1 is converted: every original row holds its own id, so the converted
     tensors show which original rows each diffusers tensor takes, in which order.
     """
-    from accvideo_core.models import key_maps
-
     rows = {"linear1": 7, "qkv": 3, "final_layer.adaLN_modulation.1": 2}  # H = 1, mlp ratio 4
     probe: dict[str, torch.Tensor] = {}
     owner: dict[int, tuple[str, int, int]] = {}  # row id -> (original template, row, rows of that module)

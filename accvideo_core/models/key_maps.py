@@ -1,5 +1,6 @@
-"""HunyuanVideo transformer key layouts: original (Tencent, our module names) <-> diffusers; the VAE's original
-<-> ComfyUI internal names in the last section.
+"""HunyuanVideo transformer key layouts: original (Tencent, our module names) <-> diffusers, <-> ComfyUI's internal
+names, and the key prefixes checkpoints carry (the one table of each; LoRA code derives its names from here); the
+VAE's original <-> ComfyUI internal names in the last section.
 
 Both directions are generic in the hidden size: H is read from tensor shapes, never hard-coded (diffusers' own
 converter assumes H = 3072 and cannot convert a small model). Conversions only slice and concatenate, so
@@ -14,7 +15,7 @@ Layout facts (see ``docs/transformer.md``):
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -229,42 +230,61 @@ def strip_prefix(sd: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> t
     return dict(sd), ""
 
 
+# Key prefixes a transformer checkpoint may put before the original / diffusers / ComfyUI names (ComfyUI full
+# checkpoints, ComfyUI's model state dict, DDP's module., diffusers / diffusion-pipe), tried in this order. Readers of
+# LoRA files add the LoRA-only ones (see accvideo_core.lora.formats).
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "model.model.", "diffusion_model.", "module.", "transformer.")
 
 # ComfyUI's internal (Flux-style) names for the same tensors, as its HunyuanVideo model renames the original keys
-# on load. Inverse replacements, applied in this order to a key in ComfyUI's names.
-_COMFY_TO_ORIGINAL: tuple[tuple[str, str], ...] = (
-    ("mlp.0.", "mlp.fc1."),  # block MLPs; must run before the embedders below produce "mlp.0."
-    ("mlp.2.", "mlp.fc2."),
-    ("txt_in.t_embedder.in_layer.", "txt_in.t_embedder.mlp.0."),
-    ("txt_in.t_embedder.out_layer.", "txt_in.t_embedder.mlp.2."),
-    ("txt_in.c_embedder.in_layer.", "txt_in.c_embedder.linear_1."),
-    ("txt_in.c_embedder.out_layer.", "txt_in.c_embedder.linear_2."),
-    ("time_in.in_layer.", "time_in.mlp.0."),
-    ("time_in.out_layer.", "time_in.mlp.2."),
-    ("guidance_in.in_layer.", "guidance_in.mlp.0."),
-    ("guidance_in.out_layer.", "guidance_in.mlp.2."),
-    ("_mod.lin.", "_mod.linear."),
-    (".modulation.lin.", ".modulation.linear."),
-    ("_attn.qkv.", "_attn_qkv."),
-    ("_attn.proj.", "_attn_proj."),
-    ("_attn.norm.query_norm.scale", "_attn_q_norm.weight"),
-    ("_attn.norm.key_norm.scale", "_attn_k_norm.weight"),
-    (".norm.query_norm.scale", ".q_norm.weight"),
-    (".norm.key_norm.scale", ".k_norm.weight"),
+# on load (checked against ComfyUI 0.3.64 ``comfy/supported_models.py``): (original piece, internal piece) of a
+# parameter key. Both directions replace in one pass, longest piece first, so no rename feeds another.
+ORIGINAL_TO_COMFY: tuple[tuple[str, str], ...] = (
+    ("txt_in.t_embedder.mlp.0.", "txt_in.t_embedder.in_layer."),
+    ("txt_in.t_embedder.mlp.2.", "txt_in.t_embedder.out_layer."),
+    ("txt_in.c_embedder.linear_1.", "txt_in.c_embedder.in_layer."),
+    ("txt_in.c_embedder.linear_2.", "txt_in.c_embedder.out_layer."),
+    ("time_in.mlp.0.", "time_in.in_layer."),
+    ("time_in.mlp.2.", "time_in.out_layer."),
+    ("guidance_in.mlp.0.", "guidance_in.in_layer."),
+    ("guidance_in.mlp.2.", "guidance_in.out_layer."),
+    ("_mod.linear.", "_mod.lin."),
+    (".modulation.linear.", ".modulation.lin."),
+    ("_attn_qkv.", "_attn.qkv."),
+    ("_attn_proj.", "_attn.proj."),
+    ("mlp.fc1.", "mlp.0."),
+    ("mlp.fc2.", "mlp.2."),
+    ("_attn_q_norm.weight", "_attn.norm.query_norm.scale"),
+    ("_attn_k_norm.weight", "_attn.norm.key_norm.scale"),
+    (".q_norm.weight", ".norm.query_norm.scale"),
+    (".k_norm.weight", ".norm.key_norm.scale"),
 )
+
+
+def _one_pass(pairs: tuple[tuple[str, str], ...]) -> Callable[[str], str]:
+    table = dict(pairs)
+    pattern = re.compile("|".join(re.escape(k) for k in sorted(table, key=len, reverse=True)))
+    return lambda key: pattern.sub(lambda m: table[m.group()], key)
+
+
+_TO_COMFY = _one_pass(ORIGINAL_TO_COMFY)
+_FROM_COMFY = _one_pass(tuple((internal, original) for original, internal in ORIGINAL_TO_COMFY))
+
+
+def original_to_comfy_key(key: str) -> str:
+    """Original parameter key (``double_blocks.0.img_attn_qkv.weight``) -> ComfyUI's internal key
+    (``double_blocks.0.img_attn.qkv.weight``; q/k norm weights -> ``...norm.query_norm.scale``)."""
+    return _TO_COMFY(key)
+
+
+def comfy_to_original_key(key: str) -> str:
+    """ComfyUI internal parameter key -> original key (inverse of :func:`original_to_comfy_key`)."""
+    return _FROM_COMFY(key)
 
 
 def comfy_internal_to_original(sd: Mapping[str, torch.Tensor]) -> StateDict:
     """ComfyUI-internal HunyuanVideo names (``double_blocks.0.img_attn.qkv.weight``, ``img_mod.lin``,
     ``img_attn.norm.query_norm.scale``, ``time_in.in_layer``, ...) -> original names. Tensors are unchanged."""
-    out: StateDict = {}
-    for key, tensor in sd.items():
-        new = key
-        for comfy, original in _COMFY_TO_ORIGINAL:
-            if comfy in new:
-                new = new.replace(comfy, original)
-        out[new] = tensor
-    return out
+    return {comfy_to_original_key(key): tensor for key, tensor in sd.items()}
 
 
 # ================================================================================================================

@@ -1,8 +1,8 @@
 """Load a HunyuanVideo transformer from any common file: ``load_transformer(source, dtype=..., device=...)``.
 
 Accepted: the original layout (``.pt``/``.pth``/``.bin`` read weights-only with ``module``/``ema``/``state_dict``
-wrappers unwrapped, or ``.safetensors``), ComfyUI / diffusion-pipe prefixes (``model.diffusion_model.``,
-``diffusion_model.``, ``transformer.``, ``model.model.``), the diffusers layout and ComfyUI's internal (Flux-style)
+wrappers unwrapped, or ``.safetensors``), the key prefixes of ``key_maps.CHECKPOINT_PREFIXES`` (ComfyUI,
+diffusion-pipe, DDP), the diffusers layout and ComfyUI's internal (Flux-style)
 names (both converted), and fp8 (e4m3fn / e5m2) weights, which
 stay fp8 in memory and are up-cast per call to the compute dtype (ComfyUI "fp8_scaled" ``scale_weight`` honoured).
 The architecture is read from tensor shapes. A wrong or partial file raises ``CheckpointError`` naming the detected
@@ -10,10 +10,12 @@ model family, the first missing / unexpected keys and what was expected.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -21,13 +23,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..utils.dtypes import FP8_DTYPES, names_for, parse_dtype
+from ..utils.dtypes import FP8_DTYPES, dtype_name, names_for, parse_dtype
 from ..utils.io import CheckpointError, StateDict, read_metadata, read_state_dict, save_safetensors_stream
-from .key_maps import (DIFFUSERS_MARKER, ORIGINAL_MARKER, comfy_internal_to_original, diffusers_to_original,
-                       strip_prefix)
+from .key_maps import (CHECKPOINT_PREFIXES, DIFFUSERS_MARKER, ORIGINAL_MARKER, comfy_internal_to_original,
+                       diffusers_to_original, strip_prefix)
 from .transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig
 
-PREFIXES = ("model.diffusion_model.", "model.model.", "diffusion_model.", "transformer.")
 CONFIG_METADATA_KEY = "accvideo.transformer_config"
 ORIGINAL_LAYOUT = "HunyuanVideo transformer (original layout)"
 DIFFUSERS_LAYOUT = "HunyuanVideo transformer (diffusers layout)"
@@ -121,7 +122,7 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], *, rope_axes: tuple[i
 
 def to_original_layout(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, str]:
     """Strip known prefixes and convert to the original layout. Returns (state dict, detected family)."""
-    sd, _ = strip_prefix(sd, PREFIXES)
+    sd, _ = strip_prefix(sd, CHECKPOINT_PREFIXES)
     family = detect_family(sd)
     if family == DIFFUSERS_LAYOUT:
         try:
@@ -160,9 +161,43 @@ def _read_source(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> tupl
         return dict(source), {}, "state dict"
     path = Path(source)
     sd = read_state_dict(path)
-    meta = read_metadata(path)
-    stored = json.loads(meta[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in meta else {}
-    return sd, stored, str(path)
+    return sd, _stored_config(read_metadata(path), str(path)), str(path)
+
+
+def _stored_config(meta: Mapping[str, str], name: str) -> dict:
+    """The config :func:`save_transformer` wrote into the metadata ({} when none), checked to be a valid config."""
+    if CONFIG_METADATA_KEY not in meta:
+        return {}
+    try:
+        stored = json.loads(meta[CONFIG_METADATA_KEY])
+        if not isinstance(stored, dict):
+            raise ValueError(f"a JSON {type(stored).__name__}, not an object")
+        TransformerConfig.from_dict(stored)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(
+            f"{name}: its {CONFIG_METADATA_KEY!r} metadata is not a valid transformer config ({err}); the file was "
+            "damaged or written by another tool: re-save it with save_transformer or convert it"
+        ) from err
+    return stored
+
+
+def _check_stored_config(stored: Mapping, config: TransformerConfig, name: str, *, skip: tuple[str, ...]) -> None:
+    """A stored config must describe the tensors it was saved with (a stale one means the file was edited)."""
+    derived = config.to_dict()
+
+    def same(a: object, b: object) -> bool:
+        if isinstance(a, float) or isinstance(b, float):
+            return isinstance(a, (int, float)) and math.isclose(a, b, rel_tol=1e-9)
+        return list(a) == list(b) if isinstance(a, (list, tuple)) else a == b
+
+    differ = [f"{k} {stored[k]!r} (tensors: {derived[k]!r})" for k in stored
+              if k not in skip and not same(stored[k], derived[k])]
+    if differ:
+        raise CheckpointError(
+            f"{name}: the config in its metadata ({CONFIG_METADATA_KEY!r}) disagrees with its tensors: "
+            f"{'; '.join(differ)}. The tensors were changed after saving or the metadata was copied from another "
+            "model: re-save it with save_transformer (or convert it), which writes the config of its tensors"
+        )
 
 
 def _default_dtype(sd: Mapping[str, torch.Tensor]) -> torch.dtype:
@@ -191,7 +226,7 @@ def load_transformer(source: str | os.PathLike | Mapping[str, torch.Tensor], *, 
     raw = {k: v for k, v in raw.items() if not k.endswith(".scale_weight")}
     sd, family = to_original_layout(raw)
     del raw  # only `sd` references the tensors from here on; they are released one by one below
-    scales, _ = strip_prefix(scales, PREFIXES) if scales else ({}, "")
+    scales, _ = strip_prefix(scales, CHECKPOINT_PREFIXES) if scales else ({}, "")
 
     axes = rope_axes or stored.get("rope_axes")
     try:
@@ -199,6 +234,7 @@ def load_transformer(source: str | os.PathLike | Mapping[str, torch.Tensor], *, 
                                         rope_theta=float(stored.get("rope_theta", 256.0)))
     except CheckpointError as err:
         raise CheckpointError(f"{name}: detected {family}, but it is incomplete: {err}") from err
+    _check_stored_config(stored, config, name, skip=("rope_axes",) if rope_axes else ())
     _check_released_depth(config, name)
     with torch.device("meta"):
         model = HunyuanVideoTransformer3D(config)
@@ -287,10 +323,10 @@ def save_transformer(model: HunyuanVideoTransformer3D, path: str | os.PathLike, 
 _COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m accvideo_core.models.loading info FILE`` / ``convert FILE OUT.safetensors [--dtype] [--fp8]``."""
-    import argparse
+def main(argv: list[str] | None = None) -> int:
+    """``python -m accvideo_core.models.loading info FILE`` / ``convert FILE OUT.safetensors [--dtype] [--fp8]``.
 
+    Exit codes: 0 done, 2 unreadable or wrong input (one ``error:`` line naming the file)."""
     parser = argparse.ArgumentParser(prog="python -m accvideo_core.models.loading",
                                      description="Inspect or convert HunyuanVideo / AccVideo transformer checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -303,21 +339,30 @@ def main(argv: list[str] | None = None) -> None:
     convert.add_argument("--dtype", choices=names_for(*_COMPUTE_DTYPES), help="weight dtype (default: keep the file's)")
     convert.add_argument("--fp8", action="store_true", help="store the block Linear weights as float8_e4m3fn")
     args = parser.parse_args(argv)
+    try:
+        (_info if args.command == "info" else _convert)(args)
+    except (ValueError, OSError) as err:  # CheckpointError is a ValueError and names its file
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
+    return 0
 
-    if args.command == "info":
-        print(f"reading {args.path} ...", flush=True)
-        raw, stored, name = _read_source(args.path)
-        family = detect_family(strip_prefix(raw, PREFIXES)[0])
-        print(f"{name}: {family}")
-        dtypes: dict[str, int] = {}
-        for t in raw.values():
-            dtypes[str(t.dtype).replace("torch.", "")] = dtypes.get(str(t.dtype).replace("torch.", ""), 0) + t.numel()
-        print(f"tensors: {len(raw)}, parameters: {sum(dtypes.values()) / 1e9:.3f} B, by dtype: {dtypes}")
-        sd, _ = to_original_layout({k: v for k, v in raw.items() if not k.endswith((".scale_weight", ".scale_input",
-                                                                                      "scaled_fp8"))})
-        axes = stored.get("rope_axes")
-        print(json.dumps(config_from_state_dict(sd, rope_axes=tuple(axes) if axes else None).to_dict(), indent=2))
-        return
+
+def _info(args: argparse.Namespace) -> None:
+    print(f"reading {args.path} ...", flush=True)
+    raw, stored, name = _read_source(args.path)
+    family = detect_family(strip_prefix(raw, CHECKPOINT_PREFIXES)[0])
+    print(f"{name}: {family}")
+    counts: dict[str, int] = {}
+    for t in raw.values():
+        counts[dtype_name(t.dtype)] = counts.get(dtype_name(t.dtype), 0) + t.numel()
+    print(f"tensors: {len(raw)}, parameters: {sum(counts.values()) / 1e9:.3f} B, by dtype: {counts}")
+    sd, _ = to_original_layout({k: v for k, v in raw.items() if not k.endswith((".scale_weight", ".scale_input",
+                                                                                  "scaled_fp8"))})
+    axes = stored.get("rope_axes")
+    print(json.dumps(config_from_state_dict(sd, rope_axes=tuple(axes) if axes else None).to_dict(), indent=2))
+
+
+def _convert(args: argparse.Namespace) -> None:
     print(f"reading and converting {args.path} ...", flush=True)
     model = load_transformer(args.path, dtype=parse_dtype(args.dtype) if args.dtype else None,
                              storage_dtype=FP8_DTYPES[0] if args.fp8 else None)
@@ -327,4 +372,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

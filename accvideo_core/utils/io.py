@@ -8,6 +8,7 @@ Rules enforced here, once:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -68,10 +69,21 @@ def _load_pickle(path: Path, *, device: str = "cpu", mmap: bool = True) -> objec
             return torch.load(str(path), map_location=device, weights_only=True)  # legacy (non-zip) format
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         raise CheckpointError(
-            f"{path} could not be read as a weights-only torch checkpoint ({type(err).__name__}: {err}). "
+            f"{path} could not be read as a weights-only torch checkpoint ({type(err).__name__}: {_gist(err)}). "
             "Files that need arbitrary code to unpickle are refused; convert the file to .safetensors, "
             "or download it again if it is truncated"
         ) from err
+
+
+def _gist(err: Exception) -> str:
+    """One line of a (torch's multi-paragraph) error: its ``WeightsUnpickler error`` detail, else its first line.
+
+    torch's own advice to retry with ``weights_only=False`` is left out on purpose."""
+    text = " ".join(str(err).split())
+    if "WeightsUnpickler error:" in text:
+        return "refused by the weights-only unpickler: " + text.split("WeightsUnpickler error:")[1].split(
+            " Check the documentation")[0].strip()
+    return text.split(". ")[0]
 
 
 def _unreadable_safetensors(path: Path, err: Exception) -> CheckpointError:
@@ -191,9 +203,15 @@ def unwrap_state_dict(obj: object, *, source: str = "state dict") -> StateDict:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed onto ``path``, on error removed."""
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is renamed onto ``path``, on error removed.
+
+    ``overwrite=False``: an existing ``path`` is never replaced, not even one created while the temporary file was
+    written (the file is hard-linked into place, which fails atomically); raises ``FileExistsError`` then.
+    """
     path = Path(path)
+    if not overwrite and path.exists():
+        raise FileExistsError(errno.EEXIST, "exists; not overwritten", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -203,19 +221,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
-        os.replace(tmp_path, path)
+        if overwrite:
+            os.replace(tmp_path, path)
+        else:
+            _link_new(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
+def _link_new(src: Path, dst: Path) -> None:
+    """Put ``src`` at ``dst`` only if ``dst`` does not exist (atomic where hard links work)."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "exists; not overwritten", str(dst)) from None
+    except OSError:  # a filesystem without hard links: check, then rename (a narrow race remains)
+        if dst.exists():
+            raise FileExistsError(errno.EEXIST, "exists; not overwritten", str(dst)) from None
+        os.replace(src, dst)
+
+
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: Mapping[str, str] | None = None) -> Path:
-    """Atomically write tensors (made contiguous, on CPU) to a safetensors file."""
+                     metadata: Mapping[str, str] | None = None, *, overwrite: bool = True) -> Path:
+    """Atomically write tensors (made contiguous, on CPU) to a safetensors file (``overwrite``: see
+    :func:`atomic_path`)."""
     from safetensors.torch import save_file
 
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         save_file(flat, str(tmp), metadata=dict(metadata) if metadata else None)
     return Path(path)
 
