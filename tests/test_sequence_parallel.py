@@ -2,6 +2,10 @@
 and input gradients) with padded text, mixed valid lengths and a token count that 2 does not divide."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,7 @@ CASES = {
                    dict(batch=1, valid=[4], frames=3, height=2, width=6), False),
 }
 FEATURE_LAYER = 3
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(model, inp: dict, checkpointing: bool) -> dict[str, torch.Tensor]:
@@ -158,3 +163,84 @@ def test_estimate_with_sequence_parallel(capsys):
         estimate(TransformerConfig(), frames=93, height=544, width=960, gpus=10, sp=5)
     assert main(["--plan"]) == 0
     assert "| 1280x720x129 (119056) | 8 | 8 |" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def synvid_sp(tmp_path_factory) -> Path:
+    """8 teacher trajectories, 10 steps, 5 frames at 32x48 (2x2x3 image tokens); prompts with 7, 5, 3, 6 valid
+    tokens, so a micro-batch of two mixes valid lengths (the key-mask path). The last 2 are held out."""
+    from accvideo_core.models.loading import save_transformer
+    from accvideo_core.synvid.dump import dump_synvid
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("synvid_sp")
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(4, 7, dtype=torch.long)
+    for i, n in enumerate((7, 5, 3, 6)):
+        mask[i, n:] = 0
+    emb = {"text_states": torch.randn(4, 7, 40, generator=g), "text_mask": mask,
+           "pooled": torch.randn(4, 24, generator=g), "prompts": [f"prompt {i}" for i in range(4)]}
+    save_transformer(tiny_transformer(seed=0), root / "teacher.safetensors")
+    dump_synvid(tiny_transformer(seed=0), emb, root / "data", num=8, frames=5, height=32, width=48, steps=10,
+                dtype="float32", batch_size=4, source_model="tiny", progress=lambda msg: None)
+    return root
+
+
+def _train_config(root: Path, out: Path, micro_batch: int, steps: int = 3) -> dict:
+    return {"model": {"teacher": str(root / "teacher.safetensors"), "gradient_checkpointing": True},
+            "data": {"root": str(root / "data"), "val_samples": 2},
+            "optim": {"steps": steps, "total_batch": 2, "micro_batch": micro_batch, "lr": 1e-3, "head_lr": 1e-3},
+            "loss": {"head_width": 16, "head_groups": 4},
+            "log": {"out_dir": str(out), "val_every": 0, "ckpt_every": 0, "save_dtype": "fp32", "plot": False}}
+
+
+def _student(out: Path) -> dict[str, torch.Tensor]:
+    from accvideo_core.utils.io import read_state_dict
+
+    return read_state_dict(out / "student.safetensors")
+
+
+def _val_rows(out: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["type"] == "val"]
+
+
+def _torchrun(nproc: int, cfg: dict, path: Path, *overrides: str) -> None:
+    path.write_text(json.dumps(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "accvideo_core.train", "--config", str(path)]
+    for o in overrides:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-8000:]
+
+
+@pytest.mark.parametrize("nproc, micro_batch", [
+    (2, 2),   # one SP group of 2 ranks; a micro-batch of two prompts with different valid lengths (key mask)
+    pytest.param(4, 1, marks=pytest.mark.slow),  # dp 2 x sp 2: two groups, one sample each
+])
+def test_torchrun_sequence_parallel_distillation_matches_one_process(synvid_sp, tmp_path, nproc, micro_batch):
+    """3 iterations (trajectory + adversarial losses through the teacher's features, validation sampling) with
+    runtime.sequence_parallel = 2 end with the single-process student (FSDP2 shards over all ranks)."""
+    from accvideo_core.train.config import config_from_dict
+    from accvideo_core.train.loop import Trainer
+
+    torch.set_num_threads(1)
+    one = Trainer(config_from_dict(_train_config(synvid_sp, tmp_path / "one", micro_batch))).run()
+    _torchrun(nproc, _train_config(synvid_sp, tmp_path / "sp2", micro_batch), tmp_path / "c.json",
+              "runtime.sequence_parallel=2")
+    ref, got = _student(tmp_path / "one"), _student(tmp_path / "sp2")
+    assert set(ref) == set(got)
+    moved = max(float((ref[k] - v).abs().max()) for k, v in tiny_transformer(seed=0).state_dict().items())
+    assert moved > 1e-3  # the student trained
+    worst = max(float((got[k] - ref[k]).abs().max()) for k in ref)
+    assert worst <= 1e-4, worst
+    val = _val_rows(tmp_path / "sp2")
+    assert len(val) == 2 and val[-1]["student_mse"] == pytest.approx(one["val"]["student_mse"], rel=1e-4)

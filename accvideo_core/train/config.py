@@ -70,6 +70,7 @@ class RuntimeConfig:
     unsharded_accumulation: bool = False    # True: reduce-scatter once per update (needs full-size fp32 grads)
     deterministic: bool = False             # torch.use_deterministic_algorithms
     checkpoint_format: str = "sharded"      # "sharded": torch.distributed.checkpoint, each rank its shards; "full"
+    sequence_parallel: int = 1              # Ulysses SP degree: ranks per sample (divides ranks and heads)
 
 
 @dataclass
@@ -185,10 +186,13 @@ def validate(cfg: TrainConfig) -> None:
                           f"({cfg.data.segments} values), got {lo.feature_layers}")
     if lo.lambda_adv < 0:
         raise ConfigError("loss.lambda_adv must be >= 0")
+    if cfg.runtime.sequence_parallel < 1:
+        raise ConfigError(f"runtime.sequence_parallel must be >= 1, got {cfg.runtime.sequence_parallel}")
 
 
 def check_batching(cfg: TrainConfig, world_size: int) -> int:
-    """Number of micro-batches per rank per update; errors when total_batch does not split evenly."""
+    """Number of micro-batches per rank per update; errors when total_batch does not split evenly.
+    ``world_size``: the data-parallel ranks (ranks / runtime.sequence_parallel)."""
     per_step = cfg.optim.micro_batch * world_size
     if cfg.optim.total_batch % per_step:
         raise ConfigError(f"optim.total_batch ({cfg.optim.total_batch}) must be a multiple of micro_batch x ranks "

@@ -25,14 +25,29 @@ class DistInfo:
     device: torch.device = torch.device("cpu")
     initialized: bool = False  # we created the process group
     fsdp: bool = False
+    sp: int = 1                # sequence-parallel degree: ranks rank // sp * sp ... + sp - 1 share each sample
+    sp_group: dist.ProcessGroup | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks: groups of ``sp`` ranks, each group reading its own samples."""
+        return self.world // self.sp
 
-def init_distributed(device: str = "auto", fsdp: str = "auto") -> DistInfo:
-    """Read torchrun's environment, create the process group (NCCL on CUDA, gloo on CPU), pick the device."""
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp
+
+
+def init_distributed(device: str = "auto", fsdp: str = "auto", sequence_parallel: int = 1) -> DistInfo:
+    """Read torchrun's environment, create the process group (NCCL on CUDA, gloo on CPU), pick the device.
+
+    ``sequence_parallel`` > 1: the 2-D device mesh (dp, sp) of ``world / sp`` data-parallel groups of ``sp``
+    consecutive ranks; ``info.sp_group`` is this rank's sequence-parallel group.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -57,6 +72,15 @@ def init_distributed(device: str = "auto", fsdp: str = "auto") -> DistInfo:
     if world > 1 and not info.fsdp:
         raise ValueError("more than one rank needs runtime.fsdp = 'auto' or 'on' (replicated training is not "
                          "supported: FSDP2 shards the 13B student, its optimizer state and the teacher)")
+    if sequence_parallel > 1:
+        if world % sequence_parallel:
+            raise ValueError(f"runtime.sequence_parallel = {sequence_parallel} needs a multiple of "
+                             f"{sequence_parallel} ranks (torchrun --nproc_per_node); got {world}")
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(dev.type, (world // sequence_parallel, sequence_parallel),
+                                mesh_dim_names=("dp", "sp"))
+        info.sp, info.sp_group = sequence_parallel, mesh.get_group("sp")
     return info
 
 
@@ -101,6 +125,19 @@ def device_mesh(device: torch.device):
 
         _MESHES[device.type] = init_device_mesh(device.type, (dist.get_world_size(),))
     return _MESHES[device.type]
+
+
+def sum_gradients_over_sp(model: nn.Module, info: DistInfo) -> None:
+    """Under sequence parallelism each rank's gradient is its share of its group's sample: FSDP2's reduce-scatter
+    over all ranks then divides by ``dp`` (a mean over samples, a sum over shares), not by all ranks."""
+    if info.sp == 1:
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(float(info.dp))
+            module.set_force_sum_reduction_for_comms(True)   # a plain sum, then the division (gloo has no premul)
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

@@ -55,7 +55,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, teacher: nn.Module | None = None, resume: str | None = None,
                  overwrite: bool = False):
         self.cfg = cfg
-        self.info = D.init_distributed(cfg.runtime.device, cfg.runtime.fsdp)
+        self.info = D.init_distributed(cfg.runtime.device, cfg.runtime.fsdp, cfg.runtime.sequence_parallel)
         self.out = Path(cfg.log.out_dir)
         ckdir = resolve_resume(self.out, resume) if resume else None
         prepare_out_dir(self.out, self.info, resuming=ckdir is not None, overwrite=overwrite)
@@ -65,7 +65,7 @@ class Trainer:
         if cfg.runtime.deterministic:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.optim.seed)
-        self.n_micro = check_batching(cfg, self.info.world)
+        self.n_micro = check_batching(cfg, self.info.dp)
         self.m = cfg.data.segments
         if cfg.loss.queue_capacity < cfg.optim.micro_batch * self.n_micro:
             raise ConfigError(f"loss.queue_capacity ({cfg.loss.queue_capacity}) must hold one iteration of this "
@@ -306,8 +306,8 @@ class Trainer:
         records, info, mb = self.val_records, self.info, self.cfg.optim.micro_batch
         if not records:
             return float("nan")
-        mine = list(range(info.rank, len(records), info.world))
-        rounds = math.ceil(len(records) / info.world)
+        mine = list(range(info.dp_rank, len(records), info.dp))   # an SP group shares its samples
+        rounds = math.ceil(len(records) / info.dp)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         slots = mine + [None] * (rounds - len(mine))   # every rank runs the same number of forwards (FSDP)
         for start in range(0, rounds, mb):

@@ -62,7 +62,7 @@ def build_data(cfg: TrainConfig, info: D.DistInfo) -> Data:
         val_ds = SynVidDataset(cfg.data.val_root, steps=key_steps)
         val_idx, train_idx = list(range(min(len(val_ds), max(cfg.data.val_samples, 0)))), list(range(n))
     else:
-        n_val = max(0, min(cfg.data.val_samples, n - info.world))
+        n_val = max(0, min(cfg.data.val_samples, n - info.dp))
         val_ds, val_idx, train_idx = train_ds, list(range(n - n_val, n)), list(range(n - n_val))
     key_sigmas = _key_sigmas(train_ds, train_idx, key_steps)
     bad: list[str] = []
@@ -76,7 +76,7 @@ def build_data(cfg: TrainConfig, info: D.DistInfo) -> Data:
         if any(abs(a - b) > 1e-6 for a, b in zip(got, key_sigmas)):
             raise SynVidError(f"key sigmas {got} differ from the data set's {key_sigmas}")
 
-    stream = SampleStream(train_ds, train_idx, rank=info.rank, world=info.world, seed=cfg.optim.seed,
+    stream = SampleStream(train_ds, train_idx, rank=info.dp_rank, world=info.dp, seed=cfg.optim.seed,
                           on_error=report_bad, check=check_sigmas)
     val_records = [sample_record(sample, -1 - i) for i, sample in val_ds.iter_valid(val_idx, on_error=report_bad)]
     return Data(stream, val_records, key_steps, key_sigmas, bad)
@@ -163,9 +163,15 @@ def place_models(cfg: TrainConfig, info: D.DistInfo, *, student: nn.Module, teac
         for model in models:
             model.to(info.device)
         return
-    mesh = D.device_mesh(info.device)
+    for model in models:   # sequence parallelism inside each group of info.sp ranks (no-op for sp = 1)
+        try:
+            model.enable_sequence_parallel(info.sp_group)
+        except ValueError as err:
+            raise ConfigError(f"runtime.sequence_parallel: {err}") from err
+    mesh = D.device_mesh(info.device)   # FSDP2 shards over all ranks, the SP ranks of a sample too
     D.shard_transformer(student, mesh=mesh, param_dtype=torch.bfloat16 if bf16 else None,
                         reshard_after_forward=cfg.runtime.reshard_after_forward)
+    D.sum_gradients_over_sp(student, info)
     D.shard_transformer(teacher, mesh=mesh, param_dtype=None, reshard_after_forward=True,
                         extra_methods=("image_features",))
     if ema is not None:
