@@ -244,3 +244,34 @@ def test_torchrun_sequence_parallel_distillation_matches_one_process(synvid_sp, 
     assert worst <= 1e-4, worst
     val = _val_rows(tmp_path / "sp2")
     assert len(val) == 2 and val[-1]["student_mse"] == pytest.approx(one["val"]["student_mse"], rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- dumper
+def test_torchrun_dump_with_sequence_parallel_writes_the_same_trajectories(tmp_path):
+    """``python -m accvideo_core.synvid.dump`` under torchrun (2 ranks, one SP group): rank 0 writes, rank 1 runs
+    its model calls; the trajectories equal a single process's (two prompts of different valid lengths batched)."""
+    from safetensors.torch import save_file
+
+    from accvideo_core.models.loading import save_transformer
+    from accvideo_core.synvid.format import SynVidDataset, read_sample
+
+    save_transformer(tiny_transformer(seed=0), tmp_path / "teacher.safetensors")
+    g = torch.Generator().manual_seed(3)
+    mask = torch.tensor([[1] * 6 + [0], [1] * 3 + [0] * 4])
+    save_file({"text_states": torch.randn(2, 7, 40, generator=g), "text_mask": mask,
+               "pooled": torch.randn(2, 24, generator=g)}, tmp_path / "emb.safetensors",
+              metadata={"prompts": json.dumps(["a red ball", "a blue cube"])})
+    args = ["-m", "accvideo_core.synvid.dump", "--teacher", str(tmp_path / "teacher.safetensors"), "--embeddings",
+            str(tmp_path / "emb.safetensors"), "--num-samples", "2", "--frames", "5", "--height", "32", "--width", "48",
+            "--steps", "10", "--dtype", "float32", "--batch-size", "2", "--device", "cpu"]
+    for out, launch in (("one", [sys.executable]), ("sp2", [sys.executable, "-m", "torch.distributed.run",
+                                                            "--standalone", "--nproc_per_node", "2"])):
+        proc = subprocess.run(launch + args + ["--out", str(tmp_path / out)], cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = SynVidDataset(tmp_path / "one"), SynVidDataset(tmp_path / "sp2")
+    assert len(one) == len(two) == 2
+    for i in range(2):
+        a, b = read_sample(one.path(i)), read_sample(two.path(i))
+        assert (a.seed, a.prompt) == (b.seed, b.prompt)
+        assert _rel_err(b.latents, a.latents) <= 1e-5

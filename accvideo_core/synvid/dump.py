@@ -119,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--teacher", required=True, help="teacher transformer checkpoint (any layout load_transformer reads)")
     p.add_argument("--embeddings", required=True, help="safetensors with text_states, text_mask, pooled (+ prompts)")
     p.add_argument("--out", required=True, help="SynVid folder (created or continued)")
-    p.add_argument("--num", type=int, help="number of samples (default: one per prompt)")
+    p.add_argument("--num", "--num-samples", type=int,
+                   help="number of samples (default: one per prompt); under torchrun write --num-samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=93)
     p.add_argument("--height", type=int, default=544)
@@ -136,17 +137,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from accvideo_core.models.loading import load_transformer
+    from accvideo_core.models.sequence_parallel import lead_sequence_parallel
+    from accvideo_core.train.distributed import init_distributed, shutdown
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    info = init_distributed(args.device)  # under torchrun all ranks form one sequence-parallel group
+    device = str(info.device)
     try:
         emb = load_embeddings(args.embeddings)
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         model = load_transformer(args.teacher, dtype=dtype, device=device)
-        digest = args.model_hash or file_sha256(args.teacher)
-        dump_synvid(model, emb, args.out, num=args.num or len(emb["prompts"]), seed=args.seed, frames=args.frames,
-                    height=args.height, width=args.width, steps=args.steps, shift=args.shift,
-                    guidance=args.guidance, segments=args.segments, store=args.store, dtype=args.dtype,
-                    batch_size=args.batch_size, source_model=Path(args.teacher).name, source_model_hash=digest)
+        with lead_sequence_parallel(model) as model:  # rank 0 dumps; the other ranks run its model calls
+            if model is not None:
+                digest = args.model_hash or file_sha256(args.teacher)
+                dump_synvid(model, emb, args.out, num=args.num or len(emb["prompts"]), seed=args.seed,
+                            frames=args.frames, height=args.height, width=args.width, steps=args.steps,
+                            shift=args.shift, guidance=args.guidance, segments=args.segments, store=args.store,
+                            dtype=args.dtype, batch_size=args.batch_size, source_model=Path(args.teacher).name,
+                            source_model_hash=digest)
     except KeyboardInterrupt:
         print("interrupted: the samples written so far are listed in the manifest; run again to continue",
               file=sys.stderr)
@@ -154,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SynVidError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        shutdown(info)
     return 0
 
 
