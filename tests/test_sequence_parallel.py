@@ -246,6 +246,19 @@ def test_torchrun_sequence_parallel_distillation_matches_one_process(synvid_sp, 
     assert len(val) == 2 and val[-1]["student_mse"] == pytest.approx(one["val"]["student_mse"], rel=1e-4)
 
 
+def test_sequence_parallel_needs_a_multiple_of_its_degree_in_ranks(synvid_sp, tmp_path):
+    from accvideo_core.train.config import ConfigError, config_from_dict
+    from accvideo_core.train.loop import Trainer
+
+    cfg = _train_config(synvid_sp, tmp_path / "run", 1)
+    cfg["runtime"] = {"sequence_parallel": 2}
+    with pytest.raises(ConfigError, match=r"runtime.sequence_parallel = 2 needs a multiple of 2 ranks .*got 1"):
+        Trainer(config_from_dict(cfg))
+    cfg["runtime"] = {"sequence_parallel": 0}
+    with pytest.raises(ConfigError, match="runtime.sequence_parallel must be >= 1"):
+        config_from_dict(cfg)
+
+
 # ---------------------------------------------------------------------------------------------------- dumper
 def test_torchrun_dump_with_sequence_parallel_writes_the_same_trajectories(tmp_path):
     """``python -m accvideo_core.synvid.dump`` under torchrun (2 ranks, one SP group): rank 0 writes, rank 1 runs

@@ -74,8 +74,10 @@ def init_distributed(device: str = "auto", fsdp: str = "auto", sequence_parallel
                          "supported: FSDP2 shards the 13B student, its optimizer state and the teacher)")
     if sequence_parallel > 1:
         if world % sequence_parallel:
-            raise ValueError(f"runtime.sequence_parallel = {sequence_parallel} needs a multiple of "
-                             f"{sequence_parallel} ranks (torchrun --nproc_per_node); got {world}")
+            from accvideo_core.train.config import ConfigError
+
+            raise ConfigError(f"runtime.sequence_parallel = {sequence_parallel} needs a multiple of "
+                              f"{sequence_parallel} ranks (torchrun --nproc_per_node); got {world}")
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(dev.type, (world // sequence_parallel, sequence_parallel),
