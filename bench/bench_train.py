@@ -1,12 +1,14 @@
-"""Benchmark one AccVideo training iteration with and without gradient checkpointing (tiny teacher).
+"""Benchmark one AccVideo training iteration (tiny teacher): with and without gradient checkpointing, and
+sequence parallelism sp = 1 (one process) vs sp = 2 (torchrun, 2 ranks) on a longer sequence.
 
-Each variant runs in a fresh subprocess on the same SynVid folder (made once by the core dumper): build the
-trainer, one warm-up iteration, then ``--iters`` timed iterations (median). Peak memory: CUDA
+Each variant runs in fresh subprocesses on a SynVid folder (made once by the core dumper): build the trainer, one
+warm-up iteration, then ``--iters`` timed iterations (median). Peak memory per rank: CUDA
 ``max_memory_allocated`` growth over the timed iterations on GPU; on CPU the peak RSS growth (VmHWM reset via
-``/proc/self/clear_refs`` after warm-up, ``malloc_trim`` first). Prints a table and writes
-``bench/out/bench_train.json`` with the ratios measured side by side.
+``/proc/self/clear_refs`` after warm-up, ``malloc_trim`` first), i.e. the activations of an iteration. Prints
+tables and writes ``bench/out/bench_train.json`` with the ratios measured side by side.
 
     python bench/bench_train.py [--iters 3] [--frames 9] [--height 64] [--width 96] [--batch 2] [--device cpu]
+                                [--sp-frames 17 --sp-height 256 --sp-width 384]
 
 It also measures the trainer's final export (``train.checkpoint.export_student``) of a wider tiny-family
 transformer (hidden ``--export-hidden``), in one process and under ``torchrun --nproc_per_node 2`` (FSDP2-sharded):
@@ -43,7 +45,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def make_data(root: Path, args) -> None:
+def make_data(root: Path, args, frames: int, height: int, width: int, **model: int) -> None:
     from accvideo_core.models.loading import save_transformer
     from accvideo_core.synvid.dump import dump_synvid
     from accvideo_core.testing import tiny_transformer
@@ -51,9 +53,9 @@ def make_data(root: Path, args) -> None:
     g = torch.Generator().manual_seed(0)
     emb = {"text_states": torch.randn(2, 16, 40, generator=g), "text_mask": torch.ones(2, 16, dtype=torch.long),
            "pooled": torch.randn(2, 24, generator=g), "prompts": ["a", "b"]}
-    save_transformer(tiny_transformer(seed=0), root / "teacher.safetensors")
-    dump_synvid(tiny_transformer(seed=0), emb, root / "data", num=args.batch * 2 + 1, frames=args.frames,
-                height=args.height, width=args.width, steps=10, dtype="float32", progress=lambda m: None)
+    save_transformer(tiny_transformer(seed=0, **model), root / "teacher.safetensors")
+    dump_synvid(tiny_transformer(seed=0, **model), emb, root / "data", num=args.batch * 2 + 1, frames=frames,
+                height=height, width=width, steps=10, dtype="float32", progress=lambda m: None)
 
 
 def child(args) -> None:
@@ -65,13 +67,15 @@ def child(args) -> None:
     from accvideo_core.train.loop import Trainer
 
     data = Path(args.data)
+    micro = 1 if args.sp else args.batch   # the SP comparison: one sample per forward in both variants
     cfg = config_from_dict({
         "model": {"teacher": str(data / "teacher.safetensors"), "gradient_checkpointing": bool(args.checkpointing)},
         "data": {"root": str(data / "data"), "val_samples": 1},
-        "optim": {"steps": 1000, "total_batch": args.batch, "micro_batch": args.batch, "lr": 1e-4},
+        "optim": {"steps": 1000, "total_batch": args.batch, "micro_batch": micro, "lr": 1e-4,
+                  "segments_per_iteration": 1 if args.sp else 0},
         "loss": {"head_width": 32, "head_groups": 8},
-        "runtime": {"device": args.device},
-        "log": {"out_dir": str(data / f"run_{int(args.checkpointing)}"), "plot": False},
+        "runtime": {"device": args.device, "sequence_parallel": max(args.sp, 1)},
+        "log": {"out_dir": str(data / f"run_{int(args.checkpointing)}_sp{args.sp}"), "plot": False},
     })
     tr = Trainer(cfg)
     cuda = tr.device.type == "cuda"
@@ -94,7 +98,67 @@ def child(args) -> None:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024) - base
-    print(json.dumps({"step_seconds": statistics.median(times), "all_step_seconds": times, "peak_growth_bytes": peak}))
+    result = {"step_seconds": statistics.median(times), "all_step_seconds": times, "peak_growth_bytes": peak}
+    if args.sp:   # under torchrun: one file per rank (stdout of the ranks interleaves)
+        write_json(result, data / f"{tr.info.world}x{args.sp}_rank{tr.info.rank}.json")
+        tr.close()
+    else:
+        print(json.dumps(result))
+
+
+SP_MODEL = {"hidden_size": 128, "num_heads": 4}
+MMAP_THRESHOLD = 65536
+
+
+SP_VARIANTS = {"1 process": (1, 1), "2 ranks, dp 2, sp 1": (2, 1), "2 ranks, dp 1, sp 2": (2, 2)}  # (ranks, sp)
+SHORT_VIDEO = (5, 32, 48)  # 12 image tokens: the per-rank memory an iteration needs besides the activations
+
+
+def _sp_run(name: str, data: Path, args) -> list[dict]:
+    ranks, sp = SP_VARIANTS[name]
+    launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc_per_node", str(ranks)]
+    cmd = launch + [__file__, "--child", "--data", str(data), "--checkpointing", "1", "--sp", str(sp),
+                    "--iters", str(args.iters), "--batch", str(args.batch), "--device", args.device]
+    # fixed mmap threshold: glibc's dynamic one keeps freed large blocks in the heap, so the RSS peak would depend
+    # on the allocation order rather than on the live activations
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"benchmark child ({name}) failed:\n{proc.stderr[-3000:]}")
+    return [json.loads((data / f"{ranks}x{sp}_rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def sp_compare(args) -> dict:
+    """Sequence parallelism on the longer sequence with a wider teacher (hidden 128, 4 heads), one segment per
+    iteration, micro-batch 1: one process; 2 ranks data-parallel (FSDP2, sp 1); 2 ranks as one SP group (FSDP2,
+    sp 2); the last two differ only by SP. Per-rank peak RSS growth and step time; activation memory = the peak
+    growth minus that of the same layout on a 12-token video (FSDP2's unsharded blocks and gradients, gloo
+    buffers and the optimizer step are the same at any length)."""
+    from accvideo_core.latents import latent_shape
+
+    results, short = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        long_dir, short_dir = Path(tmp) / "long", Path(tmp) / "short"
+        make_data(long_dir, args, args.sp_frames, args.sp_height, args.sp_width, **SP_MODEL)
+        make_data(short_dir, args, *SHORT_VIDEO, **SP_MODEL)
+        for name in SP_VARIANTS:
+            results[name] = _sp_run(name, long_dir, args)
+            short[name] = _sp_run(name, short_dir, args)
+    _, _, t, h, w = latent_shape(args.sp_frames, args.sp_height, args.sp_width)
+    peak = {name: max(r["peak_growth_bytes"] for r in ranks) for name, ranks in results.items()}
+    act = {name: peak[name] - max(r["peak_growth_bytes"] for r in short[name]) for name in SP_VARIANTS}
+    step = {name: max(r["step_seconds"] for r in ranks) for name, ranks in results.items()}
+    one, dp2, sp2 = SP_VARIANTS
+    return {"latent": [16, t, h, w], "image_tokens": t * (h // 2) * (w // 2), "model": SP_MODEL,
+            "memory_method": f"peak RSS growth per rank, MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}; activations = "
+                             f"minus the same layout's peak growth on a {SHORT_VIDEO} video",
+            "gradient_checkpointing": True, "micro_batch": 1, "segments_per_iteration": 1, "per_rank": results,
+            "per_rank_short_video": short, "activation_bytes": act,
+            "activation_ratio_sp2_vs_dp2": act[sp2] / act[dp2], "activation_ratio_sp2_vs_one_process":
+            act[sp2] / act[one], "peak_ratio_sp2_vs_dp2": peak[sp2] / peak[dp2],
+            "time_ratio_sp2_vs_dp2": step[sp2] / step[dp2], "time_ratio_sp2_vs_one_process": step[sp2] / step[one]}
 
 
 def export_child(args) -> None:
@@ -141,12 +205,16 @@ def main() -> int:
     p.add_argument("--width", type=int, default=96)
     p.add_argument("--batch", type=int, default=2, help="samples per iteration (one micro-batch)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--sp-frames", type=int, default=17, help="video size of the sequence-parallel comparison")
+    p.add_argument("--sp-height", type=int, default=256)
+    p.add_argument("--sp-width", type=int, default=384)
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "bench_train.json"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--checkpointing", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--export-hidden", type=int, default=512, help="hidden size of the model of the export bench")
     p.add_argument("--export-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--sp", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args)
@@ -156,7 +224,7 @@ def main() -> int:
         return 0
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        make_data(Path(tmp), args)
+        make_data(Path(tmp), args, args.frames, args.height, args.width)
         for ckpt in (0, 1):
             cmd = [sys.executable, __file__, "--child", "--data", tmp, "--checkpointing", str(ckpt),
                    "--iters", str(args.iters), "--batch", str(args.batch), "--device", args.device]
@@ -203,6 +271,18 @@ def main() -> int:
               f"largest block {e['largest_block_bytes_fp32'] / mib:.1f} MiB; rank 0 peak RSS growth streamed "
               f"{e['streamed']['peak_growth_bytes'] / mib:.1f} MiB, gathered "
               f"{e['gathered']['peak_growth_bytes'] / mib:.1f} MiB")
+    sp = report["sequence_parallel"] = sp_compare(args)
+    print(f"sequence parallelism, {sp['image_tokens']} image tokens, checkpointing, micro-batch 1 (per rank):")
+    print(f"{'variant':<30}{'s/iter':>10}{'peak MiB':>12}{'activations MiB':>17}")
+    for name, ranks in sp["per_rank"].items():
+        for r, res in enumerate(ranks):
+            peak_mib = res["peak_growth_bytes"] / 2**20
+            print(f"{name + ', rank ' + str(r):<30}{res['step_seconds']:>10.3f}{peak_mib:>12.1f}"
+                  f"{sp['activation_bytes'][name] / 2**20:>17.1f}")
+    print(f"sp 2 / dp 2 (worst rank): activations x{sp['activation_ratio_sp2_vs_dp2']:.2f}, peak "
+          f"x{sp['peak_ratio_sp2_vs_dp2']:.2f}, time x{sp['time_ratio_sp2_vs_dp2']:.2f}; sp 2 / one process: "
+          f"activations x{sp['activation_ratio_sp2_vs_one_process']:.2f}, time "
+          f"x{sp['time_ratio_sp2_vs_one_process']:.2f}")
     write_json(report, args.out)
     print(f"wrote {args.out}")
     return 0
