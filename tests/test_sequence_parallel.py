@@ -224,7 +224,7 @@ def _torchrun(nproc: int, cfg: dict, path: Path, *overrides: str) -> None:
 
 @pytest.mark.parametrize("nproc, micro_batch", [
     (2, 2),   # one SP group of 2 ranks; a micro-batch of two prompts with different valid lengths (key mask)
-    pytest.param(4, 1, marks=pytest.mark.slow),  # dp 2 x sp 2: two groups, one sample each
+    (4, 1),   # dp 2 x sp 2: two groups, one sample each
 ])
 def test_torchrun_sequence_parallel_distillation_matches_one_process(synvid_sp, tmp_path, nproc, micro_batch):
     """3 iterations (trajectory + adversarial losses through the teacher's features, validation sampling) with
