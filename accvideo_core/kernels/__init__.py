@@ -9,6 +9,9 @@ Triton imports and the backend is not forced to the reference; otherwise the pur
 Force the reference with ``ACCVIDEO_KERNELS=torch`` in the environment or ``kernels.set_backend("torch")``;
 ``"triton"`` makes a missing Triton path an error instead of a silent fallback. Code traced by ``torch.compile``
 always uses the reference (Inductor generates its own fused kernels from it).
+
+Triton is trusted only after it is checked (``selfcheck.py``): the first call of each kernel per device and dtype
+compares it with the reference on a small input; on a mismatch one warning line, then the reference.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-from . import reference
+from . import reference, selfcheck
 from .reference import rotate_adjacent_pairs, stats_to_mean_rstd
 
 _BACKENDS = ("auto", "torch", "triton")
@@ -69,6 +72,11 @@ def _load_triton() -> ModuleType | None:
     return _triton or None
 
 
+def selfcheck_results() -> list[dict]:
+    """The Triton-vs-reference checks made so far in this process (one per kernel, device and dtype)."""
+    return selfcheck.results()
+
+
 def triton_available() -> bool:
     """Whether the Triton kernels import here (imports Triton if it was not tried yet)."""
     return _load_triton() is not None
@@ -83,7 +91,9 @@ def _impl(name: str, *tensors: torch.Tensor | None):
     if first.is_cuda or _interpret_requested():
         module = _load_triton()
         if module is not None and module.supports(*tensors):
-            return getattr(module, name)
+            if selfcheck.trusted(name, module, first, forced=_backend == "triton"):
+                return getattr(module, name)
+            return getattr(reference, name)
         why = f"Triton missing ({_triton_error})" if module is None else (
             "tensors are not all on one kind of device Triton can use, or not fp32/fp16/bf16 "
             f"(Triton interpreter active: {module.INTERPRET})")
@@ -122,4 +132,5 @@ def group_norm_stats(x, num_groups: int):
 
 
 __all__ = ["rms_norm_rope", "layer_norm_modulate", "gated_residual", "group_norm_silu", "group_norm_stats",
-           "stats_to_mean_rstd", "rotate_adjacent_pairs", "set_backend", "get_backend", "triton_available"]
+           "stats_to_mean_rstd", "rotate_adjacent_pairs", "set_backend", "get_backend", "triton_available",
+           "selfcheck_results"]
