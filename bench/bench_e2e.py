@@ -50,6 +50,8 @@ from accvideo_core.models.vae_hunyuan_video import DecoderCausal3D  # noqa: E402
 from accvideo_core.sampling import flow_sigmas, sample_flow  # noqa: E402
 from accvideo_core.synvid.dump import dump_synvid  # noqa: E402
 from accvideo_core.utils.io import write_json  # noqa: E402
+from bench.validity import (check_at_least, check_at_most, check_noise, goal_status, ratio_noise, spread,  # noqa: E402
+                            verdict)
 
 
 def end_to_end(family, student, prompts: list[str], repeats: int) -> dict:
@@ -77,6 +79,15 @@ def end_to_end(family, student, prompts: list[str], repeats: int) -> dict:
     out["speedup_end_to_end_median"] = t50["total_s"] / s5["total_s"]
     out["speedup_sampling"] = t50["sampling_mean_s"] / s5["sampling_mean_s"]
     out["fixed_cost_in_dit_calls"] = (s5["text_mean_s"] + s5["decode_mean_s"]) / dit_call
+    out["spread"] = {name: {k: spread(times[name][k]) for k in ("sampling", "total")} for name in runs}
+    sp = out["spread"]
+    call_ratio = runs["teacher50"][1] / runs["student5"][1]
+    out["checks"] = [
+        check_at_most(f"sampling speedup <= model-call ratio {call_ratio:g}", out["speedup_sampling"], call_ratio,
+                      ratio_noise(sp["teacher50"]["sampling"], sp["student5"]["sampling"])),
+        check_at_most("end-to-end speedup <= sampling speedup (text + decode only add)", out["speedup_end_to_end"],
+                      out["speedup_sampling"], ratio_noise(sp["teacher50"]["total"], sp["student5"]["total"])),
+        *(check_noise(f"{name} seconds per video", sp[name]["total"]) for name in runs)]
     out["goal"] = ">= 9.5x"
     out["goal_met"] = out["speedup_end_to_end"] >= 9.5
     return out
@@ -126,9 +137,13 @@ def dump_overhead(family, prompts: list[str], samples: int, rounds: int) -> dict
     overhead = sum(dumped) / sum(plain) - 1.0
     per_round = statistics.median(d / p - 1.0 for d, p in zip(dumped, plain))
     n = samples * rounds
+    sp = {"plain": spread(plain), "dump": spread(dumped)}
+    checks = [check_at_least("dump overhead >= 0 (writing more cannot be faster)", overhead, 0.0,
+                             ratio_noise(sp["plain"], sp["dump"])),
+              *(check_noise(f"{name} run seconds", s) for name, s in sp.items())]
     return {"plain_s_per_sample": sum(plain) / n, "dump_s_per_sample": sum(dumped) / n, "overhead": overhead,
             "overhead_median_of_rounds": per_round, "rounds": rounds, "samples_per_run": samples,
-            "plain_run_s": plain, "dump_run_s": dumped,
+            "plain_run_s": plain, "dump_run_s": dumped, "spread": sp, "checks": checks,
             "what": "one dump_synvid run (6 key latents per sample, bf16 safetensors, fsync'd atomic writes, "
                     "manifest) vs one plain sample_flow run over the same samples, runs alternated A-B/B-A",
             "goal": "<= 3%", "goal_met": overhead <= 0.03}
@@ -258,11 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     overhead = dump_overhead(family, prompts, args.dump_samples, args.rounds)
     floor = decoder_floor(family, e2e)
     ceiling = transformer_ceiling(family, e2e)
+    validity = verdict(e2e["checks"] + overhead["checks"])
+    e2e["status"] = goal_status(e2e["goal_met"], validity["valid"])
+    overhead["status"] = goal_status(overhead["goal_met"], validity["valid"])
     report = {"benchmark": "e2e_miniature", "threads": threads, "torch": torch.__version__,
               "platform": platform.platform(), "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
               "student": args.student or "teacher weights at 5 steps (same architecture and cost)",
               "video": "17 frames x 64 x 64 (latent 5 x 8 x 8)", "end_to_end": e2e, "dump_overhead": overhead,
-              "decoder_floor": floor, "transformer_ceiling": ceiling,
+              "decoder_floor": floor, "transformer_ceiling": ceiling, "validity": validity,
               "seconds": time.perf_counter() - t0}
     path = write_json(report, args.out)
     t50, s5 = e2e["teacher50"], e2e["student5"]
@@ -270,9 +288,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{t50['sampling_mean_s']:.3f} s, decode {t50['decode_mean_s']:.3f} s)")
     print(f"student-5 : {s5['total_mean_s']:.3f} s/video (text {s5['text_mean_s'] * 1e3:.2f} ms, sampling "
           f"{s5['sampling_mean_s']:.3f} s, decode {s5['decode_mean_s']:.3f} s)")
-    print(f"end-to-end speedup {e2e['speedup_end_to_end']:.2f}x (goal >= 9.5x), sampling {e2e['speedup_sampling']:.2f}x;"
-          f" text + decode = {e2e['fixed_cost_in_dit_calls']:.1f} DiT calls")
-    print(f"dump overhead {overhead['overhead']:+.1%} (goal <= 3%; median of rounds "
+    print(f"end-to-end speedup {e2e['speedup_end_to_end']:.2f}x (goal >= 9.5x: {e2e['status']}), sampling "
+          f"{e2e['speedup_sampling']:.2f}x; text + decode = {e2e['fixed_cost_in_dit_calls']:.1f} DiT calls")
+    print(f"dump overhead {overhead['overhead']:+.1%} (goal <= 3%: {overhead['status']}; median of rounds "
           f"{overhead['overhead_median_of_rounds']:+.1%}): "
           f"plain {overhead['plain_s_per_sample']:.3f} s, "
           f"dump {overhead['dump_s_per_sample']:.3f} s per sample")
@@ -283,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"transformer {name}: {d['parameters'] / 1e6:.1f} M params ({d['bf16_megabytes']:.1f} MB bf16), call "
               f"{d['call_s'] * 1e3:.1f} ms, text + decode = {d['fixed_cost_in_dit_calls']:.2f} calls -> end-to-end at "
               f"most {d['speedup_bound']:.2f}x; training step x{d['train_step_vs_shipped']:.1f}")
+    for failed in validity["failed"]:
+        print(f"INVALID RUN: {failed}")
     print(f"wrote {path}")
     print(json.dumps({"speedup_end_to_end": e2e["speedup_end_to_end"], "dump_overhead": overhead["overhead"]}))
     return 0

@@ -27,12 +27,7 @@ if str(ROOT) not in sys.path:
 
 from accvideo_core.kernels import reference  # noqa: E402
 from accvideo_core.utils.io import write_json  # noqa: E402
-
-# Peak DRAM bandwidth (GB/s) of common cards, used when the driver does not report clock and bus width.
-_KNOWN_PEAK_GBS = {"H100 SXM": 3350, "H100 PCIe": 2000, "H100": 3350, "H200": 4800, "A100-SXM4-80GB": 2039,
-                   "A100 80GB PCIe": 1935, "A100": 1555, "L40S": 864, "L40": 864, "A6000": 768, "4090": 1008,
-                   "3090": 936, "A10G": 600, "L4": 300, "T4": 320, "V100": 900}
-
+from bench.devices import device_peaks  # noqa: E402
 
 @dataclass
 class Case:
@@ -50,9 +45,9 @@ def peak_bandwidth_gbs(override: float | None) -> tuple[float | None, str]:
     clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
     if clock_khz and bus_bits:
         return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, "memory clock x bus width (double data rate)"
-    for key, value in _KNOWN_PEAK_GBS.items():
-        if key in props.name:
-            return float(value), f"table entry {key!r}"
+    known = device_peaks(props.name)
+    if known["bandwidth_gbs"]:
+        return known["bandwidth_gbs"], f"table entry {known['match']!r} (bench/devices.py)"
     return None, "unknown (pass --peak-gbs)"
 
 

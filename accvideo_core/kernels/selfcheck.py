@@ -65,7 +65,7 @@ def trusted(name: str, module: ModuleType, like: torch.Tensor, *, forced: bool) 
     if verdict is None:
         if _capturing(like.device):  # no extra work inside a CUDA graph capture; check on a later call
             return True
-        verdict = _check(name, module, like.device, like.dtype)
+        verdict = compare(name, module, like.device, like.dtype)
         _verdicts[key] = verdict
         if not verdict.ok:
             message = (f"accvideo kernels: Triton {name} disagrees with the torch reference on {verdict.device} "
@@ -81,26 +81,26 @@ def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0, offset: float 
     return torch.randn(*shape, generator=gen, device="cpu") * scale + offset
 
 
-def _cases(name: str, gen: torch.Generator) -> list[tuple[Callable, list[torch.Tensor | None], bool]]:
+def _cases(name: str, gen: torch.Generator, n: int) -> list[tuple[Callable, list[torch.Tensor | None], bool]]:
     """(call(fn, *inputs), fp32 CPU inputs, whether gradients are checked) for kernel ``name``.
 
     Shapes are small but use the HunyuanVideo inner sizes (head dim 128 with partial RoPE, 3072 channels, 32
-    VAE groups), so the checked launch configurations are those the models use."""
+    VAE groups), so the checked launch configurations are those the models use. ``n`` scales the token count."""
     if name == "rms_norm_rope":
-        angles = _randn(gen, 5, 64, scale=3.0)
+        angles = _randn(gen, n, 64, scale=3.0)
         cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
-        x, w = _randn(gen, 1, 7, 2, 128), _randn(gen, 128, scale=0.3, offset=1.0)
+        x, w = _randn(gen, 1, n + 2, 2, 128), _randn(gen, 128, scale=0.3, offset=1.0)
         return [(lambda fn, a, b: fn(a, b, cos.to(a.device), sin.to(a.device)), [x, w], True),
                 (lambda fn, a, b: fn(a, b), [x, w], True)]
     if name == "layer_norm_modulate":
-        x = _randn(gen, 2, 5, 3072, scale=2.0, offset=0.5)
+        x = _randn(gen, 2, n, 3072, scale=2.0, offset=0.5)
         return [(lambda fn, a, s, c: fn(a, s, c), [x, _randn(gen, 2, 3072, scale=0.5), _randn(gen, 2, 3072, scale=0.5)],
                  True)]
     if name == "gated_residual":
-        return [(lambda fn, a, b, g: fn(a, b, g), [_randn(gen, 2, 5, 3072), _randn(gen, 2, 5, 3072),
+        return [(lambda fn, a, b, g: fn(a, b, g), [_randn(gen, 2, n, 3072), _randn(gen, 2, n, 3072),
                                                   _randn(gen, 2, 3072, scale=0.5)], True)]
     if name == "group_norm_silu":
-        x, w, b = _randn(gen, 1, 64, 3, 6, 7, scale=1.5, offset=0.3), _randn(gen, 64, scale=0.3, offset=1.0), \
+        x, w, b = _randn(gen, 1, 64, 3, 6, n + 2, scale=1.5, offset=0.3), _randn(gen, 64, scale=0.3, offset=1.0), \
             _randn(gen, 64, scale=0.2)
         s, q, n = reference.group_norm_stats(x, 32)
         mean, rstd = reference.stats_to_mean_rstd(s, q, n, 1e-6)
@@ -108,7 +108,7 @@ def _cases(name: str, gen: torch.Generator) -> list[tuple[Callable, list[torch.T
                 (lambda fn, a, ww, bb: fn(a, ww, bb, 32, 1e-6, True, mean.to(a.device), rstd.to(a.device)),
                  [x, w, b], False)]
     if name == "group_norm_stats":  # a time slice, as the VAE's chunked decode reads it
-        return [(lambda fn, a: fn(a[:, :, 1:], 32)[:2], [_randn(gen, 1, 64, 4, 6, 7, scale=1.5, offset=2.0)], False)]
+        return [(lambda fn, a: fn(a[:, :, 1:], 32)[:2], [_randn(gen, 1, 64, 4, 6, n + 2, scale=1.5, offset=2.0)], False)]
     raise ValueError(f"no self-check for kernel {name!r}")
 
 
@@ -128,14 +128,18 @@ def _worst(got: list[torch.Tensor], low_ref: list[torch.Tensor], exact: list[tor
     return worst
 
 
-def _check(name: str, module: ModuleType, device: torch.device, dtype: torch.dtype) -> Verdict:
+def compare(name: str, module: ModuleType, device: torch.device | str, dtype: torch.dtype,
+            tokens: int = 5) -> Verdict:
+    """Run ``module.<name>`` and the reference on the same random inputs (``tokens`` rows) on ``device`` in
+    ``dtype``, forward and backward, and judge the kernel by the accuracy rule of this module."""
+    device = torch.device(device)
     started = time.perf_counter()
     tol = _TOLERANCE.get(dtype, 1e-4)
     gen = torch.Generator(device="cpu").manual_seed(1234)
     worst, detail = -tol, "matches"
     try:
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            for call, inputs, with_grad in _cases(name, gen):
+            for call, inputs, with_grad in _cases(name, gen, tokens):
                 low = [t.to(device=device, dtype=dtype).requires_grad_(with_grad) for t in inputs]
                 exact_in = [t.detach().float().requires_grad_(with_grad) for t in low]
                 runs = [_flat(call(fn, *args)) for fn, args in ((getattr(module, name), low),
