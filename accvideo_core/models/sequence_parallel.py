@@ -26,13 +26,20 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from einops import rearrange
 
 from .attention import attention
 
 # torch 2.13 renamed the tensor collectives (the old names still work there, with a deprecation warning)
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def rearrange(tensor: torch.Tensor, pattern: str, **sizes: int) -> torch.Tensor:
+    """``einops.rearrange``, imported on first use: only sequence parallelism needs einops, so a single GPU runs
+    the transformer with torch alone (``python -m bench.gpu`` on a machine without einops)."""
+    from einops import rearrange as einops_rearrange
+
+    return einops_rearrange(tensor, pattern, **sizes)
 
 
 @dataclass(frozen=True)

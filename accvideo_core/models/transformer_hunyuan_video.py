@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from .. import kernels
@@ -129,7 +128,7 @@ def rope_cos_sin(grid: tuple[int, int, int], axes: tuple[int, int, int], theta: 
 
 def _split_qkv(x: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused projection ``[B, L, 3 * heads * D]`` (rows [q, k, v]) -> q, k, v ``[B, L, heads, D]`` (views)."""
-    return rearrange(x, "b l (qkv h d) -> qkv b l h d", qkv=3, h=heads).unbind(0)
+    return x.unflatten(-1, (3, heads, -1)).unbind(2)  # "b l (qkv h d) -> qkv b l h d" (no einops: see bench.gpu)
 
 
 def _gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
@@ -365,7 +364,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rearrange(self.proj(x), "b c t h w -> b (t h w) c")
+        return self.proj(x).flatten(2).transpose(1, 2)  # "b c t h w -> b (t h w) c"
 
 
 @dataclass
@@ -570,8 +569,10 @@ class HunyuanVideoTransformer3D(nn.Module):
         if p.shard is not None:
             img = p.shard.gather(img)
         t, h, w = p.grid
-        return rearrange(img, "b (t h w) c -> b c t h w", t=t, h=h, w=w)
+        return img.transpose(1, 2).unflatten(2, (t, h, w))  # "b (t h w) c -> b c t h w"
 
     def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         (pt, ph, pw), (t, h, w) = self.config.patch_size, grid
-        return rearrange(x, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw)
+        # "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)"; torch ops: the single-GPU path needs no einops
+        x = x.reshape(x.shape[0], t, h, w, self.config.out_channels, pt, ph, pw)
+        return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(x.shape[0], self.config.out_channels, t * pt, h * ph, w * pw)
