@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ if str(ROOT) not in sys.path:
 from accvideo_core.kernels import reference  # noqa: E402
 from accvideo_core.utils.io import write_json  # noqa: E402
 from bench.devices import device_peaks  # noqa: E402
+from bench.validity import check_at_most, check_noise, spread, verdict  # noqa: E402
 
 @dataclass
 class Case:
@@ -57,16 +57,16 @@ def make_cases(tokens: int, text_tokens: int, hidden: int, head_dim: int, vae_sh
     heads = hidden // head_dim
     seq = tokens + text_tokens
     n = seq * hidden
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)  # drawn on the device: real sizes take seconds on a CPU
 
     def rand(*shape, scale=1.0, dt=dtype):
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dt)
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype=dt)
 
     def rope_args():
         q = rand(1, seq, heads, head_dim)
-        angles = torch.rand(tokens, head_dim // 2, generator=gen) * 6
-        cos = angles.cos().repeat_interleave(2, -1).to(device)
-        sin = angles.sin().repeat_interleave(2, -1).to(device)
+        angles = torch.rand(tokens, head_dim // 2, generator=gen, device=device) * 6
+        cos = angles.cos().repeat_interleave(2, -1)
+        sin = angles.sin().repeat_interleave(2, -1)
         return (q, rand(head_dim, scale=0.2) + 1, cos, sin), {}
 
     def ln_args():
@@ -96,23 +96,24 @@ def make_cases(tokens: int, text_tokens: int, hidden: int, head_dim: int, vae_sh
     ]
 
 
-def time_ms(fn: Callable[[], object], reps: int, device: str) -> tuple[float, float]:
-    """Median and minimum wall time of ``fn`` in milliseconds (CUDA events on GPU)."""
-    fn()
-    samples = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples), min(samples)
+def time_interleaved(fns: dict[str, Callable[[], object]], reps: int, device: str) -> dict[str, list[float]]:
+    """Milliseconds per call of each function, taken round-robin (order reversed every other round) so load changes
+    hit all alike (CUDA events on GPU). Each function has been warmed up by the caller."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(reps):
+        for name in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name]()
+                end.record()
+                torch.cuda.synchronize()
+                samples[name].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fns[name]()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    return samples
 
 
 def forward_backward(fn: Callable, args: tuple, grad_idx: tuple[int, ...]) -> Callable[[], object]:
@@ -154,7 +155,7 @@ def bench(args: argparse.Namespace) -> dict:
     cases = make_cases(tokens, 256, args.hidden, 128, vae_shape, dtype, device)
     peak, peak_source = peak_bandwidth_gbs(args.peak_gbs) if cuda else (None, "not measured on CPU")
 
-    rows = []
+    rows, checks = [], []
     for case in cases:
         if args.only and case.name not in args.only:
             continue
@@ -163,30 +164,37 @@ def bench(args: argparse.Namespace) -> dict:
         passes = [("fwd", lambda fn: (lambda: fn(*call_args)))]
         if case.grad and not args.forward_only:
             passes.append(("fwd+bwd", lambda fn: forward_backward(fn, call_args, case.grad)))
-        for impl_name, get in impls.items():
-            fn = get(case.name)
-            for pass_name, wrap in passes:
+        for pass_name, wrap in passes:
+            runs = {}
+            for impl_name, get in impls.items():
                 t0 = time.perf_counter()
                 try:
-                    run = wrap(fn)
+                    run = wrap(get(case.name))
                     run()  # warm-up; compiles torch.compile / Triton kernels
                 except Exception as exc:  # e.g. torch.compile without a working backend: report, keep going
                     row.setdefault("errors", {})[f"{impl_name} {pass_name}"] = f"{type(exc).__name__}: {exc}"[:300]
                     continue
                 if device == "cuda":
                     torch.cuda.synchronize()
-                first_s = time.perf_counter() - t0
-                ms, ms_min = time_ms(run, args.reps, device)
-                row["ms"][f"{impl_name} {pass_name}"] = round(ms, 4)
-                row.setdefault("ms_min", {})[f"{impl_name} {pass_name}"] = round(ms_min, 4)
+                runs[f"{impl_name} {pass_name}"] = run
                 if impl_name == "compile":
-                    row.setdefault("compile_first_call_s", {})[pass_name] = round(first_s, 2)
+                    row.setdefault("compile_first_call_s", {})[pass_name] = round(time.perf_counter() - t0, 2)
+            for key, times in time_interleaved(runs, args.reps, device).items():
+                s = spread(times)
+                row["ms"][key] = round(s["median"], 4)
+                row.setdefault("ms_min", {})[key] = round(s["min"], 4)
+                row.setdefault("spread", {})[key] = s
+                checks.append(check_noise(f"{case.name} {key} ms", s))
         fwd_bytes = case.bytes_fwd
         for key, ms in row["ms"].items():
             moved = fwd_bytes if key.endswith(" fwd") else fwd_bytes + case.bytes_bwd
             row.setdefault("gbs", {})[key] = round(moved / ms / 1e6, 1)  # fused-kernel bytes / time
         if peak:
             row["pct_of_peak"] = {k: round(100 * v / peak, 1) for k, v in row.get("gbs", {}).items()}
+            # a fused kernel must move at least the bytes counted for it: it cannot beat the device's bandwidth
+            checks += [check_at_most(f"{case.name} {k}: GB/s <= device peak", v, peak,
+                                     3 * row["spread"][k]["rel_stderr"])
+                       for k, v in row.get("gbs", {}).items() if not k.startswith("torch")]
         ms = row["ms"]
         for pass_name, _ in passes:
             base = ms.get(f"torch {pass_name}")
@@ -207,6 +215,7 @@ def bench(args: argparse.Namespace) -> dict:
         "shapes": {"tokens": tokens, "text_tokens": 256, "hidden": args.hidden, "head_dim": 128,
                    "vae": list(vae_shape)},
         "peak_gbs": peak, "peak_source": peak_source, "reps": args.reps, "notes": notes, "results": rows,
+        "validity": verdict(checks),
     }
 
 
@@ -239,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.triton_interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
     result = bench(args)
+    for failed in result["validity"]["failed"]:
+        print(f"INVALID RUN: {failed}")
     path = write_json(result, Path(args.out) / f"kernels_{'cuda' if result['cuda'] else 'cpu'}.json")
     print(f"wrote {path}")
 

@@ -2,12 +2,14 @@
 sequence parallelism sp = 1 (one process) vs sp = 2 (torchrun, 2 ranks) on a longer sequence.
 
 Each variant runs in fresh subprocesses on a SynVid folder (made once by the core dumper): build the trainer, one
-warm-up iteration, then ``--iters`` timed iterations (median). Peak memory per rank: CUDA
+warm-up iteration, then ``--iters`` timed iterations (median over all). The checkpointing comparison runs
+``--rounds`` subprocesses per variant, alternating, and reports the spread; a checkpointed iteration faster than a
+plain one beyond the noise marks the run invalid. Peak memory per rank: CUDA
 ``max_memory_allocated`` growth over the timed iterations on GPU; on CPU the peak RSS growth (VmHWM reset via
 ``/proc/self/clear_refs`` after warm-up, ``malloc_trim`` first), i.e. the activations of an iteration. Prints
 tables and writes ``bench/out/bench_train.json`` with the ratios measured side by side.
 
-    python bench/bench_train.py [--iters 3] [--frames 9] [--height 64] [--width 96] [--batch 2] [--device cpu]
+    python bench/bench_train.py [--iters 3] [--rounds 2] [--frames 9] [--height 64] [--width 96] [--batch 2]
                                 [--sp-frames 17 --sp-height 256 --sp-width 384]
 
 It also measures the trainer's final export (``train.checkpoint.export_student``) of a wider tiny-family
@@ -35,6 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from accvideo_core.utils.io import write_json  # noqa: E402
+from bench.validity import check_at_least, check_noise, ratio_noise, spread, verdict  # noqa: E402
 
 
 def _status_kib(field: str) -> int:
@@ -208,6 +211,7 @@ def main() -> int:
     p.add_argument("--sp-frames", type=int, default=17, help="video size of the sequence-parallel comparison")
     p.add_argument("--sp-height", type=int, default=256)
     p.add_argument("--sp-width", type=int, default=384)
+    p.add_argument("--rounds", type=int, default=2, help="fresh subprocesses per variant, alternating order")
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "bench_train.json"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -222,18 +226,19 @@ def main() -> int:
     if args.export_child:
         export_child(args)
         return 0
-    results = {}
+    runs: dict[str, list[dict]] = {"no_checkpointing": [], "checkpointing": []}
     with tempfile.TemporaryDirectory() as tmp:
         make_data(Path(tmp), args, args.frames, args.height, args.width)
-        for ckpt in (0, 1):
-            cmd = [sys.executable, __file__, "--child", "--data", tmp, "--checkpointing", str(ckpt),
-                   "--iters", str(args.iters), "--batch", str(args.batch), "--device", args.device]
-            env = dict(os.environ, PYTHONPATH=str(ROOT))
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode:
-                raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
-            out = proc.stdout
-            results["checkpointing" if ckpt else "no_checkpointing"] = json.loads(out.strip().splitlines()[-1])
+        for r in range(args.rounds):  # variants alternate (A-B, B-A, ...) so load changes hit both alike
+            for ckpt in ((0, 1) if r % 2 == 0 else (1, 0)):
+                cmd = [sys.executable, __file__, "--child", "--data", tmp, "--checkpointing", str(ckpt),
+                       "--iters", str(args.iters), "--batch", str(args.batch), "--device", args.device]
+                env = dict(os.environ, PYTHONPATH=str(ROOT))
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if proc.returncode:
+                    raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
+                runs["checkpointing" if ckpt else "no_checkpointing"].append(
+                    json.loads(proc.stdout.strip().splitlines()[-1]))
         export = {}
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         for ranks, launch in ((1, [sys.executable]), (2, torchrun)):
@@ -242,13 +247,19 @@ def main() -> int:
             if proc.returncode:
                 raise RuntimeError(f"export benchmark child failed:\n{proc.stderr[-3000:]}")
             export[f"{ranks}_rank"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = {}
+    for name, rs in runs.items():
+        steps = [t for run in rs for t in run["all_step_seconds"]]
+        results[name] = {"step_seconds": spread(steps)["median"], "all_step_seconds": steps, "spread": spread(steps),
+                         "peak_growth_bytes": max(run["peak_growth_bytes"] for run in rs)}
     off, on = results["no_checkpointing"], results["checkpointing"]
     report = {
         "benchmark": "accvideo train iteration (traj + adversarial, 5 segments, sequential updates)",
         "device": args.device, "torch": torch.__version__, "machine": platform.machine(),
         "threads": torch.get_num_threads(), "model": "accvideo_core.testing.tiny_transformer (hidden 32, 2+2 blocks)",
         "latent": [16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8], "batch": args.batch,
-        "iters": args.iters, "memory_method": "cuda max_memory_allocated growth" if args.device.startswith("cuda")
+        "iters": args.iters, "rounds": args.rounds,
+        "memory_method": "cuda max_memory_allocated growth" if args.device.startswith("cuda")
         else "peak RSS growth over the timed iterations (fresh subprocess per variant)",
         "results": results,
         "time_ratio_checkpointing_vs_not": on["step_seconds"] / off["step_seconds"],
@@ -259,6 +270,14 @@ def main() -> int:
                    "per rank count; 2 ranks: torchrun, gloo, FSDP2-sharded model)",
                    **export},
     }
+    time_ratio = report["time_ratio_checkpointing_vs_not"]
+    report["validity"] = verdict([
+        # recomputing the blocks in the backward pass adds work: checkpointing cannot be faster beyond the noise
+        check_at_least("checkpointing time ratio >= 1 (recompute adds work)", time_ratio, 1.0,
+                       ratio_noise(on["spread"], off["spread"]) * time_ratio),
+        *(check_noise(f"{name} step seconds", r["spread"]) for name, r in results.items())])
+    for failed in report["validity"]["failed"]:
+        print(f"INVALID RUN: {failed}")
     print(f"{'variant':<20}{'s/iter':>10}{'peak MiB':>12}")
     for name, r in results.items():
         print(f"{name:<20}{r['step_seconds']:>10.3f}{r['peak_growth_bytes'] / 2**20:>12.1f}")

@@ -31,6 +31,7 @@ from accvideo_core.models.key_maps import original_to_diffusers  # noqa: E402
 from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig  # noqa: E402
 from accvideo_core.testing import diffusers_transformer, randomize_, tiny_inputs  # noqa: E402
 from accvideo_core.utils.io import write_json  # noqa: E402
+from bench.validity import check_at_most, check_noise, spread, verdict  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONFIG = TransformerConfig(hidden_size=512, num_heads=4, num_double_blocks=2, num_single_blocks=2,
@@ -181,7 +182,13 @@ def main() -> None:
             "ours_peak_bytes": mem["ours"], "diffusers_peak_bytes": mem["diffusers"],
             "memory_ratio": mem["ours"] / mem["diffusers"] if mem["diffusers"] else None,
             "max_abs_output_diff": float(diff),
+            "spread": {k: spread(v) for k, v in times.items()},
         }
+        row["checks"] = [
+            # same weights, same function: the outputs may differ only by float rounding
+            check_at_most(f"{case}: max abs output difference ours vs diffusers", float(diff),
+                          1e-4 if args.dtype == "fp32" else 5e-2, 0.0),
+            *(check_noise(f"{case}: {name} wall seconds", s) for name, s in row["spread"].items())]
         results.append(row)
     print("\nwall = median wall seconds, ratio = ours / diffusers (median wall, min wall, median process CPU time)")
     print(f"{'case':<22}{'ours s':>9}{'diff. s':>9}{'ratio':>7}{'min r.':>8}{'cpu r.':>8}{'ours MiB':>10}"
@@ -197,8 +204,10 @@ def main() -> None:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),
         "config": CONFIG.to_dict(), "memory_method": "cuda max_memory_allocated growth" if args.device == "cuda"
         else "peak RSS growth of one forward in a fresh subprocess per model",
-        "results": results,
+        "results": results, "validity": verdict(c for r in results for c in r["checks"]),
     }
+    for failed in report["validity"]["failed"]:
+        print(f"INVALID RUN: {failed}")
     print(f"wrote {write_json(report, args.out)}")
 
 

@@ -44,6 +44,7 @@ from accvideo_core.models.vae_hunyuan_video import HunyuanVideoVAE, VAEConfig  #
 from accvideo_core.models.vae_loading import load_vae  # noqa: E402
 from accvideo_core.testing import randomize_  # noqa: E402
 from accvideo_core.utils.io import write_json  # noqa: E402
+from bench.validity import check_at_most, check_noise, spread, verdict  # noqa: E402
 
 CONFIGS = {
     "full": VAEConfig(),  # the released HunyuanVideo VAE widths (246.5 M parameters)
@@ -101,15 +102,15 @@ def timing_worker(args: argparse.Namespace) -> None:
     vae, z = _setup(args)
     budgets = {m: int(b) for m, b in (item.split(":") for item in args.budgets.split(","))}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    best: dict[str, float] = {}
-    for _ in range(args.repeats):
-        for mode, budget in budgets.items():
+    samples: dict[str, list[float]] = {mode: [] for mode in budgets}
+    for r in range(args.repeats):
+        for mode, budget in (budgets.items() if r % 2 == 0 else reversed(budgets.items())):
             sync()
             started = time.perf_counter()
             vae.decode(z, mode=mode, memory_budget=budget or "auto")
             sync()
-            best[mode] = min(best.get(mode, math.inf), time.perf_counter() - started)
-    write_json(best, args.json)
+            samples[mode].append(time.perf_counter() - started)
+    write_json(samples, args.json)
 
 
 def _worker_cmd(args: argparse.Namespace, size: str, js: Path) -> list[str]:
@@ -133,6 +134,19 @@ def run_timing(args: argparse.Namespace, size: str, budgets: dict[str, int], tmp
                                          "--budgets", ",".join(f"{m}:{b}" for m, b in budgets.items())]
     subprocess.run(cmd, check=True)
     return json.loads(js.read_text())
+
+
+def vae_checks(row: dict, budget: int, dtype: str) -> list[dict]:
+    """Exact decodes equal the untiled one up to rounding; tiled modes stay within their device budget; timings
+    that scatter more than the noise limit are not a result."""
+    name = f"{row['latent']} {row['mode']}"
+    checks = [check_noise(f"{name} seconds", row["spread"])] if row.get("spread", {}).get("n", 0) >= 3 else []
+    if row["mode"] == "exact":
+        checks.append(check_at_most(f"{name}: max abs vs untiled", row["max_abs"], 1e-3 if dtype == "fp32" else 0.125,
+                                    0.0))
+    if row["mode"] != "untiled":
+        checks.append(check_at_most(f"{name}: device peak within the budget", row["device_peak_bytes"], budget, 0.0))
+    return checks
 
 
 def compare(video: torch.Tensor, reference: torch.Tensor) -> dict:
@@ -187,7 +201,8 @@ def main() -> None:
     parser.add_argument("--exact-fraction", type=float, default=0.125)
     parser.add_argument("--fast-fraction", type=float, default=0.25)
     parser.add_argument("--output", default=str(ROOT / "bench" / "out" / "bench_vae.json"))
-    parser.add_argument("--repeats", type=int, default=1, help="timing rounds (best of); modes alternate")
+    parser.add_argument("--repeats", type=int, default=3, help="timing rounds (best of, with their spread); modes "
+                        "alternate")
     parser.add_argument("--quality", action="store_true", help="only measure fast-mode error vs untiled with the "
                         "trained VAE of --weights on encoded clips (default: the mini VAE in assets/)")
     parser.add_argument("--quality-size", default="65x384x512", help="clip frames x height x width for --quality")
@@ -215,6 +230,7 @@ def main() -> None:
     print(f"config={args.config} weights={args.weights or 'random'} dtype={args.dtype} device={args.device} "
           f"torch={torch.__version__} threads={torch.get_num_threads()}")
     print(header)
+    checks: list[dict] = []
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         for size in sizes:
@@ -226,9 +242,11 @@ def main() -> None:
             rows = {"untiled": (base, reference)}
             for mode in ("exact", "fast"):
                 rows[mode] = run_memory(args, size, mode, budgets[mode], tmp)
-            seconds = run_timing(args, size, {m: b for m, b in budgets.items() if rows[m][1] is not None}, tmp)
+            samples = run_timing(args, size, {m: b for m, b in budgets.items() if rows[m][1] is not None}, tmp)
             for mode, (stats, _) in rows.items():
-                stats["seconds"] = seconds.get(mode)
+                stats["seconds"] = min(samples[mode]) if mode in samples else None  # best of the rounds
+                if mode in samples:
+                    stats["spread"] = spread(samples[mode])
             for mode, (stats, video) in rows.items():
                 if video is None:
                     results.append({"latent": size, "mode": mode, "budget_bytes": budgets[mode], **stats})
@@ -239,6 +257,7 @@ def main() -> None:
                        "device_peak_vs_untiled": stats["device_peak_bytes"] / base["device_peak_bytes"],
                        "within_budget": mode == "untiled" or stats["device_peak_bytes"] <= budgets[mode]}
                 results.append(row)
+                checks += vae_checks(row, budgets[mode], args.dtype)
                 print(f"{size:>10} {'x'.join(map(str, stats['video_shape'][2:])):>14} {mode:>8} "
                       f"{stats['seconds']:8.2f} {row['time_vs_untiled']:9.2f} {stats['rss_peak_bytes'] / 2**20:8.0f} "
                       f"{stats['device_peak_bytes'] / 2**20:8.1f} "
@@ -249,8 +268,10 @@ def main() -> None:
                 "block_out_channels": list(CONFIGS[args.config].block_out_channels),
                 "dtype": args.dtype, "device": args.device, "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "machine": platform.platform(),
-                "exact_fraction": args.exact_fraction, "fast_fraction": args.fast_fraction, "results": results},
-               args.output)
+                "exact_fraction": args.exact_fraction, "fast_fraction": args.fast_fraction, "results": results,
+                "validity": verdict(checks)}, args.output)
+    for failed in verdict(checks)["failed"]:
+        print(f"INVALID RUN: {failed}")
     print(f"wrote {args.output}")
 
 
