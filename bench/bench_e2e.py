@@ -183,7 +183,7 @@ def decoder_floor(family, e2e: dict, repeats: int = 10) -> dict:
     for name, t in times.items():
         fixed = (text_s + statistics.median(t)) / dit_call
         out[name] = {"decode_s": statistics.median(t), "fixed_cost_in_dit_calls": fixed,
-                     "speedup_bound": (50 + fixed) / (5 + fixed), "parameters": params[name]}
+                     "speedup_bound": (50 + fixed) / (5 + fixed), "parameters": params[name], "spread": spread(t)}
     return {"decoders": out, "dit_call_s": dit_call,
             "what": "decoder-only time of one 5 x 8 x 8 latent -> 17 x 64 x 64 decode and of one teacher call "
                     "(medians of interleaved repeats); text time from the end-to-end runs; in DiT calls; speedup "
@@ -247,7 +247,8 @@ def transformer_ceiling(family, e2e: dict, repeats: int = 6, batch: int = 8) -> 
         n = sum(p.numel() for p in model.parameters())
         out[name] = {"parameters": n, "bf16_megabytes": 2 * n / 1e6, "call_s": call,
                      "fixed_cost_in_dit_calls": fixed_s / call, "speedup_bound": (50 * call + fixed_s) / (5 * call + fixed_s),
-                     "train_step_s": steps[name][-1], "train_step_vs_shipped": steps[name][-1] / shipped_step}
+                     "train_step_s": steps[name][-1], "train_step_vs_shipped": steps[name][-1] / shipped_step,
+                     "call_spread": spread(calls[name])}
     return {"transformers": out, "decode_s": statistics.median(decodes), "train_batch": batch,
             "what": "one call of each width at 5 x 8 x 8 latents (interleaved with the shipped decoder); text + decode "
                     "in its calls; bound (50 D + O) / (5 D + O); one forward + backward of batch 8 vs the shipped width"}
