@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn as nn
-from einops import rearrange
 
 from .. import kernels
 from .vae_decode_plan import DECODER_KERNEL, DecodePlan, LayerPlan, Tile
@@ -199,15 +198,16 @@ class _LockstepDecoder:
 
         def tokens(t0: int, t1: int, r0: int, r1: int) -> torch.Tensor:
             tile = self._to_device(x[:, :, t0:t1, r0:r1])
-            return rearrange(norm_silu(attn.group_norm, tile, False, mean, rstd), "1 c t h w -> (t h w) c")
+            return norm_silu(attn.group_norm, tile, False, mean, rstd)[0].flatten(1).T  # "1 c t h w -> (t h w) c"
 
         # Keys and values of every token, in the store: [T, H*W, C].
         keys = self._store_empty((t, h * w, c))
         values = self._store_empty((t, h * w, c))
         for (t0, t1), (r0, r1), _ in plan.kv_tiles:
             normed = tokens(t0, t1, r0, r1)
-            keys[t0:t1, r0 * w:r1 * w].copy_(rearrange(attn.to_k(normed), "(t n) c -> t n c", t=t1 - t0))
-            values[t0:t1, r0 * w:r1 * w].copy_(rearrange(attn.to_v(normed), "(t n) c -> t n c", t=t1 - t0))
+            # "(t n) c -> t n c" (torch ops: a single GPU decodes without einops, see bench.gpu)
+            keys[t0:t1, r0 * w:r1 * w].copy_(attn.to_k(normed).unflatten(0, (t1 - t0, -1)))
+            values[t0:t1, r0 * w:r1 * w].copy_(attn.to_v(normed).unflatten(0, (t1 - t0, -1)))
             del normed
         acc = _Stats(self.groups)
         for (t0, t1), (r0, r1), _ in plan.tiles:
@@ -247,7 +247,7 @@ class _LockstepDecoder:
                 run_max = new_max
                 del scores, probs, k_chunk, v_chunk
         attended = attn.to_out[0]((run_out / run_sum).to(self.dtype))
-        return rearrange(attended, "(t h w) c -> 1 c t h w", t=t1 - t0, h=r1 - r0)
+        return attended.T.unflatten(1, (t1 - t0, r1 - r0, -1))[None]  # "(t h w) c -> 1 c t h w"
 
     # -- the whole decoder ---------------------------------------------------------------------------------------
     def __call__(self, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange, repeat
 
 from .vae_decode_plan import (FastTiling, StreamTiling, fast_space_starts, fast_time_starts, stream_chunks,
                               tile_starts)
@@ -98,7 +97,7 @@ class CausalStream:
 
     def attention(self, attn: CausalFrameAttention, x: torch.Tensor) -> torch.Tensor:
         _, _, t, h, w = x.shape
-        tokens = rearrange(self.norm(attn.group_norm, x, silu=False), "b c t h w -> b (t h w) c")
+        tokens = self.norm(attn.group_norm, x, silu=False).flatten(2).transpose(1, 2)  # "b c t h w -> b (t h w) c"
         q, k, v = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
         if id(attn) in self.kv_cache:
             past_k, past_v = self.kv_cache[id(attn)]
@@ -111,7 +110,7 @@ class CausalStream:
             prefix = past + (f + 1) * h * w
             out[:, rows] = F.scaled_dot_product_attention(q[:, None, rows], k[:, None, :prefix],
                                                           v[:, None, :prefix])[:, 0]
-        return x + rearrange(attn.to_out[0](out), "b (t h w) c -> b c t h w", t=t, h=h)
+        return x + attn.to_out[0](out).transpose(1, 2).unflatten(2, (t, h, w))  # "b (t h w) c -> b c t h w"
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         """The next latent frames of this tile -> their decoded frames (4 per latent frame, 1 for frame 0)."""
@@ -130,8 +129,8 @@ class CausalStream:
                 if self.first:
                     x = first_frame_causal_upsample(x, up.time_factor, up.space_factor)
                 else:  # no first frame in this chunk: every frame is repeated in time
-                    x = repeat(first_frame_causal_upsample(x, 1, up.space_factor), "b c t h w -> b c (t f) h w",
-                               f=up.time_factor)
+                    # "b c t h w -> b c (t f) h w" (torch ops: a single GPU decodes without einops)
+                    x = first_frame_causal_upsample(x, 1, up.space_factor).repeat_interleave(up.time_factor, dim=2)
                 x = self.conv(up.conv, x)
         self.first = False
         return self.conv(dec.conv_out, self.norm(dec.conv_norm_out, x))

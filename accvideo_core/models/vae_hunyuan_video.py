@@ -29,7 +29,6 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange, repeat
 
 from .. import kernels
 from ..latents import SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
@@ -115,9 +114,10 @@ def norm_silu(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True, mean: torc
 def first_frame_causal_upsample(x: torch.Tensor, time_factor: int, space_factor: int) -> torch.Tensor:
     """Nearest upsampling of ``[B, C, T, H, W]``: frame 0 in space only, frames 1.. also ``time_factor`` times."""
     if space_factor > 1:
-        x = repeat(x, "b c t h w -> b c t (h i) (w j)", i=space_factor, j=space_factor)
+        # "b c t h w -> b c t (h i) (w j)" (torch ops: a single GPU decodes without einops, see bench.gpu)
+        x = x.repeat_interleave(space_factor, dim=3).repeat_interleave(space_factor, dim=4)
     if time_factor > 1 and x.shape[2] > 1:
-        x = torch.cat((x[:, :, :1], repeat(x[:, :, 1:], "b c t h w -> b c (t f) h w", f=time_factor)), dim=2)
+        x = torch.cat((x[:, :, :1], x[:, :, 1:].repeat_interleave(time_factor, dim=2)), dim=2)  # "(t f)"
     return x
 
 
@@ -204,9 +204,9 @@ class CausalFrameAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, t, h, w = x.shape
-        tokens = rearrange(norm_silu(self.group_norm, x, silu=False), "b c t h w -> b (t h w) c")
+        tokens = norm_silu(self.group_norm, x, silu=False).flatten(2).transpose(1, 2)  # "b c t h w -> b (t h w) c"
         attended = frame_causal_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), h * w)
-        return x + rearrange(self.to_out[0](attended), "b (t h w) c -> b c t h w", t=t, h=h)
+        return x + self.to_out[0](attended).transpose(1, 2).unflatten(2, (t, h, w))  # "b (t h w) c -> b c t h w"
 
 
 class MidBlockCausal3D(nn.Module):
