@@ -244,6 +244,12 @@ def test_torchrun_sequence_parallel_distillation_matches_one_process(synvid_sp, 
     assert worst <= 1e-4, worst
     val = _val_rows(tmp_path / "sp2")
     assert len(val) == 2 and val[-1]["student_mse"] == pytest.approx(one["val"]["student_mse"], rel=1e-4)
+    if nproc == 2:  # resuming on another layout is refused, not silently misassigned
+        from accvideo_core.train.config import ConfigError
+
+        with pytest.raises(ConfigError, match="sequence_parallel = 2; resume it with the same ranks"):
+            Trainer(config_from_dict(_train_config(synvid_sp, tmp_path / "sp2", micro_batch, steps=4)),
+                    resume="auto")
 
 
 def test_sequence_parallel_needs_a_multiple_of_its_degree_in_ranks(synvid_sp, tmp_path):

@@ -138,7 +138,7 @@ def save_checkpoint(tr: Trainer) -> Path:
         _save_full(tr, partial)
     save_torch(_rank_state(tr), partial / f"rank{info.rank:05d}.pt")
     if info.is_main:
-        save_torch({"step": tr.step, "world": info.world, "teacher_baseline": tr.teacher_baseline,
+        save_torch({"step": tr.step, "world": info.world, "sp": info.sp, "teacher_baseline": tr.teacher_baseline,
                     "heads": tr.heads.state_dict(), "heads_optimizer": tr.head_opt.state_dict()},
                    partial / "trainer.pt")
     D.barrier(info)
@@ -268,6 +268,10 @@ def load_checkpoint(tr: Trainer, ckdir: Path) -> None:
     if marker:
         tr.lineage.ancestry = {**marker.get("ancestry", {}), marker["run"]: int(marker["step"])}
     world = int(state["world"])
+    if (world, int(state.get("sp", 1))) != (info.world, info.sp) and max(int(state.get("sp", 1)), info.sp) > 1:
+        raise ConfigError(f"{ckdir} was written by {world} ranks with runtime.sequence_parallel = "
+                          f"{state.get('sp', 1)}; resume it with the same ranks and sequence_parallel (the "
+                          f"redistribution of per-rank queues and data positions does not know SP groups yet)")
     ranks = [info.rank] if world == info.world else list(range(world))
     saved = [load_torch(ckdir / f"rank{r:05d}.pt") for r in ranks]
     if world == info.world:
