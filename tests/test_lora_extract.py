@@ -361,3 +361,33 @@ def test_cli_errors_are_one_line_naming_the_file_and_exit_2(tmp_path, capsys):
     run = subprocess.run([sys.executable, "-m", "accvideo_core.lora", "inspect", str(tmp_path / "evil.pt")],
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 2 and "Traceback" not in run.stderr and "evil.pt" in run.stderr, run.stderr
+
+
+def test_fp8_scaled_checkpoints_are_read_de_scaled_like_the_loader(tmp_path):
+    """ComfyUI "fp8_scaled" files: extract and merge apply scale_weight as load_transformer does (it was ignored)."""
+    from accvideo_core.lora import merge_checkpoint
+    from accvideo_core.models.loading import load_transformer
+
+    base, tuned = make_pair()
+    scaled, dequant = {}, dict(tuned)
+    for k, v in tuned.items():
+        if k.startswith("double_blocks.") and k.endswith(".weight") and v.ndim == 2:
+            scale = v.abs().max() / 448
+            scaled[k] = (v / scale).to(torch.float8_e4m3fn)
+            scaled[k.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1)
+            dequant[k] = scaled[k].float() * scale
+        else:
+            scaled[k] = v
+    scaled["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    path = save_safetensors({f"model.diffusion_model.{k}": v for k, v in scaled.items()}, tmp_path / "fp8s.safetensors")
+    loaded = load_transformer(path, dtype=torch.float32).state_dict()
+    key = "double_blocks.0.img_attn_qkv.weight"
+    assert torch.equal(loaded[key].float() * loaded[key.removesuffix("weight") + "scale_weight"], dequant[key])
+    got = extract(base, path, rank=3, dtype=torch.float32).tensors
+    want = extract(base, dequant, rank=3, dtype=torch.float32).tensors
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    lora = extract(base, tuned, rank=2, dtype=torch.float32).tensors
+    merged = load_file(merge_checkpoint(path, [(lora, 0.5)], tmp_path / "merged.safetensors"))
+    assert merged[key].dtype == torch.bfloat16 and not any(k.endswith("scale_weight") for k in merged)
+    expect = merge_into_state_dict(dequant, [(load_lora(lora), 0.5)])[key]
+    torch.testing.assert_close(merged[key].float(), expect.float(), rtol=1e-2, atol=1e-3)

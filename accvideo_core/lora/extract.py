@@ -79,7 +79,8 @@ class ExtractResult:
 
 class WeightSource:
     """Lazy, per-tensor access to a transformer checkpoint in original, ComfyUI or diffusers layout, by original
-    parameter keys. Safetensors are read tensor by tensor; pickles are memory-mapped (weights only)."""
+    parameter keys. Safetensors are read tensor by tensor; pickles are memory-mapped (weights only). ComfyUI
+    "fp8_scaled" weights are read de-scaled (``fp8 * scale_weight``, as ``load_transformer`` does), in bf16."""
 
     def __init__(self, source: str | os.PathLike | Mapping[str, torch.Tensor], stack: contextlib.ExitStack):
         self.name = "<state dict>" if isinstance(source, Mapping) else Path(source).name
@@ -93,9 +94,14 @@ class WeightSource:
         self._meta = meta or (lambda k: (tuple(get(k).shape), get(k).dtype))
         # original key -> [(file key, target)] (several parts for diffusers' split q/k/v)
         self.parts: dict[str, list[tuple[str, names.Target]]] = {}
+        self.scales: dict[str, str] = {}  # original weight key -> file key of its fp8 scale
         for key in keys:
-            resolved = names.resolve_param(key, key_maps.CHECKPOINT_PREFIXES)
-            if resolved is not None:
+            scaled = key.endswith(".scale_weight")
+            resolved = names.resolve_param(key.removesuffix(".scale_weight") + ".weight" if scaled else key,
+                                           key_maps.CHECKPOINT_PREFIXES)
+            if resolved is not None and scaled:
+                self.scales[resolved[0]] = key
+            elif resolved is not None:
                 original_key, target = resolved
                 self.parts.setdefault(original_key, []).append((key, target))
         if not self.parts:
@@ -110,6 +116,9 @@ class WeightSource:
     def get(self, key: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """One parameter in original layout, as ``dtype`` (None: as stored)."""
         parts = self.parts[key]
+        if key in self.scales:
+            scale = self._get(self.scales[key]).float()
+            return (self._get(parts[0][0]).float() * scale).to(dtype or torch.bfloat16)
         if len(parts) == 1 and parts[0][1].units is None:
             tensor = self._get(parts[0][0])
             return tensor if dtype is None else tensor.to(dtype)
@@ -128,6 +137,7 @@ class WeightSource:
         """(shape, stored dtype) of one parameter in original layout, without reading it."""
         parts = self.parts[key]
         shape, dtype = self._meta(parts[0][0])
+        dtype = torch.bfloat16 if key in self.scales else dtype
         target = parts[0][1]
         if target.units is None:
             return shape, dtype

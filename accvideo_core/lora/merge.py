@@ -1,24 +1,20 @@
 """Bake LoRAs into a transformer checkpoint, streamed tensor by tensor (a 13B model fits in little RAM).
 
-The output is an original-layout safetensors file (what ComfyUI's UNETLoader and our loader read) written by a
-small streaming writer: the header is computed from the shapes up front, then each tensor is read from the base
+The output is an original-layout safetensors file (what ComfyUI's UNETLoader and our loader read) written by
+``utils.io.save_safetensors_stream``: the header is computed from the shapes up front, then each tensor is read from the base
 file, merged (``base + sum_i strength_i * delta_i`` in fp32, rounded once) and appended. The file appears
 atomically under its final name only when complete.
 """
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
-import struct
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
-from accvideo_core.utils.dtypes import SAFETENSORS_TAGS
-from accvideo_core.utils.io import atomic_path
+from accvideo_core.utils.io import save_safetensors_stream
 
 from .apply import LoraLike, as_lora, match
 from .extract import Progress, WeightSource
@@ -57,21 +53,9 @@ def merge_checkpoint(base: str | os.PathLike | Mapping[str, torch.Tensor], loras
         reports = [(match(state, shapes).patches, strength) for state, strength in states]
         out_dtypes = {k: _output_dtype(k, shape, stored, dtype) for k, (shape, stored) in metas.items()}
 
-        header: dict[str, object] = {}
-        offset = 0
-        for key in keys:
-            size = math.prod(metas[key][0]) * torch.empty((), dtype=out_dtypes[key]).element_size()
-            header[key] = {"dtype": SAFETENSORS_TAGS[out_dtypes[key]], "shape": list(metas[key][0]),
-                           "data_offsets": [offset, offset + size]}
-            offset += size
         sources = ", ".join(state.source for state, _ in states)
-        header["__metadata__"] = {"format": "pt", "accvideo_merged_loras": sources}
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
 
-        with atomic_path(out) as tmp, open(tmp, "wb") as fh:
-            fh.write(struct.pack("<Q", len(blob)))
-            fh.write(blob)
+        def merged() -> Iterator[torch.Tensor]:
             for i, key in enumerate(keys):
                 if progress is not None:
                     progress(i, len(keys), key)
@@ -85,11 +69,10 @@ def merge_checkpoint(base: str | os.PathLike | Mapping[str, torch.Tensor], loras
                     delta = patch.weight_delta(tensor.shape) if param == "weight" else patch.bias_delta(tensor.shape)
                     if delta is not None:
                         total = tensor.float() + strength * delta if total is None else total + strength * delta
-                if total is not None:
-                    tensor = total
-                tensor = tensor.to(out_dtypes[key]).contiguous()
-                fh.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-                del tensor, total
+                yield (tensor if total is None else total).to(out_dtypes[key])
             if progress is not None:
                 progress(len(keys), len(keys), "")
+
+        save_safetensors_stream([(k, out_dtypes[k], metas[k][0]) for k in keys], merged(), out,
+                                metadata={"format": "pt", "accvideo_merged_loras": sources})
     return Path(out)
