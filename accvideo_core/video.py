@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import tempfile
+import warnings
+from fractions import Fraction
 from pathlib import Path
 from typing import Mapping
 
@@ -23,7 +27,9 @@ def write_mp4(frames: torch.Tensor, path: str | os.PathLike, *, fps: float = 24.
               metadata: Mapping[str, str] | None = None) -> Path:
     """Atomically write ``[T, H, W, 3]`` frames in [0, 1] as an H.264 (yuv420p) mp4 with ``metadata`` tags.
 
-    yuv420p needs even sizes: imageio-ffmpeg resizes odd widths or heights up by one pixel (with a warning).
+    The tags go to ffmpeg in an ffmetadata file, never on its command line: a workflow of any size fits (the
+    kernel limits one argument to 128 KiB) and the prompt is not visible to other users in ``ps``. yuv420p needs
+    even sizes: odd widths or heights are scaled up by one pixel (with a warning).
     """
     import imageio_ffmpeg
 
@@ -31,20 +37,38 @@ def write_mp4(frames: torch.Tensor, path: str | os.PathLike, *, fps: float = 24.
     t, h, w, _ = data.shape
     if t < 1:
         raise ValueError("cannot write a video without frames")
-    extra = []
-    for key, value in (metadata or {}).items():
-        extra += ["-metadata", f"{key}={value}"]
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+           "-s", f"{w}x{h}", "-r", str(Fraction(fps).limit_denominator()), "-i", "-"]
+    out_w, out_h = w + w % 2, h + h % 2
+    if (out_w, out_h) != (w, h):
+        warnings.warn(f"yuv420p needs even sizes: scaling {w}x{h} frames to {out_w}x{out_h}", stacklevel=2)
     path = Path(path)
-    with atomic_path(path) as tmp:
-        writer = imageio_ffmpeg.write_frames(
-            str(tmp), (w, h), fps=float(fps), codec="libx264", pix_fmt_out="yuv420p", quality=None,
-            output_params=["-crf", str(int(crf)), "-f", "mp4", "-movflags", "+faststart+use_metadata_tags", *extra],
-            macro_block_size=2, ffmpeg_log_level="error")
-        writer.send(None)
-        for frame in data:
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()
+    with tempfile.TemporaryDirectory(prefix="accvideo_mp4_") as meta_dir, atomic_path(path) as tmp:
+        meta_file = Path(meta_dir) / "metadata.txt"
+        meta_file.write_text(ffmetadata(metadata or {}), encoding="utf-8")
+        cmd += ["-f", "ffmetadata", "-i", str(meta_file), "-map", "0:v:0", "-map_metadata", "1",
+                "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", str(int(crf)),
+                *(["-vf", f"scale={out_w}:{out_h}"] if (out_w, out_h) != (w, h) else []),
+                "-movflags", "+faststart+use_metadata_tags", "-f", "mp4", str(tmp)]
+        proc = subprocess.run(cmd, input=np.ascontiguousarray(data).tobytes(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+        if proc.returncode != 0:
+            err = proc.stderr.decode("utf-8", "replace").strip()[-2000:]
+            raise RuntimeError(f"ffmpeg could not write {path} (exit code {proc.returncode}): {err}")
     return path
+
+
+def ffmetadata(tags: Mapping[str, str]) -> str:
+    """``tags`` as an ffmpeg metadata file (``;FFMETADATA1`` + ``key=value`` lines, special characters escaped)."""
+    lines = [";FFMETADATA1"]
+    for key, value in tags.items():
+        lines.append(f"{_escape(str(key))}={_escape(str(value))}")
+    return "\n".join(lines) + "\n"
+
+
+def _escape(text: str) -> str:
+    """ffmetadata escaping: ``=``, ``;``, ``#``, backslash and newline are preceded by a backslash."""
+    return re.sub(r"([=;#\\\n])", r"\\\1", text)
 
 
 def read_mp4_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -200,6 +200,27 @@ def test_mp4_has_all_frames_and_the_metadata(tmp_path):
     assert not list(tmp_path.glob(".*.tmp")), "temporary file left behind"
 
 
+def test_mp4_keeps_a_workflow_larger_than_one_command_line_argument(tmp_path, monkeypatch):
+    """Issue 17: a workflow over 128 KiB (Linux's limit for one argv string) failed with 'Argument list too long'
+    and the metadata was visible in ``ps``. It now goes through an ffmetadata file, whole."""
+    import subprocess as sp
+
+    secret = "unique-prompt-text-4711"
+    workflow = {"nodes": [{"id": i, "widgets_values": [f"{secret} node {i} =;#\\ " + "x" * 200]}
+                          for i in range(1200)]}
+    text = json.dumps(workflow)
+    assert len(text.encode()) > 200 * 1024
+    commands = []
+    real_run = sp.run
+    monkeypatch.setattr(sp, "run", lambda cmd, *a, **k: commands.append(cmd) or real_run(cmd, *a, **k))
+    path = write_mp4(torch.rand(5, 16, 16, 3), tmp_path / "big.mp4", metadata={"workflow": text, "prompt": secret})
+    monkeypatch.setattr(sp, "run", real_run)
+    assert commands and not any(secret in arg for cmd in commands for arg in cmd), "metadata on the command line"
+    meta = read_mp4_metadata(path)
+    assert meta["workflow"] == text and meta["prompt"] == secret
+    assert count_frames(path) == 5
+
+
 def test_schedule_node_gives_the_official_sigmas():
     """AccVideo Schedule runs on the core only; its teacher steps 0, 10, ..., 50 are the AccVideo sigmas."""
     with comfy_standin.standin():
