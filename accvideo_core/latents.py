@@ -42,3 +42,22 @@ def latent_shape(frames: int, height: int, width: int, batch: int = 1) -> tuple[
         raise ValueError("; ".join(problems))
     return (batch, LATENT_CHANNELS, (frames - 1) // TEMPORAL_COMPRESSION + 1,
             height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
+
+
+def video_size_of_latent(latent: torch.Tensor) -> tuple[int, int, int]:
+    """(frames, height, width) of the video a HunyuanVideo VAE-space latent ``[B, 16, T, H/8, W/8]`` decodes to.
+
+    Raises ``ValueError`` with a fix when the latent cannot be a HunyuanVideo video latent (wrong rank or channel
+    count, or a size that is not a multiple of 16 pixels).
+    """
+    if latent.ndim != 5:
+        raise ValueError(f"expected a video latent [batch, 16, frames, height/8, width/8], got shape "
+                         f"{tuple(latent.shape)}; make it with EmptyHunyuanLatentVideo")
+    _, channels, t, h, w = latent.shape
+    if channels != LATENT_CHANNELS:
+        raise ValueError(f"expected {LATENT_CHANNELS} latent channels (HunyuanVideo), got {channels}; make the "
+                         "latent with EmptyHunyuanLatentVideo or encode with the HunyuanVideo VAE")
+    frames = (t - 1) * TEMPORAL_COMPRESSION + 1
+    height, width = h * SPATIAL_COMPRESSION, w * SPATIAL_COMPRESSION
+    latent_shape(frames, height, width)  # raises with the fix for sizes that are not multiples of 16
+    return frames, height, width

@@ -24,12 +24,13 @@ def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
 
 
 def write_mp4(frames: torch.Tensor, path: str | os.PathLike, *, fps: float = 24.0, crf: int = 19,
-              metadata: Mapping[str, str] | None = None) -> Path:
+              metadata: Mapping[str, str] | None = None, exclusive: bool = False) -> Path:
     """Atomically write ``[T, H, W, 3]`` frames in [0, 1] as an H.264 (yuv420p) mp4 with ``metadata`` tags.
 
     The tags go to ffmpeg in an ffmetadata file, never on its command line: a workflow of any size fits (the
     kernel limits one argument to 128 KiB) and the prompt is not visible to other users in ``ps``. yuv420p needs
-    even sizes: odd widths or heights are scaled up by one pixel (with a warning).
+    even sizes: odd widths or heights are scaled up by one pixel (with a warning). ``exclusive``: raise
+    ``FileExistsError`` rather than replace an existing file.
     """
     import imageio_ffmpeg
 
@@ -43,7 +44,8 @@ def write_mp4(frames: torch.Tensor, path: str | os.PathLike, *, fps: float = 24.
     if (out_w, out_h) != (w, h):
         warnings.warn(f"yuv420p needs even sizes: scaling {w}x{h} frames to {out_w}x{out_h}", stacklevel=2)
     path = Path(path)
-    with tempfile.TemporaryDirectory(prefix="accvideo_mp4_") as meta_dir, atomic_path(path) as tmp:
+    with tempfile.TemporaryDirectory(prefix="accvideo_mp4_") as meta_dir, \
+            atomic_path(path, overwrite=not exclusive) as tmp:
         meta_file = Path(meta_dir) / "metadata.txt"
         meta_file.write_text(ffmetadata(metadata or {}), encoding="utf-8")
         cmd += ["-f", "ffmetadata", "-i", str(meta_file), "-map", "0:v:0", "-map_metadata", "1",

@@ -17,7 +17,7 @@ def check_video_latent(latent: dict, prompt: dict | None, unique_id: str | None,
     ComfyUI's ``EmptyHunyuanLatentVideo`` silently rounds a ``length`` that is not 4k+1 down; when the latent comes
     straight from such a node, its ``length``/``width``/``height`` widgets are checked too.
     """
-    from accvideo_core.flow_bridge import video_size_of_latent
+    from accvideo_core.latents import video_size_of_latent
     from accvideo_core.latents import latent_shape
 
     try:
@@ -49,13 +49,64 @@ def with_guidance(positive: list, guidance: float | None) -> list:
     return node_helpers.conditioning_set_values(positive, {"guidance": float(guidance)})
 
 
+COMFY_DEFAULT_GUIDANCE = 6.0  # what ComfyUI's HunyuanVideo model uses when the conditioning has no guidance
+
+
+def guidance_of(positive: list, guidance: float | None) -> float:
+    """The embedded guidance the model will use: the widget's, else the conditioning's, else ComfyUI's default."""
+    if guidance is not None:
+        return float(guidance)
+    return float(positive[0][1].get("guidance", COMFY_DEFAULT_GUIDANCE)) if positive else COMFY_DEFAULT_GUIDANCE
+
+
+def check_fits(model: Any, latent: dict, host_bytes: int = 0) -> None:
+    """Refuse, before allocating anything, a video whose transformer step cannot fit the device's whole memory
+    (``accvideo_core.sampling.sampling_min_bytes``, a lower bound) or whose recording exceeds the free RAM."""
+    import comfy.model_management as mm
+
+    from accvideo_core.models.vae_hunyuan_video import free_device_memory
+    from accvideo_core.sampling import sampling_min_bytes
+
+    net = model.model.diffusion_model
+    params = getattr(net, "params", None)
+    dtype = getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
+    need = sampling_min_bytes(tuple(latent["samples"].shape), int(getattr(net, "hidden_size", 3072)),
+                              mlp_ratio=float(getattr(params, "mlp_ratio", 4.0)),
+                              compute_bytes=max(2, torch.empty((), dtype=dtype).element_size()),
+                              patch=tuple(getattr(net, "patch_size", (1, 2, 2))))
+    device = model.load_device
+    total = mm.get_total_memory(device)
+    shape = "x".join(str(n) for n in latent["samples"].shape)
+    if need > total:
+        raise ValueError(f"latent_image {shape} is too large: one transformer step needs at least {need / 2**30:.1f} "
+                         f"GiB but {device} has {total / 2**30:.1f} GiB in all; use a smaller width, height or "
+                         "length (or batch size)")
+    free_host = free_device_memory(torch.device("cpu"))
+    if host_bytes > free_host:
+        raise ValueError(f"recording the trajectory of latent_image {shape} needs {host_bytes / 2**30:.1f} GiB of "
+                         f"RAM, {free_host / 2**30:.1f} GiB are free; store the key latents only or make the video "
+                         "smaller")
+
+
+def stored_final_latent(latent: dict, files: Sequence, step: int) -> dict:
+    """A LATENT holding the final latents (teacher step ``step``) of samples already in a SynVid folder."""
+    from accvideo_core.latents import to_vae_space
+    from accvideo_core.synvid.format import read_sample
+
+    final = torch.stack([read_sample(f, steps=[step]).latents[0].float() for f in files])
+    out = latent.copy()
+    out["samples"] = to_vae_space(final)
+    return out
+
+
 def sample_with_comfy_model(model: Any, positive: list, latent: dict, seed: int, sigmas: torch.Tensor, *,
                             on_start=None, on_step=None) -> dict:
     """Euler flow sampling of ``latent`` with ComfyUI's MODEL; returns the new LATENT dict.
 
     Noise is made exactly like ``comfy.sample.prepare_noise`` (CPU generator), so with the same seed and sigmas
     this reproduces native ``KSampler(euler)``. ``on_start(x)`` sees the initial model-space latent and
-    ``on_step(info)`` every ``euler_flow`` step (model space), e.g. for trajectory recording.
+    ``on_step(info)`` every ``euler_flow`` step (model space), e.g. for trajectory recording. A step whose latent
+    holds NaN or Inf stops sampling with ``NonFiniteLatentError`` naming the step.
     """
     import comfy.model_management
     import comfy.sample
@@ -85,7 +136,7 @@ def sample_with_comfy_model(model: Any, positive: list, latent: dict, seed: int,
                 callback({"i": info["i"], "x": info["x"], "denoised": velocity.last_denoised,
                           "sigma": sigmas[info["i"]], "sigma_hat": sigmas[info["i"]]})
 
-        return euler_flow(velocity, x, sigmas, callback=step_done)
+        return euler_flow(velocity, x, sigmas, callback=step_done, check_finite=True)
 
     guider = comfy.samplers.CFGGuider(model)  # cfg 1 and no negative: one model call per step (as BasicGuider)
     guider.inner_set_conds({"positive": positive})

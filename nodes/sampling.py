@@ -3,12 +3,15 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
+from accvideo_core.sampling import ACCVIDEO_STUDENT, HUNYUAN_TEACHER
+from accvideo_core.synvid.format import STORE_MODES
+
 from . import _comfy
 
 CATEGORY = "AccVideo/sampling"
 GUIDANCE_SOURCES = ["widget", "conditioning"]
-SCHEDULES = ["accvideo (5 steps)", "teacher (50 steps)", "custom"]
-STORE_MODES = ["key latents", "full trajectory"]
+SCHEDULES = [f"accvideo ({ACCVIDEO_STUDENT.steps} steps)", f"teacher ({HUNYUAN_TEACHER.steps} steps)", "custom"]
+STORE_LABELS = list(STORE_MODES.values())  # the combo shows the core's store modes by their published labels
 DUMP_DTYPES = ["bfloat16", "float32"]
 
 
@@ -30,9 +33,15 @@ def _guidance_inputs(default: float) -> list:
 
 
 def _resolve_guidance(guidance: float, guidance_source: str) -> float | None:
+    """The widget's guidance (refused when NaN/Inf, which pass ComfyUI's range check) or None (conditioning)."""
+    from accvideo_core.sampling import check_settings
+
     if guidance_source not in GUIDANCE_SOURCES:
         raise ValueError(f"guidance_source must be one of {GUIDANCE_SOURCES}, got {guidance_source!r}")
-    return float(guidance) if guidance_source == "widget" else None
+    if guidance_source == "conditioning":
+        return None
+    check_settings(guidance=guidance)
+    return float(guidance)
 
 
 class AccVideoSampler(io.ComfyNode):
@@ -54,11 +63,11 @@ class AccVideoSampler(io.ComfyNode):
                 io.Latent.Input("latent_image", tooltip="Video latent, e.g. EmptyHunyuanLatentVideo. Frames must be "
                                                         "4k+1 (93 official) and sizes multiples of 16 (544x960)."),
                 _seed_input(),
-                io.Int.Input("steps", default=5, min=1, max=200,
+                io.Int.Input("steps", default=ACCVIDEO_STUDENT.steps, min=1, max=200,
                              tooltip="Euler steps. AccVideo was distilled for 5."),
-                io.Float.Input("shift", default=7.0, min=0.01, max=100.0, step=0.01,
+                io.Float.Input("shift", default=ACCVIDEO_STUDENT.shift, min=0.01, max=100.0, step=0.01,
                                tooltip="Sigma shift of the flow schedule (7.0 for AccVideo and HunyuanVideo)."),
-                *_guidance_inputs(6.0),
+                *_guidance_inputs(ACCVIDEO_STUDENT.guidance),
             ],
             outputs=[io.Latent.Output(tooltip="Denoised video latent (VAE space, like every ComfyUI LATENT).")],
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
@@ -69,8 +78,10 @@ class AccVideoSampler(io.ComfyNode):
         from accvideo_core.sampling import flow_sigmas
 
         _comfy.check_video_latent(latent_image, cls.hidden.prompt, cls.hidden.unique_id, "latent_image")
+        sigmas = flow_sigmas(steps, shift)  # refuses a NaN/Inf shift
         positive = _comfy.with_guidance(positive, _resolve_guidance(guidance, guidance_source))
-        out = _comfy.sample_with_comfy_model(model, positive, latent_image, seed, flow_sigmas(steps, shift))
+        _comfy.check_fits(model, latent_image)
+        out = _comfy.sample_with_comfy_model(model, positive, latent_image, seed, sigmas)
         return io.NodeOutput(out)
 
 
@@ -87,8 +98,9 @@ class AccVideoSchedule(io.ComfyNode):
             inputs=[
                 io.Combo.Input("schedule", options=SCHEDULES, default=SCHEDULES[0],
                                tooltip="accvideo: 5 steps; teacher: 50 steps; custom: the steps value below."),
-                io.Int.Input("steps", default=5, min=1, max=1000, tooltip="Step count, used only with 'custom'."),
-                io.Float.Input("shift", default=7.0, min=0.01, max=100.0, step=0.01,
+                io.Int.Input("steps", default=ACCVIDEO_STUDENT.steps, min=1, max=1000,
+                             tooltip="Step count, used only with 'custom'."),
+                io.Float.Input("shift", default=ACCVIDEO_STUDENT.shift, min=0.01, max=100.0, step=0.01,
                                tooltip="Sigma shift (7.0 for AccVideo and HunyuanVideo)."),
             ],
             outputs=[io.Sigmas.Output(tooltip="steps + 1 sigmas from 1 to 0.")],
@@ -96,7 +108,7 @@ class AccVideoSchedule(io.ComfyNode):
 
     @classmethod
     def execute(cls, schedule, steps, shift) -> io.NodeOutput:
-        from accvideo_core.sampling import ACCVIDEO_STUDENT, HUNYUAN_TEACHER, flow_sigmas
+        from accvideo_core.sampling import flow_sigmas
 
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -162,11 +174,12 @@ class AccVideoTrajectoryDump(io.ComfyNode):
                 io.Latent.Input("latent_image", tooltip="Video latent (EmptyHunyuanLatentVideo 960x544, 93 frames "
                                                         "for the official SynVid)."),
                 _seed_input(),
-                io.Int.Input("steps", default=50, min=5, max=1000, step=5,
+                io.Int.Input("steps", default=HUNYUAN_TEACHER.steps, min=5, max=1000, step=5,
                              tooltip="Teacher Euler steps; a multiple of 5 so the 6 key sigmas are teacher sigmas."),
-                io.Float.Input("shift", default=7.0, min=0.01, max=100.0, step=0.01, tooltip="Sigma shift (7.0)."),
-                *_guidance_inputs(6.0),
-                io.Combo.Input("store", options=STORE_MODES, default=STORE_MODES[0],
+                io.Float.Input("shift", default=HUNYUAN_TEACHER.shift, min=0.01, max=100.0, step=0.01,
+                               tooltip="Sigma shift (7.0)."),
+                *_guidance_inputs(HUNYUAN_TEACHER.guidance),
+                io.Combo.Input("store", options=STORE_LABELS, default=STORE_LABELS[0],
                                tooltip="key latents: the 6 latents the method trains on (steps 0, 10, ..., 50); "
                                        "full trajectory: all steps + 1 latents."),
                 io.String.Input("filename_prefix", default="synvid/accvideo",
@@ -190,37 +203,39 @@ class AccVideoTrajectoryDump(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, latent_image, seed, steps, shift, guidance, guidance_source, store,
                 filename_prefix, model_name, dtype, prompt=None) -> io.NodeOutput:
-        from accvideo_core.flow_bridge import TrajectoryRecorder, video_size_of_latent
-        from accvideo_core.sampling import flow_sigmas
-        from accvideo_core.synvid.format import SynVidSample, SynVidWriter, key_steps_for
+        from accvideo_core.latents import video_size_of_latent
+        from accvideo_core.synvid.folder import SynVidWriter
+        from accvideo_core.synvid.record import TeacherRun, trajectory_samples
 
+        # everything that can be refused is refused here, before the teacher's steps and before any write
         _comfy.check_video_latent(latent_image, cls.hidden.prompt, cls.hidden.unique_id, "latent_image")
-        if store not in STORE_MODES or dtype not in DUMP_DTYPES:
-            raise ValueError(f"store must be one of {STORE_MODES} and dtype one of {DUMP_DTYPES}")
+        if store not in STORE_LABELS or dtype not in DUMP_DTYPES:
+            raise ValueError(f"store must be one of {STORE_LABELS} and dtype one of {DUMP_DTYPES}")
         out_dir, root = _dataset_folder(filename_prefix)
-        key_steps = key_steps_for(steps)
-        stored = key_steps if store == STORE_MODES[0] else list(range(steps + 1))
         g = _resolve_guidance(guidance, guidance_source)
         positive = _comfy.with_guidance(positive, g)
-        used_guidance = g if g is not None else float(positive[0][1].get("guidance", 6.0))
-        sigmas = flow_sigmas(steps, shift)
-
-        recorder = TrajectoryRecorder(stored)
-        out = _comfy.sample_with_comfy_model(model, positive, latent_image, seed, sigmas,
-                                             on_start=recorder.start, on_step=recorder.on_step)
-        trajectory = recorder.stacked()  # [S, B, C, T, H, W], model space
         text_states, text_mask, pooled = _comfy.conditioning_tensors(positive)
         frames, height, width = video_size_of_latent(latent_image["samples"])
-        model_hash = _source_model_hash(model, model_name)
-        written = []
-        with SynVidWriter(root, dtype=dtype, flush_every=1) as writer:
-            for b in range(trajectory.shape[1]):
-                sample = SynVidSample(
-                    latents=trajectory[:, b], stored_steps=stored, sigmas=sigmas, text_states=text_states,
-                    text_mask=text_mask, pooled=pooled, guidance=used_guidance, prompt=prompt or "", seed=int(seed),
-                    shift=float(shift), height=height, width=width, frames=frames, source_model=model_name,
-                    source_model_hash=model_hash, key_steps=key_steps,
-                    extra={"batch_index": str(b), "batch_size": str(trajectory.shape[1]), "made_by": "ComfyUI"},
-                )
-                written.append(str(writer.write(sample).relative_to(out_dir).as_posix()))
+        mode = next(k for k, label in STORE_MODES.items() if label == store)
+        run = TeacherRun(frames, height, width, steps=steps, shift=shift, guidance=_comfy.guidance_of(positive, g),
+                         store=mode, source_model=model_name, source_model_hash=_source_model_hash(model, model_name))
+        writer = SynVidWriter(root, dtype=dtype)  # refuses a prefix naming a file and an unreadable manifest
+        writer.check(run.facts(text_states.shape[1], pooled.shape))  # shape, steps, teacher of the data set
+        batch = latent_image["samples"].shape[0]
+        _comfy.check_fits(model, latent_image, host_bytes=run.record_bytes(batch))
+        text = prompt or ""
+        present = [writer.entry(seed, text, b) for b in range(batch)]
+        if all(present):  # a rerun (e.g. after a server died before its client saw the result): nothing to add
+            stored = _comfy.stored_final_latent(latent_image, [root / e["file"] for e in present], run.steps)
+            return io.NodeOutput(stored, ui={"text": [str((root / e["file"]).relative_to(out_dir).as_posix())
+                                                      for e in present]})
+        recorder = run.recorder()
+        out = _comfy.sample_with_comfy_model(model, positive, latent_image, seed, run.sigmas(),
+                                             on_start=recorder.start, on_step=recorder.on_step)
+        extra = [{"batch_index": b, "batch_size": batch, "made_by": "ComfyUI"} for b in range(batch)]
+        samples = trajectory_samples(run, recorder.stacked(), seeds=[seed] * batch, prompts=[text] * batch,
+                                     text_states=text_states.expand(batch, -1, -1),
+                                     text_mask=text_mask.expand(batch, -1), pooled=pooled.expand(batch, -1),
+                                     extra=extra)
+        written = [str(writer.write(sample).relative_to(out_dir).as_posix()) for sample in samples]
         return io.NodeOutput(out, ui={"text": written})

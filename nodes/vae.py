@@ -50,7 +50,7 @@ class AccVideoVAEDecode(io.ComfyNode):
         import comfy.model_management
         import comfy.utils
 
-        from accvideo_core.flow_bridge import video_size_of_latent
+        from accvideo_core.latents import video_size_of_latent
         from accvideo_core.models.vae_loading import load_vae
         from accvideo_core.video import video_to_frames
 

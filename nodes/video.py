@@ -50,6 +50,11 @@ class AccVideoSaveVideo(io.ComfyNode):
                 metadata["prompt"] = json.dumps(cls.hidden.prompt)
             for key, value in (cls.hidden.extra_pnginfo or {}).items():
                 metadata[key] = json.dumps(value)
-        file = f"{filename}_{counter:05}_.mp4"
-        write_mp4(images, os.path.join(folder, file), fps=fps, crf=crf, metadata=metadata)
+        while True:  # another server sharing the output folder may have taken the counter meanwhile
+            file = f"{filename}_{counter:05}_.mp4"
+            try:
+                write_mp4(images, os.path.join(folder, file), fps=fps, crf=crf, metadata=metadata, exclusive=True)
+                break
+            except FileExistsError:
+                counter += 1
         return io.NodeOutput(ui=ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)]))

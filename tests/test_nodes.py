@@ -3,16 +3,21 @@ helpers the nodes delegate to. Node execution inside ComfyUI is covered by tests
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from accvideo_core.flow_bridge import DenoiserVelocity, TrajectoryRecorder, video_size_of_latent
+from accvideo_core.flow_bridge import DenoiserVelocity
+from accvideo_core.latents import to_model_space, to_vae_space, video_size_of_latent
 from accvideo_core.sampling import euler_flow, flow_sigmas
+from accvideo_core.synvid.format import STORE_MODES, SynVidDataset
+from accvideo_core.synvid.record import TrajectoryRecorder
 from accvideo_core.video import count_frames, read_mp4_metadata, video_to_frames, write_mp4
 from tests.integration import comfy_standin
 
@@ -236,3 +241,159 @@ def test_schedule_node_gives_the_official_sigmas():
     torch.testing.assert_close(teacher[::10], student, atol=1e-6, rtol=0)
     assert teacher.shape == (51,) and custom.shape == (9,)
     torch.testing.assert_close(custom, flow_sigmas(8, 3.0))
+
+
+# ------------------------------------------------------------------------- node logic with ComfyUI's runtime faked
+class _FakeModel:
+    """What the nodes read from a ComfyUI MODEL outside sampling (hash, size estimate)."""
+
+    def __init__(self, hidden: int = 64):
+        net = torch.nn.Linear(2, 2)
+        torch.nn.init.ones_(net.weight), torch.nn.init.zeros_(net.bias)  # the same teacher (hash) every time
+        net.hidden_size, net.patch_size = hidden, [1, 2, 2]
+        self.model = types.SimpleNamespace(diffusion_model=net, manual_cast_dtype=None,
+                                           get_dtype=lambda: torch.float32)
+        self.load_device = torch.device("cpu")
+
+
+@pytest.fixture
+def fake_comfy(tmp_path, monkeypatch):
+    """The node package with ComfyUI's sampling replaced by an Euler run of a simple velocity (calls counted)."""
+    with comfy_standin.standin() as pkg:
+        from nodes import _comfy
+
+        fp = sys.modules["folder_paths"]
+        fp.get_output_directory = lambda: str(tmp_path / "output")
+        fp.get_full_path = lambda folder, name: None
+        calls = []
+
+        def sample(model, positive, latent, seed, sigmas, *, on_start=None, on_step=None):
+            calls.append(float(sigmas[1]))
+            x = torch.randn(latent["samples"].shape, generator=torch.manual_seed(seed))  # prepare_noise
+            if on_start:
+                on_start(x)
+            x = euler_flow(lambda z, s: -0.5 * z, x, sigmas, callback=on_step, check_finite=True)
+            return {"samples": to_vae_space(x)}
+
+        monkeypatch.setattr(_comfy, "sample_with_comfy_model", sample)
+        monkeypatch.setattr(_comfy, "with_guidance", lambda positive, g: positive)
+        monkeypatch.setattr(_comfy, "check_fits", lambda *a, **k: None)
+        sampling = importlib.import_module("nodes.sampling")
+        for node in (sampling.AccVideoSampler, sampling.AccVideoTrajectoryDump):
+            monkeypatch.setattr(node, "hidden", types.SimpleNamespace(prompt=None, unique_id=None), raising=False)
+        yield types.SimpleNamespace(nodes=sampling, calls=calls, output=tmp_path / "output", pkg=pkg)
+
+
+def _positive():
+    g = torch.Generator().manual_seed(1)
+    return [[torch.randn(1, 7, 32, generator=g), {"pooled_output": torch.randn(1, 24, generator=g)}]]
+
+
+def _dump(env, *, seed=3, steps=10, shift=7.0, guidance=6.0, prefix="synvid/run", frames=5, batch=1, **kw):
+    latent = {"samples": torch.zeros(batch, 16, (frames - 1) // 4 + 1, 4, 6)}
+    return env.nodes.AccVideoTrajectoryDump.execute(
+        _FakeModel(), _positive(), latent, seed, steps, shift, guidance, "widget", kw.get("store", "key latents"),
+        prefix, "teacher.safetensors", "float32", kw.get("prompt", "a fox"))
+
+
+def test_dump_node_writes_samples_once_even_when_rerun(fake_comfy):
+    env = fake_comfy
+    out = _dump(env, batch=2)
+    files = out.ui["text"]
+    assert len(env.calls) == 1 and len(files) == 2
+    ds = SynVidDataset(env.output / "synvid/run")
+    samples = [ds.load(i) for i in range(2)]
+    assert [s.extra["batch_index"] for s in samples] == ["0", "1"]
+    torch.testing.assert_close(samples[1].latents[-1], to_model_space(out.args[0]["samples"][1]))
+    again = _dump(env, batch=2)  # e.g. the builder re-queued it after the server died before answering
+    assert len(env.calls) == 1, "sampled again although every sample is in the folder"
+    assert again.ui["text"] == files and len(SynVidDataset(env.output / "synvid/run")) == 2
+    torch.testing.assert_close(again.args[0]["samples"], out.args[0]["samples"])
+    _dump(env, batch=2, prompt="another prompt")
+    assert len(env.calls) == 2 and len(SynVidDataset(env.output / "synvid/run")) == 4
+
+
+@pytest.mark.parametrize("setup,kwargs,message", [
+    (lambda out: (out / "synvid").mkdir(parents=True) or (out / "synvid/run").write_text("x"), {}, "is a file"),
+    (lambda out: (out / "synvid/run").mkdir(parents=True) or (out / "synvid/run/manifest.json").write_text("{"), {},
+     "unreadable manifest"),
+    (None, {"frames": 9}, "latent_shape=.* differs from the data set"),
+    (None, {"steps": 20}, "steps=20 differs from the data set"),
+    (None, {"guidance": float("nan")}, "guidance must be a finite number"),
+    (None, {"shift": float("inf")}, "shift must be a finite number"),
+])
+def test_dump_node_refuses_before_sampling(fake_comfy, setup, kwargs, message):
+    env = fake_comfy
+    if setup is None:
+        _dump(env)  # a data set of 5-frame, 10-step samples
+    else:
+        setup(env.output)
+    before = len(env.calls)
+    with pytest.raises(ValueError, match=message):
+        _dump(env, seed=11, **kwargs)
+    assert len(env.calls) == before, "the teacher ran before the input was refused"
+
+
+def test_sampler_and_schedule_refuse_non_finite_values(fake_comfy):
+    env = fake_comfy
+    latent = {"samples": torch.zeros(1, 16, 2, 4, 6)}
+    for shift, guidance, message in ((float("nan"), 6.0, "shift"), (7.0, float("inf"), "guidance")):
+        with pytest.raises(ValueError, match=f"{message} must be a finite number"):
+            env.nodes.AccVideoSampler.execute(_FakeModel(), _positive(), latent, 1, 5, shift, guidance, "widget")
+        with pytest.raises(ValueError, match="shift must be a finite number"):
+            env.nodes.AccVideoSchedule.execute(env.nodes.SCHEDULES[2], 5, float("nan"))
+    assert env.calls == []
+    env.nodes.AccVideoSampler.execute(_FakeModel(), _positive(), latent, 1, 5, 7.0, 6.0, "widget")
+    assert len(env.calls) == 1
+
+
+def test_size_that_cannot_fit_is_refused_before_allocating(monkeypatch):
+    """8192x8192 at 93 frames needs more than any device holds: a clear error, nothing allocated."""
+    mm = types.ModuleType("comfy.model_management")
+    mm.get_total_memory = lambda device: 80 * 2**30
+    comfy = types.ModuleType("comfy")
+    comfy.model_management = mm
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    with comfy_standin.standin():
+        from nodes._comfy import check_fits
+
+        huge = {"samples": torch.empty(1, 16, 24, 1024, 1024, device="meta")}
+        with pytest.raises(ValueError, match=r"latent_image 1x16x24x1024x1024 is too large.*GiB"):
+            check_fits(_FakeModel(hidden=3072), huge)
+        check_fits(_FakeModel(hidden=3072), {"samples": torch.empty(1, 16, 24, 68, 120, device="meta")})
+        with pytest.raises(ValueError, match="recording the trajectory"):
+            check_fits(_FakeModel(hidden=64), {"samples": torch.empty(1, 16, 2, 4, 6, device="meta")},
+                       host_bytes=1 << 60)
+
+
+def test_store_modes_have_one_vocabulary(schemas):
+    """The node shows the core's store modes by their published labels; the CLI and manifest use the keys."""
+    dump = {i.id: i.kwargs for i in schemas["AccVideoTrajectoryDump"].inputs}
+    assert dump["store"]["options"] == list(STORE_MODES.values()) == ["key latents", "full trajectory"]
+    assert list(STORE_MODES) == ["key", "all"]
+
+
+def test_save_video_never_replaces_a_video_another_server_wrote(tmp_path):
+    """Two servers sharing output/ can pick the same counter: the second video takes the next name."""
+    with comfy_standin.standin():
+        fp = sys.modules["folder_paths"]
+        fp.get_output_directory = lambda: str(tmp_path)
+        fp.get_save_image_path = lambda prefix, out, w, h: (str(tmp_path), "clip", 1, "", prefix)
+        cli_args = types.ModuleType("comfy.cli_args")
+        cli_args.args = types.SimpleNamespace(disable_metadata=True)
+        comfy = types.ModuleType("comfy")
+        comfy.cli_args = cli_args
+        saved = {k: sys.modules.get(k) for k in ("comfy", "comfy.cli_args")}
+        sys.modules.update({"comfy": comfy, "comfy.cli_args": cli_args})
+        try:
+            from nodes.video import AccVideoSaveVideo
+
+            first = AccVideoSaveVideo.execute(torch.zeros(3, 16, 16, 3), 24.0, "clip", 19)
+            second = AccVideoSaveVideo.execute(torch.ones(3, 16, 16, 3), 24.0, "clip", 19)
+        finally:
+            for k, v in saved.items():
+                sys.modules.pop(k, None) if v is None else sys.modules.__setitem__(k, v)
+    names = [r.ui["images"][0]["filename"] for r in (first, second)]
+    assert names == ["clip_00001_.mp4", "clip_00002_.mp4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from accvideo_core import euler_flow, flow_sigmas, sample_flow
-from accvideo_core.sampling import ACCVIDEO_STUDENT, HUNYUAN_TEACHER, PRESETS
+from accvideo_core.sampling import (
+    ACCVIDEO_STUDENT, HUNYUAN_TEACHER, PRESETS, NonFiniteLatentError, check_settings, sampling_min_bytes, seeded_noise,
+)
 from accvideo_core.testing import tiny_inputs, tiny_transformer
 
 # The official schedule's sigmas and timesteps (provenance: tests/data/README.md).
@@ -113,3 +115,47 @@ def test_sample_flow_real_cfg():
     torch.testing.assert_close(out, inp["latents"] - 0.5 * (v_neg + 4.0 * (v_pos - v_neg)), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="needs a negative"):
         sample_flow(model, inp["latents"], sigmas, **cond, cfg_scale=4.0)
+
+
+def test_seeded_noise_is_per_seed_cpu_randn_in_any_batch():
+    """The one seeded-noise formula: row i = randn(shape, manual_seed(seed_i)), independent of the batch."""
+    noise = seeded_noise((16, 2, 4, 4), [7, 8, 9])
+    assert noise.shape == (3, 16, 2, 4, 4)
+    for row, seed in zip(noise, [7, 8, 9]):
+        assert torch.equal(row, torch.randn(16, 2, 4, 4, generator=torch.Generator().manual_seed(seed)))
+    assert torch.equal(seeded_noise((16, 2, 4, 4), [8])[0], noise[1])
+    # ComfyUI's prepare_noise for a batch of one: torch.randn(latent.size(), generator=manual_seed(seed))
+    assert torch.equal(seeded_noise((16, 2, 4, 4), [8]), torch.randn(1, 16, 2, 4, 4, generator=torch.manual_seed(8)))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_settings_are_refused_up_front(bad):
+    with pytest.raises(ValueError, match="shift must be a finite number"):
+        flow_sigmas(5, bad)
+    with pytest.raises(ValueError, match="guidance must be a finite number"):
+        check_settings(guidance=bad)
+    check_settings(shift=7.0, guidance=6.0)
+
+
+def test_a_non_finite_latent_stops_sampling_at_its_step():
+    calls = []
+
+    def velocity(x, sigma):
+        calls.append(sigma)
+        return x * (float("nan") if len(calls) == 3 else 1.0)
+
+    x0 = torch.randn(1, 4)
+    with pytest.raises(NonFiniteLatentError, match="after step 3 of 5"):
+        euler_flow(velocity, x0, flow_sigmas(5), check_finite=True)
+    assert len(calls) == 3
+    calls.clear()
+    assert torch.isnan(euler_flow(velocity, x0, flow_sigmas(5))).all()  # unchecked: the caller's choice
+
+
+def test_sampling_memory_lower_bound():
+    """The bound counts tokens x hidden x (2 + mlp ratio) and the fp32 latents; it grows with the video."""
+    small = sampling_min_bytes((1, 16, 3, 6, 8), 256, compute_bytes=4)
+    assert small == 3 * 3 * 4 * 256 * 6 * 4 + 3 * 16 * 3 * 6 * 8 * 4
+    official = sampling_min_bytes((1, 16, 24, 68, 120), 3072)        # 544x960, 93 frames: fits an 80 GB GPU
+    huge = sampling_min_bytes((1, 16, 24, 1024, 1024), 3072)         # 8192x8192, 93 frames: fits nothing
+    assert official < 80 * 2**30 < huge

@@ -5,10 +5,11 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from accvideo_core.synvid.folder import SynVidWriter, main, rebuild_manifest
 from accvideo_core.synvid.format import (
-    SynVidDataset, SynVidError, SynVidSample, SynVidWriter, key_steps_for, main, read_sample, rebuild_manifest,
-    write_sample,
+    SynVidDataset, SynVidError, SynVidSample, key_steps_for, read_sample, sample_metadata, write_sample,
 )
 
 
@@ -24,6 +25,14 @@ def make_sample(seed: int = 0, *, steps: int = 10, all_steps: bool = False, fram
         pooled=torch.randn(8, generator=g), guidance=6.0, prompt=f"prompt {seed}", seed=seed, shift=7.0,
         height=32, width=48, frames=frames, source_model="tiny", source_model_hash="sha256:00",
         key_steps=key_steps_for(steps))
+
+
+def save_raw(sample: SynVidSample, path, **meta_changes) -> None:
+    """Write a sample's tensors and metadata without the writer's checks (a damaged or foreign file)."""
+    tensors = {"latents": sample.latents, "sigmas": sample.sigmas.float(), "text_states": sample.text_states,
+               "text_mask": sample.text_mask, "pooled": sample.pooled,
+               "guidance": torch.tensor([sample.guidance], dtype=torch.float32)}
+    save_file(tensors, str(path), metadata={**sample_metadata(sample), **meta_changes})
 
 
 def test_round_trip_dtypes_and_key_slices(tmp_path):
@@ -56,7 +65,10 @@ def test_validation_errors_name_the_problem(tmp_path):
         write_sample(bad, tmp_path / "x.safetensors")
     nan = make_sample()
     nan.latents[2, 0, 0, 0, 0] = float("nan")
-    write_sample(nan, tmp_path / "nan.safetensors", dtype="float32")
+    with pytest.raises(SynVidError, match="latents contains NaN"):  # never written (issue 17.4)
+        write_sample(nan, tmp_path / "nan.safetensors", dtype="float32")
+    assert not (tmp_path / "nan.safetensors").exists()
+    save_raw(nan, tmp_path / "nan.safetensors")  # as another tool could have written it
     with pytest.raises(SynVidError, match="nan.safetensors: latents contains NaN"):
         read_sample(tmp_path / "nan.safetensors")
     with pytest.raises(SynVidError, match="steps \\[3\\] are not stored"):
@@ -66,7 +78,7 @@ def test_validation_errors_name_the_problem(tmp_path):
 
 
 def test_manifest_reader_skips_and_reports_corrupt_files(tmp_path):
-    with SynVidWriter(tmp_path, dtype="float32", flush_every=2) as w:
+    with SynVidWriter(tmp_path, dtype="float32") as w:
         for i in range(4):
             w.write(make_sample(i))
         assert w.has(2, "prompt 2") and not w.has(9, "prompt 9")
@@ -105,3 +117,25 @@ def test_a_data_set_holds_one_teachers_trajectories(tmp_path):
         with pytest.raises(SynVidError, match="source_model_hash=sha256:11 differs .* separate folder"):
             w.write(other)
     assert len(SynVidDataset(tmp_path)) == 1
+
+
+def test_sigmas_and_guidance_stored_twice_must_agree(tmp_path):
+    """Issue 16: the schedule and guidance are tensors and metadata; a file where they differ is refused."""
+    s = make_sample(2)
+    save_raw(s, tmp_path / "ok.safetensors")
+    assert read_sample(tmp_path / "ok.safetensors").guidance == 6.0
+    altered = s.sigmas.clone()
+    altered[3] += 1e-3
+    save_raw(s, tmp_path / "sig.safetensors", sigmas=json.dumps(altered.tolist()))
+    with pytest.raises(SynVidError, match="sig.safetensors: the sigmas tensor and the metadata 'sigmas' differ"):
+        read_sample(tmp_path / "sig.safetensors")
+    save_raw(s, tmp_path / "g.safetensors", guidance="7.5")
+    with pytest.raises(SynVidError, match="guidance tensor \\(6.0\\) and the metadata 'guidance' \\(7.5\\)"):
+        read_sample(tmp_path / "g.safetensors")
+    save_raw(s, tmp_path / "shift.safetensors", shift="3.0")  # the schedule is not the recorded shift's
+    with pytest.raises(SynVidError, match="not the shift-3.0 flow schedule"):
+        read_sample(tmp_path / "shift.safetensors")
+    odd = make_sample(3)
+    odd.guidance = 6.1  # not exact in float32: still consistent
+    write_sample(odd, tmp_path / "odd.safetensors")
+    assert abs(read_sample(tmp_path / "odd.safetensors").guidance - 6.1) < 1e-6

@@ -19,7 +19,7 @@ import torch
 from ..latents import latent_shape, to_vae_space
 from ..models.loading import load_transformer
 from ..models.vae_loading import load_vae
-from ..sampling import HUNYUAN_TEACHER, flow_sigmas, sample_flow
+from ..sampling import HUNYUAN_TEACHER, flow_sigmas, sample_flow, seeded_noise
 from .data import BACKGROUND_COLORS, SHAPE_COLORS, SHAPES, MiniVideoConfig, parse_caption, render_clip, signed_distance
 from .text_encoder import TextEncoding, TinyTextEncoder
 
@@ -42,8 +42,7 @@ class MiniFamily:
 
     def noise(self, seeds: Sequence[int]) -> torch.Tensor:
         """Seeded model-space noise, made on the CPU like ComfyUI (and the SynVid dumper)."""
-        shape = latent_shape(VIDEO.frames, VIDEO.height, VIDEO.width)[1:]
-        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        return seeded_noise(latent_shape(VIDEO.frames, VIDEO.height, VIDEO.width)[1:], seeds)
 
     def sample(self, model: torch.nn.Module, text: TextEncoding, noise: torch.Tensor, steps: int, *,
                guidance: float = HUNYUAN_TEACHER.guidance, shift: float = HUNYUAN_TEACHER.shift) -> torch.Tensor:

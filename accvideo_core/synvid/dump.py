@@ -20,13 +20,11 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from accvideo_core.latents import latent_shape
-from accvideo_core.sampling import flow_sigmas, sample_flow
-from accvideo_core.synvid.format import (
-    SynVidError, SynVidSample, SynVidWriter, file_sha256, key_steps_for, state_dict_sha256,
-)
+from accvideo_core.sampling import ACCVIDEO_STUDENT, HUNYUAN_TEACHER, sample_flow, seeded_noise
+from accvideo_core.synvid.folder import SynVidWriter
+from accvideo_core.synvid.format import STORE_MODES, SynVidError, file_sha256, sample_identity, state_dict_sha256
+from accvideo_core.synvid.record import TeacherRun, trajectory_samples
 from accvideo_core.utils.io import LazyCheckpoint
-
 
 def load_embeddings(path: str | Path) -> dict:
     """Read a precomputed-embeddings file (see the module docstring) with clear errors."""
@@ -59,58 +57,50 @@ def load_embeddings(path: str | Path) -> dict:
 
 
 def dump_synvid(model: torch.nn.Module, embeddings: Mapping, out: str | Path, *, num: int, seed: int = 0,
-                frames: int = 93, height: int = 544, width: int = 960, steps: int = 50, shift: float = 7.0,
-                guidance: float = 6.0, segments: int = 5, store: str = "key", dtype: str = "bfloat16",
+                frames: int = 93, height: int = 544, width: int = 960, steps: int = HUNYUAN_TEACHER.steps,
+                shift: float = HUNYUAN_TEACHER.shift, guidance: float = HUNYUAN_TEACHER.guidance,
+                segments: int = ACCVIDEO_STUDENT.steps, store: str = "key", dtype: str = "bfloat16",
                 batch_size: int = 1, source_model: str = "", source_model_hash: str | None = None,
                 autocast_bf16: bool | None = None,
                 progress: Callable[[str], None] | None = None) -> SynVidWriter:
-    """Sample ``num`` teacher trajectories with ``model`` and write them as SynVid samples into ``out``."""
-    if store not in ("key", "all"):
-        raise SynVidError(f"store must be 'key' (the {segments + 1} key latents) or 'all', got {store!r}")
-    shape = latent_shape(frames, height, width)[1:]
-    sigmas = flow_sigmas(steps, shift)
-    keys = key_steps_for(steps, segments)
-    stored = keys if store == "key" else list(range(steps + 1))
-    device = next(model.parameters()).device
-    bf16 = device.type == "cuda" if autocast_bf16 is None else autocast_bf16
+    """Sample ``num`` teacher trajectories with ``model`` and write them as SynVid samples into ``out``.
+
+    The folder is checked (and its stale temporary files removed) before any sampling; samples already in it
+    (same seed and prompt, written by any writer) are skipped, so a rerun continues it.
+    """
     if source_model_hash is None:
         source_model_hash = state_dict_sha256(model.state_dict())
-    n_prompts = len(embeddings["prompts"])
-    writer = SynVidWriter(out, dtype=dtype, info={"created_by": "accvideo_core.synvid.dump"})
-    todo = [i for i in range(num) if not writer.has(seed + i, embeddings["prompts"][i % n_prompts])]
+    run = TeacherRun(frames, height, width, steps=steps, shift=shift, guidance=guidance, segments=segments,
+                     store=store, source_model=source_model, source_model_hash=source_model_hash)
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    writer = SynVidWriter(out, dtype=dtype, info={"created_by": "accvideo_core.synvid.dump"}, report=say)
+    writer.check(run.facts(embeddings["text_states"].shape[-1], embeddings["pooled"].shape[1:]))
+    device = next(model.parameters()).device
+    bf16 = device.type == "cuda" if autocast_bf16 is None else autocast_bf16
+    n_prompts = len(embeddings["prompts"])
+    done = writer.done()
+    todo = [i for i in range(num) if sample_identity(seed + i, embeddings["prompts"][i % n_prompts]) not in done]
     if len(todo) < num:
         say(f"{out}: {num - len(todo)} of {num} samples already present, continuing")
     t0 = time.perf_counter()
-    try:
-        for done, start in enumerate(range(0, len(todo), batch_size)):
-            idx = todo[start:start + batch_size]
-            rows = [i % n_prompts for i in idx]
-            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in idx])
-            recorded: dict[int, torch.Tensor] = {0: noise.clone()} if 0 in stored else {}
-
-            def record(info: dict) -> None:
-                step = info["i"] + 1
-                if step in stored:
-                    recorded[step] = info["x"].detach().to("cpu", torch.float32)
-
-            cond = {k: embeddings[k][rows].to(device) for k in ("text_states", "text_mask", "pooled")}
-            ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-            with ctx:
-                sample_flow(model, noise.to(device), sigmas, guidance=guidance, callback=record, **cond)
-            traj = torch.stack([recorded[s] for s in stored], dim=1)      # [B, S, C, T, H, W]
-            for b, i in enumerate(idx):
-                writer.write(SynVidSample(
-                    latents=traj[b], stored_steps=stored, sigmas=sigmas, text_states=cond["text_states"][b].cpu(),
-                    text_mask=cond["text_mask"][b].cpu().bool(), pooled=cond["pooled"][b].cpu(), guidance=guidance,
-                    prompt=embeddings["prompts"][rows[b]], seed=seed + i, shift=shift, height=height, width=width,
-                    frames=frames, source_model=source_model, source_model_hash=source_model_hash, key_steps=keys))
-            n_done = min(start + batch_size, len(todo))
-            rate = n_done / (time.perf_counter() - t0)
-            eta = (len(todo) - n_done) / rate if rate > 0 else 0.0
-            say(f"synvid dump {n_done}/{len(todo)} | {rate:.3g} samples/s | ETA {eta:.0f}s")
-    finally:
-        writer.close()
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start:start + batch_size]
+        rows = [i % n_prompts for i in idx]
+        noise = seeded_noise(run.latent_shape, [seed + i for i in idx])
+        recorder = run.recorder()
+        recorder.start(noise)
+        cond = {k: embeddings[k][rows].to(device) for k in ("text_states", "text_mask", "pooled")}
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with ctx:
+            sample_flow(model, noise.to(device), run.sigmas(), guidance=run.guidance, callback=recorder.on_step,
+                        check_finite=True, **cond)
+        for sample in trajectory_samples(run, recorder.stacked(), seeds=[seed + i for i in idx],
+                                         prompts=[embeddings["prompts"][r] for r in rows], **cond):
+            writer.write(sample)
+        n_done = min(start + batch_size, len(todo))
+        rate = n_done / (time.perf_counter() - t0)
+        eta = (len(todo) - n_done) / rate if rate > 0 else 0.0
+        say(f"synvid dump {n_done}/{len(todo)} | {rate:.3g} samples/s | ETA {eta:.0f}s")
     return writer
 
 
@@ -125,11 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=93)
     p.add_argument("--height", type=int, default=544)
     p.add_argument("--width", type=int, default=960)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--shift", type=float, default=7.0)
-    p.add_argument("--guidance", type=float, default=6.0)
-    p.add_argument("--segments", type=int, default=5, help="student steps m (key latents at every steps/m)")
-    p.add_argument("--store", choices=("key", "all"), default="key", help="the 6 key latents or all 51")
+    p.add_argument("--steps", type=int, default=HUNYUAN_TEACHER.steps)
+    p.add_argument("--shift", type=float, default=HUNYUAN_TEACHER.shift)
+    p.add_argument("--guidance", type=float, default=HUNYUAN_TEACHER.guidance)
+    p.add_argument("--segments", type=int, default=ACCVIDEO_STUDENT.steps,
+                   help="student steps m (key latents at every steps/m)")
+    p.add_argument("--store", choices=list(STORE_MODES), default="key",
+                   help="; ".join(f"{k}: the {v}" for k, v in STORE_MODES.items()))
     p.add_argument("--dtype", default="bfloat16", help="storage dtype: bfloat16, float16 or float32")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="auto", help="auto = cuda if available else cpu")
@@ -142,13 +134,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     info = init_distributed(args.device)  # under torchrun all ranks form one sequence-parallel group
     device = str(info.device)
+    source = args.embeddings  # the file the current step reads, named in every error line
     try:
         emb = load_embeddings(args.embeddings)
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        model = load_transformer(args.teacher, dtype=dtype, device=device)
+        source = args.teacher
+        model = load_transformer(args.teacher, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
+                                 device=device)
         with lead_sequence_parallel(model) as model:  # rank 0 dumps; the other ranks run its model calls
             if model is not None:
                 digest = args.model_hash or file_sha256(args.teacher)
+                source = args.out
                 dump_synvid(model, emb, args.out, num=args.num or len(emb["prompts"]), seed=args.seed,
                             frames=args.frames, height=args.height, width=args.width, steps=args.steps,
                             shift=args.shift, guidance=args.guidance, segments=args.segments, store=args.store,
@@ -158,12 +153,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted: the samples written so far are listed in the manifest; run again to continue",
               file=sys.stderr)
         return 130
-    except (SynVidError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (SynVidError, ValueError, OSError, FloatingPointError) as err:  # CheckpointError is a ValueError
+        print(f"error: {_one_line(err, source)}", file=sys.stderr)
         return 2
     finally:
         shutdown(info)
     return 0
+
+
+def _one_line(err: BaseException, source: str) -> str:
+    """An error as one line that names ``source`` (the file being read or written) if the message does not."""
+    msg = " ".join(str(err).split()) or type(err).__name__
+    return msg if Path(source).name in msg else f"{source}: {msg}"
 
 
 if __name__ == "__main__":

@@ -34,9 +34,10 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 
 from accvideo_core.latents import LATENT_CHANNELS, latent_shape
+from accvideo_core.sampling import flow_sigmas
 from accvideo_core.utils import dtypes
 from accvideo_core.utils.dtypes import dtype_name
-from accvideo_core.utils.io import LazyCheckpoint, save_safetensors, write_json
+from accvideo_core.utils.io import LazyCheckpoint, save_safetensors
 
 FORMAT_NAME = "synvid"
 FORMAT_VERSION = 1
@@ -68,6 +69,19 @@ def key_steps_for(steps: int, segments: int = 5) -> list[int]:
         raise SynVidError(f"teacher steps ({steps}) must be a multiple of the number of segments ({segments}) "
                           "so that the key sigmas are teacher sigmas")
     return list(range(0, steps + 1, steps // segments))
+
+
+# What a sample stores: the one vocabulary of the CLI (``--store``), the manifest (``stored``), the core dumper and
+# the ComfyUI node, whose combo shows the labels (published in saved workflows, so they never change).
+STORE_MODES = {"key": "key latents", "all": "full trajectory"}
+
+
+def stored_steps_for(steps: int, store: str, segments: int = 5) -> list[int]:
+    """Teacher steps a sample stores: the key steps (``"key"``) or every step 0..steps (``"all"``)."""
+    if store not in STORE_MODES:
+        raise SynVidError(f"store must be one of {list(STORE_MODES)} (the {segments + 1} key latents or all "
+                          f"{steps + 1}), got {store!r}")
+    return key_steps_for(steps, segments) if store == "key" else list(range(steps + 1))
 
 
 @dataclass
@@ -107,6 +121,36 @@ class SynVidSample:
         return torch.stack([self.latent_at(s) for s in self.key_steps])
 
 
+def sample_identity(seed: int, prompt: str, batch_index: int | str = 0) -> tuple[int, str, int]:
+    """What makes a sample unique in a data set: (seed, prompt, index in the sampled batch)."""
+    return int(seed), prompt, int(batch_index)
+
+
+def identity_of(sample: SynVidSample) -> tuple[int, str, int]:
+    return sample_identity(sample.seed, sample.prompt, sample.extra.get("batch_index", 0))
+
+
+def dataset_facts(sample: SynVidSample) -> dict[str, object]:
+    """The manifest's data-set wide facts this sample implies (every sample of a data set shares them)."""
+    return {"steps": sample.steps, "shift": float(sample.shift), "key_steps": list(sample.key_steps),
+            "stored": "all" if len(sample.stored_steps) == sample.steps + 1 else "key",
+            "latent_shape": list(sample.latents.shape[1:]), "text_dim": int(sample.text_states.shape[1]),
+            "pooled": list(sample.pooled.shape), "source_model": sample.source_model,
+            "source_model_hash": sample.source_model_hash}
+
+
+SHARED_FACTS = ("latent_shape", "text_dim", "pooled", "steps", "key_steps", "source_model_hash")
+
+
+def check_facts(manifest: Mapping[str, object], facts: Mapping[str, object], root: str | os.PathLike) -> None:
+    """Refuse facts that differ from the data set's (one teacher's trajectories of one shape per folder)."""
+    for key in SHARED_FACTS:
+        if key in manifest and key in facts and _norm(manifest[key]) != _norm(facts[key]):
+            raise SynVidError(f"{root}: sample {key}={facts[key]} differs from the data set's {key}={manifest[key]} "
+                              "(one data set holds one teacher's trajectories of one shape); write it into a "
+                              "separate folder")
+
+
 def sample_metadata(sample: SynVidSample) -> dict[str, str]:
     meta = {
         "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "prompt": sample.prompt,
@@ -123,18 +167,23 @@ def sample_metadata(sample: SynVidSample) -> dict[str, str]:
     return meta
 
 
-def write_sample(sample: SynVidSample, path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16") -> Path:
-    """Validate and atomically write one sample; latents, text states and pooled are stored in ``dtype``."""
+def write_sample(sample: SynVidSample, path: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16",
+                 exclusive: bool = False) -> Path:
+    """Validate and atomically write one sample; latents, text states and pooled are stored in ``dtype``.
+
+    A sample with NaN or Inf values is refused (:class:`SynVidError`), so it is never written. ``exclusive``:
+    fail with ``FileExistsError`` instead of replacing an existing file.
+    """
     if not sample.key_steps:
         sample.key_steps = key_steps_for(sample.steps)
-    check_sample(sample, source=str(path))
+    check_sample(sample, source=str(path), check_finite=True)
     dt = parse_dtype(dtype)
     tensors = {
         "latents": sample.latents.to(dt), "sigmas": sample.sigmas.to(torch.float32),
         "text_states": sample.text_states.to(dt), "text_mask": sample.text_mask.to(torch.bool),
         "pooled": sample.pooled.to(dt), "guidance": torch.tensor([float(sample.guidance)], dtype=torch.float32),
     }
-    return save_safetensors(tensors, path, metadata=sample_metadata(sample))
+    return save_safetensors(tensors, path, metadata=sample_metadata(sample), overwrite=not exclusive)
 
 
 def _meta_int_list(meta: Mapping[str, str], key: str, source: str) -> list[int]:
@@ -191,7 +240,26 @@ def read_sample(path: str | os.PathLike, *, steps: Sequence[int] | None = None, 
         extra={k: v for k, v in meta.items() if k not in REQUIRED_METADATA},
     )
     check_sample(sample, source=src, expect=expect, check_finite=check_finite, n_stored=None if steps else len(stored))
+    _check_recorded_twice(meta, sample, src)
     return sample
+
+
+def _check_recorded_twice(meta: Mapping[str, str], sample: SynVidSample, src: str) -> None:
+    """Sigmas and guidance are stored as tensors and as metadata: both must say the same."""
+    try:
+        meta_sigmas = torch.tensor(json.loads(meta["sigmas"]), dtype=torch.float32)
+        meta_guidance = float(meta["guidance"])
+        meta_steps = int(meta["steps"])
+    except (ValueError, TypeError) as err:
+        raise SynVidError(f"{src}: metadata sigmas/guidance/steps unreadable ({err})") from err
+    if meta_sigmas.shape != sample.sigmas.shape or not torch.equal(meta_sigmas, sample.sigmas):
+        raise SynVidError(f"{src}: the sigmas tensor and the metadata 'sigmas' differ; the file was altered or "
+                          "written by another tool")
+    if float(torch.tensor(meta_guidance, dtype=torch.float32)) != sample.guidance:  # the tensor is float32
+        raise SynVidError(f"{src}: the guidance tensor ({sample.guidance}) and the metadata 'guidance' "
+                          f"({meta_guidance}) differ")
+    if meta_steps != sample.steps:
+        raise SynVidError(f"{src}: metadata steps={meta_steps} but the sigmas tensor has {sample.steps} steps")
 
 
 def _check_metadata(meta: Mapping[str, str], src: str) -> None:
@@ -225,6 +293,10 @@ def check_sample(sample: SynVidSample, *, source: str = "sample", expect: Mappin
     if abs(float(sig[0]) - 1.0) > 1e-6 or abs(float(sig[-1])) > 1e-6 or not bool((sig[1:] < sig[:-1]).all()):
         fail("sigmas must decrease strictly from 1 to 0")
     steps = sig.numel() - 1
+    if not (math.isfinite(sample.shift) and sample.shift > 0):
+        fail(f"shift must be a finite number > 0, got {sample.shift}")
+    if not torch.allclose(sig.float(), flow_sigmas(steps, sample.shift), atol=1e-5, rtol=0):
+        fail(f"sigmas are not the shift-{sample.shift} flow schedule of {steps} steps that the teacher samples")
     if any(s < 0 or s > steps for s in sample.stored_steps) or len(set(sample.stored_steps)) != len(
             sample.stored_steps):
         fail(f"stored_steps {sample.stored_steps} must be distinct teacher steps in 0..{steps}")
@@ -268,86 +340,7 @@ def _norm(v: object) -> object:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Manifest + writer
-
-
-def sample_filename(index: int) -> str:
-    return f"{SAMPLES_DIR}/{index:06d}.safetensors"
-
-
-class SynVidWriter:
-    """Writes samples into a data-set folder and keeps ``manifest.json`` up to date (atomically).
-
-    Re-opening an existing folder continues it: ``has(seed, prompt)`` tells a dumper what is already there.
-    The manifest is rewritten every ``flush_every`` samples and on :meth:`close`; samples written after the last
-    flush are found again by :func:`rebuild_manifest`.
-    """
-
-    def __init__(self, root: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16", flush_every: int = 16,
-                 info: Mapping[str, object] | None = None):
-        self.root = Path(root)
-        self.dtype = parse_dtype(dtype)
-        self.flush_every = max(1, int(flush_every))
-        manifest_path = self.root / MANIFEST_NAME
-        if manifest_path.is_file():
-            self.manifest = load_manifest(self.root)
-        else:
-            self.manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dtype": dtype_name(self.dtype),
-                             "samples": []}
-        if info:
-            self.manifest.update({k: v for k, v in info.items() if k not in ("samples", "format", "format_version")})
-        self._pending = 0
-        self._done = {(e["seed"], e["prompt"]) for e in self.manifest["samples"]}
-
-    def __enter__(self) -> "SynVidWriter":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __len__(self) -> int:
-        return len(self.manifest["samples"])
-
-    def has(self, seed: int, prompt: str) -> bool:
-        return (int(seed), prompt) in self._done
-
-    def write(self, sample: SynVidSample) -> Path:
-        index = len(self.manifest["samples"])
-        rel = sample_filename(index)
-        self._describe(sample)
-        path = write_sample(sample, self.root / rel, dtype=self.dtype)
-        self.manifest["samples"].append(_manifest_entry(sample, rel, path))
-        self._done.add((int(sample.seed), sample.prompt))
-        self._pending += 1
-        if self._pending >= self.flush_every:
-            self.flush()
-        return path
-
-    def _describe(self, sample: SynVidSample) -> None:
-        m = self.manifest
-        facts = {"steps": sample.steps, "shift": float(sample.shift), "key_steps": list(sample.key_steps),
-                 "stored": "all" if len(sample.stored_steps) == sample.steps + 1 else "key",
-                 "latent_shape": list(sample.latents.shape[1:]), "text_dim": int(sample.text_states.shape[1]),
-                 "pooled": list(sample.pooled.shape), "source_model": sample.source_model,
-                 "source_model_hash": sample.source_model_hash}
-        for k, v in facts.items():
-            if k in m and m[k] != v and k in ("latent_shape", "text_dim", "pooled", "steps", "key_steps",
-                                                  "source_model_hash"):
-                raise SynVidError(f"{self.root}: sample {k}={v} differs from the data set's {k}={m[k]} (one "
-                                  "data set holds one teacher's trajectories of one shape); write it into a "
-                                  "separate folder")
-            m.setdefault(k, v)
-
-    def flush(self) -> None:
-        write_json(self.manifest, self.root / MANIFEST_NAME)
-        self._pending = 0
-
-    def close(self) -> None:
-        self.flush()
-
-
-def _manifest_entry(sample: SynVidSample, rel: str, path: Path) -> dict:
-    return {"file": rel, "prompt": sample.prompt, "seed": int(sample.seed), "bytes": path.stat().st_size}
+# Reader
 
 
 def load_manifest(root: str | os.PathLike) -> dict:
@@ -363,38 +356,6 @@ def load_manifest(root: str | os.PathLike) -> dict:
         raise SynVidError(f"{path}: manifest version {manifest.get('format_version')!r} is not supported "
                           f"(this code reads version {FORMAT_VERSION})")
     return manifest
-
-
-def rebuild_manifest(root: str | os.PathLike) -> dict:
-    """Recreate ``manifest.json`` from the sample files (after a crash between flushes, or by hand)."""
-    root = Path(root)
-    writer_manifest: dict = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "samples": []}
-    bad = []
-    expect: dict[str, object] | None = None
-    for path in sorted((root / SAMPLES_DIR).glob("*.safetensors")):
-        try:
-            s = read_sample(path, check_finite=False, expect=expect)
-        except SynVidError as err:
-            bad.append(str(err))
-            continue
-        if expect is None:
-            expect = {"latent": tuple(s.latents.shape[1:]), "text_dim": int(s.text_states.shape[1]),
-                      "pooled": tuple(s.pooled.shape)}
-        writer_manifest.setdefault("dtype", dtype_name(s.latents.dtype))
-        for k, v in {"steps": s.steps, "shift": s.shift, "key_steps": s.key_steps,
-                     "latent_shape": list(s.latents.shape[1:]), "text_dim": int(s.text_states.shape[1]),
-                     "pooled": list(s.pooled.shape), "source_model": s.source_model,
-                     "source_model_hash": s.source_model_hash}.items():
-            writer_manifest.setdefault(k, v)
-        writer_manifest["samples"].append(_manifest_entry(s, path.relative_to(root).as_posix(), path))
-    write_json(writer_manifest, root / MANIFEST_NAME)
-    for msg in bad:
-        warnings.warn(f"SynVid rebuild skipped a bad file: {msg}", stacklevel=2)
-    return writer_manifest
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reader
 
 
 class SynVidDataset:
@@ -445,14 +406,6 @@ def _warn_bad(index: int, err: SynVidError) -> None:
     warnings.warn(f"skipping corrupt SynVid sample: {err}", stacklevel=3)
 
 
-def verify(root: str | os.PathLike) -> tuple[int, list[str]]:
-    """Read every sample of a data set; return (number of good samples, error messages of the bad ones)."""
-    ds = SynVidDataset(root)
-    bad: list[str] = []
-    good = sum(1 for _ in ds.iter_valid(on_error=lambda i, e: bad.append(str(e))))
-    return good, bad
-
-
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     """``sha256:<hex>`` of a file (the source-model hash recorded in every sample)."""
     h = hashlib.sha256()
@@ -472,25 +425,7 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
+if __name__ == "__main__":  # the documented command line; it lives with the folder tools
+    from accvideo_core.synvid.folder import main
 
-    parser = argparse.ArgumentParser(prog="python -m accvideo_core.synvid.format",
-                                     description="Check or repair a SynVid data-set folder.")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("verify", help="read every sample and report the bad ones").add_argument("root")
-    sub.add_parser("rebuild", help="recreate manifest.json from the sample files").add_argument("root")
-    args = parser.parse_args(argv)
-    if args.cmd == "rebuild":
-        manifest = rebuild_manifest(args.root)
-        print(f"{args.root}: manifest lists {len(manifest['samples'])} samples")
-        return 0
-    good, bad = verify(args.root)
-    for msg in bad:
-        print(f"BAD  {msg}")
-    print(f"{args.root}: {good} good, {len(bad)} bad")
-    return 1 if bad else 0
-
-
-if __name__ == "__main__":
     raise SystemExit(main())

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from accvideo_core.sampling import seeded_noise
 from accvideo_core.synvid.format import SynVidDataset, SynVidError
 
 Record = dict[str, torch.Tensor]  # one sample: key_latents [m+1, C, T, H, W], text_states, text_mask, pooled, guidance
@@ -121,8 +122,4 @@ class SampleStream:
 
 def noise_for(uids: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Gaussian noise per sample, a pure function of (seed, sample uid): identical for any rank layout."""
-    out = []
-    for uid in uids.tolist():
-        g = torch.Generator().manual_seed((seed * 1_000_003 + int(uid)) % (2 ** 63))
-        out.append(torch.randn(shape, generator=g))
-    return torch.stack(out)
+    return seeded_noise(shape, [(seed * 1_000_003 + int(uid)) % (2 ** 63) for uid in uids.tolist()])

@@ -393,6 +393,21 @@ def test_dump_rejects_prefix_leaving_output(comfy_api):
     assert not (comfy_api.output.parent / "outside_synvid").exists()
 
 
+def test_non_finite_values_are_refused_before_sampling(comfy_api):
+    """NaN passes ComfyUI's min/max check (every comparison is false): the nodes refuse it before any step."""
+    wf = tiny(api_twin("accvideo_synvid_dump"))
+    dump, = nodes_of(wf, "AccVideoTrajectoryDump")
+    wf[dump]["inputs"].update(filename_prefix="synvid/nan_test", guidance=float("nan"))
+    err = error_of(comfy_api.run(wf))
+    assert err is not None and "guidance must be a finite number" in err, err
+    assert not (comfy_api.output / "synvid/nan_test").exists()
+    wf = tiny(api_twin("accvideo_t2v"))
+    sampler, = nodes_of(wf, "AccVideoSampler")
+    wf[sampler]["inputs"]["shift"] = float("inf")
+    err = error_of(comfy_api.run(wf))
+    assert err is not None and "shift must be a finite number" in err, err
+
+
 def test_headless_builder_against_real_server(comfy_api, tmp_path):
     from accvideo_core.synvid import build
     from accvideo_core.synvid.format import SynVidDataset
