@@ -64,7 +64,6 @@ def check_fits(model: Any, latent: dict, host_bytes: int = 0) -> None:
     (``accvideo_core.sampling.sampling_min_bytes``, a lower bound) or whose recording exceeds the free RAM."""
     import comfy.model_management as mm
 
-    from accvideo_core.models.vae_hunyuan_video import free_device_memory
     from accvideo_core.sampling import sampling_min_bytes
 
     net = model.model.diffusion_model
@@ -81,7 +80,7 @@ def check_fits(model: Any, latent: dict, host_bytes: int = 0) -> None:
         raise ValueError(f"latent_image {shape} is too large: one transformer step needs at least {need / 2**30:.1f} "
                          f"GiB but {device} has {total / 2**30:.1f} GiB in all; use a smaller width, height or "
                          "length (or batch size)")
-    free_host = free_device_memory(torch.device("cpu"))
+    free_host = mm.get_free_memory(torch.device("cpu"))
     if host_bytes > free_host:
         raise ValueError(f"recording the trajectory of latent_image {shape} needs {host_bytes / 2**30:.1f} GiB of "
                          f"RAM, {free_host / 2**30:.1f} GiB are free; store the key latents only or make the video "

@@ -193,7 +193,8 @@ class AccVideoTrajectoryDump(io.ComfyNode):
                                tooltip="Storage precision of latents and text states (sigmas stay float32)."),
                 io.String.Input("prompt", optional=True, force_input=True, multiline=True,
                                 tooltip="The prompt text, stored in the sample (connect the string that feeds "
-                                        "CLIPTextEncode)."),
+                                        "CLIPTextEncode). With it, a re-run of the same seed and prompt adds "
+                                        "nothing to the data set."),
             ],
             outputs=[io.Latent.Output(tooltip="The teacher's final latent (VAE space).")],
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],

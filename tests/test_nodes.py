@@ -351,6 +351,7 @@ def test_size_that_cannot_fit_is_refused_before_allocating(monkeypatch):
     """8192x8192 at 93 frames needs more than any device holds: a clear error, nothing allocated."""
     mm = types.ModuleType("comfy.model_management")
     mm.get_total_memory = lambda device: 80 * 2**30
+    mm.get_free_memory = lambda device: 16 * 2**30
     comfy = types.ModuleType("comfy")
     comfy.model_management = mm
     monkeypatch.setitem(sys.modules, "comfy", comfy)

@@ -108,3 +108,17 @@ def test_dump_refuses_a_bad_folder_and_nan_before_sampling(tmp_path, capsys):
         type(teacher).forward = real_forward
     assert calls == [], "the teacher ran before the input was refused"
     assert len(SynVidDataset(tmp_path / "syn")) == 1
+
+
+def test_build_cli_turns_unreadable_inputs_into_one_line_and_exit_2(tmp_path, capsys):
+    from accvideo_core.synvid import build
+
+    wf = Path(__file__).resolve().parents[1] / "workflows/api/accvideo_synvid_dump_api.json"
+    (tmp_path / "latin1.txt").write_bytes(b"un caf\xe9\n")
+    (tmp_path / "broken.json").write_text("{")
+    cases = [(str(wf), str(tmp_path / "missing.txt"), "missing.txt"), (str(wf), str(tmp_path / "latin1.txt"),
+             "latin1.txt"), (str(tmp_path / "broken.json"), str(tmp_path / "latin1.txt"), "broken.json")]
+    for workflow, prompts, named in cases:
+        rc = build.main(["--server", "http://127.0.0.1:9", "--workflow", workflow, "--prompts", prompts])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and named in err[0], err

@@ -135,6 +135,11 @@ def test_same_sample_twice_is_written_once(tmp_path):
         again = w.write(make_sample(5))
         assert w.has(5, "prompt 5") and not w.has(5, "prompt 5", batch_index=1)
     assert first == again and len(SynVidDataset(tmp_path)) == 1 and "not written twice" in reports[0]
+    untitled = make_sample(6)
+    untitled.prompt = ""  # no prompt text: nothing identifies it, so it is never taken for a duplicate
+    with SynVidWriter(tmp_path, dtype="float32") as w:
+        assert w.write(untitled) != w.write(untitled) and not w.has(6, "")
+    assert len(SynVidDataset(tmp_path)) == 3
 
 
 def test_stale_temp_files_are_reported_and_removed(tmp_path, capsys):

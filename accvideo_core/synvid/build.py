@@ -164,7 +164,7 @@ def make_prompt(workflow: dict, targets: tuple[str, str, str], job: Job) -> dict
 def read_jobs(path: str | Path, seed: int, fixed_seed: bool) -> list[Job]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as err:
+    except (OSError, UnicodeDecodeError) as err:
         raise BuildError(f"cannot read the prompts file {path}: {err}") from err
     return [Job(i + 1, text.strip(), seed if fixed_seed else seed + i) for i, text in enumerate(lines)
             if text.strip()]
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = read_jobs(args.prompts, args.seed, args.fixed_seed)
         state = Path(args.state) if args.state else Path(args.prompts).with_suffix(".build.jsonl")
         counts = build(ComfyClient(args.server), workflow, jobs, state, max_queued=args.max_queued, poll=args.poll)
-    except BuildError as err:
+    except (BuildError, OSError) as err:  # OSError: the state file cannot be written
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

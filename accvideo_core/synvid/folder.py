@@ -28,7 +28,8 @@ import torch
 
 from accvideo_core.synvid.format import (
     FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SAMPLES_DIR, SynVidDataset, SynVidError, SynVidSample, check_facts,
-    check_sample, dataset_facts, dtype_name, identity_of, load_manifest, parse_dtype, read_sample, sample_identity, write_sample,
+    check_sample, dataset_facts, dtype_name, identity_of, load_manifest, parse_dtype, read_sample, sample_identity,
+    write_sample,
 )
 from accvideo_core.utils.io import write_json
 
@@ -192,7 +193,8 @@ class SynVidWriter:
         return {_entry_identity(e) for e in self.manifest["samples"]}
 
     def has(self, seed: int, prompt: str, batch_index: int = 0) -> bool:
-        return sample_identity(seed, prompt, batch_index) in self.done()
+        """Whether this sample is in the folder; never true without prompt text (nothing to identify it by)."""
+        return bool(prompt) and sample_identity(seed, prompt, batch_index) in self.done()
 
     def check(self, facts: Mapping[str, object]) -> None:
         """Refuse, before any sampling, facts (``dataset_facts`` keys) that differ from the data set's."""
@@ -202,13 +204,16 @@ class SynVidWriter:
         check_facts(self.manifest, facts, self.root)
 
     def entry(self, seed: int, prompt: str, batch_index: int = 0) -> dict | None:
-        """The manifest entry of a sample identity, or None."""
+        """The manifest entry of a sample identity, or None (always None without prompt text)."""
+        if not prompt:
+            return None
         want = sample_identity(seed, prompt, batch_index)
         return next((e for e in self.manifest["samples"] if _entry_identity(e) == want), None)
 
     def write(self, sample: SynVidSample) -> Path:
-        """Validate and add one sample; returns its file. A sample whose identity is already in the folder is
-        not written again (its existing file is returned, with a report). A refused sample changes nothing."""
+        """Validate and add one sample; returns its file. A sample whose identity (seed, prompt text, batch
+        index) is already in the folder is not written again (its existing file is returned, with a report);
+        samples without prompt text are always written. A refused sample changes nothing."""
         check_sample(sample, source=str(self.root), check_finite=True)  # a refused sample never takes the lock
         with folder_lock(self.root):
             on_disk = self._sync()
@@ -290,7 +295,7 @@ def verify(root: str | os.PathLike, report: Report | None = None) -> tuple[int, 
             problems.append("listed twice in the manifest")
         seen_files.add(entry["file"])
         ident = _entry_identity(entry)
-        if ident in seen_ids:
+        if entry["prompt"] and ident in seen_ids:
             problems.append(f"same seed, prompt and batch index as {seen_ids[ident]} (a duplicate)")
         seen_ids.setdefault(ident, entry["file"])
         try:
