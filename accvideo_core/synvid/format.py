@@ -36,7 +36,6 @@ import torch
 from accvideo_core.latents import LATENT_CHANNELS, latent_shape
 from accvideo_core.sampling import flow_sigmas
 from accvideo_core.utils import dtypes
-from accvideo_core.utils.dtypes import dtype_name
 from accvideo_core.utils.io import LazyCheckpoint, save_safetensors
 
 FORMAT_NAME = "synvid"
