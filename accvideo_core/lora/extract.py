@@ -243,10 +243,16 @@ def _extract_one(key: str, diff: torch.Tensor, base_norm: float, rank: int, svd:
     up, down = _low_rank(matrix, r, svd)
     rel_error = float(torch.addmm(matrix, up, down, alpha=-1).norm()) / norm
     extra = (1,) * (diff.ndim - 2)
-    tensors = {f"{prefix}.lora_up.weight": up.reshape(rows, r, *extra).contiguous(),
-               f"{prefix}.lora_down.weight": down.reshape(r, *diff.shape[1:]).contiguous(),
-               f"{prefix}.alpha": torch.tensor(float(r))}
+    tensors = low_rank_tensors(module, up.reshape(rows, r, *extra).contiguous(),
+                               down.reshape(r, *diff.shape[1:]).contiguous(), float(r))
     return LayerResult(key, "lora", rank=r, rel_error=rel_error, rel_change=rel_change), tensors
+
+
+def low_rank_tensors(module: str, up: torch.Tensor, down: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
+    """The file keys of one module's factor pair, named so native ComfyUI and our loader both load them."""
+    prefix = f"{comfy_names.COMFY_PREFIX}{comfy_names.lora_name_for_comfy(module)}"
+    return {f"{prefix}.lora_up.weight": up, f"{prefix}.lora_down.weight": down,
+            f"{prefix}.alpha": torch.tensor(float(alpha))}
 
 
 def progress_printer(stream=None, *, every: float = 0.5, label: str = "extract") -> Progress:

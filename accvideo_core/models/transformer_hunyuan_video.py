@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from .. import kernels
 from .attention import attention
@@ -401,6 +401,8 @@ class HunyuanVideoTransformer3D(nn.Module):
         self.final_layer = FinalLayer(dim, math.prod(c.patch_size) * c.out_channels)
         self.gradient_checkpointing = False
         self.sequence_parallel: SequenceParallel | None = None
+        # torch.utils.checkpoint ``context_fn`` (LoRA adapters: the recompute sees the forward's adapter switch)
+        self.checkpoint_context_fn: Callable[[], tuple] = noop_context_fn
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -516,7 +518,7 @@ class HunyuanVideoTransformer3D(nn.Module):
     # ------------------------------------------------------------------ blocks
     def _call(self, block: nn.Module, *args: Any):
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
+            return checkpoint(block, *args, use_reentrant=False, context_fn=self.checkpoint_context_fn)
         return block(*args)
 
     def _run_blocks(self, p: _Prepared, layers: int) -> torch.Tensor:

@@ -13,11 +13,18 @@ from typing import Any, Optional, Sequence
 from accvideo_core.utils.dtypes import names_for
 
 
+LORA_TARGETS = ("double_blocks.*", "single_blocks.*")  # every linear layer of the blocks, modulation included
+
+
 @dataclass
 class ModelConfig:
     teacher: str = ""                       # teacher checkpoint (any layout load_transformer reads)
     teacher_dtype: str = "auto"             # frozen teacher weights: auto = bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = True     # student and (for the adversarial path) teacher
+    lora_rank: int = 0                      # 0 = full fine-tune; r > 0 = rank-r adapters on one frozen base (LoRA mode)
+    lora_alpha: float = 0.0                 # adapter scale = alpha / rank; 0 = alpha equal to the rank (scale 1)
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # fnmatch patterns of linear layers
+    lora_init: str = ""                     # start the adapters from a LoRA file (any format accvideo_core.lora reads)
 
 
 @dataclass
@@ -82,6 +89,7 @@ class LogConfig:
     ckpt_every: int = 100                   # 0 = only at the end (and on Ctrl-C)
     keep_checkpoints: int = 2
     save_dtype: str = "bf16"                # dtype of the exported student safetensors
+    export_merged: bool = True              # LoRA mode: also write the merged student.safetensors
     plot: bool = True
 
 
@@ -140,6 +148,10 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             raise ConfigError(f"{where} must be a list of two numbers, got {value!r}")
         return tuple(float(v) for v in value)
+    if "list[str]" in text:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+        return list(value)
     if "list" in text:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) for v in value):
             raise ConfigError(f"{where} must be a list of integers (or null), got {value!r}")
@@ -188,6 +200,13 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("loss.lambda_adv must be >= 0")
     if cfg.runtime.sequence_parallel < 1:
         raise ConfigError(f"runtime.sequence_parallel must be >= 1, got {cfg.runtime.sequence_parallel}")
+    mc = cfg.model
+    if mc.lora_rank < 0 or mc.lora_alpha < 0:
+        raise ConfigError("model.lora_rank and model.lora_alpha must be >= 0 (lora_rank 0 = full fine-tune)")
+    if mc.lora_rank == 0 and mc.lora_init:
+        raise ConfigError("model.lora_init needs model.lora_rank > 0 (the rank of the adapters it initialises)")
+    if mc.lora_rank and not mc.lora_targets:
+        raise ConfigError(f"model.lora_targets is empty; e.g. {list(LORA_TARGETS)}")
 
 
 def check_batching(cfg: TrainConfig, world_size: int) -> int:

@@ -20,6 +20,8 @@ import torch
 
 from accvideo_core.latents import latent_shape
 from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig
+from accvideo_core.lora.adapters import target_names
+from accvideo_core.train.config import LORA_TARGETS
 from accvideo_core.train.heads import DiscriminatorHead
 
 GB = 1e9
@@ -80,7 +82,9 @@ def forward_flops(model: HunyuanVideoTransformer3D, image_tokens: int, text_toke
 
 
 def estimate(config: TransformerConfig, *, frames: int, height: int, width: int, gpus: int, sp: int = 1,
-             text_tokens: int = 256, ema: bool = False, segments: int = 5, head_width: int = 256) -> Estimate:
+             text_tokens: int = 256, ema: bool = False, segments: int = 5, head_width: int = 256,
+             lora_rank: int = 0) -> Estimate:
+    """``lora_rank > 0``: the LoRA mode (one frozen bf16 base; fp32 adapters with gradients and AdamW states)."""
     if gpus % sp or config.num_heads % sp:
         raise ValueError(f"sp {sp} must divide the number of GPUs ({gpus}) and of attention heads "
                          f"({config.num_heads})")
@@ -100,6 +104,13 @@ def estimate(config: TransformerConfig, *, frames: int, height: int, width: int,
         "AdamW states": 8 * p / gpus, "teacher bf16": 2 * p / gpus, "heads (replicated)": 16 * heads,
         "unsharded blocks in flight": 2 * 2 * biggest_block,
     }
+    if lora_rank:
+        adapters = sum(lora_rank * sum(model.get_submodule(n).weight.shape)
+                       for n in target_names(model, LORA_TARGETS))
+        static = {"base bf16 (frozen, teacher = student)": 2 * p / gpus,
+                  f"adapters r{lora_rank} fp32 weights+grads+AdamW": 16 * adapters / gpus,
+                  "heads (replicated)": 16 * heads,
+                  "unsharded blocks in flight": 2 * 2 * biggest_block if gpus > 1 else 0}  # 1 GPU: no FSDP
     if ema:
         static["EMA fp32"] = 4 * p / gpus
     # one bf16 [tokens, hidden] tensor of an SP rank: 1/sp of the image tokens (rounded up), every text token
@@ -151,8 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=PAPER_ITERATIONS)
     ap.add_argument("--tflops", type=float, default=SUSTAINED_TFLOPS, help="sustained bf16 TFLOP/s per GPU")
     ap.add_argument("--plan", action="store_true", help="the 544p / 720p table over GPU and SP layouts")
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="LoRA mode: adapter rank (prints 544x960x93 and 720x1280x129 on 1 and 8 GPUs)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.lora_rank:
+        return _lora_table(args.lora_rank, args.sp, args.json)
     if args.plan:
         rows = plan_rows(args.tflops, args.iterations)
         print(json.dumps(rows, indent=2)) if args.json else _print_plan(rows, args.tflops, args.iterations)
@@ -176,6 +191,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  one forward {e.forward_flops / 1e15:.2f} PFLOP; {args.iterations} iterations x 32 samples x "
           f"{args.segments} segments x {FORWARDS_PER_SEGMENT} forward-equivalents at {args.tflops:g} TFLOP/s per "
           f"GPU: {days:.1f} days (communication not counted)")
+    return 0
+
+
+CARDS_GB = (80, 141)
+
+
+def _lora_table(rank: int, sp: int, as_json: bool) -> int:
+    """LoRA mode at 544p and 720p, on 1 and 8 GPUs, with the verdict for 80 and 141 GB cards."""
+    rows = []
+    for frames, height, width in PLAN_VIDEOS:
+        for gpus in (g for g in (1, 8) if g % sp == 0):   # SP splits a sample over GPUs: sp must divide them
+            e = estimate(TransformerConfig(), frames=frames, height=height, width=width, gpus=gpus, sp=sp,
+                         lora_rank=rank)
+            rows.append({"video": f"{width}x{height}x{frames}", "gpus": gpus, "tokens": e.tokens,
+                         "static_gb": sum(e.static.values()), "activations_gb": max(e.activations.values()),
+                         "peak_gb": e.peak, "fits": {str(c): e.peak <= c for c in CARDS_GB}, "detail": e.static})
+    if as_json:
+        print(json.dumps({"lora_rank": rank, "sp": sp, "rows": rows}, indent=2))
+        return 0
+    print(f"LoRA mode, rank {rank}: one frozen bf16 base (teacher = student), fp32 adapters + AdamW, per-block "
+          f"gradient checkpointing, micro-batch 1, SP degree {sp}; GB per GPU (10^9 bytes)")
+    print(f"{'video':<16}{'GPUs':>5}{'static':>9}{'activ.':>9}{'peak':>9}   " +
+          "   ".join(f"{c} GB card" for c in CARDS_GB))
+    for r in rows:
+        verdict = "   ".join(f"{'fits' if r['peak_gb'] <= c else 'no':<4} ({c - r['peak_gb']:+6.1f})"
+                             for c in CARDS_GB)
+        print(f"{r['video']:<16}{r['gpus']:>5}{r['static_gb']:9.2f}{r['activations_gb']:9.2f}{r['peak_gb']:9.2f}"
+              f"   {verdict}")
+    print("(spare GB in brackets; the CUDA context, NCCL buffers and allocator fragmentation take several GB of a "
+          "nominal fit. Activations dominate: what does not fit needs sequence parallelism over several GPUs "
+          "(--sp) or CPU offload of the checkpointed block inputs)")
     return 0
 
 

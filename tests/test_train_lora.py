@@ -1,0 +1,243 @@
+"""The trainer's LoRA mode: adapters (PEFT as the oracle), the on/off switch under gradient checkpointing, exports
+that our loader and native ComfyUI read, lora_init, and the bad inputs refused before training."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from accvideo_core.lora import LoraStack, extract, load_lora
+from accvideo_core.lora.adapters import add_adapters, merge_adapters
+from accvideo_core.testing import tiny_transformer
+from accvideo_core.train import lora_mode
+from accvideo_core.train.config import ConfigError, config_from_dict
+from accvideo_core.utils.io import save_safetensors
+
+TARGETS = ["double_blocks.*", "single_blocks.*"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _inputs(model, b: int = 2, seed: int = 3) -> tuple:
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c.in_channels, 2, 4, 6, generator=g)
+    text = torch.randn(b, 5, c.text_dim, generator=g)
+    mask = torch.ones(b, 5)
+    mask[0, 3:] = 0
+    return x, torch.tensor([900.0, 400.0][:b]), text, mask, torch.randn(b, c.pooled_dim, generator=g), 6.0
+
+
+def _randomize_up(adapters, seed: int = 7, std: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in adapters.names:
+            up = adapters.model.get_submodule(name).lora_up
+            up.copy_(torch.randn(up.shape, generator=g) * std)
+
+
+def _adapted(rank: int = 4, alpha: float | None = 8.0, seed: int = 0, **kw):
+    model = tiny_transformer(seed=seed, **kw)
+    adapters = add_adapters(model, rank=rank, alpha=alpha, targets=TARGETS)
+    _randomize_up(adapters)
+    return model, adapters
+
+
+def test_adapters_equal_peft_and_start_as_the_base():
+    peft = pytest.importorskip("peft")
+    base = tiny_transformer(seed=0)
+    model, adapters = _adapted()
+    # every linear layer of the blocks, modulation included; nothing else
+    linears = {n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(adapters.names) == {n for n in linears if n.startswith(("double_blocks.", "single_blocks."))}
+    assert any(n.endswith("img_mod.linear") for n in adapters.names)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    assert sum(p.numel() for p in adapters.parameters()) == sum(
+        4 * sum(base.get_submodule(n).weight.shape) for n in adapters.names)
+    # oracle: PEFT's LoRA layers on a copy of the base, same factors (PEFT picks the layers from its regex)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                             exclude_modules=r"(?!(double|single)_blocks\.).*")
+    oracle = peft.inject_adapter_in_model(config, tiny_transformer(seed=0))
+    wrapped = {n.removesuffix(".base_layer") for n, _ in oracle.named_modules() if n.endswith(".base_layer")}
+    assert wrapped == set(adapters.names)
+    with torch.no_grad():
+        for name in adapters.names:
+            ours = model.get_submodule(name)
+            theirs = oracle.get_submodule(name)
+            theirs.lora_A["default"].weight.copy_(ours.lora_down)
+            theirs.lora_B["default"].weight.copy_(ours.lora_up)
+        x = _inputs(model)
+        got, want = model(*x), oracle(*x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        with adapters.disabled():
+            torch.testing.assert_close(model(*x), base(*x), rtol=0, atol=0)
+        assert (got - base(*x)).abs().max() > 1e-3  # the adapters do change the output
+    fresh = add_adapters(tiny_transformer(seed=0), rank=4, targets=TARGETS)  # lora_up = 0: starts as the base
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.model(*x), base(*x), rtol=0, atol=0)
+
+
+def _mixed_graph_grads(model, adapters, checkpointing: bool) -> list[torch.Tensor]:
+    """The adversarial pattern: adapters-on student step, then adapters-off features of its output, one backward."""
+    model.enable_gradient_checkpointing(checkpointing)
+    for p in adapters.parameters():
+        p.grad = None
+    x, t, text, mask, pooled, g = _inputs(model)
+    fake = x + 0.3 * model(x, t, text, mask, pooled, g)
+    with adapters.disabled():
+        feats = model.image_features(fake, t * 0.5, text, mask, pooled, g, layer=3)
+    (feats.square().mean() + fake.square().mean()).backward()
+    return [p.grad.clone() for p in adapters.parameters()]
+
+
+def test_checkpoint_recompute_sees_the_switch_of_its_forward():
+    model, adapters = _adapted()
+    plain = _mixed_graph_grads(model, adapters, checkpointing=False)
+    ckpt = _mixed_graph_grads(model, adapters, checkpointing=True)
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+    # without the checkpoint context the recompute runs the teacher blocks with the adapters on (torch notices
+    # the different number of saved tensors)
+    from torch.utils.checkpoint import CheckpointError, noop_context_fn
+
+    model.checkpoint_context_fn = noop_context_fn
+    with pytest.raises(CheckpointError, match="recomputed"):
+        _mixed_graph_grads(model, adapters, checkpointing=True)
+
+
+def test_rank_and_target_errors_are_clear():
+    with pytest.raises(ValueError, match=r"rank 40 exceeds the smaller dimension of 26 .* 192x32: use a rank <= 32"):
+        add_adapters(tiny_transformer(seed=0), rank=40, targets=TARGETS)
+    with pytest.raises(ValueError, match="'double_blocks.*.img_attn_qkvv' matches no linear layer"):
+        add_adapters(tiny_transformer(seed=0), rank=2, targets=["double_blocks.*.img_attn_qkvv"])
+    with pytest.raises(ConfigError, match="lora_init needs model.lora_rank > 0"):
+        config_from_dict({"model": {"lora_init": "x.safetensors"}})
+    with pytest.raises(ConfigError, match="lora_targets must be a list of strings"):
+        config_from_dict({"model": {"lora_rank": 4, "lora_targets": "double_blocks.*"}})
+
+
+def _save(model, adapters, path: Path, dtype=torch.float32) -> Path:
+    cfg = config_from_dict({"model": {"lora_rank": adapters.rank, "lora_alpha": adapters.alpha}})
+    state = model.state_dict()
+    return lora_mode.save_lora(state, path, adapters, dtype=dtype, base_fingerprint=lora_mode.fingerprint(state),
+                               cfg=cfg, step=3)
+
+
+def test_exported_lora_on_the_base_equals_the_merged_student(tmp_path):
+    model, adapters = _adapted(rank=3, alpha=6.0)
+    path = _save(model, adapters, tmp_path / "student_lora.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        keys, meta = list(fh.keys()), fh.metadata()
+    info = json.loads(meta["accvideo_lora"])
+    assert (info["rank"], info["alpha"], info["targets"], info["step"]) == (3, 6.0, TARGETS, 3)
+    assert info["base_fingerprint"] == lora_mode.fingerprint(tiny_transformer(seed=0).state_dict())
+    assert info["base_fingerprint"] != lora_mode.fingerprint(tiny_transformer(seed=1).state_dict())
+    assert info["train_config"]["model"]["lora_rank"] == 3 and meta["ss_network_dim"] == "3"
+    # every key is one native ComfyUI maps onto a model parameter (names it accepts for that module)
+    from accvideo_core.lora import comfy_names
+
+    for key in keys:
+        module = key.removeprefix("diffusion_model.").rsplit(".lora_", 1)[0].removesuffix(".alpha")
+        assert key.startswith("diffusion_model.") and module in comfy_names.native_lora_names(module), key
+    assert len(keys) == 3 * len(adapters.names)
+    # our loader: base + LoRA at strength 1 predicts what the merged student predicts
+    merged = tiny_transformer(seed=0)
+    merged.load_state_dict(merge_adapters(model.state_dict(), adapters.scale))
+    base = tiny_transformer(seed=0)
+    LoraStack(base).add(path, 1.0)
+    x = _inputs(base)
+    with torch.no_grad():
+        want, got = merged(*x), base(*x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(*x), want, rtol=1e-4, atol=1e-5)  # and the adapted model itself
+
+
+def test_lora_init_exact_continuation_svd_and_wrong_models(tmp_path):
+    model, adapters = _adapted(rank=4, alpha=8.0)
+    path = _save(model, adapters, tmp_path / "a.safetensors")
+    cfg = config_from_dict({"model": {"lora_rank": 4, "lora_alpha": 8.0, "lora_init": str(path)}})
+    notes: list[str] = []
+    # continue a run: the same rank and alpha reproduce the factors bit for bit
+    again = lora_mode.build(tiny_transformer(seed=0), cfg)
+    lora_mode.init_from_file(again, cfg, notes.append)
+    for a, b in zip(adapters.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+    assert notes == []
+    # a larger rank: the file's factors fill the first directions, the product is unchanged
+    cfg8 = config_from_dict({"model": {"lora_rank": 8, "lora_init": str(path)}})
+    wide = lora_mode.build(tiny_transformer(seed=0), cfg8)
+    lora_mode.init_from_file(wide, cfg8, notes.append)
+    name = adapters.names[0]
+    want = adapters.model.get_submodule(name)
+    got = wide.model.get_submodule(name)
+    torch.testing.assert_close(got.lora_up @ got.lora_down * wide.scale, want.lora_up @ want.lora_down * 2.0)
+    assert got.lora_down[4:].abs().sum() > 0 and got.lora_up[:, 4:].abs().sum() == 0  # free directions train
+    # an extracted LoRA (rank 8, with bias / norm diffs and untargeted modules): best rank-4 fit, losses reported
+    base_sd = tiny_transformer(seed=0).state_dict()
+    tuned = {k: v + 0.01 * torch.randn_like(v) for k, v in base_sd.items()}
+    extract(base_sd, tuned, 8, out=tmp_path / "x.safetensors", dtype=torch.float32)
+    cfgx = config_from_dict({"model": {"lora_rank": 4, "lora_init": str(tmp_path / "x.safetensors")}})
+    fit = lora_mode.build(tiny_transformer(seed=0), cfgx)
+    lora_mode.init_from_file(fit, cfgx, notes.append)
+    assert len(notes) == 1 and "untargeted module(s)" in notes[0] and "bias module(s)" in notes[0]
+    mod = fit.model.get_submodule("single_blocks.0.linear2")
+    extracted = load_lora(tmp_path / "x.safetensors").modules["single_blocks.0.linear2"]
+    u, s, vh = torch.linalg.svd(extracted.weight_delta(mod.weight.shape))
+    torch.testing.assert_close(mod.lora_up @ mod.lora_down * fit.scale, (u[:, :4] * s[:4]) @ vh[:4], atol=1e-5,
+                               rtol=1e-4)
+    # another model's LoRA (hidden 64): shapes do not fit -> ConfigError naming the field and the fix
+    other = tiny_transformer(seed=0, hidden_size=64, num_heads=4)
+    other_ad = add_adapters(other, rank=2, targets=TARGETS)
+    _save(other, other_ad, tmp_path / "other.safetensors")
+    cfgo = config_from_dict({"model": {"lora_rank": 2, "lora_init": str(tmp_path / "other.safetensors")}})
+    with pytest.raises(ConfigError, match=r"model.lora_init = .* does not fit this base: .*different model"):
+        lora_mode.init_from_file(lora_mode.build(tiny_transformer(seed=0), cfgo), cfgo, notes.append)
+    # a LoRA for another architecture (Wan-style keys)
+    save_safetensors({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(2, 8),
+                      "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(8, 2)},
+                     tmp_path / "wan.safetensors")
+    cfgw = config_from_dict({"model": {"lora_rank": 2, "lora_init": str(tmp_path / "wan.safetensors")}})
+    with pytest.raises(ConfigError, match="no key of this LoRA belongs to a HunyuanVideo transformer"):
+        lora_mode.init_from_file(lora_mode.build(tiny_transformer(seed=0), cfgw), cfgw, notes.append)
+
+
+def test_fp8_base_is_refused():
+    from accvideo_core.models.loading import load_transformer
+
+    model = load_transformer(tiny_transformer(seed=0).state_dict(), storage_dtype=torch.float8_e4m3fn)
+    with pytest.raises(ConfigError, match="lora_rank > 0 needs a bf16 or fp32 base.*fp8"):
+        lora_mode.refuse_fp8(model, "t.safetensors")
+
+
+def test_memory_estimate_of_the_13b_lora_run(capsys):
+    from accvideo_core.models.transformer_hunyuan_video import TransformerConfig
+    from accvideo_core.train.estimate import estimate, main
+
+    full = estimate(TransformerConfig(), frames=93, height=544, width=960, gpus=8)
+    one = estimate(TransformerConfig(), frames=93, height=544, width=960, gpus=1, lora_rank=64)
+    # adapters: 64 x (in + out) for every linear layer of the 60 blocks (20 double x 10 + 40 single x 3)
+    h, m = 3072, 4 * 3072
+    double = 2 * ((h + 6 * h) + (h + 3 * h) + (h + h) + (h + m) + (m + h))
+    single = (h + 3 * h + m) + (h + m + h) + (h + 3 * h)
+    adapters = 64 * (20 * double + 40 * single)
+    assert one.static["adapters r64 fp32 weights+grads+AdamW"] == pytest.approx(16 * adapters / 1e9)
+    assert one.static["base bf16 (frozen, teacher = student)"] == pytest.approx(2 * one.params / 1e9)
+    assert one.activations == full.activations  # the same forward/backward graphs per GPU
+    assert 70 < one.peak < 80  # docs/training.md: 73 GB on one GPU at 544p
+    assert main(["--lora-rank", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "1280x720x129        1" in out and "no" in out.split("1280x720x129        1")[1].splitlines()[0]
