@@ -15,10 +15,14 @@ from accvideo_core.lora import LoraStack, extract, load_lora
 from accvideo_core.lora.adapters import add_adapters, merge_adapters
 from accvideo_core.testing import tiny_transformer
 from accvideo_core.train import lora_mode
-from accvideo_core.train.config import ConfigError, config_from_dict
-from accvideo_core.utils.io import save_safetensors
+from accvideo_core.train.config import LORA_TARGETS, ConfigError, config_from_dict
+from accvideo_core.train.loop import Trainer
+from accvideo_core.utils.io import read_state_dict, save_safetensors
 
-TARGETS = ["double_blocks.*", "single_blocks.*"]
+from test_train import TEACHER_SEED, _env, make_cfg, synvid  # noqa: F401  (synvid: the shared fixture)
+
+TARGETS = list(LORA_TARGETS)
+LORA_LR = 3e-3  # the adapters' learning rate on the tiny model (full fine-tune: 3e-4)
 
 
 @pytest.fixture(autouse=True)
@@ -58,16 +62,17 @@ def test_adapters_equal_peft_and_start_as_the_base():
     peft = pytest.importorskip("peft")
     base = tiny_transformer(seed=0)
     model, adapters = _adapted()
-    # every linear layer of the blocks, modulation included; nothing else
+    # every linear layer of the blocks (modulation included) and of the modulation vector's embedders
     linears = {n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert set(adapters.names) == {n for n in linears if n.startswith(("double_blocks.", "single_blocks."))}
+    prefixes = ("double_blocks.", "single_blocks.", "time_in.", "vector_in.", "guidance_in.")
+    assert set(adapters.names) == {n for n in linears if n.startswith(prefixes)}
     assert any(n.endswith("img_mod.linear") for n in adapters.names)
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     assert sum(p.numel() for p in adapters.parameters()) == sum(
         4 * sum(base.get_submodule(n).weight.shape) for n in adapters.names)
     # oracle: PEFT's LoRA layers on a copy of the base, same factors (PEFT picks the layers from its regex)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                             exclude_modules=r"(?!(double|single)_blocks\.).*")
+                             exclude_modules=r"(?!(double_blocks|single_blocks|time_in|vector_in|guidance_in)\.).*")
     oracle = peft.inject_adapter_in_model(config, tiny_transformer(seed=0))
     wrapped = {n.removesuffix(".base_layer") for n, _ in oracle.named_modules() if n.endswith(".base_layer")}
     assert wrapped == set(adapters.names)
@@ -118,7 +123,7 @@ def test_checkpoint_recompute_sees_the_switch_of_its_forward():
 
 
 def test_rank_and_target_errors_are_clear():
-    with pytest.raises(ValueError, match=r"rank 40 exceeds the smaller dimension of 26 .* 192x32: use a rank <= 32"):
+    with pytest.raises(ValueError, match=r"rank 40 exceeds the smaller dimension of 32 .* vector_in.in_layer 32x24: use a rank <= 24"):
         add_adapters(tiny_transformer(seed=0), rank=40, targets=TARGETS)
     with pytest.raises(ValueError, match="'double_blocks.*.img_attn_qkvv' matches no linear layer"):
         add_adapters(tiny_transformer(seed=0), rank=2, targets=["double_blocks.*.img_attn_qkvv"])
@@ -229,11 +234,13 @@ def test_memory_estimate_of_the_13b_lora_run(capsys):
 
     full = estimate(TransformerConfig(), frames=93, height=544, width=960, gpus=8)
     one = estimate(TransformerConfig(), frames=93, height=544, width=960, gpus=1, lora_rank=64)
-    # adapters: 64 x (in + out) for every linear layer of the 60 blocks (20 double x 10 + 40 single x 3)
+    # adapters: 64 x (in + out) for every linear layer of the 60 blocks (20 double x 10 + 40 single x 3) and of
+    # the embedders time_in (256 -> h -> h), guidance_in (same) and vector_in (768 -> h -> h)
     h, m = 3072, 4 * 3072
     double = 2 * ((h + 6 * h) + (h + 3 * h) + (h + h) + (h + m) + (m + h))
     single = (h + 3 * h + m) + (h + m + h) + (h + 3 * h)
-    adapters = 64 * (20 * double + 40 * single)
+    embedders = 2 * (256 + h + 2 * h) + (768 + h + 2 * h)
+    adapters = 64 * (20 * double + 40 * single + embedders)
     assert one.static["adapters r64 fp32 weights+grads+AdamW"] == pytest.approx(16 * adapters / 1e9)
     assert one.static["base bf16 (frozen, teacher = student)"] == pytest.approx(2 * one.params / 1e9)
     assert one.activations == full.activations  # the same forward/backward graphs per GPU
@@ -241,3 +248,118 @@ def test_memory_estimate_of_the_13b_lora_run(capsys):
     assert main(["--lora-rank", "64"]) == 0
     out = capsys.readouterr().out
     assert "1280x720x129        1" in out and "no" in out.split("1280x720x129        1")[1].splitlines()[0]
+
+
+def test_lora_distillation_beats_teacher_few_steps_and_exports(synvid, tmp_path):
+    cfg = make_cfg(synvid, tmp_path / "run", model={"lora_rank": 8}, optim={"steps": 6, "lr": LORA_LR},
+                   log={"val_every": 3})
+    result = Trainer(cfg).run()
+    val = result["val"]
+    assert val["student_mse"] <= 0.5 * val["teacher5_mse"], val
+    out = tmp_path / "run"
+    assert result["student_lora"] == str(out / "student_lora.safetensors")
+    teacher_sd = read_state_dict(synvid / "teacher.safetensors")
+    merged = read_state_dict(out / "student.safetensors")
+    assert set(merged) == set(teacher_sd)
+    changed = {k for k in teacher_sd if not torch.equal(merged[k], teacher_sd[k])}
+    lora = load_lora(out / "student_lora.safetensors")
+    assert changed == {f"{m}.weight" for m in lora.modules}  # only the adapted weights moved
+    assert len(lora.modules) == 32 and all(p.rank == 8 for p in lora.modules.values())
+    # our loader: the base + the LoRA at strength 1 predicts the merged student's velocity
+    from accvideo_core.models.loading import load_transformer
+
+    base = load_transformer(synvid / "teacher.safetensors")
+    LoraStack(base).add(out / "student_lora.safetensors", 1.0)
+    student = load_transformer(out / "student.safetensors")
+    x = _inputs(base)
+    with torch.no_grad():
+        got, want = base(*x), student(*x)
+    assert float((got - want).norm() / want.norm()) <= 1e-4
+
+
+def _lora_states(out: Path) -> dict[str, torch.Tensor]:
+    """Adapters (fp32 master), heads and both optimizers' tensors of the latest checkpoint."""
+    ck = out / "checkpoints" / json.loads((out / "checkpoints" / "latest.json").read_text())["path"]
+    state = read_state_dict(ck / "adapters.safetensors")
+    trainer = torch.load(ck / "trainer.pt", weights_only=True)
+    state.update({f"head.{k}": v for k, v in trainer["heads"].items()})
+    opt = torch.load(ck / "optimizer.pt", weights_only=True)
+    state.update({f"opt.{n}.{s}": t for n, d in opt["state"].items() for s, t in d.items() if torch.is_tensor(t)})
+    return state
+
+
+def test_lora_resume_after_kill_is_bit_exact(synvid, tmp_path):
+    kw = dict(model={"lora_rank": 4}, optim={"steps": 4, "lr": LORA_LR, "segment_updates": "joint",
+                                             "segments_per_iteration": 2},
+              log={"ckpt_every": 2, "plot": False})
+    Trainer(make_cfg(synvid, tmp_path / "a", **kw)).run()
+    cfg_b = make_cfg(synvid, tmp_path / "b", **kw)
+    assert Trainer(cfg_b).run(stop_after=3)["stopped"]  # killed after step 3, checkpoint of step 2
+    resumed = Trainer(cfg_b, resume="auto")
+    assert resumed.step == 2 and resumed.queues.size(1) == 2
+    resumed.run()
+    a, b = _lora_states(tmp_path / "a"), _lora_states(tmp_path / "b")
+    assert set(a) == set(b) and sum(k.endswith("lora_up") for k in a) == 32
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    for name in ("student.safetensors", "student_lora.safetensors"):
+        sa, sb = read_state_dict(tmp_path / "a" / name), read_state_dict(tmp_path / "b" / name)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    # a LoRA checkpoint is not resumed as a full fine-tune, nor with another rank
+    with pytest.raises(ConfigError, match="written in LoRA mode"):
+        Trainer(make_cfg(synvid, tmp_path / "b", log={"plot": False}), resume="auto")
+    with pytest.raises(ConfigError, match="resume with the run's own"):
+        Trainer(make_cfg(synvid, tmp_path / "b", model={"lora_rank": 2}), resume="auto")
+
+
+def test_torchrun_two_ranks_fsdp2_lora_matches_single_process(synvid, tmp_path):
+    common = dict(model={"lora_rank": 4, "gradient_checkpointing": True},
+                  optim={"steps": 2, "total_batch": 2, "lr": LORA_LR}, data={"val_samples": 2}, log={"plot": False})
+    r1 = Trainer(make_cfg(synvid, tmp_path / "one", **common)).run()
+    cfg = make_cfg(synvid, tmp_path / "two", **common)
+    (tmp_path / "c.json").write_text(json.dumps(cfg.to_dict()))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(torchrun + ["-m", "accvideo_core.train", "--config", str(tmp_path / "c.json")], cwd=root,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _lora_states(tmp_path / "one"), _lora_states(tmp_path / "two")
+    assert set(one) == set(two)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-4, rtol=1e-4, msg=k)
+    assert max(float(v.abs().max()) for k, v in one.items() if k.endswith("lora_up")) > 1e-3  # they trained
+    m1, m2 = read_state_dict(tmp_path / "one/student.safetensors"), read_state_dict(tmp_path / "two/student.safetensors")
+    for k in m1:
+        torch.testing.assert_close(m2[k], m1[k], atol=1e-4, rtol=1e-4, msg=k)
+    val = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+    assert val[-1]["student_mse"] == pytest.approx(r1["val"]["student_mse"], rel=1e-4)
+    assert val[-1]["teacher5_mse"] == pytest.approx(r1["val"]["teacher5_mse"], rel=1e-6)
+
+
+def test_bad_lora_settings_fail_before_training(synvid, tmp_path, capsys):
+    from accvideo_core.models.loading import load_transformer, save_transformer
+    from accvideo_core.train.__main__ import main
+
+    fp8 = load_transformer(synvid / "teacher.safetensors", storage_dtype=torch.float8_e4m3fn)
+    save_transformer(fp8, tmp_path / "fp8.safetensors")
+    cases = {
+        "fp8": ({"model": {"teacher": str(tmp_path / "fp8.safetensors"), "lora_rank": 4}}, "needs a bf16 or fp32 base"),
+        "rank": ({"model": {"lora_rank": 40}}, "rank 40 exceeds the smaller dimension"),
+        "target": ({"model": {"lora_rank": 4, "lora_targets": ["blocks.*"]}}, "'blocks.*' matches no linear layer"),
+        "init": ({"model": {"lora_rank": 4, "lora_init": str(tmp_path / "missing.safetensors")}}, "not found"),
+        "ema": ({"model": {"lora_rank": 4}, "optim": {"ema_decay": 0.9}}, "optim.ema_decay > 0 is not supported"),
+    }
+    for name, (sections, message) in cases.items():
+        cfg = make_cfg(synvid, tmp_path / name, **sections)
+        (tmp_path / f"{name}.json").write_text(json.dumps(cfg.to_dict()))
+        assert main(["--config", str(tmp_path / f"{name}.json")]) == 2, name
+        assert message in capsys.readouterr().err, name
+        assert not (tmp_path / name).exists(), name  # nothing written: refused before training
+
+
+def test_print_config_shows_the_lora_fields(capsys):
+    from accvideo_core.train.__main__ import main
+
+    assert main(["--print-config", "--set", "model.lora_rank=16"]) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert (model["lora_rank"], model["lora_alpha"], model["lora_init"]) == (16, 0.0, "")
+    assert model["lora_targets"] == list(LORA_TARGETS)

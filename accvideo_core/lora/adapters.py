@@ -214,16 +214,16 @@ def add_adapters(model: nn.Module, *, rank: int, targets: tuple[str, ...] | list
     return adapters
 
 
+def merged_weight(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float) -> torch.Tensor:
+    """``W + scale * up @ down`` computed in fp32 and rounded once to W's dtype."""
+    return torch.addmm(weight.float(), up.float(), down.float(), alpha=scale).to(weight.dtype)
+
+
 def merge_adapters(state: Mapping[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """A full state dict of an adapted model -> the merged model in original layout:
-    ``W + scale * up @ down`` computed in fp32 and rounded once to W's dtype."""
+    """A full state dict of an adapted model -> the merged model in original layout (:func:`merged_weight`)."""
     out = {k: v for k, v in state.items() if not is_adapter_key(k)}
-    for key in state:
-        if key.endswith(f".{DOWN}"):
-            module = key[: -len(DOWN) - 1]
-            w = out[f"{module}.weight"]
-            up, down = state[f"{module}.{UP}"].float(), state[key].float()
-            out[f"{module}.weight"] = torch.addmm(w.float(), up, down, alpha=scale).to(w.dtype)
+    for module, (up, down) in adapter_factors(state).items():
+        out[f"{module}.weight"] = merged_weight(out[f"{module}.weight"], up, down, scale)
     return out
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from accvideo_core.train import distributed as D
+from accvideo_core.train import lora_mode
 from accvideo_core.train.config import ConfigError
 from accvideo_core.utils.dtypes import parse_dtype
 from accvideo_core.utils.io import (CheckpointError, load_torch, read_distributed_checkpoint,
@@ -41,7 +42,8 @@ CHECKPOINT_DIR = "checkpoints"
 MARKER = "checkpoint.json"
 SHARDED_DIR = "sharded"
 # files a run writes into log.out_dir (what --overwrite removes; anything else there is left alone)
-RUN_FILES = ("config.json", "metrics.jsonl", "loss_curves.png", "student.safetensors", "student_ema.safetensors")
+RUN_FILES = ("config.json", "metrics.jsonl", "loss_curves.png", "student.safetensors", "student_ema.safetensors",
+             lora_mode.LORA_FILE)
 
 
 @dataclass
@@ -139,7 +141,8 @@ def save_checkpoint(tr: Trainer) -> Path:
     save_torch(_rank_state(tr), partial / f"rank{info.rank:05d}.pt")
     if info.is_main:
         save_torch({"step": tr.step, "world": info.world, "sp": info.sp, "teacher_baseline": tr.teacher_baseline,
-                    "heads": tr.heads.state_dict(), "heads_optimizer": tr.head_opt.state_dict()},
+                    "heads": tr.heads.state_dict(), "heads_optimizer": tr.head_opt.state_dict(),
+                    "lora_rank": tr.cfg.model.lora_rank, "base_fingerprint": tr.base_fingerprint},
                    partial / "trainer.pt")
     D.barrier(info)
     name = ""
@@ -160,6 +163,9 @@ def save_checkpoint(tr: Trainer) -> Path:
 
 def _save_full(tr: Trainer, folder: Path) -> None:
     info = tr.info
+    if tr.adapters is not None:
+        lora_mode.save_full_checkpoint(tr, folder)
+        return
     student_sd = D.full_model_state(tr.student, info)
     opt_sd = D.full_optimizer_state(tr.student, tr.opt, info)
     ema_sd = D.full_model_state(tr.ema, info) if tr.ema is not None else None
@@ -179,7 +185,10 @@ def _sharded_state(tr: Trainer) -> dict[str, Any]:
     """Student, optimizer (tensors only; its hyper-parameters come from the config) and EMA, each rank's shards."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    state = {"student": get_model_state_dict(tr.student),
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    lora = StateDictOptions(ignore_frozen_params=tr.adapters is not None)  # LoRA mode: the adapters, not the base
+    state = {"student": get_model_state_dict(tr.student, options=lora),
              "optimizer": get_optimizer_state_dict(tr.student, tr.opt)["state"]}
     if tr.ema is not None:
         state["ema"] = get_model_state_dict(tr.ema)
@@ -192,6 +201,8 @@ def _save_sharded(tr: Trainer, folder: Path) -> None:
     with warnings.catch_warnings():  # without a process group DCP warns that it assumes one process: it is one
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         dcp.save(_sharded_state(tr), checkpoint_id=str(folder / SHARDED_DIR))
+    if tr.adapters is not None:
+        lora_mode.save_lora_export(tr, folder)
 
 
 def _rank_state(tr: Trainer) -> dict[str, Any]:
@@ -257,6 +268,7 @@ def load_checkpoint(tr: Trainer, ckdir: Path) -> None:
     info = tr.info
     marker = _marker(ckdir) or {}
     state = load_torch(ckdir / "trainer.pt")
+    lora_mode.check_resume(tr, ckdir, state)
     if marker.get("format", "full") == "sharded":
         _load_sharded(tr, ckdir)
     else:
@@ -289,6 +301,9 @@ def load_checkpoint(tr: Trainer, ckdir: Path) -> None:
 
 def _load_full(tr: Trainer, ckdir: Path) -> None:
     info = tr.info
+    if tr.adapters is not None:
+        lora_mode.load_full_checkpoint(tr, ckdir)
+        return
     master = ckdir / ("student_fp32.safetensors" if (ckdir / "student_fp32.safetensors").is_file()
                       else "student.safetensors")
     D.load_full_model_state(tr.student, read_state_dict(master) if info.is_main else {}, info)
@@ -302,7 +317,7 @@ def _load_full(tr: Trainer, ckdir: Path) -> None:
 
 
 def _load_sharded(tr: Trainer, ckdir: Path) -> None:
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     state = _sharded_state(tr)  # this run's layout; read_distributed_checkpoint reshards into it
     if tr.ema is None:
@@ -315,7 +330,8 @@ def _load_sharded(tr: Trainer, ckdir: Path) -> None:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     groups = get_optimizer_state_dict(tr.student, tr.opt)["param_groups"]
-    set_model_state_dict(tr.student, state["student"])
+    options = StateDictOptions(strict=tr.adapters is None)  # LoRA mode: only the adapters were saved
+    set_model_state_dict(tr.student, state["student"], options=options)
     set_optimizer_state_dict(tr.student, tr.opt, {"state": state["optimizer"], "param_groups": groups})
     if tr.ema is not None:
         set_model_state_dict(tr.ema, state["ema"])
@@ -329,8 +345,9 @@ def checkpoint_tensors(ckdir: Path) -> dict[str, torch.Tensor]:
         out = read_distributed_checkpoint_flat(ckdir / SHARDED_DIR)
     else:
         fp32 = ckdir / "student_fp32.safetensors"
-        out = {f"student.{k}": v for k, v in read_state_dict(fp32 if fp32.is_file() else
-                                                               ckdir / "student.safetensors").items()}
+        weights = next(p for p in (ckdir / lora_mode.ADAPTERS_FILE, fp32, ckdir / "student.safetensors")
+                       if p.is_file())
+        out = {f"student.{k}": v for k, v in read_state_dict(weights).items()}
         if (ckdir / "student_ema.safetensors").is_file():
             out.update({f"ema.{k}": v for k, v in read_state_dict(ckdir / "student_ema.safetensors").items()})
         opt = load_torch(ckdir / "optimizer.pt")

@@ -13,7 +13,8 @@ from typing import Any, Optional, Sequence
 from accvideo_core.utils.dtypes import names_for
 
 
-LORA_TARGETS = ("double_blocks.*", "single_blocks.*")  # every linear layer of the blocks, modulation included
+# every linear layer of the blocks (modulation included) and of the embedders of the modulation vector
+LORA_TARGETS = ("double_blocks.*", "single_blocks.*", "time_in.*", "vector_in.*", "guidance_in.*")
 
 
 @dataclass

@@ -27,6 +27,7 @@ from torch.func import functional_call
 
 from accvideo_core.sampling import sample_flow
 from accvideo_core.train import distributed as D
+from accvideo_core.train import lora_mode
 from accvideo_core.train.batching import collate, noise_for
 from accvideo_core.train.checkpoint import (Lineage, export_final, load_checkpoint, prepare_out_dir, resolve_resume,
                                             save_checkpoint)
@@ -76,6 +77,7 @@ class Trainer:
         models = build_models(cfg, self.info, teacher, bf16=self.bf16)
         self.student, self.teacher, self.ema, self.heads = models.student, models.teacher, models.ema, models.heads
         self.opt, self.head_opt, self.feature_layers = models.opt, models.head_opt, models.feature_layers
+        self.adapters, self.base_fingerprint = models.adapters, models.base_fingerprint  # LoRA mode
         self.queues = TrajectoryQueues(self.m, cfg.loss.queue_capacity)
         self.step = 0
         self.teacher_baseline: float | None = None  # the teacher's own m-step validation MSE (computed once)
@@ -121,13 +123,17 @@ class Trainer:
                     save_checkpoint(self)
             final_val = self.validate()
             ckdir = save_checkpoint(self)
-            student = export_final(self)
+            files = {"student": str(self.out / "student.safetensors")}
+            if self.adapters is not None:
+                files = lora_mode.export_final(self)
+            else:
+                export_final(self)
             if self.info.is_main:
                 if cfg.log.plot:
                     png = self.monitor.plot(self.out / "loss_curves.png", teacher_steps=self.key_steps[-1])
                     self.monitor.note(f"loss curves: {png}")
-            return {"step": self.step, "val": final_val, "checkpoint": str(ckdir),
-                    "student": str(student), "bad_samples": list(self.bad_samples)}
+            return {"step": self.step, "val": final_val, "checkpoint": str(ckdir), **files,
+                    "bad_samples": list(self.bad_samples)}
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
@@ -186,7 +192,8 @@ class Trainer:
                     self._heartbeat(step, k, i)
             self._sync_head_grads()
             if cfg.optim.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
+                trained = [p for g in self.opt.param_groups for p in g["params"]]
+                norm = torch.nn.utils.clip_grad_norm_(trained, cfg.optim.grad_clip)
                 norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
             self.opt.step()
             if adversarial:
@@ -230,7 +237,7 @@ class Trainer:
         self.queues.push(k, fake.detach(), cond_fake)
         layer, head, kind = self.feature_layers[k], self.heads[k], self.cfg.loss.gan_loss
         t_clean = torch.full((b,), s_clean * 1000.0, device=self.device)
-        with self._autocast():
+        with self._autocast(), self._teacher_mode():
             with torch.no_grad():
                 f_real = self.teacher.image_features(x_clean, t_clean, *self._cond(batch), layer=layer)
             f_fake = self.teacher.image_features(fake, t_clean, *self._cond(cond_fake), layer=layer)
@@ -250,6 +257,10 @@ class Trainer:
 
     def _cond(self, batch: dict[str, torch.Tensor]) -> tuple:
         return batch["text_states"], batch["text_mask"], batch["pooled"], batch["guidance"]
+
+    def _teacher_mode(self):
+        """LoRA mode: the one model with its adapters off is the teacher."""
+        return self.adapters.disabled() if self.adapters is not None else contextlib.nullcontext()
 
     def _autocast(self):
         if not self.bf16:
@@ -329,7 +340,8 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         self.student.eval()
         if self.teacher_baseline is None:
-            self.teacher_baseline = self._few_step_mse(self.teacher)
+            with self._teacher_mode():
+                self.teacher_baseline = self._few_step_mse(self.teacher)
         result = {"student_mse": self._few_step_mse(self.student), "teacher_mse": self.teacher_baseline}
         if self.ema is not None:
             result["student_ema_mse"] = self._few_step_mse(self.ema)

@@ -9,25 +9,68 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from accvideo_core.lora.adapters import LoraAdapters, adapter_factors, add_adapters, is_adapter_key
+from accvideo_core.lora.adapters import (DOWN, UP, LoraAdapters, adapter_factors, add_adapters, is_adapter_key,
+                                         merged_weight)
 from accvideo_core.lora.extract import low_rank_tensors
 from accvideo_core.lora.formats import LoraFormatError, load_lora
+from accvideo_core.train import distributed as D
 from accvideo_core.train.config import ConfigError, TrainConfig
-from accvideo_core.utils.io import CheckpointError, save_safetensors
+from accvideo_core.utils.dtypes import parse_dtype
+from accvideo_core.utils.io import CheckpointError, load_torch, read_state_dict, save_safetensors, save_torch
+
+if TYPE_CHECKING:
+    from accvideo_core.train.loop import Trainer
 
 LORA_FILE = "student_lora.safetensors"
+ADAPTERS_FILE = "adapters.safetensors"   # checkpoint: fp32 master factors under the model's parameter names
 LORA_METADATA_KEY = "accvideo_lora"
 FINGERPRINT_VALUES = 4096  # values sampled per tensor for the base fingerprint
 
 
-def lora_mode(cfg: TrainConfig) -> bool:
+def enabled(cfg: TrainConfig) -> bool:
     return cfg.model.lora_rank > 0
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def prepare(model: nn.Module, full_sd: dict[str, torch.Tensor] | None, cfg: TrainConfig, *,
+            dtype: torch.dtype) -> tuple[LoraAdapters, dict[str, torch.Tensor] | None, str]:
+    """Freeze the base in ``dtype``, add the adapters, apply ``model.lora_init``; every check before training.
+
+    ``full_sd``: rank 0's weights for a meta-device model under torchrun; the adapters are then initialised on a
+    CPU model sharing those tensors and returned inside the state dict that is broadcast into the shards.
+    Returns (adapters, state dict to broadcast or None, base fingerprint or "" on ranks that hold no weights).
+    """
+    check_config(cfg)
+    meta = next(model.parameters()).is_meta
+    if not meta:
+        refuse_fp8(model, cfg.model.teacher)
+    model.to(dtype=dtype).eval()
+    adapters = build(model, cfg)
+    model.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
+    if full_sd is not None:
+        with torch.device("meta"):
+            source = type(model)(model.config)
+        source.load_state_dict(full_sd, assign=True)
+        source_adapters = build(source, cfg)
+        if cfg.model.lora_init:
+            init_from_file(source_adapters, cfg, _warn)
+        full_sd = source.state_dict()
+        return adapters, full_sd, fingerprint(full_sd)
+    if meta:
+        return adapters, None, ""
+    if cfg.model.lora_init:
+        init_from_file(adapters, cfg, _warn)
+    return adapters, None, fingerprint(model.state_dict())
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -37,7 +80,7 @@ def check_config(cfg: TrainConfig) -> None:
                           "is not implemented); set optim.ema_decay = 0")
 
 
-def refuse_fp8(model: nn.Module, source: str) -> None:
+def refuse_fp8(model: nn.Module, source: str = "") -> None:
     if any(p.dtype.itemsize == 1 for p in model.parameters()):
         raise ConfigError(f"model.lora_rank > 0 needs a bf16 or fp32 base, but {source or 'the teacher'} holds fp8 "
                           "weights (the frozen base is also the teacher whose outputs the student learns; fp8 "
@@ -109,6 +152,98 @@ def save_lora(state: Mapping[str, torch.Tensor], path: Path, adapters: LoraAdapt
     return save_safetensors(lora_file_tensors(state, adapters.alpha, dtype), path, meta)
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' fp32 factors of a plain (unsharded) model, on the CPU."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if is_adapter_key(n)}
+def gather_adapters(model: nn.Module, info: D.DistInfo) -> dict[str, torch.Tensor]:
+    """The adapters' fp32 factors (all ranks take part; full on rank 0, ``{}`` elsewhere under FSDP2)."""
+    if not info.fsdp:
+        return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if is_adapter_key(n)}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=True))
+
+
+def save_lora_export(tr: Trainer, folder: Path) -> dict[str, torch.Tensor]:
+    """All ranks: gather the adapters; rank 0 writes ``folder/student_lora.safetensors`` (``log.save_dtype``)."""
+    state = gather_adapters(tr.student, tr.info)
+    if tr.info.is_main:
+        save_lora(state, folder / LORA_FILE, tr.adapters, dtype=parse_dtype(tr.cfg.log.save_dtype),
+                  base_fingerprint=tr.base_fingerprint, cfg=tr.cfg, step=tr.step)
+    return state
+
+
+def save_full_checkpoint(tr: Trainer, folder: Path) -> None:
+    """``runtime.checkpoint_format = "full"``: the fp32 adapters (``adapters.safetensors``, the model's parameter
+    names), the LoRA export and the adapters' optimizer state; no copy of the frozen base."""
+    state = save_lora_export(tr, folder)
+    opt_state = D.full_optimizer_state(tr.student, tr.opt, tr.info)
+    if tr.info.is_main:
+        save_safetensors(state, folder / ADAPTERS_FILE)
+        save_torch(opt_state, folder / "optimizer.pt")
+
+
+def check_resume(tr: Trainer, ckdir: Path, state: dict[str, Any]) -> None:
+    """Refuse resuming across modes, ranks or bases before anything is loaded."""
+    saved_rank = int(state.get("lora_rank", 0))
+    rank = tr.cfg.model.lora_rank
+    if saved_rank != rank:
+        raise ConfigError(f"{ckdir} was written with model.lora_rank = {saved_rank} (0 = full fine-tune); resume "
+                          f"it with the run's own model.lora_rank, not {rank}")
+    saved = state.get("base_fingerprint", "")
+    if rank and saved and tr.base_fingerprint and saved != tr.base_fingerprint:
+        raise ConfigError(f"{ckdir} was trained on another base (fingerprint {saved}, model.teacher gives "
+                          f"{tr.base_fingerprint}); resume with the base it was trained on")
+
+
+def load_full_checkpoint(tr: Trainer, ckdir: Path) -> None:
+    """All ranks: restore the adapters and their optimizer from a ``full``-format LoRA checkpoint."""
+    info = tr.info
+    state = read_state_dict(ckdir / ADAPTERS_FILE) if info.is_main else {}
+    if info.is_main:
+        want = {n: tuple(p.shape) for n, p in tr.student.named_parameters() if is_adapter_key(n)}
+        if {k: tuple(v.shape) for k, v in state.items()} != want:
+            raise ConfigError(f"{ckdir}: its adapters do not match model.lora_targets of this run; resume with "
+                              "the run's own config")
+    if info.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(tr.student, state, options=StateDictOptions(full_state_dict=True, strict=False,
+                                                                         broadcast_from_rank0=True))
+    else:
+        tr.student.load_state_dict(state, strict=False)
+    D.load_full_optimizer_state(tr.student, tr.opt, load_torch(ckdir / "optimizer.pt") if info.is_main else {},
+                                info)
+
+
+def export_final(tr: Trainer) -> dict[str, str]:
+    """All ranks: ``out_dir/student_lora.safetensors`` and, unless ``log.export_merged`` is false, the merged
+    ``out_dir/student.safetensors`` (original layout), streamed one tensor at a time like the full mode's."""
+    from accvideo_core.models.loading import save_transformer
+    from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransformer3D
+
+    save_lora_export(tr, tr.out)
+    files = {"student_lora": str(tr.out / LORA_FILE)}
+    if not tr.cfg.log.export_merged:
+        return files
+    sd = tr.student.state_dict()
+
+    def full(t: torch.Tensor) -> torch.Tensor:
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    def materialize(name: str, _: torch.Tensor) -> torch.Tensor:
+        module = name.removesuffix(".weight")
+        if f"{module}.{DOWN}" not in sd:
+            return full(sd[name])
+        return merged_weight(full(sd[name]), full(sd[f"{module}.{UP}"]), full(sd[f"{module}.{DOWN}"]),
+                             tr.adapters.scale)
+
+    with torch.device("meta"):
+        plain = HunyuanVideoTransformer3D(tr.student.config)  # the layout without adapter keys
+    if tr.info.is_main:
+        meta = {"accvideo_step": str(tr.step), "accvideo_key_sigmas": json.dumps(tr.key_sigmas)}
+        save_transformer(plain, tr.out / "student.safetensors", dtype=parse_dtype(tr.cfg.log.save_dtype),
+                         metadata=meta, materialize=materialize)
+    else:
+        for name, value in plain.state_dict().items():   # the same gathers in the same order as rank 0
+            materialize(name, value)
+    files["student"] = str(tr.out / "student.safetensors")
+    return files

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from accvideo_core.synvid.format import SynVidDataset, SynVidError, key_steps_for, read_sample
 from accvideo_core.train import distributed as D
+from accvideo_core.train import lora_mode
 from accvideo_core.train.batching import Record, SampleStream, sample_record
 from accvideo_core.train.config import ConfigError, TrainConfig
 from accvideo_core.train.heads import build_heads, default_feature_layers
@@ -45,6 +46,8 @@ class Models:
     head_opt: torch.optim.Optimizer
     config: Any                 # the teacher's TransformerConfig
     feature_layers: list[int]   # teacher layer of the discriminator features per key timestep k
+    adapters: Any = None        # LoRA mode: the LoraAdapters of the one model (student is teacher)
+    base_fingerprint: str = ""  # LoRA mode: the base's fingerprint (rank 0)
 
 
 def build_data(cfg: TrainConfig, info: D.DistInfo) -> Data:
@@ -93,18 +96,25 @@ def _key_sigmas(ds: SynVidDataset, indices: list[int], key_steps: list[int]) -> 
 
 
 def build_models(cfg: TrainConfig, info: D.DistInfo, teacher: nn.Module | None, *, bf16: bool) -> Models:
-    """Student (fp32 copy of the teacher, every parameter trains), frozen teacher, optional EMA, heads, AdamW."""
-    teacher, full_sd = _teacher(cfg, info, teacher)
-    meta = next(teacher.parameters()).is_meta
-    if not meta:
-        _check_not_fp8(teacher)
+    """Student (fp32 copy of the teacher, every parameter trains), frozen teacher, optional EMA, heads, AdamW.
+    LoRA mode: one frozen base with adapters is both student and teacher (``lora_mode.prepare``)."""
     tdtype = (parse_dtype(cfg.model.teacher_dtype) if cfg.model.teacher_dtype != "auto" else
               torch.bfloat16 if info.device.type == "cuda" else torch.float32)
-    student = copy.deepcopy(teacher).float().train().requires_grad_(True)
-    teacher = teacher.to(dtype=tdtype).eval().requires_grad_(False)
-    student.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
-    teacher.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
-    ema = copy.deepcopy(student).requires_grad_(False).eval() if cfg.optim.ema_decay > 0 else None
+    lora = lora_mode.enabled(cfg)
+    teacher, full_sd = _teacher(cfg, info, teacher, dtype=tdtype if lora else torch.float32)
+    meta = next(teacher.parameters()).is_meta
+    adapters, fingerprint = None, ""
+    if lora:
+        adapters, full_sd, fingerprint = lora_mode.prepare(teacher, full_sd, cfg, dtype=tdtype)
+        student, ema = teacher, None
+    else:
+        if not meta:
+            _check_not_fp8(teacher)
+        student = copy.deepcopy(teacher).float().train().requires_grad_(True)
+        teacher = teacher.to(dtype=tdtype).eval().requires_grad_(False)
+        student.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
+        teacher.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
+        ema = copy.deepcopy(student).requires_grad_(False).eval() if cfg.optim.ema_decay > 0 else None
     place_models(cfg, info, student=student, teacher=teacher, ema=ema, full_sd=full_sd if meta else None,
                  bf16=bf16)
     nl, m = teacher.config.num_layers, cfg.data.segments
@@ -115,15 +125,16 @@ def build_models(cfg: TrainConfig, info: D.DistInfo, teacher: nn.Module | None, 
     heads = build_heads(m, teacher.config.hidden_size, width=lo.head_width, blocks=lo.head_blocks,
                         kernel=lo.head_kernel, groups=lo.head_groups).to(info.device)
     D.broadcast_module_(heads, info)
-    opt = torch.optim.AdamW(student.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    trained = adapters.parameters() if adapters is not None else student.parameters()  # read after sharding
+    opt = torch.optim.AdamW(trained, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     head_opt = torch.optim.AdamW(heads.parameters(), lr=o.head_lr, betas=o.betas, eps=o.eps,
                                  weight_decay=o.weight_decay)
-    return Models(student, teacher, ema, heads, opt, head_opt, teacher.config, feature_layers)
+    return Models(student, teacher, ema, heads, opt, head_opt, teacher.config, feature_layers, adapters, fingerprint)
 
 
-def _teacher(cfg: TrainConfig, info: D.DistInfo,
-             teacher: nn.Module | None) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
-    """The teacher module, and (under torchrun) rank 0's full fp32 state dict for a meta-device teacher.
+def _teacher(cfg: TrainConfig, info: D.DistInfo, teacher: nn.Module | None,
+             dtype: torch.dtype = torch.float32) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+    """The teacher module, and (under torchrun) rank 0's full state dict (``dtype``) for a meta-device teacher.
 
     Under torchrun only rank 0 reads the file; every rank builds the model on the meta device and
     :func:`place_models` broadcasts the weights, so a node holds one full copy in CPU memory, not one per rank.
@@ -135,14 +146,14 @@ def _teacher(cfg: TrainConfig, info: D.DistInfo,
     from accvideo_core.models.loading import load_transformer
 
     if not (info.fsdp and info.world > 1):
-        return load_transformer(cfg.model.teacher, dtype=torch.float32), None
+        return load_transformer(cfg.model.teacher, dtype=dtype), None
     from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig
 
     full_sd: dict[str, torch.Tensor] | None = None
     shared: list[Any] = [None]
     if info.is_main:
-        loaded = load_transformer(cfg.model.teacher, dtype=torch.float32)
-        _check_not_fp8(loaded)
+        loaded = load_transformer(cfg.model.teacher, dtype=dtype)
+        (lora_mode.refuse_fp8 if lora_mode.enabled(cfg) else _check_not_fp8)(loaded)
         full_sd = loaded.state_dict()
         shared = [loaded.config.to_dict()]
         del loaded
@@ -156,9 +167,10 @@ def place_models(cfg: TrainConfig, info: D.DistInfo, *, student: nn.Module, teac
     """Device mesh and sharding: FSDP2 over all ranks (per block, then the root) or a plain move to the device.
 
     ``full_sd``: rank 0's weights for models built on the meta device (broadcast into every rank's shards).
-    The student computes in bf16 on CUDA (fp32 master weights); the teacher and EMA keep their dtype.
+    The student computes in bf16 on CUDA (fp32 master weights); the teacher and EMA keep their dtype. In LoRA
+    mode ``teacher is student``: the one model is sharded once (adapters with their block's frozen base).
     """
-    models = [m for m in (student, teacher, ema) if m is not None]
+    models = [m for m in dict.fromkeys((student, teacher, ema)) if m is not None]
     if not info.fsdp:
         for model in models:
             model.to(info.device)
@@ -170,10 +182,12 @@ def place_models(cfg: TrainConfig, info: D.DistInfo, *, student: nn.Module, teac
             raise ConfigError(f"runtime.sequence_parallel: {err}") from err
     mesh = D.device_mesh(info.device)   # FSDP2 shards over all ranks, the SP ranks of a sample too
     D.shard_transformer(student, mesh=mesh, param_dtype=torch.bfloat16 if bf16 else None,
-                        reshard_after_forward=cfg.runtime.reshard_after_forward)
+                        reshard_after_forward=cfg.runtime.reshard_after_forward,
+                        extra_methods=("image_features",) if teacher is student else ())
     D.sum_gradients_over_sp(student, info)
-    D.shard_transformer(teacher, mesh=mesh, param_dtype=None, reshard_after_forward=True,
-                        extra_methods=("image_features",))
+    if teacher is not student:
+        D.shard_transformer(teacher, mesh=mesh, param_dtype=None, reshard_after_forward=True,
+                            extra_methods=("image_features",))
     if ema is not None:
         D.shard_transformer(ema, mesh=mesh, param_dtype=None, reshard_after_forward=True)
     if next(student.parameters()).is_meta:
