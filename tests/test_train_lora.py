@@ -359,7 +359,89 @@ def test_bad_lora_settings_fail_before_training(synvid, tmp_path, capsys):
 def test_print_config_shows_the_lora_fields(capsys):
     from accvideo_core.train.__main__ import main
 
-    assert main(["--print-config", "--set", "model.lora_rank=16"]) == 0
-    model = json.loads(capsys.readouterr().out)["model"]
-    assert (model["lora_rank"], model["lora_alpha"], model["lora_init"]) == (16, 0.0, "")
-    assert model["lora_targets"] == list(LORA_TARGETS)
+    import tomllib
+
+    assert main(["--print-config", "--set", "model.lora_rank=16", "--set", "optim.betas=[0.8, 0.9]"]) == 0
+    text = capsys.readouterr().out
+    cfg = config_from_dict(tomllib.loads(text))  # the printed config loads again, to the same values
+    assert cfg == config_from_dict({"model": {"lora_rank": 16}, "optim": {"betas": [0.8, 0.9]}})
+    assert cfg.model.lora_targets == list(LORA_TARGETS) and cfg.model.lora_alpha == 0.0
+    lines = {line.split("=")[0].strip(): line for line in text.splitlines() if "=" in line}
+    assert "# 0 = full fine-tune; r > 0 = rank-r adapters" in lines["lora_rank"]
+    assert "alpha equal to the rank" in lines["lora_alpha"] and "(fnmatch)" in lines["lora_targets"]
+    assert "LoRA file" in lines["lora_init"] and "the adapters' learning rate" in lines["lr"]
+    assert "# feature_layers = (unset)" in text
+
+
+_COMFY_LORA_PROBE = r'''
+import logging, sys
+comfy_path, base_path, lora_path, inputs_path, out_path = sys.argv[1:6]
+sys.path.insert(0, comfy_path)
+from comfy.cli_args import args
+args.cpu = True
+import torch
+messages = []
+class Grab(logging.Handler):
+    def emit(self, record):
+        messages.append(record.getMessage())
+logging.getLogger().addHandler(Grab())
+logging.getLogger().setLevel(logging.INFO)
+import comfy.sd, comfy.utils
+from safetensors.torch import load_file, save_file
+model = comfy.sd.load_diffusion_model(base_path, model_options={"dtype": torch.float32})
+lora = comfy.utils.load_torch_file(lora_path, safe_load=True)
+patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)   # what LoraLoaderModelOnly calls
+patched.patch_model(device_to=torch.device("cpu"))
+dm = patched.model.diffusion_model.float()
+x = load_file(inputs_path)
+with torch.no_grad():
+    v = dm(x["latents"], x["timestep"], x["text_states"], y=x["pooled"], guidance=x["guidance"])
+save_file({"velocity": v.float().contiguous()}, out_path)
+not_loaded = [m for m in messages if "not loaded" in m.lower()]
+print("PROBE", len(patched.patches), "NOT_LOADED", not_loaded)
+'''
+
+
+@pytest.mark.integration
+def test_student_lora_in_native_comfyui_equals_the_merged_student(tmp_path):
+    """Native ComfyUI (LoraLoaderModelOnly's code path) loads the trained student_lora.safetensors on the base with
+    no "lora key not loaded" line, and at strength 1 predicts the merged student's velocity (<= 1e-4 relative)."""
+    comfy = os.environ.get("COMFYUI_PATH")
+    if not comfy or not (Path(comfy) / "main.py").is_file():
+        pytest.skip("integration tier: set COMFYUI_PATH to a ComfyUI checkout (>= 0.3.64) to run it")
+    from safetensors.torch import load_file, save_file
+
+    from accvideo_core.models.loading import load_transformer, save_transformer
+    from accvideo_core.synvid.dump import dump_synvid
+
+    teacher = tiny_transformer(seed=5, comfy_compatible=True)
+    save_transformer(teacher, tmp_path / "base.safetensors")
+    g = torch.Generator().manual_seed(2)
+    emb = {"text_states": torch.randn(2, 6, 32, generator=g), "text_mask": torch.ones(2, 6, dtype=torch.long),
+           "pooled": torch.randn(2, 768, generator=g), "prompts": ["a", "b"]}
+    dump_synvid(teacher, emb, tmp_path / "data", num=3, frames=1, height=16, width=16, steps=10, dtype="float32",
+                progress=lambda msg: None)
+    cfg = config_from_dict({
+        "model": {"teacher": str(tmp_path / "base.safetensors"), "lora_rank": 4},
+        "data": {"root": str(tmp_path / "data"), "val_samples": 1},
+        "optim": {"steps": 2, "total_batch": 2, "lr": 1e-2}, "loss": {"head_width": 32, "head_groups": 8},
+        "log": {"out_dir": str(tmp_path / "run"), "plot": False, "save_dtype": "fp32"}})
+    Trainer(cfg).run()
+    x = {"latents": torch.randn(1, 16, 1, 2, 2, generator=g), "timestep": torch.tensor([636.3636]),
+         "text_states": emb["text_states"][:1], "pooled": emb["pooled"][:1], "guidance": torch.tensor([6.0])}
+    save_file(x, str(tmp_path / "inputs.safetensors"))
+    (tmp_path / "probe.py").write_text(_COMFY_LORA_PROBE)
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    run = subprocess.run([python, str(tmp_path / "probe.py"), comfy, str(tmp_path / "base.safetensors"),
+                          str(tmp_path / "run/student_lora.safetensors"), str(tmp_path / "inputs.safetensors"),
+                          str(tmp_path / "out.safetensors")], cwd=comfy, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    modules = len(load_lora(tmp_path / "run/student_lora.safetensors").modules)  # 10 + 3 block layers, 6 embedders
+    assert modules == 19 and f"PROBE {modules} NOT_LOADED []" in run.stdout, run.stdout[-2000:]  # every key loaded
+    theirs = load_file(tmp_path / "out.safetensors")["velocity"]
+    merged = load_transformer(tmp_path / "run/student.safetensors", dtype=torch.float32)
+    with torch.no_grad():
+        want = merged(x["latents"], x["timestep"], x["text_states"], torch.ones(1, 6), x["pooled"], 6.0)
+        base = teacher(x["latents"], x["timestep"], x["text_states"], torch.ones(1, 6), x["pooled"], 6.0)
+    assert float((want - base).norm() / base.norm()) > 1e-3  # the LoRA changes the prediction
+    assert float((theirs - want).norm() / want.norm()) <= 1e-4

@@ -20,11 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", help="'auto' (latest checkpoint of log.out_dir) or a checkpoint folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in a non-empty log.out_dir, removing its run files and checkpoints")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (TOML, every field with its help) and exit")
     args = parser.parse_args(argv)
 
     from accvideo_core.synvid.format import SynVidError
-    from accvideo_core.train.config import ConfigError, load_config
+    from accvideo_core.train.config import ConfigError, load_config, to_toml
     from accvideo_core.utils.io import CheckpointError
 
     try:
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
+        print(to_toml(cfg))
         return 0
 
     from accvideo_core.train.loop import Interrupted, Trainer

@@ -24,7 +24,7 @@ class ModelConfig:
     gradient_checkpointing: bool = True     # student and (for the adversarial path) teacher
     lora_rank: int = 0                      # 0 = full fine-tune; r > 0 = rank-r adapters on one frozen base (LoRA mode)
     lora_alpha: float = 0.0                 # adapter scale = alpha / rank; 0 = alpha equal to the rank (scale 1)
-    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # fnmatch patterns of linear layers
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # linear layers with adapters (fnmatch)
     lora_init: str = ""                     # start the adapters from a LoRA file (any format accvideo_core.lora reads)
 
 
@@ -41,7 +41,7 @@ class OptimConfig:
     steps: int = 1200                       # iterations (each consumes total_batch samples)
     total_batch: int = 32                   # samples per iteration over all ranks (by gradient accumulation)
     micro_batch: int = 1                    # samples per forward on one rank
-    lr: float = 5e-6                        # student (AdamW)
+    lr: float = 5e-6                        # student (AdamW); in LoRA mode the adapters' learning rate
     head_lr: float = 5e-6                   # discriminator heads (AdamW)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -218,6 +218,51 @@ def check_batching(cfg: TrainConfig, world_size: int) -> int:
         raise ConfigError(f"optim.total_batch ({cfg.optim.total_batch}) must be a multiple of micro_batch x ranks "
                           f"({cfg.optim.micro_batch} x {world_size} = {per_step})")
     return cfg.optim.total_batch // per_step
+
+
+def field_help() -> dict[tuple[str, str], str]:
+    """(section, key) -> help: the comment after each field in this file (the one place for the text)."""
+    import inspect
+    import re
+
+    helps: dict[tuple[str, str], str] = {}
+    for section in dataclasses.fields(TrainConfig):
+        try:
+            source = inspect.getsource(section.default_factory)
+        except (OSError, TypeError):  # no source shipped: no help texts
+            continue
+        for line in source.splitlines():
+            found = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
+            if found:
+                helps[(section.name, found.group(1))] = found.group(2).strip()
+    return helps
+
+
+def _toml_value(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    return "[" + ", ".join(_toml_value(v) or "" for v in value) + "]"
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The resolved config as TOML with each field's help as a comment (``--print-config``; loadable again)."""
+    helps = field_help()
+    lines: list[str] = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            text = _toml_value(value)
+            entry = f"{key} = {text}" if text is not None else f"# {key} = (unset)"
+            comment = helps.get((section, key))
+            lines.append(f"{entry:<39} # {comment}" if comment else entry)
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:
