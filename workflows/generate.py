@@ -43,6 +43,8 @@ MODELS = {
             "url": f"{HF_HY}/vae/hunyuan_video_vae_bf16.safetensors"},
 }
 LORA_NAME = "accvideo_hunyuan_video_lora.safetensors"
+TRAINED_LORA_NAME = "accvideo_student_lora.safetensors"  # the trainer's LoRA mode: out_dir/student_lora.safetensors
+STYLE_LORA_NAME = "your_hunyuan_video_style_lora.safetensors"
 PROMPT = ("A cat walks on the grass, realistic style, warm afternoon light, the camera slowly follows it at low "
           "height.")
 WIDTH, HEIGHT, FRAMES, FPS, SEED = 960, 544, 93, 24.0, 1024
@@ -271,6 +273,28 @@ def lora() -> Graph:
     return g
 
 
+def trained_lora() -> Graph:
+    g = Graph("accvideo_trained_lora", "Base HunyuanVideo + trained AccVideo LoRA + a second LoRA (5 steps)")
+    g.note((0, -300), "## Trained AccVideo LoRA, stacked\nThe speed-up LoRA the trainer's LoRA mode writes "
+                      "(`python -m accvideo_core.train --set model.lora_rank=64 ...` -> `out_dir/student_lora"
+                      f".safetensors`, copied to `loras/{TRAINED_LORA_NAME}`) on the base model, loaded by native "
+                      "**LoraLoaderModelOnly** at strength 1, then any other HunyuanVideo LoRA (style, character) "
+                      "with **AccVideo LoRA Loader**. 5 steps, shift 7, embedded guidance 6, no CFG.")
+    base = g.add("UNETLoader", (0, 0), {"unet_name": MODELS["teacher"]["name"], "weight_dtype": "default"},
+                 models=["teacher"])
+    fast = g.add("LoraLoaderModelOnly", (380, 0), {"lora_name": TRAINED_LORA_NAME, "strength_model": 1.0},
+                 title="AccVideo LoRA (trained)", model=base)
+    styled = g.add("AccVideoLoraLoader", (380, 160), {"lora_name": STYLE_LORA_NAME, "strength": 0.8},
+                   title="Second LoRA", model=fast)
+    cond = _text_encoding(g, 0, 320)
+    latent = _empty_latent(g, 0, 580)
+    sampled = g.add("AccVideoSampler", (800, 0), _sampler_widgets(), model=styled, positive=cond,
+                    latent_image=latent)
+    vae = g.add("VAELoader", (800, 420), {"vae_name": MODELS["vae"]["name"]}, models=["vae"])
+    _decode_and_save(g, sampled, vae, 1200, 0, "AccVideo/trained_lora")
+    return g
+
+
 def synvid_dump() -> Graph:
     g = Graph("accvideo_synvid_dump", "SynVid: teacher trajectory dump (50 steps) for AccVideo distillation")
     g.note((0, -300), "## SynVid trajectory dump\nThe HunyuanVideo teacher (50 steps, shift 7, guidance 6) writes "
@@ -326,7 +350,7 @@ def teacher_vs_student() -> Graph:
     return g
 
 
-GRAPHS = (t2v, lora, synvid_dump, teacher_vs_student)
+GRAPHS = (t2v, lora, trained_lora, synvid_dump, teacher_vs_student)
 
 
 def render() -> dict[Path, str]:

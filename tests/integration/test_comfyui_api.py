@@ -40,7 +40,7 @@ def tiny(workflow: dict, *, width: int = W, height: int = H, length: int = FRAME
             inputs["unet_name"] = TINY_MODEL
         elif ct == "VAELoader":
             inputs["vae_name"] = RANDOM_VAE
-        elif ct == "AccVideoLoraLoader":
+        elif ct in ("AccVideoLoraLoader", "LoraLoaderModelOnly"):
             inputs["lora_name"] = TINY_LORA
         elif ct == "EmptyHunyuanLatentVideo":
             inputs.update(width=width, height=height, length=length)
@@ -347,7 +347,8 @@ def test_t2v_workflow_saves_an_mp4_with_prompt_and_workflow(comfy_api, tmp_path)
     assert json.loads(meta["workflow"]) == ui
 
 
-@pytest.mark.parametrize("name,videos", [("accvideo_lora", 1), ("accvideo_teacher_vs_student", 3)])
+@pytest.mark.parametrize("name,videos", [("accvideo_lora", 1), ("accvideo_trained_lora", 1),
+                                         ("accvideo_teacher_vs_student", 3)])
 def test_other_workflows_run(comfy_api, name, videos):
     entry = comfy_api.run(tiny(api_twin(name)))
     assert error_of(entry) is None, error_of(entry)
