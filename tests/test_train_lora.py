@@ -123,7 +123,8 @@ def test_checkpoint_recompute_sees_the_switch_of_its_forward():
 
 
 def test_rank_and_target_errors_are_clear():
-    with pytest.raises(ValueError, match=r"rank 40 exceeds the smaller dimension of 32 .* vector_in.in_layer 32x24: use a rank <= 24"):
+    with pytest.raises(ValueError, match=r"rank 40 exceeds the smaller dimension of 32 .* "
+                                         r"vector_in.in_layer 32x24: use a rank <= 24"):
         add_adapters(tiny_transformer(seed=0), rank=40, targets=TARGETS)
     with pytest.raises(ValueError, match="'double_blocks.*.img_attn_qkvv' matches no linear layer"):
         add_adapters(tiny_transformer(seed=0), rank=2, targets=["double_blocks.*.img_attn_qkvv"])
@@ -327,7 +328,8 @@ def test_torchrun_two_ranks_fsdp2_lora_matches_single_process(synvid, tmp_path):
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-4, rtol=1e-4, msg=k)
     assert max(float(v.abs().max()) for k, v in one.items() if k.endswith("lora_up")) > 1e-3  # they trained
-    m1, m2 = read_state_dict(tmp_path / "one/student.safetensors"), read_state_dict(tmp_path / "two/student.safetensors")
+    m1 = read_state_dict(tmp_path / "one/student.safetensors")
+    m2 = read_state_dict(tmp_path / "two/student.safetensors")
     for k in m1:
         torch.testing.assert_close(m2[k], m1[k], atol=1e-4, rtol=1e-4, msg=k)
     val = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
