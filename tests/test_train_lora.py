@@ -19,7 +19,7 @@ from accvideo_core.train.config import LORA_TARGETS, ConfigError, config_from_di
 from accvideo_core.train.loop import Trainer
 from accvideo_core.utils.io import read_state_dict, save_safetensors
 
-from test_train import TEACHER_SEED, _env, make_cfg, synvid  # noqa: F401  (synvid: the shared fixture)
+from test_train import _env, _states, make_cfg, synvid  # noqa: F401  (synvid: the shared fixture)
 
 TARGETS = list(LORA_TARGETS)
 LORA_LR = 3e-3  # the adapters' learning rate on the tiny model (full fine-tune: 3e-4)
@@ -279,14 +279,7 @@ def test_lora_distillation_beats_teacher_few_steps_and_exports(synvid, tmp_path)
 
 
 def _lora_states(out: Path) -> dict[str, torch.Tensor]:
-    """Adapters (fp32 master), heads and both optimizers' tensors of the latest checkpoint."""
-    ck = out / "checkpoints" / json.loads((out / "checkpoints" / "latest.json").read_text())["path"]
-    state = read_state_dict(ck / "adapters.safetensors")
-    trainer = torch.load(ck / "trainer.pt", weights_only=True)
-    state.update({f"head.{k}": v for k, v in trainer["heads"].items()})
-    opt = torch.load(ck / "optimizer.pt", weights_only=True)
-    state.update({f"opt.{n}.{s}": t for n, d in opt["state"].items() for s, t in d.items() if torch.is_tensor(t)})
-    return state
+    return _states(out, "adapters.safetensors")
 
 
 def test_lora_resume_after_kill_is_bit_exact(synvid, tmp_path):

@@ -264,13 +264,18 @@ def lora() -> Graph:
     base = g.add("UNETLoader", (0, 0), {"unet_name": MODELS["teacher"]["name"], "weight_dtype": "default"},
                  models=["teacher"])
     patched = g.add("AccVideoLoraLoader", (380, 0), {"lora_name": LORA_NAME, "strength": 1.0}, model=base)
-    cond = _text_encoding(g, 0, 160)
-    latent = _empty_latent(g, 0, 420)
-    sampled = g.add("AccVideoSampler", (800, 0), _sampler_widgets(), model=patched, positive=cond,
+    _sample_five_steps(g, patched, 160, "AccVideo/lora")
+    return g
+
+
+def _sample_five_steps(g: Graph, model: Node, y: int, prefix: str) -> None:
+    """Prompt, empty latent, AccVideo Sampler (5 steps), VAE decode and save: the tail of the LoRA graphs."""
+    cond = _text_encoding(g, 0, y)
+    latent = _empty_latent(g, 0, y + 260)
+    sampled = g.add("AccVideoSampler", (800, 0), _sampler_widgets(), model=model, positive=cond,
                     latent_image=latent)
     vae = g.add("VAELoader", (800, 420), {"vae_name": MODELS["vae"]["name"]}, models=["vae"])
-    _decode_and_save(g, sampled, vae, 1200, 0, "AccVideo/lora")
-    return g
+    _decode_and_save(g, sampled, vae, 1200, 0, prefix)
 
 
 def trained_lora() -> Graph:
@@ -286,12 +291,7 @@ def trained_lora() -> Graph:
                  title="AccVideo LoRA (trained)", model=base)
     styled = g.add("AccVideoLoraLoader", (380, 160), {"lora_name": STYLE_LORA_NAME, "strength": 0.8},
                    title="Second LoRA", model=fast)
-    cond = _text_encoding(g, 0, 320)
-    latent = _empty_latent(g, 0, 580)
-    sampled = g.add("AccVideoSampler", (800, 0), _sampler_widgets(), model=styled, positive=cond,
-                    latent_image=latent)
-    vae = g.add("VAELoader", (800, 420), {"vae_name": MODELS["vae"]["name"]}, models=["vae"])
-    _decode_and_save(g, sampled, vae, 1200, 0, "AccVideo/trained_lora")
+    _sample_five_steps(g, styled, 320, "AccVideo/trained_lora")
     return g
 
 
