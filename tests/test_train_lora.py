@@ -19,7 +19,7 @@ from accvideo_core.train.config import LORA_TARGETS, ConfigError, config_from_di
 from accvideo_core.train.loop import Trainer
 from accvideo_core.utils.io import read_state_dict, save_safetensors
 
-from test_train import _env, _states, make_cfg, synvid  # noqa: F401  (synvid: the shared fixture)
+from test_train import _states, make_cfg, run_torchrun, synvid  # noqa: F401  (synvid: the shared fixture)
 
 TARGETS = list(LORA_TARGETS)
 LORA_LR = 3e-3  # the adapters' learning rate on the tiny model (full fine-tune: 3e-4)
@@ -309,13 +309,7 @@ def test_torchrun_two_ranks_fsdp2_lora_matches_single_process(synvid, tmp_path):
     common = dict(model={"lora_rank": 4, "gradient_checkpointing": True},
                   optim={"steps": 2, "total_batch": 2, "lr": LORA_LR}, data={"val_samples": 2}, log={"plot": False})
     r1 = Trainer(make_cfg(synvid, tmp_path / "one", **common)).run()
-    cfg = make_cfg(synvid, tmp_path / "two", **common)
-    (tmp_path / "c.json").write_text(json.dumps(cfg.to_dict()))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(torchrun + ["-m", "accvideo_core.train", "--config", str(tmp_path / "c.json")], cwd=root,
-                          env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(make_cfg(synvid, tmp_path / "two", **common), tmp_path)
     one, two = _lora_states(tmp_path / "one"), _lora_states(tmp_path / "two")
     assert set(one) == set(two)
     for k in one:
