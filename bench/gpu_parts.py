@@ -414,7 +414,8 @@ def _write_synvid(root: Path, frames: int, height: int, width: int, text: tuple[
     """Two SynVid samples of random key latents (the cost of a training step does not depend on their values)."""
     from accvideo_core.latents import latent_shape
     from accvideo_core.sampling import flow_sigmas
-    from accvideo_core.synvid.format import SynVidSample, SynVidWriter, key_steps_for
+    from accvideo_core.synvid.folder import SynVidWriter
+    from accvideo_core.synvid.format import SynVidSample, key_steps_for
 
     keys = key_steps_for(50, 5)
     gen = torch.Generator().manual_seed(0)
