@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 import pytest
 
 from tests.integration.conftest import start_server, stop_server
+from workflows.generate import LORA_NAME, STYLE_LORA_NAME, TRAINED_LORA_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
 UI_FILES = sorted((ROOT / "workflows" / "ui").glob("*.json"))
@@ -44,7 +45,8 @@ def browser_server(tmp_path_factory, comfyui_path):
             (folder / m["name"]).touch()  # placeholder: listed by the combos, never loaded
     lora_dir = base / "models" / "loras"
     lora_dir.mkdir(parents=True, exist_ok=True)
-    (lora_dir / "accvideo_hunyuan_video_lora.safetensors").touch()
+    for name in (LORA_NAME, STYLE_LORA_NAME, TRAINED_LORA_NAME):  # the names the LoRA workflows pick
+        (lora_dir / name).touch()
     settings = base / "user" / "default"
     settings.mkdir(parents=True, exist_ok=True)
     (settings / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
