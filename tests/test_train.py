@@ -440,6 +440,18 @@ print("PROBE", type(patcher.model).__name__)
 '''
 
 
+def comfy_compatible_teacher_and_data(data_dir: Path):
+    """A tiny teacher that native ComfyUI can load, 3 SynVid samples of it in ``data_dir`` (10 steps, 16x16), the
+    text inputs, and the generator that drew them (the tests draw their probe inputs from it next)."""
+    teacher = tiny_transformer(seed=5, comfy_compatible=True)
+    g = torch.Generator().manual_seed(2)
+    emb = {"text_states": torch.randn(2, 6, 32, generator=g), "text_mask": torch.ones(2, 6, dtype=torch.long),
+           "pooled": torch.randn(2, 768, generator=g), "prompts": ["a", "b"]}
+    dump_synvid(teacher, emb, data_dir, num=3, frames=1, height=16, width=16, steps=10, dtype="float32",
+                progress=lambda msg: None)
+    return teacher, emb, g
+
+
 @pytest.mark.integration
 def test_exported_student_loads_in_native_comfyui(tmp_path, comfyui_path):
     """The trainer's exported student (bf16, original layout) loads with ComfyUI's UNETLoader code path
@@ -447,12 +459,7 @@ def test_exported_student_loads_in_native_comfyui(tmp_path, comfyui_path):
     comfy = str(comfyui_path)
     from safetensors.torch import save_file
 
-    teacher = tiny_transformer(seed=5, comfy_compatible=True)
-    g = torch.Generator().manual_seed(2)
-    emb = {"text_states": torch.randn(2, 6, 32, generator=g), "text_mask": torch.ones(2, 6, dtype=torch.long),
-           "pooled": torch.randn(2, 768, generator=g), "prompts": ["a", "b"]}
-    dump_synvid(teacher, emb, tmp_path / "data", num=3, frames=1, height=16, width=16, steps=10, dtype="float32",
-                progress=lambda msg: None)
+    teacher, emb, g = comfy_compatible_teacher_and_data(tmp_path / "data")
     cfg = config_from_dict({
         "data": {"root": str(tmp_path / "data"), "val_samples": 1},
         "optim": {"steps": 1, "total_batch": 2, "lr": 1e-4}, "loss": {"head_width": 32, "head_groups": 8},

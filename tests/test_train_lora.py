@@ -19,7 +19,7 @@ from accvideo_core.train.config import LORA_TARGETS, ConfigError, config_from_di
 from accvideo_core.train.loop import Trainer
 from accvideo_core.utils.io import read_state_dict, save_safetensors
 
-from test_train import _states, _torchrun, make_cfg, synvid  # noqa: F401  (synvid: the shared fixture)
+from test_train import _states, _torchrun, comfy_compatible_teacher_and_data, make_cfg, synvid  # noqa: F401  (synvid: the shared fixture)
 
 TARGETS = list(LORA_TARGETS)
 LORA_LR = 3e-3  # the adapters' learning rate on the tiny model (full fine-tune: 3e-4)
@@ -390,24 +390,16 @@ print("PROBE", len(patched.patches), "NOT_LOADED", not_loaded)
 
 
 @pytest.mark.integration
-def test_student_lora_in_native_comfyui_equals_the_merged_student(tmp_path):
+def test_student_lora_in_native_comfyui_equals_the_merged_student(tmp_path, comfyui_path):
     """Native ComfyUI (LoraLoaderModelOnly's code path) loads the trained student_lora.safetensors on the base with
     no "lora key not loaded" line, and at strength 1 predicts the merged student's velocity (<= 1e-4 relative)."""
-    comfy = os.environ.get("COMFYUI_PATH")
-    if not comfy or not (Path(comfy) / "main.py").is_file():
-        pytest.skip("integration tier: set COMFYUI_PATH to a ComfyUI checkout (>= 0.3.64) to run it")
+    comfy = str(comfyui_path)
     from safetensors.torch import load_file, save_file
 
     from accvideo_core.models.loading import load_transformer, save_transformer
-    from accvideo_core.synvid.dump import dump_synvid
 
-    teacher = tiny_transformer(seed=5, comfy_compatible=True)
+    teacher, emb, g = comfy_compatible_teacher_and_data(tmp_path / "data")
     save_transformer(teacher, tmp_path / "base.safetensors")
-    g = torch.Generator().manual_seed(2)
-    emb = {"text_states": torch.randn(2, 6, 32, generator=g), "text_mask": torch.ones(2, 6, dtype=torch.long),
-           "pooled": torch.randn(2, 768, generator=g), "prompts": ["a", "b"]}
-    dump_synvid(teacher, emb, tmp_path / "data", num=3, frames=1, height=16, width=16, steps=10, dtype="float32",
-                progress=lambda msg: None)
     cfg = config_from_dict({
         "model": {"teacher": str(tmp_path / "base.safetensors"), "lora_rank": 4},
         "data": {"root": str(tmp_path / "data"), "val_samples": 1},
