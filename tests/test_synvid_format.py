@@ -99,6 +99,10 @@ def test_manifest_reader_skips_and_reports_corrupt_files(tmp_path):
     assert good == [0, 2]
     assert errors[0][0] == 1 and "000001.safetensors" in errors[0][1] and "truncated or corrupt" in errors[0][1]
     assert errors[1][0] == 3 and "text_dim is 5" in errors[1][1]
+    write_sample(make_sample(0, frames=9), tmp_path / "samples" / "000000.safetensors")  # the manifest's name
+    with pytest.raises(SynVidError, match=r"latent_shape is \(16, 3, 4, 6\) but the data set's samples have"):
+        ds.load(0)
+    write_sample(make_sample(0), tmp_path / "samples" / "000000.safetensors")
     assert main(["verify", str(tmp_path)]) == 1
     (tmp_path / "manifest.json").unlink()
     with pytest.raises(SynVidError, match="rebuild"):

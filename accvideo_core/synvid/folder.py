@@ -28,7 +28,7 @@ import torch
 
 from accvideo_core.synvid.format import (
     FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SAMPLES_DIR, SynVidDataset, SynVidError, SynVidSample, check_facts,
-    check_sample, dataset_facts, identity_of, load_manifest, parse_dtype, read_sample, sample_identity, write_sample,
+    check_sample, dataset_facts, expected_shapes, identity_of, load_manifest, parse_dtype, read_sample, sample_identity, write_sample,
 )
 from accvideo_core.utils.dtypes import dtype_name
 from accvideo_core.utils.io import write_json
@@ -95,13 +95,6 @@ def _sample_indices(root: Path) -> dict[int, str]:
     return found
 
 
-def _expect(manifest: Mapping[str, object]) -> dict[str, object]:
-    expect = {k: manifest[k] for k in ("text_dim", "pooled") if k in manifest}
-    if "latent_shape" in manifest:
-        expect["latent"] = manifest["latent_shape"]
-    return expect
-
-
 def _entry(sample: SynVidSample, rel: str, path: Path) -> dict:
     entry = {"file": rel, "prompt": sample.prompt, "seed": int(sample.seed), "bytes": path.stat().st_size}
     if "batch_index" in sample.extra:
@@ -165,7 +158,7 @@ class SynVidWriter:
             if rel in listed or rel in self._skipped:
                 continue
             try:
-                sample = read_sample(self.root / rel, expect=_expect(self.manifest))
+                sample = read_sample(self.root / rel, expect=expected_shapes(self.manifest))
                 check_facts(self.manifest, dataset_facts(sample), self.root)
             except SynVidError as err:
                 self._skipped.add(rel)
@@ -261,7 +254,7 @@ def rebuild_manifest(root: str | os.PathLike, report: Report | None = None) -> d
         for index in sorted(on_disk):
             path = root / on_disk[index]
             try:
-                s = read_sample(path, check_finite=False, expect=_expect(manifest))
+                s = read_sample(path, check_finite=False, expect=expected_shapes(manifest))
                 check_facts(manifest, dataset_facts(s), root)
             except SynVidError as err:
                 say(f"SynVid rebuild skipped a bad file: {err}")

@@ -19,6 +19,11 @@ Tensors of a sample (all latents in MODEL space, i.e. VAE latents x 0.476986, se
 String metadata: see ``REQUIRED_METADATA``. ``stored_steps`` is ``key_steps`` (0, 10, ..., 50: the 6 latents the
 method uses) or every step 0..steps. The trajectory latent at step ``i`` is the teacher's Euler iterate at
 ``sigmas[i]`` (step 0 = the initial noise, step ``steps`` = the final latent).
+
+Names (the same in the trainer): ``latents`` = a sample's stored trajectory latents ``[S, 16, T, H, W]`` (the file's
+tensor); ``key_latents`` = the ``segments + 1`` latents at the key steps, sigma 1 first (what the trainer loads and
+batches); ``latent`` = one latent ``[16, T, H, W]`` (``latent_at``, an entry of the trainer's queues);
+``latent_shape`` = the shape of one latent (manifest field and ``expect`` key).
 """
 from __future__ import annotations
 
@@ -87,8 +92,8 @@ def stored_steps_for(steps: int, store: str, segments: int = 5) -> list[int]:
 class SynVidSample:
     """One teacher trajectory and its conditioning (tensors without a batch dimension)."""
 
-    latents: torch.Tensor            # [S, 16, T, H, W], model space
-    stored_steps: list[int]          # teacher step index of each latent
+    latents: torch.Tensor            # [S, 16, T, H, W], model space: the stored trajectory latents
+    stored_steps: list[int]          # teacher step index of each stored latent
     sigmas: torch.Tensor             # [steps + 1] float32
     text_states: torch.Tensor        # [L, D]
     text_mask: torch.Tensor          # [L] bool
@@ -139,6 +144,12 @@ def dataset_facts(sample: SynVidSample) -> dict[str, object]:
 
 
 SHARED_FACTS = ("latent_shape", "text_dim", "pooled", "steps", "key_steps", "source_model_hash")
+SHAPE_FACTS = ("latent_shape", "text_dim", "pooled")  # checked on every read (``read_sample(expect=...)``)
+
+
+def expected_shapes(manifest: Mapping[str, object]) -> dict[str, object]:
+    """The manifest's shape facts every sample of the data set must match (``read_sample``'s ``expect``)."""
+    return {k: manifest[k] for k in SHAPE_FACTS if k in manifest}
 
 
 def check_facts(manifest: Mapping[str, object], facts: Mapping[str, object], root: str | os.PathLike) -> None:
@@ -199,8 +210,8 @@ def read_sample(path: str | os.PathLike, *, steps: Sequence[int] | None = None, 
     """Read and validate one sample file.
 
     ``steps``: load only the latents at these teacher steps (e.g. the 6 key steps of a 51-latent file), reading
-    just those slices. ``expect``: optional shapes (``latent``, ``text_states``, ``pooled``) every sample of a
-    data set must share. Raises :class:`SynVidError` naming the file for every problem.
+    just those slices. ``expect``: optional shapes every sample of a data set must share (the manifest's
+    :data:`SHAPE_FACTS`, see :func:`expected_shapes`). Raises :class:`SynVidError` naming the file for every problem.
     """
     path = Path(path)
     src = str(path)
@@ -323,7 +334,7 @@ def check_sample(sample: SynVidSample, *, source: str = "sample", expect: Mappin
     if not math.isfinite(sample.guidance):
         fail("guidance is not finite")
     if expect:
-        got = {"latent": tuple(lat.shape[1:]), "text_dim": int(ts.shape[1]), "pooled": tuple(pooled.shape)}
+        got = {"latent_shape": tuple(lat.shape[1:]), "text_dim": int(ts.shape[1]), "pooled": tuple(pooled.shape)}
         for key, value in expect.items():
             if key in got and _norm(got[key]) != _norm(value):
                 fail(f"{key} is {got[key]} but the data set's samples have {value}; "
@@ -378,9 +389,7 @@ class SynVidDataset:
             raise SynVidError(f"{self.root}: the manifest lists no samples")
         self.steps = list(steps) if steps is not None else None
         self.check_finite = check_finite
-        self.expect = {k: self.manifest[k] for k in ("latent_shape", "text_dim", "pooled") if k in self.manifest}
-        if "latent_shape" in self.expect:
-            self.expect["latent"] = self.expect.pop("latent_shape")
+        self.expect = expected_shapes(self.manifest)
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -7,13 +7,17 @@ from typing import Callable
 import torch
 
 from accvideo_core.sampling import seeded_noise
-from accvideo_core.synvid.format import SynVidDataset, SynVidError
+from accvideo_core.synvid.format import SynVidDataset, SynVidError, SynVidSample
 
-Record = dict[str, torch.Tensor]  # one sample: key_latents [m+1, C, T, H, W], text_states, text_mask, pooled, guidance
+# One sample's tensors, named per sample (a collated batch keeps the names, with a batch dimension in front): a data
+# record holds ``key_latents`` [m+1, C, T, H, W] (sigma 1 first) and ``uid``, a queue entry one ``latent``
+# [C, T, H, W] (accvideo_core.train.queues); both hold text_states, text_mask, pooled and guidance.
+Record = dict[str, torch.Tensor]
 
 
-def sample_record(sample, uid: int) -> Record:
-    """Trainer record of a loaded SynVid sample (key latents with sigma 1 first, conditioning, unique id)."""
+def sample_record(sample: SynVidSample, uid: int) -> Record:
+    """Trainer record of a SynVid sample read at the trainer's key steps only (``SynVidDataset(steps=key_steps)``,
+    so its stored latents are the key latents), with its conditioning and a unique id."""
     return {"key_latents": sample.latents.float(), "text_states": sample.text_states,
             "text_mask": sample.text_mask, "pooled": sample.pooled,
             "guidance": torch.tensor(float(sample.guidance)), "uid": torch.tensor(int(uid))}

@@ -26,10 +26,11 @@ class TrajectoryQueues:
     def size(self, k: int) -> int:
         return len(self.queues[k])
 
-    def push(self, k: int, latents: torch.Tensor, cond: dict[str, torch.Tensor]) -> None:
-        """Append a batch of (detached) latents at t'_k with their conditioning; the oldest entries beyond
-        ``capacity`` are dropped (only Q_0, which nobody pops, normally fills up)."""
-        batch = dict(cond, latent=latents.detach())
+    def push(self, k: int, latent: torch.Tensor, cond: dict[str, torch.Tensor]) -> None:
+        """Append a batch ``latent [n, C, T, H, W]`` (one latent at t'_k per sample, detached) with its
+        conditioning; the oldest entries beyond ``capacity`` are dropped (only Q_0, which nobody pops, normally
+        fills up)."""
+        batch = dict(cond, latent=latent.detach())
         q = self.queues[k]
         for rec in split(batch):
             q.append(rec)
@@ -38,13 +39,13 @@ class TrajectoryQueues:
                 self.dropped[k] += 1
 
     def pop(self, k: int, n: int, device: torch.device | str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Remove the ``n`` oldest entries of Q_k: ``(latents [n, ...], conditioning batch)``."""
+        """Remove the ``n`` oldest entries of Q_k: ``(latent [n, C, T, H, W], conditioning batch)``."""
         q = self.queues[k]
         if len(q) < n:
             raise RuntimeError(f"queue Q_{k} holds {len(q)} entries, {n} needed; raise loss.queue_capacity")
         batch = collate([q.popleft() for _ in range(n)], device)
-        latents = batch.pop("latent")
-        return latents, batch
+        latent = batch.pop("latent")
+        return latent, batch
 
     def state_dict(self) -> dict:
         return {"queues": [[{k: v.to("cpu") for k, v in rec.items()} for rec in q] for q in self.queues],
