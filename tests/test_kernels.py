@@ -141,3 +141,42 @@ def test_torch_compile_traces_the_reference():
     finally:
         kernels.set_backend(previous)
         torch._dynamo.reset()
+
+
+def test_launch_grids_fit_cuda_limits_at_real_sizes():
+    """Every Triton launch (forward and backward) at HunyuanVideo's 720x1280x129 sizes - transformer tokens and an
+    untiled VAE activation of 128 channels at full resolution - stays within CUDA's grid limits (axis 0 < 2**31,
+    axes 1 and 2 <= 65535). Meta tensors and an intercepted launch: nothing is allocated or run, no GPU needed;
+    the interpreter ignores these limits, a GPU launch fails with 'invalid argument'."""
+    pytest.importorskip("triton")
+    result = _run("""
+import torch
+from triton.runtime.jit import JITFunction
+from accvideo_core.kernels import triton_kernels as tk
+
+launches = []
+JITFunction.run = lambda self, *args, grid, warmup, **kw: launches.append((self.fn.__name__, list(grid)))
+bf16, f32 = dict(device="meta", dtype=torch.bfloat16), dict(device="meta")
+tokens, text, heads, head_dim, hidden = 33 * 45 * 80, 256, 24, 128, 3072
+q = torch.empty(1, tokens + text, 3, heads, head_dim, **bf16)[:, :, 0].requires_grad_()
+w, cos = torch.empty(head_dim, **bf16).requires_grad_(), torch.empty(tokens, head_dim, **f32)
+x = torch.empty(1, tokens + text, hidden, **bf16).requires_grad_()
+mod = torch.empty(1, hidden, **bf16).requires_grad_()
+for fn, inputs in ((lambda: tk.rms_norm_rope(q, w, cos, cos), (q, w)),
+                   (lambda: tk.layer_norm_modulate(x, mod, mod), (x, mod)),
+                   (lambda: tk.gated_residual(x, x, mod), (x, mod))):
+    out = fn()
+    torch.autograd.grad(out, inputs, torch.empty_like(out))
+video = torch.empty(1, 128, 129, 720, 1280, **bf16)
+g = torch.empty(128, **bf16)
+tk.group_norm_silu(video, g, g, 32)
+tk.group_norm_silu(video, g, g, 32, mean=torch.empty(1, 32, **f32), rstd=torch.empty(1, 32, **f32))
+tk.group_norm_stats(video[:, :, 1:5], 32)
+result = launches
+""")
+    assert {name for name, _ in result} == {"_rms_norm_rope_fwd", "_rms_norm_rope_bwd", "_layer_norm_modulate_fwd",
+                                            "_layer_norm_modulate_bwd", "_gated_residual_fwd", "_gated_residual_bwd",
+                                            "_group_norm_partial_stats", "_group_norm_silu_apply"}
+    for name, grid in result:
+        assert 1 <= len(grid) <= 3 and min(grid) >= 1, (name, grid)
+        assert grid[0] < 2 ** 31 and all(n <= 65535 for n in grid[1:]), (name, grid)

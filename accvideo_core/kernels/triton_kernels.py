@@ -487,9 +487,10 @@ def _group_norm_partial_stats(x_ptr, part_ptr, groups, channels_per_group, inner
     """Per (batch*group, chunk): element count, chunk mean and the chunk's sum of squared deviations.
 
     Each channel's ``inner`` elements are contiguous; batch and channel strides are free (time slices of a video).
+    Grid ``(chunks, batch*groups)`` (see ``_group_grid``).
     """
-    bg = tl.program_id(0)
-    chunk = tl.program_id(1)
+    chunk = tl.program_id(0)
+    bg = tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     ok = offs < channels_per_group * inner
     channel = (bg % groups) * channels_per_group + offs // inner
@@ -508,10 +509,11 @@ def _group_norm_partial_stats(x_ptr, part_ptr, groups, channels_per_group, inner
 def _group_norm_silu_apply(x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, out_ptr, groups, channels_per_group, spatial,
                            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_NORMED: tl.constexpr,
                            SILU: tl.constexpr, BLOCK: tl.constexpr):
-    """One (batch, group) per program row: its channels x spatial elements are contiguous in memory."""
-    bg = tl.program_id(0)
+    """One (batch, group) per grid column: its channels x spatial elements are contiguous in memory. Grid
+    ``(chunks, batch*groups)`` (see ``_group_grid``)."""
+    bg = tl.program_id(1)
     group_numel = channels_per_group * spatial
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < group_numel
     c = (bg % groups) * channels_per_group + offs // spatial
     mean = tl.load(mean_ptr + bg).to(tl.float32)
@@ -531,6 +533,18 @@ def _group_norm_silu_apply(x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, out_ptr, gro
 
 
 _STATS_BLOCK = 4096
+_MAX_GRID_YZ = 65535  # CUDA's limit of grid dimensions 1 and 2 (dimension 0 allows 2**31 - 1)
+
+
+def _group_grid(batch_groups: int, group_numel: int, block: int) -> tuple[int, int]:
+    """Launch grid of the GroupNorm kernels: the chunks of one group on axis 0, the (batch, group) pairs on axis 1.
+
+    The chunk count reaches ~116k for one 720x1280x129 VAE activation with 4 channels per group, over CUDA's 65535
+    limit of axes 1 and 2; the (batch, group) count stays small."""
+    if batch_groups > _MAX_GRID_YZ:
+        raise ValueError(f"GroupNorm over {batch_groups} (batch, group) pairs exceeds one launch ({_MAX_GRID_YZ}); "
+                         "split the batch")
+    return triton.cdiv(group_numel, block), batch_groups
 
 
 def _channel_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -547,9 +561,9 @@ def _chunk_stats(x: torch.Tensor, num_groups: int) -> torch.Tensor:
     block = min(_STATS_BLOCK, triton.next_power_of_2(group_numel))
     n_chunks = triton.cdiv(group_numel, block)
     part = torch.empty(batch * num_groups, n_chunks, 3, dtype=torch.float32, device=x.device)
-    _group_norm_partial_stats[(batch * num_groups, n_chunks)](x, part, num_groups, channels // num_groups, inner,
-                                                              x.stride(0), x.stride(1), n_chunks, BLOCK=block,
-                                                              num_warps=_num_warps(block))
+    grid = _group_grid(batch * num_groups, group_numel, block)
+    _group_norm_partial_stats[grid](x, part, num_groups, channels // num_groups, inner, x.stride(0), x.stride(1),
+                                    n_chunks, BLOCK=block, num_warps=_num_warps(block))
     return part
 
 
@@ -599,7 +613,7 @@ def _group_norm_silu_forward(x, weight, bias, num_groups, eps, silu, mean, rstd)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     group_numel = channels // num_groups * spatial
     block = min(4096, triton.next_power_of_2(group_numel))
-    grid = (batch * num_groups, triton.cdiv(group_numel, block))
+    grid = _group_grid(batch * num_groups, group_numel, block)
     _group_norm_silu_apply[grid](x, mean_f, rstd_f, weight if weight is not None else x,
                                  bias if bias is not None else x, out, num_groups, channels // num_groups, spatial,
                                  HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
