@@ -7,9 +7,11 @@ for the summary table go through ``run.figure``; physical-possibility and correc
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -35,6 +37,20 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float().to(b.device) - b.float()).abs().max())
+
+
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """fp32 convolutions and matmuls without TF32 inside the block (restored after). cuDNN convolutions default
+    to TF32 on Ampere and newer: a 1e-7 difference of a conv's input (Triton path vs reference) can flip a TF32
+    rounding (2**-11 relative) and fail an fp32 comparison at 1e-5 for reasons that have nothing to do with the
+    kernels compared."""
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
 def _triton_module(run):
@@ -66,6 +82,7 @@ def part_a(run) -> None:
                                             "detail": v.detail}
                 run.check({"name": f"Triton {name} {v.dtype} fwd/bwd matches the reference", "ok": v.ok,
                            "value": v.excess_error, "bound": v.tolerance, "detail": v.detail})
+            run.record("triton_kernels", {**out, "partial": True})  # kept if the part is killed while compiling
         run.figure("a_kernels", f"{sum(r['ok'] for r in out.values())} of {len(out)} match")
         return out
 
@@ -82,23 +99,32 @@ def part_a(run) -> None:
                                                    norm_num_groups=4, has_encoder=False)), seed=6).eval()
         vae = vae.to(run.device)
         z = torch.randn(1, 16, 2, 2, 4, generator=torch.Generator().manual_seed(7)).to(run.device)
-        runs = {}
-        for backend in ("torch", "auto"):
-            kernels.set_backend(backend)
-            model.zero_grad(set_to_none=True)
-            velocity = model(**inputs, guidance=6.0)
-            (velocity * torch.linspace(-1, 1, velocity.numel(), device=run.device).view_as(velocity)).sum().backward()
-            with torch.no_grad():
-                video = vae.decode(z, mode="untiled")
-            runs[backend] = (velocity.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, video)
-        kernels.set_backend("auto")
-        (v_ref, g_ref, vid_ref), (v_tri, g_tri, vid_tri) = runs["torch"], runs["auto"]
+        runs, previous = {}, kernels.get_backend()
+        # "triton", not "auto": a kernel failing its first-use self-check raises instead of silently becoming the
+        # reference (which would compare the reference with itself here)
+        with ieee_fp32():
+            try:
+                for backend in ("torch", "triton"):
+                    kernels.set_backend(backend)
+                    model.zero_grad(set_to_none=True)
+                    velocity = model(**inputs, guidance=6.0)
+                    weights = torch.linspace(-1, 1, velocity.numel(), device=run.device).view_as(velocity)
+                    (velocity * weights).sum().backward()
+                    with torch.no_grad():
+                        video = vae.decode(z, mode="untiled")
+                    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+                    runs[backend] = (velocity.detach(), grads, video)
+            finally:
+                kernels.set_backend(previous)
+        (v_ref, g_ref, vid_ref), (v_tri, g_tri, vid_tri) = runs["torch"], runs["triton"]
         out = {"transformer_out": _max_abs(v_tri, v_ref) / max(1.0, float(v_ref.abs().max())),
                "transformer_grads": max(_max_abs(g_tri[n], g_ref[n]) / max(1.0, float(g_ref[n].abs().max()))
                                         for n in g_ref),
-               "vae_decode": _max_abs(vid_tri, vid_ref), "first_use_checks": kernels.selfcheck_results()}
+               "vae_decode": _max_abs(vid_tri, vid_ref) / max(1.0, float(vid_ref.abs().max())),
+               "first_use_checks": kernels.selfcheck_results()}
         for key in ("transformer_out", "transformer_grads", "vae_decode"):
-            run.check(check_at_most(f"tiny {key}, Triton path vs reference path (fp32)", out[key], 1e-5, 0.0))
+            run.check(check_at_most(f"tiny {key}, Triton path vs reference path (fp32, relative to max(1, scale))",
+                                    out[key], 1e-5, 0.0))
         run.figure("a_models", f"{max(out[k] for k in ('transformer_out', 'transformer_grads', 'vae_decode')):.1e}")
         return out
 
@@ -113,7 +139,7 @@ def part_a(run) -> None:
         size = (2, 4, 6) if run.smoke else (8, 32, 32)
         inputs = {k: v.to(run.device) for k, v in tiny_inputs(config, frames=size[0], height=size[1], width=size[2],
                                                                text_len=16, seed=1).items()}
-        with torch.no_grad():
+        with torch.no_grad(), ieee_fp32():  # the fp32 reference without TF32 convolutions
             ref, got = fp32(**inputs), low(**inputs)
         rel = _rel_diff(got, ref)
         run.check(check_at_most("our transformer bf16 vs fp32, relative error", rel, 0.05, 0.0))
@@ -389,19 +415,23 @@ def part_d(run) -> None:
     base = (results.get("untiled") or {}).get("peak_gb")
     activation = (base * 1e9 - weights) if base else untiled_bytes - weights
     first = (results.get("untiled") or {}).get("seconds", 0.0)
-    for fraction in (0.5, 0.25):
-        budget = int(weights + fraction * activation)
-        key = f"exact_{fraction:g}"
-        results[key] = run.step(key, lambda b=budget, k=key: decode("exact", b, k), need=2 * first)
-        if results[key]:
-            r = results[key]
+
+    def exact(fraction: float, need: float) -> None:
+        budget, key = int(weights + fraction * activation), f"exact_{fraction:g}"
+        results[key] = r = run.step(key, lambda: decode("exact", budget, key), need=need)
+        if r:
             run.check(check_at_most(f"VAE exact decode peak within its budget ({fraction:g})", r["peak_gb"],
                                     r["budget_gb"], 0.05))
             if "max_abs_vs" in r:
                 run.check(check_at_most(f"VAE exact ({fraction:g}) vs {r['max_abs_vs']['against']}, max abs",
                                         r["max_abs_vs"]["value"], tolerance, 0.0))
+
+    exact(0.5, need=2 * first)
     budget = "auto" if run.smoke else int(weights + 0.25 * activation)  # tiny tiles would take minutes on a CPU
     results["fast"] = run.step("fast", lambda: decode("fast", budget, "fast"), need=first)
+    # last: at 544x960x93 on an 80 GB card its activation store (~41 GB) is on the host, the slowest decode;
+    # it needs at least the time of the decode at twice the budget
+    exact(0.25, need=max(2 * first, (results.get("exact_0.5") or {}).get("seconds", 0.0)))
     for key, r in results.items():
         if r:
             diff = f", max abs {r['max_abs_vs']['value']:.2g}" if "max_abs_vs" in r else ""

@@ -142,6 +142,18 @@ def test_a_hung_part_is_killed_and_keeps_its_finished_steps(tmp_path):
     assert crash["status"] == "failed: the subprocess exited with code 3" and crash["steps"] == {}
 
 
+def test_a_part_runs_as_the_child_subprocess_a_gpu_run_uses(tmp_path):
+    """On a GPU every part runs as ``python -m bench.gpu --child X`` (--smoke runs them in-process): that command
+    line, its argument parsing and its result file, end to end on part a."""
+    from bench.gpu import spawn_part
+
+    out = tmp_path / "gpu_part_a.json"
+    cmd = [sys.executable, "-m", "bench.gpu", "--child", "a", "--budget", "200", "--child-out", str(out), "--smoke"]
+    result = spawn_part(cmd, budget=200.0, out=out)
+    assert result["status"] == "ok", result
+    assert "rel_error" in result["steps"]["transformer_bf16_vs_fp32"] and "a_bf16" in result["figures"], result
+
+
 def test_sub_steps_record_errors_and_skips_and_go_on():
     from bench.gpu import PartRun
 
@@ -157,6 +169,15 @@ def test_sub_steps_record_errors_and_skips_and_go_on():
     assert "needs ~1000000 s" in steps["too_long"]["skipped"]
     samples, errors = run.interleaved({"ok": lambda: 1, "bad": boom}, rounds=3)
     assert list(samples) == ["ok"] and len(samples["ok"]) == 3 and "kernel launch failed" in errors["bad"]
+    calls = []
+
+    def fails_in_second_round():  # call 1 is the warm-up
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory")
+    samples, errors = run.interleaved({"ok": lambda: 1, "flaky": fails_in_second_round}, rounds=3)
+    assert len(samples["ok"]) == 3 and samples["flaky"] == [pytest.approx(0, abs=5)], samples
+    assert errors == {"flaky": "round 2: RuntimeError: CUDA out of memory"}
     expired = PartRun("y", budget=0.0, device="cpu", smoke=True, peaks={}, out=None)
     assert expired.interleaved({"ok": lambda: 1}, rounds=3) == ({}, {"ok": "not run: out of time"})
 
@@ -171,3 +192,20 @@ def test_device_table_and_unknown_devices():
     assert device_peaks("NVIDIA GeForce RTX 4090")["match"] == "RTX 4090"
     assert device_peaks("NVIDIA L40S")["match"] == "L40S"
     assert device_peaks("Some Future GPU") == {"match": None, "bandwidth_gbs": None, "bf16_tflops": None}
+
+
+def test_fp32_comparisons_run_without_tf32():
+    """Part a compares fp32 paths at 1e-5: cuDNN's default TF32 convolutions must be off inside, restored after."""
+    import torch
+
+    from bench.gpu_parts import ieee_fp32
+
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # CUDA builds' conv default
+    try:
+        with pytest.raises(RuntimeError, match="inside"), ieee_fp32():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+            raise RuntimeError("inside")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
