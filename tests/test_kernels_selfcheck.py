@@ -53,6 +53,31 @@ def _gated(torch, kernels, reference, dtype=None):
             "equal": bool(torch.equal(got, want)) and all(torch.equal(a.grad, b.grad) for a, b in zip(got_in, want_in))}
 
 
+def _first_use_in_checkpoint(torch, kernels, reference, selfcheck) -> dict:
+    """A kernel's first use, hence its self-check, inside a non-reentrant gradient checkpoint (as in the trainer's
+    first step): forward and backward against the reference without a checkpoint."""
+    from torch.utils.checkpoint import checkpoint
+
+    selfcheck.reset()
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(1, 6, 2, 16, generator=g), torch.rand(16, generator=g) + 0.5
+    grads = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            for name, fn in (("checkpointed", kernels.rms_norm_rope), ("plain", reference.rms_norm_rope)):
+                xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+                loss = lambda a, b, fn=fn: fn(a, b).square().sum()  # noqa: E731
+                (checkpoint(loss, xi, wi, use_reentrant=False) if name == "checkpointed" else loss(xi, wi)).backward()
+                grads[name] = (xi.grad, wi.grad)
+            error = None
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    diff = max((a - b).abs().max().item() for a, b in zip(*grads.values())) if error is None else None
+    return {"error": error, "grad_diff": diff, "warnings": [str(w.message) for w in caught],
+            "verdicts": selfcheck.results()}
+
+
 def _worker(out: str) -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     sys.path.insert(0, str(ROOT))
@@ -99,6 +124,7 @@ def _worker(out: str) -> None:
     _calls(torch, kernels, torch.float32)
     _calls(torch, kernels, torch.bfloat16)
     report["correct"] = selfcheck.results()
+    report["first_use_in_checkpoint"] = _first_use_in_checkpoint(torch, kernels, reference, selfcheck)
 
     right_fwd, right_bwd = tk._gated_residual_fwd, tk._gated_residual_bwd
     for case, (fwd, bwd) in {"wrong_forward": (wrong_gated_fwd, right_bwd),
@@ -132,6 +158,15 @@ def report(tmp_path_factory):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.read_text())
+
+
+def test_first_use_inside_a_gradient_checkpoint(report):
+    """The self-check's own backward must not run through the caller's checkpoint hooks (it used to fail the check
+    and then break the caller's backward with a CheckpointError)."""
+    res = report["first_use_in_checkpoint"]
+    assert res["error"] is None and not res["warnings"], res
+    assert [(v["kernel"], v["ok"]) for v in res["verdicts"]] == [("rms_norm_rope", True)], res
+    assert res["grad_diff"] <= 1e-5, res
 
 
 def test_correct_kernels_pass_their_check(report):

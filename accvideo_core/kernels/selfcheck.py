@@ -114,6 +114,11 @@ def _cases(name: str, gen: torch.Generator, n: int) -> list[tuple[Callable, list
     raise ValueError(f"no self-check for kernel {name!r}")
 
 
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    """Identity pack / unpack hook for saved tensors."""
+    return t
+
+
 def _flat(out) -> list[torch.Tensor]:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
@@ -140,7 +145,12 @@ def compare(name: str, module: ModuleType, device: torch.device | str, dtype: to
     gen = torch.Generator(device="cpu").manual_seed(1234)
     worst, detail = -tol, "matches"
     try:
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        # Own saved-tensor hooks (identity) mask the caller's: a first use inside a non-reentrant gradient
+        # checkpoint would otherwise hand the check's saved tensors to the checkpoint, whose unpack during the
+        # check's backward recomputes the caller's block (the check then fails spuriously and the later backward
+        # raises CheckpointError for a different number of saved tensors).
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), \
+                torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
             for call, inputs, with_grad in _cases(name, gen, tokens):
                 low = [t.to(device=device, dtype=dtype).requires_grad_(with_grad) for t in inputs]
                 exact_in = [t.detach().float().requires_grad_(with_grad) for t in low]
