@@ -8,6 +8,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .lora import AccVideoLoraExtract, AccVideoLoraLoader
 from .sampling import AccVideoSampler, AccVideoSchedule, AccVideoTrajectoryDump
+from .train import AccVideoPromptList, AccVideoTrain
 from .vae import AccVideoVAEDecode
 from .video import AccVideoSaveVideo
 
@@ -19,6 +20,8 @@ NODES: list[type[io.ComfyNode]] = [
     AccVideoVAEDecode,
     AccVideoTrajectoryDump,
     AccVideoSaveVideo,
+    AccVideoPromptList,
+    AccVideoTrain,
 ]
 
 

@@ -167,3 +167,37 @@ def model_file_names(folder: str) -> Sequence[str]:
     import folder_paths
 
     return folder_paths.get_filename_list(folder)
+
+
+def teacher_transformer(model: Any):
+    """Our transformer over the weights of ComfyUI's MODEL as it computes with them (patches applied, on its load
+    device), sharing its tensors where the dtype allows. Every other model is unloaded first: the run needs the
+    memory (``accvideo_core.train.from_model.transformer_from_state_dict``)."""
+    import comfy.model_management as mm
+
+    from accvideo_core.train.from_model import transformer_from_state_dict
+
+    mm.unload_all_models()
+    mm.load_models_gpu([model], force_full_load=True)
+    net = model.model.diffusion_model
+    axes = getattr(getattr(net, "params", None), "axes_dim", None)
+    return transformer_from_state_dict(net.state_dict(), device=model.load_device,
+                                       rope_axes=tuple(axes) if axes else None)
+
+
+def with_weights(model: Any, path: str) -> Any:
+    """A clone of ``model`` whose transformer weights are replaced by those of the original-layout file ``path``
+    (ModelPatcher ``set`` patches; the input MODEL is untouched)."""
+    from accvideo_core.train.from_model import comfy_model_weights
+
+    patched = model.clone()
+    patched.add_patches({key: ("set", (value,)) for key, value in comfy_model_weights(path).items()}, 1.0)
+    return patched
+
+
+def progress_text(text: str, node_id: str | None) -> None:
+    """Show ``text`` under the node in the UI (ComfyUI's progress text); nothing without a server."""
+    from server import PromptServer
+
+    if node_id is not None and PromptServer.instance is not None:
+        PromptServer.instance.send_progress_text(text, node_id)

@@ -37,6 +37,25 @@ def _to_comfy(patch):
     return (patch.kind, patch.weights)
 
 
+def apply_lora(model, state, strength: float, lora_name: str):
+    """A clone of ``model`` with the normalised LoRA ``state`` as ModelPatcher patches; keys that cannot be used
+    are reported in one log line, a LoRA matching nothing is an error."""
+    from accvideo_core.lora.apply import comfy_match_report, comfy_patches
+
+    # matched against the model's shapes: a LoRA for another model size is an error, not a silent no-op
+    shapes = {key: value.shape for key, value in model.model.state_dict().items()}
+    patches = {key: _to_comfy(p) for key, p in comfy_patches(state, shapes, warn=False).items()}
+    patched = model.clone()
+    report = comfy_match_report(state, patched.add_patches(patches, strength))
+    if not report.patches:
+        raise ValueError(f"LoRA {lora_name} ({state.format}) matches no weight of this model (e.g. "
+                         f"{state.example_keys()}); is it a HunyuanVideo LoRA, and is the MODEL HunyuanVideo?")
+    line = report.message()
+    if line:
+        log.warning("AccVideo LoRA %s: %s", lora_name, line)
+    return patched
+
+
 class AccVideoLoraLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -62,23 +81,10 @@ class AccVideoLoraLoader(io.ComfyNode):
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
         import folder_paths
 
-        from accvideo_core.lora.apply import comfy_match_report, comfy_patches
-
         if strength == 0:
             return io.NodeOutput(model)
         state = _read_lora(folder_paths.get_full_path_or_raise("loras", lora_name))
-        # matched against the model's shapes: a LoRA for another model size is an error, not a silent no-op
-        shapes = {key: value.shape for key, value in model.model.state_dict().items()}
-        patches = {key: _to_comfy(p) for key, p in comfy_patches(state, shapes, warn=False).items()}
-        patched = model.clone()
-        report = comfy_match_report(state, patched.add_patches(patches, strength))
-        if not report.patches:
-            raise ValueError(f"LoRA {lora_name} ({state.format}) matches no weight of this model (e.g. "
-                             f"{state.example_keys()}); is it a HunyuanVideo LoRA, and is the MODEL HunyuanVideo?")
-        line = report.message()
-        if line:
-            log.warning("AccVideo LoRA %s: %s", lora_name, line)
-        return io.NodeOutput(patched)
+        return io.NodeOutput(apply_lora(model, state, strength, lora_name))
 
 
 class AccVideoLoraExtract(io.ComfyNode):
@@ -138,21 +144,22 @@ class AccVideoLoraExtract(io.ComfyNode):
         result = extract(folder_paths.get_full_path_or_raise("diffusion_models", base_model),
                          folder_paths.get_full_path_or_raise("diffusion_models", distilled_model), rank,
                          dtype=getattr(torch, dtype), progress=progress)
-        name = _save_numbered(result, folder, name)
+        name = save_numbered(lambda path: result.save(path, overwrite=False), folder, name)
         log.info("AccVideo LoRA Extract wrote %s: %s", result.path, result.summary())
         return io.NodeOutput(name, ui={"text": [f"{name}: {result.summary()}"]})
 
 
-def _save_numbered(result, folder: str, name: str) -> str:
-    """Write the LoRA as ``name``, or as ``stem_00001.safetensors``, ... when taken (like SaveImage, an existing file
-    is never replaced, also not by a concurrent writer); returns the name written."""
+def save_numbered(write, folder: str, name: str) -> str:
+    """``write(path)`` as ``folder/name``, or as ``stem_00001.ext``, ... when taken (like SaveImage, an existing
+    file is never replaced, also not by a concurrent writer: ``write`` raises ``FileExistsError`` then); returns
+    the name written."""
     import os
 
     stem, ext = os.path.splitext(name)
     for i in range(100_000):
         candidate = name if i == 0 else f"{stem}_{i:05d}{ext}"
         try:
-            result.save(os.path.join(folder, candidate), overwrite=False)
+            write(os.path.join(folder, candidate))
             return candidate
         except FileExistsError:
             continue

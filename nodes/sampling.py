@@ -140,19 +140,19 @@ def _source_model_hash(model, model_name: str) -> str:
     return _HASH_CACHE[key]
 
 
-def _dataset_folder(filename_prefix: str):
-    """(output folder, data-set folder); refuses prefixes that leave the output folder."""
+def dataset_folder(prefix: str, input_name: str = "filename_prefix"):
+    """(output folder, data-set folder ``output/prefix``); refuses a ``prefix`` that leaves the output folder."""
     from pathlib import Path
 
     import folder_paths
 
     out_dir = Path(folder_paths.get_output_directory()).resolve()
-    prefix = (filename_prefix or "").strip()
+    prefix = (prefix or "").strip()
     if not prefix:
-        raise ValueError("filename_prefix is empty; give a folder name under the output folder, e.g. synvid/run1")
+        raise ValueError(f"{input_name} is empty; give a folder name under the output folder, e.g. synvid/run1")
     root = (out_dir / prefix).resolve()
     if root == out_dir or out_dir not in root.parents:
-        raise ValueError(f"filename_prefix {filename_prefix!r} leaves the output folder ({out_dir}); use a relative "
+        raise ValueError(f"{input_name} {prefix!r} leaves the output folder ({out_dir}); use a relative "
                          "folder name such as synvid/run1")
     return out_dir, root
 
@@ -212,7 +212,7 @@ class AccVideoTrajectoryDump(io.ComfyNode):
         _comfy.check_video_latent(latent_image, cls.hidden.prompt, cls.hidden.unique_id, "latent_image")
         if store not in STORE_LABELS or dtype not in DUMP_DTYPES:
             raise ValueError(f"store must be one of {STORE_LABELS} and dtype one of {DUMP_DTYPES}")
-        out_dir, root = _dataset_folder(filename_prefix)
+        out_dir, root = dataset_folder(filename_prefix)
         g = _resolve_guidance(guidance, guidance_source)
         positive = _comfy.with_guidance(positive, g)
         text_states, text_mask, pooled = _comfy.conditioning_tensors(positive)

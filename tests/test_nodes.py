@@ -34,6 +34,9 @@ PUBLISHED_INPUTS = {
     "AccVideoTrajectoryDump": ["model", "positive", "latent_image", "seed", "steps", "shift", "guidance",
                                "guidance_source", "store", "filename_prefix", "model_name", "dtype", "prompt"],
     "AccVideoSaveVideo": ["images", "fps", "filename_prefix", "crf"],
+    "AccVideoPromptList": ["prompts", "first_seed"],
+    "AccVideoTrain": ["model", "synvid_folder", "steps", "lora_rank", "learning_rate", "lambda_adv",
+                      "training_seed", "output_name", "trajectories"],
 }
 
 
@@ -101,13 +104,13 @@ def test_sampler_defaults_are_the_official_accvideo_settings(schemas):
 def test_dump_rejects_prefixes_that_leave_the_output_folder(tmp_path):
     with comfy_standin.standin() as pkg:
         sys.modules["folder_paths"].get_output_directory = lambda: str(tmp_path / "output")
-        from nodes.sampling import _dataset_folder
+        from nodes.sampling import dataset_folder
 
-        out_dir, root = _dataset_folder("synvid/run1")
+        out_dir, root = dataset_folder("synvid/run1")
         assert root == (tmp_path / "output" / "synvid" / "run1").resolve() and out_dir in root.parents
         for bad in ("../escape", "/etc/synvid", "synvid/../../x", "", "."):
             with pytest.raises(ValueError, match="filename_prefix"):
-                _dataset_folder(bad)
+                dataset_folder(bad)
         assert pkg.NODES
 
 

@@ -41,7 +41,7 @@ def api_twin_path(ui: Path) -> Path:
 
 
 def test_every_workflow_has_its_twin_and_parses():
-    assert len(UI_FILES) == 5, [p.name for p in UI_FILES]
+    assert len(UI_FILES) == 6, [p.name for p in UI_FILES]
     assert not list((ROOT / "workflows").glob("*.json")), \
         "no JSON directly in workflows/: ComfyUI would list it in the template browser next to example_workflows/"
     for ui in UI_FILES:

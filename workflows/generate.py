@@ -350,7 +350,54 @@ def teacher_vs_student() -> Graph:
     return g
 
 
-GRAPHS = (t2v, lora, trained_lora, synvid_dump, teacher_vs_student)
+DISTILL_PROMPTS = "\n".join((
+    "a cat walks on the grass, warm afternoon light", "a red car drives along a coastal road at sunset",
+    "waves roll onto a sandy beach, aerial view", "a woman in a yellow coat walks through a rainy street",
+    "a hot air balloon rises over green hills", "a dog runs through fresh snow in a forest",
+    "city traffic at night, long exposure lights", "a chef chops vegetables in a bright kitchen",
+    "a sailboat crosses a calm lake at dawn", "fireworks burst over a river in the city",
+    "a horse gallops across a dusty field", "clouds move quickly over a mountain peak"))
+DISTILL_FOLDER = "synvid/accvideo_distill"
+
+
+def distill() -> Graph:
+    g = Graph("accvideo_distill", "AccVideo in one workflow: teacher trajectories -> distillation -> 5-step student")
+    g.note((0, -340), "## Dump, distil, sample: AccVideo in one workflow\nThe 50-step teacher dumps one SynVid "
+                      f"trajectory per line of **AccVideo Prompt List** into `output/{DISTILL_FOLDER}`; **AccVideo "
+                      "Train** distils it (the trainer of `python -m accvideo_core.train`, LoRA rank 64; the last 4 "
+                      "samples are held out for validation) and saves the LoRA into `loras`; the **AccVideo "
+                      "Sampler** then runs the returned student in 5 steps on a prompt and seed that are not in "
+                      "the data set. Interrupt = checkpoint; queue again to resume. The paper used 38,400 "
+                      "trajectories and 8 GPUs: build large data sets headless (`python -m "
+                      "accvideo_core.synvid.build`) and train 13B at 720p with torchrun (docs/comfyui.md).")
+    teacher = g.add("UNETLoader", (0, 0), {"unet_name": MODELS["teacher"]["name"], "weight_dtype": "default"},
+                    title="Teacher (HunyuanVideo)", models=["teacher"])
+    prompts = g.add("AccVideoPromptList", (0, 140), {"prompts": DISTILL_PROMPTS, "first_seed": 2048})
+    clip = g.add("DualCLIPLoader", (0, 420), {"clip_name1": MODELS["clip_l"]["name"],
+                                              "clip_name2": MODELS["llava"]["name"], "type": "hunyuan_video",
+                                              "device": "default"}, models=["clip_l", "llava"])
+    cond = g.add("CLIPTextEncode", (380, 140), {"text": PROMPT}, title="Data-set prompts", clip=clip,
+                 text=(prompts, 0))
+    latent = _empty_latent(g, 0, 600)
+    dumped = g.add("AccVideoTrajectoryDump", (800, 0),
+                   {"seed": SEED, "steps": 50, "shift": 7.0, "guidance": 6.0, "guidance_source": "widget",
+                    "store": "key latents", "filename_prefix": DISTILL_FOLDER,
+                    "model_name": MODELS["teacher"]["name"], "dtype": "bfloat16"},
+                   model=teacher, positive=cond, latent_image=latent, prompt=(prompts, 0), seed=(prompts, 1))
+    trained = g.add("AccVideoTrain", (1200, 0), {"synvid_folder": DISTILL_FOLDER, "steps": 1200, "lora_rank": 64,
+                                                 "learning_rate": 1e-4, "lambda_adv": 0.1, "training_seed": 0,
+                                                 "output_name": "accvideo_student"},
+                    model=teacher, trajectories=dumped)
+    held_out = g.add("CLIPTextEncode", (380, 420), {"text": PROMPT}, title="Prompt (not in the data set)",
+                     clip=clip)
+    sampled = g.add("AccVideoSampler", (1600, 0), _sampler_widgets(), title="Student, 5 steps",
+                    model=(trained, 0), positive=held_out, latent_image=latent)
+    vae = g.add("VAELoader", (1600, 420), {"vae_name": MODELS["vae"]["name"]}, models=["vae"])
+    _decode_and_save(g, sampled, vae, 2000, 0, "AccVideo/distilled_student")
+    return g
+
+
+GRAPHS = (t2v, lora, trained_lora, synvid_dump, teacher_vs_student, distill)
 
 
 def render() -> dict[Path, str]:

@@ -43,20 +43,23 @@ class Monitor:
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
         """Record iteration ``step`` (1-based count of finished iterations) and maybe print the progress line."""
-        elapsed = time.perf_counter() - self.t0
-        done = step - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
-        self.write({"type": "train", "step": step, "time": round(elapsed, 3), **metrics})
+        self.write({"type": "train", "step": step, "time": round(time.perf_counter() - self.t0, 3), **metrics})
         if self.enabled and (step % self.log_every == 0 or step == self.total):
-            parts = [f"step {step}/{self.total}"]
-            for key in ("traj", "adv_g", "adv_d", "grad_norm"):
-                if key in metrics:
-                    parts.append(f"{key} {metrics[key]:.4g}")
-            parts.append(f"{rate:.3g} step/s")
-            parts.append(f"ETA {_hms(eta)}")
-            self.last_line = " | ".join(parts)
+            self.last_line = self.progress_line(step, metrics)
             print(self.last_line, file=self.stream, flush=True)
+
+    def progress_line(self, step: int, metrics: dict[str, float]) -> str:
+        """``step 3/6 | traj 0.01 | ... | 0.5 step/s | ETA 0:00:06`` after iteration ``step`` of this process."""
+        elapsed = time.perf_counter() - self.t0
+        rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        parts = [f"step {step}/{self.total}"]
+        for key in ("traj", "adv_g", "adv_d", "grad_norm"):
+            if key in metrics:
+                parts.append(f"{key} {metrics[key]:.4g}")
+        parts.append(f"{rate:.3g} step/s")
+        parts.append(f"ETA {_hms(eta)}")
+        return " | ".join(parts)
 
     def note(self, message: str) -> None:
         if self.enabled:

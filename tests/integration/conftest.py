@@ -167,6 +167,24 @@ def start_server(comfy: Path, base: Path, *, front_end: bool) -> Server:
                       "  vae: models/vae/\n"
                       "  loras: models/loras/\n"
                       "  text_encoders: models/text_encoders/\n")
+    log = base / "comfyui.log"
+    for attempt in range(1, BIND_ATTEMPTS + 1):
+        server = _launch(comfy, base, config, log, front_end=front_end)
+        if server is not None:
+            return server
+        print(f"ComfyUI could not bind its port (attempt {attempt} of {BIND_ATTEMPTS}); retrying on another one")
+    raise AssertionError(f"ComfyUI could not bind a free port in {BIND_ATTEMPTS} attempts; log tail:\n"
+                         f"{log.read_text()[-3000:]}")
+
+
+BIND_ATTEMPTS = 5
+BIND_FAILED = ("address already in use", "errno 98", "error while attempting to bind")
+
+
+def _launch(comfy: Path, base: Path, config: Path, log: Path, *, front_end: bool) -> Server | None:
+    """Start ComfyUI on a port free a moment ago. ``None`` when another process took the port first (the pick
+    races with everything else on the machine): the caller retries on a new port. A server answering on the
+    port is only taken for ours when its command line names our output folder."""
     port = free_port()
     cmd = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
            "--port", str(port), "--extra-model-paths-config", str(config), "--output-directory",
@@ -174,19 +192,24 @@ def start_server(comfy: Path, base: Path, *, front_end: bool) -> Server:
            "--disable-api-nodes", "--disable-auto-launch", "--preview-method", "latent2rgb"]
     if not front_end:
         cmd += ["--front-end-root", str(base / "empty_front_end")]
-    log = base / "comfyui.log"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     proc = subprocess.Popen(cmd, cwd=comfy, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     server = Server(f"http://127.0.0.1:{port}", base, log, proc)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            if any(marker in log.read_text().lower() for marker in BIND_FAILED):
+                return None
             raise AssertionError(f"ComfyUI exited with {proc.returncode}; log tail:\n{log.read_text()[-3000:]}")
         try:
-            server.get("/system_stats")
-            return server
-        except (urllib.error.URLError, ConnectionError, OSError):
+            argv = server.get("/system_stats")["system"]["argv"]
+        except (urllib.error.URLError, ConnectionError, OSError, KeyError):
             time.sleep(0.5)
+            continue
+        if str(base / "output") in argv:
+            return server
+        stop_server(server)  # another server answers on the port: ours cannot bind it
+        return None
     proc.terminate()
     raise AssertionError(f"ComfyUI did not answer within 180 s; log tail:\n{log.read_text()[-3000:]}")
 

@@ -3,7 +3,8 @@
 Needs Debian's ``chromium`` (``ACCVIDEO_CHROMIUM``, default /usr/bin/chromium) and Playwright's Python package in
 the test environment (``playwright install`` is never used: it downloads browsers). The server serves the front
 end that ComfyUI's requirements pin (comfyui-frontend-package). Placeholder files carry the workflows' model
-names, so combos hold real choices and the missing-models dialog stays away; no model is loaded. Requests to
+names (and a SynVid folder the one AccVideo Train picks), so combos hold real choices and the missing-models
+dialog stays away; no model is loaded. Requests to
 anything but the loopback server are aborted.
 
 Per workflow: the file is dropped on the canvas (a DataTransfer drop event, as a user's drag-and-drop), then
@@ -23,7 +24,7 @@ from urllib.parse import urlparse
 import pytest
 
 from tests.integration.conftest import start_server, stop_server
-from workflows.generate import LORA_NAME, STYLE_LORA_NAME, TRAINED_LORA_NAME
+from workflows.generate import DISTILL_FOLDER, LORA_NAME, STYLE_LORA_NAME, TRAINED_LORA_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
 UI_FILES = sorted((ROOT / "workflows" / "ui").glob("*.json"))
@@ -47,6 +48,9 @@ def browser_server(tmp_path_factory, comfyui_path):
     lora_dir.mkdir(parents=True, exist_ok=True)
     for name in (LORA_NAME, STYLE_LORA_NAME, TRAINED_LORA_NAME):  # the names the LoRA workflows pick
         (lora_dir / name).touch()
+    synvid = base / "output" / DISTILL_FOLDER  # the SynVid folder AccVideo Train lists (a manifest marks one)
+    synvid.mkdir(parents=True, exist_ok=True)
+    (synvid / "manifest.json").write_text("{}")
     settings = base / "user" / "default"
     settings.mkdir(parents=True, exist_ok=True)
     (settings / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))

@@ -1,0 +1,179 @@
+"""CI tier for ``accvideo_core.train.from_model`` (the AccVideo Train node's core glue) and the train nodes'
+schemas through the stand-in; no ComfyUI. The node inside a real ComfyUI: tests/integration/test_comfyui_train.py."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from accvideo_core.models.key_maps import comfy_to_original_key, original_to_comfy_key
+from accvideo_core.models.loading import save_transformer
+from accvideo_core.synvid.dump import dump_synvid
+from accvideo_core.testing import tiny_inputs, tiny_transformer
+from accvideo_core.train.config import ConfigError
+from accvideo_core.train.from_model import (comfy_model_weights, node_config, run_folder, run_key, shared_tensor,
+                                            train_in_process, transformer_from_state_dict)
+from accvideo_core.train.loop import Interrupted, Trainer
+from accvideo_core.utils.io import read_state_dict
+from tests.integration import comfy_standin
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _comfy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s weights as ComfyUI holds them: internal key names, tensors made in inference mode."""
+    with torch.inference_mode():
+        return {original_to_comfy_key(k): v.clone() for k, v in model.state_dict().items()}
+
+
+def test_shared_tensor_aliases_inference_tensors_for_autograd():
+    with torch.inference_mode():
+        w = torch.randn(4, 3)
+    x = torch.randn(2, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="Inference tensors"):
+        torch.nn.functional.linear(x, w).sum().backward()  # why the alias is needed
+    alias = shared_tensor(w)
+    assert not torch.is_inference(alias) and alias.data_ptr() == w.data_ptr() and torch.equal(alias, w)
+    torch.nn.functional.linear(x, alias).sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(2, 3))
+
+
+def test_transformer_from_comfy_state_shares_every_tensor_and_computes_the_same():
+    reference = tiny_transformer(seed=3)
+    sd = _comfy_state(reference)
+    ours = transformer_from_state_dict(sd, device="cpu")
+    pointers = {v.data_ptr() for v in sd.values()}
+    assert all(p.data_ptr() in pointers for p in ours.parameters()), "a weight was copied"
+    inputs = tiny_inputs(reference.config)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs, guidance=6.0), reference(**inputs, guidance=6.0), rtol=0, atol=0)
+    half = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    assert next(transformer_from_state_dict(half, device="cpu").parameters()).dtype == torch.bfloat16
+
+
+def test_fp8_weights_are_refused_with_the_fix():
+    sd = _comfy_state(tiny_transformer(seed=3))
+    key = next(k for k in sd if k.endswith("img_attn.qkv.weight"))
+    sd[key] = sd[key].to(torch.float8_e4m3fn)
+    with pytest.raises(ConfigError, match=r"fp8 weights \(1 tensors, e.g. .*img_attn.qkv.weight\).*bf16"):
+        transformer_from_state_dict(sd, device="cpu")
+
+
+def test_student_file_maps_to_comfy_model_keys(tmp_path):
+    model = tiny_transformer(seed=4)
+    save_transformer(model, tmp_path / "student.safetensors", dtype=torch.float32)
+    weights = comfy_model_weights(tmp_path / "student.safetensors")
+    original = model.state_dict()
+    assert {comfy_to_original_key(k.removeprefix("diffusion_model.")) for k in weights} == set(original)
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.weight" in weights
+    for key, value in weights.items():
+        assert torch.equal(value, original[comfy_to_original_key(key.removeprefix("diffusion_model."))])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """7 trajectories (10 steps, 1 frame at 16x16) of the tiny teacher: 3 for training, 4 held out."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("from_model") / "synvid"
+    g = torch.Generator().manual_seed(1)
+    emb = {"text_states": torch.randn(3, 5, 40, generator=g), "text_mask": torch.ones(3, 5, dtype=torch.long),
+           "pooled": torch.randn(3, 24, generator=g), "prompts": ["a", "b", "c"]}
+    dump_synvid(tiny_transformer(seed=0), emb, root, num=7, frames=1, height=16, width=16, steps=10,
+                dtype="float32", progress=lambda msg: None)
+    return root
+
+
+def _cfg(data: Path, **kw):
+    cfg = node_config(data_root=data, steps=kw.pop("steps", 3), lora_rank=kw.pop("lora_rank", 4), lr=3e-3,
+                      lambda_adv=0.1, seed=0, device="cpu", samples=7)
+    cfg.loss.head_width, cfg.loss.head_groups, cfg.log.plot = 16, 8, False
+    return cfg
+
+
+def test_node_config_takes_the_inputs_and_batches_all_training_samples(data):
+    cfg = _cfg(data)
+    assert (cfg.optim.steps, cfg.model.lora_rank, cfg.optim.lr, cfg.loss.lambda_adv) == (3, 4, 3e-3, 0.1)
+    assert cfg.optim.total_batch == 3 and cfg.data.val_samples == 4 and cfg.runtime.fsdp == "off"
+    assert not node_config(data_root=data, steps=1, lora_rank=0, lr=1e-5, lambda_adv=0.0, seed=0, device="cpu",
+                           samples=100).loss.adversarial
+    assert node_config(data_root=data, steps=1, lora_rank=0, lr=1e-5, lambda_adv=0.0, seed=0, device="cpu",
+                       samples=100).optim.total_batch == 32
+
+
+def test_run_key_changes_with_every_input_but_not_the_folder(data, tmp_path):
+    teacher = tiny_transformer(seed=0)
+    base = run_folder(tmp_path, "n", _cfg(data), teacher)
+    moved = _cfg(data)
+    moved.log.out_dir = "elsewhere"
+    assert run_folder(tmp_path, "n", moved, teacher) == base
+    assert run_folder(tmp_path, "n", _cfg(data, steps=4), teacher) != base
+    assert run_folder(tmp_path, "n", _cfg(data), tiny_transformer(seed=1)) != base
+    assert run_key(_cfg(data), "teacher", "data a") != run_key(_cfg(data), "teacher", "data b")
+
+
+def test_interrupt_checkpoints_and_a_rerun_resumes_to_the_uninterrupted_result(data, tmp_path):
+    teacher = tiny_transformer(seed=0)
+    lines = []
+    with pytest.raises(Interrupted):
+        train_in_process(_cfg(data), teacher, tmp_path / "run", should_stop=lambda: True,
+                         on_progress=lambda step, total, line: lines.append((step, total, line)))
+    assert [(s, t) for s, t, _ in lines] == [(1, 3)] and "ETA" in lines[0][2] and "traj" in lines[0][2]
+    assert json.loads((tmp_path / "run/checkpoints/latest.json").read_text())["step"] == 1
+    resumed = train_in_process(_cfg(data), teacher, tmp_path / "run")
+    assert resumed.trained and resumed.resumed_from == 1
+    # the same trainer as `python -m accvideo_core.train`: one uninterrupted plain Trainer run, same config
+    plain = _cfg(data)
+    plain.log.out_dir = str(tmp_path / "plain")
+    Trainer(plain, teacher=tiny_transformer(seed=0)).run()
+    got, want = read_state_dict(resumed.files["student_lora"]), read_state_dict(tmp_path / "plain/student_lora"
+                                                                                              ".safetensors")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    # a finished run with the same key is reused, not retrained
+    calls = []
+    again = train_in_process(_cfg(data), teacher, tmp_path / "run", should_stop=lambda: calls.append(1) or False)
+    assert not again.trained and again.files == resumed.files and not calls and again.val == resumed.val
+
+
+# ------------------------------------------------------------------------------------- node schemas (stand-in)
+def test_train_node_lists_synvid_folders_and_refuses_paths_leaving_the_output(tmp_path):
+    out = tmp_path / "output"
+    for folder in ("synvid/a", "synvid/deep/b", "accvideo_runs/x_1"):
+        (out / folder).mkdir(parents=True)
+        (out / folder / "manifest.json").write_text("{}")
+    (out / "not_synvid").mkdir()
+    with comfy_standin.standin():
+        sys.modules["folder_paths"].get_output_directory = lambda: str(out)
+        from nodes.train import AccVideoPromptList, AccVideoTrain, synvid_folders
+
+        assert synvid_folders() == ["synvid/a", "synvid/deep/b"]
+        options = next(i for i in AccVideoTrain.define_schema().inputs if i.id == "synvid_folder").kwargs["options"]
+        assert options == ["synvid/a", "synvid/deep/b"]
+        assert AccVideoTrain.validate_inputs(["synvid/not_yet_written"]) is True  # the dump may write it later
+        assert "leaves the output folder" in AccVideoTrain.validate_inputs(["../elsewhere"])
+        out_list = AccVideoPromptList.execute("a fox\n\n  a whale  \n", 10)
+        assert out_list.args == (["a fox", "a whale"], [10, 11])
+        with pytest.raises(ValueError, match="one prompt per line"):
+            AccVideoPromptList.execute(" \n", 0)
+
+
+def test_saved_files_are_numbered_never_overwritten(tmp_path):
+    with comfy_standin.standin():
+        from nodes.lora import save_numbered
+
+        def write(path: str) -> None:
+            with open(path, "x") as fh:   # exclusive creation, like atomic_path(overwrite=False)
+                fh.write("new")
+
+        (tmp_path / "s.safetensors").write_text("old")
+        assert save_numbered(write, str(tmp_path), "s.safetensors") == "s_00001.safetensors"
+        assert save_numbered(write, str(tmp_path), "s.safetensors") == "s_00002.safetensors"
+        assert (tmp_path / "s.safetensors").read_text() == "old"
