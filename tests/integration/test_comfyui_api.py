@@ -85,6 +85,27 @@ def test_object_info_lists_every_node_as_the_standin_describes_it(comfy_api):
             assert got[key] == want[key], f"{nid}.{key}"
 
 
+def test_server_start_moves_to_a_new_port_when_its_port_is_taken(tmp_path, comfyui_path, monkeypatch):
+    """The fixture's port pick races with other processes: a port taken before ComfyUI binds it costs a retry on a
+    new port, not a failed session (the flake this guards against)."""
+    import socket
+
+    from tests.integration import conftest
+
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))  # bound, not listening: ComfyUI's bind fails, a probe is refused at once
+        taken = blocker.getsockname()[1]
+        picks = iter([taken])
+        real = conftest.free_port
+        monkeypatch.setattr(conftest, "free_port", lambda: next(picks, None) or real())
+        server = conftest.start_server(comfyui_path, tmp_path / "retry", front_end=False)
+        try:
+            assert not server.url.endswith(f":{taken}") and server.get("/system_stats")["system"]
+            assert str(tmp_path / "retry" / "output") in server.get("/system_stats")["system"]["argv"]
+        finally:
+            conftest.stop_server(server)
+
+
 def test_pack_imports_without_failure(comfy_api):
     log = comfy_api.log.read_text()
     ours = [line for line in log.splitlines() if "custom_nodes/ComfyUI-AccVideo" in line]
