@@ -8,7 +8,8 @@ from __future__ import annotations
 
 # (substring of the device name, peak GB/s, peak dense bf16 TFLOP/s); more specific patterns first.
 KNOWN_GPUS: tuple[tuple[str, float, float], ...] = (
-    ("GH200", 4000, 989), ("H200", 4800, 989), ("H100 NVL", 3900, 835), ("H100 PCIe", 2000, 756),
+    ("GH200", 4900, 989),  # the HBM3e (144 GB) one; the HBM3 (96 GB) one has 4000: a peak may only be overstated
+    ("H200", 4800, 989), ("H100 NVL", 3900, 835), ("H100 PCIe", 2000, 756),
     ("H100", 3350, 989),  # SXM ("NVIDIA H100 80GB HBM3")
     ("B200", 8000, 2250), ("A100-SXM4-80GB", 2039, 312), ("A100 80GB PCIe", 1935, 312),
     ("A100-SXM4-40GB", 1555, 312), ("A100-PCIE-40GB", 1555, 312), ("A100", 1555, 312),

@@ -86,10 +86,13 @@ class PartRun:
         return self.budget - (time.monotonic() - self.started)
 
     def flush(self) -> None:
+        """Write the result so far; a value JSON cannot hold (a tensor, a dtype) is written as its repr."""
         if self.out is not None:
+            import json
+
             from accvideo_core.utils.io import write_json
 
-            write_json(self.result, self.out)
+            write_json(json.loads(json.dumps(self.result, default=repr)), self.out)
 
     def record(self, key: str, value) -> None:
         self.result["steps"][key] = value
@@ -251,8 +254,11 @@ def spawn_part(cmd: list[str], budget: float, out: Path, grace: float = STARTUP_
             status = f"failed: the subprocess exited with code {code}"
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.wait()
         status = f"timed out: killed after {budget + grace:.0f} s (budget {budget:.0f} s + start-up)"
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # stuck in the driver: report it and go on instead of waiting forever
+            status += "; the process did not exit within 60 s of the kill"
     try:
         result = json.loads(out.read_text()) if out.is_file() else {}
     except ValueError:  # cannot happen with atomic writes; kept readable if it does

@@ -154,7 +154,9 @@ def test_a_part_runs_as_the_child_subprocess_a_gpu_run_uses(tmp_path):
     assert "rel_error" in result["steps"]["transformer_bf16_vs_fp32"] and "a_bf16" in result["figures"], result
 
 
-def test_sub_steps_record_errors_and_skips_and_go_on():
+def test_sub_steps_record_errors_and_skips_and_go_on(tmp_path):
+    import torch
+
     from bench.gpu import PartRun
 
     run = PartRun("x", budget=30.0, device="cpu", smoke=True, peaks={}, out=None)
@@ -164,6 +166,9 @@ def test_sub_steps_record_errors_and_skips_and_go_on():
     assert run.step("broken", boom) is None
     assert run.step("too_long", lambda: {"v": 1}, need=1e6) is None
     assert run.step("fine", lambda: {"v": 2}) == {"v": 2, "seconds_total": pytest.approx(0, abs=5)}
+    written = PartRun("w", budget=30.0, device="cpu", smoke=True, peaks={}, out=tmp_path / "w.json")
+    written.step("odd", lambda: {"dtype": torch.bfloat16, "shape": torch.Size([2, 3])})  # not JSON: repr, no error
+    assert json.loads((tmp_path / "w.json").read_text())["steps"]["odd"]["dtype"] == "torch.bfloat16"
     steps = run.result["steps"]
     assert "RuntimeError: kernel launch failed" in steps["broken"]["error"]
     assert "needs ~1000000 s" in steps["too_long"]["skipped"]
