@@ -174,7 +174,7 @@ def markdown(results: dict, meta: dict) -> str:
 
 def gpu_section() -> list[str]:
     """The GPU check's section: how to run it, and its table (filled from ``bench/out/gpu.json`` of a CUDA run)."""
-    from bench.gpu import PARTS, table
+    from bench.gpu import FIRST_RUN_WATCH, PARTS, table
 
     path = OUT / "gpu.json"
     report = json.loads(path.read_text()) if path.is_file() else None
@@ -202,7 +202,8 @@ def gpu_section() -> list[str]:
                      "**INVALID RUN**: " + "; ".join(report["validity"]["failed"])), ""]
     else:
         lines += ["No GPU run yet: the table below is empty until one is made.", ""]
-    return lines + [table(report), ""]
+    return lines + [table(report), "", "First GPU run, what to look at (what review without a GPU could not settle):",
+                    ""] + [f"- {item}" for item in FIRST_RUN_WATCH] + [""]
 
 
 def main(argv: list[str] | None = None) -> int:

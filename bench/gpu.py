@@ -73,6 +73,29 @@ def _short_error(exc: Exception) -> str:
     """``Type: first line of the message`` (at most 200 characters of it)."""
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
+# What a code review without a GPU could not settle: the first GPU run should look at these (docs/benchmarks.md
+# shows them under the table).
+FIRST_RUN_WATCH: list[str] = [
+    "Triton compilation on a cold cache (~45 kernel variants in part a, more at the real sizes of b, c, e) eats "
+    "into the budgets: part a records its kernel checks per dtype, so an overrun keeps what was checked. A second "
+    "run (warm `~/.triton/cache`) shows the steady state.",
+    "The first-use self-check of compiled kernels (approximate division, sqrt and exp in compiled Triton): fp32 "
+    "must stay within 1e-4 of the output scale, bf16/fp16 within 2x the reference's own error + 2^-6 / 2^-9; a "
+    "`KernelMismatchWarning` line or a failed 'Triton ... matches the reference' check names the kernel.",
+    "Part d at 1/4 budget keeps its ~41 GB activation store in host RAM (pageable copies over PCIe): it runs last "
+    "and may not fit the part's budget; it also convolves tiles of more than 2^31 elements (cuDNN's 64-bit path, "
+    "cuDNN >= 9.3, else PyTorch falls back to a conv3d that cannot allocate its buffer).",
+    "The untiled 544x960x93 decode (~102 GB estimated) runs only on cards with more memory (H200): full-size "
+    "activations of 6.4e9 elements through replicate padding, cuDNN and the Triton GroupNorm; the exact decodes' "
+    "peaks must stay within their budgets (+5 %).",
+    "Part c's `sdpa:cudnn` backend at 119k tokens: a failure is recorded, but a sticky CUDA error would spoil the "
+    "other backends' rounds of that size and the fp8 step.",
+    "Part b's torch.compile column compiles on a cold Inductor cache inside the first case (tens of seconds); the "
+    "later cases skip it when less than 60 s are left.",
+    "Part e's first step: Triton kernels first used inside gradient-checkpointed blocks under bf16 autocast (fixed "
+    "for the self-check's autograd; a CheckpointError there would be new), peak memory vs `train.estimate`.",
+]
+
 
 class PartRun:
     """What a part gets: its deadline, the device and its peaks, and ways to time, record and check."""
