@@ -16,6 +16,11 @@ import torch.multiprocessing as mp
 from accvideo_core.models.sequence_parallel import lead_sequence_parallel
 from accvideo_core.sampling import flow_sigmas, sample_flow
 from accvideo_core.testing import tiny_inputs, tiny_transformer
+from accvideo_core.train.config import ConfigError, TrainConfig, config_from_dict
+from accvideo_core.train.loop import Trainer
+from accvideo_core.utils.io import read_state_dict
+
+from test_train import _assert_close_states, _env, _states, run_torchrun
 
 # (model overrides, input kwargs, gradient checkpointing)
 CASES = {
@@ -166,12 +171,6 @@ def test_estimate_with_sequence_parallel(capsys):
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
 @pytest.fixture(scope="module")
 def synvid_sp(tmp_path_factory) -> Path:
     """8 teacher trajectories, 10 steps, 5 frames at 32x48 (2x2x3 image tokens); prompts with 7, 5, 3, 6 valid
@@ -193,18 +192,17 @@ def synvid_sp(tmp_path_factory) -> Path:
     return root
 
 
-def _train_config(root: Path, out: Path, micro_batch: int, steps: int = 3) -> dict:
-    return {"model": {"teacher": str(root / "teacher.safetensors"), "gradient_checkpointing": True},
-            "data": {"root": str(root / "data"), "val_samples": 2},
-            "optim": {"steps": steps, "total_batch": 2, "micro_batch": micro_batch, "lr": 1e-3, "head_lr": 1e-3},
-            "loss": {"head_width": 16, "head_groups": 4},
-            "log": {"out_dir": str(out), "val_every": 0, "ckpt_every": 0, "save_dtype": "fp32", "plot": False}}
-
-
-def _student(out: Path) -> dict[str, torch.Tensor]:
-    from accvideo_core.utils.io import read_state_dict
-
-    return read_state_dict(out / "student.safetensors")
+def _train_config(root: Path, out: Path, micro_batch: int, sp: int = 1) -> TrainConfig:
+    """4 iterations of 2 of the 5 segments (the queues carry fakes across iterations), EMA, checkpoints at 2 and
+    4; 6 training samples, so the last iteration starts the next epoch."""
+    return config_from_dict({
+        "model": {"teacher": str(root / "teacher.safetensors"), "gradient_checkpointing": True},
+        "data": {"root": str(root / "data"), "val_samples": 2},
+        "optim": {"steps": 4, "total_batch": 2, "micro_batch": micro_batch, "lr": 1e-3, "head_lr": 1e-3,
+                  "segments_per_iteration": 2, "ema_decay": 0.9},
+        "loss": {"head_width": 16, "head_groups": 4}, "runtime": {"sequence_parallel": sp},
+        "log": {"out_dir": str(out), "val_every": 2, "ckpt_every": 2, "keep_checkpoints": 0, "save_dtype": "fp32",
+                "plot": False}})
 
 
 def _val_rows(out: Path) -> list[dict]:
@@ -212,57 +210,43 @@ def _val_rows(out: Path) -> list[dict]:
     return [r for r in rows if r["type"] == "val"]
 
 
-def _torchrun(nproc: int, cfg: dict, path: Path, *overrides: str) -> None:
-    path.write_text(json.dumps(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "accvideo_core.train", "--config", str(path)]
-    for o in overrides:
-        cmd += ["--set", o]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-8000:]
-
-
 @pytest.mark.parametrize("nproc, micro_batch", [
     (2, 2),   # one SP group of 2 ranks; a micro-batch of two prompts with different valid lengths (key mask)
     (4, 1),   # dp 2 x sp 2: two groups, one sample each
 ])
-def test_torchrun_sequence_parallel_distillation_matches_one_process(synvid_sp, tmp_path, nproc, micro_batch):
-    """3 iterations (trajectory + adversarial losses through the teacher's features, validation sampling) with
-    runtime.sequence_parallel = 2 end with the single-process student (FSDP2 shards over all ranks)."""
-    from accvideo_core.train.config import config_from_dict
-    from accvideo_core.train.loop import Trainer
-
+def test_torchrun_sequence_parallel_matches_one_process_and_resumes_on_any_layout(synvid_sp, tmp_path, nproc,
+                                                                                  micro_batch):
+    """Iterations with trajectory + adversarial losses through the teacher's features and validation sampling,
+    runtime.sequence_parallel = 2 (FSDP2 over all ranks), end like one process: student, EMA, optimizer, heads,
+    validation MSE. Checkpoints move between the layouts (one launch for both sp runs): the one-process
+    checkpoint of step 2 resumed with sp 2 and the sp-2 one resumed in one process end like the uninterrupted
+    process (queues with fakes, data position, EMA)."""
     torch.set_num_threads(1)
-    one = Trainer(config_from_dict(_train_config(synvid_sp, tmp_path / "one", micro_batch))).run()
-    _torchrun(nproc, _train_config(synvid_sp, tmp_path / "sp2", micro_batch), tmp_path / "c.json",
-              "runtime.sequence_parallel=2")
-    ref, got = _student(tmp_path / "one"), _student(tmp_path / "sp2")
-    assert set(ref) == set(got)
-    moved = max(float((ref[k] - v).abs().max()) for k, v in tiny_transformer(seed=0).state_dict().items())
+    one = Trainer(_train_config(synvid_sp, tmp_path / "one", micro_batch)).run()
+    half = tmp_path / "one/checkpoints/step_0000002"
+    run_torchrun([(_train_config(synvid_sp, tmp_path / "sp2", micro_batch, sp=2), None, None),
+                  (_train_config(synvid_sp, tmp_path / "to_sp2", micro_batch, sp=2), str(half), None)],
+                 tmp_path / "jobs.json", nproc)
+    ref = _states(tmp_path / "one")
+    moved = max(float((ref[f"student.{k}"] - v).abs().max()) for k, v in tiny_transformer(seed=0).state_dict().items())
     assert moved > 1e-3  # the student trained
-    worst = max(float((got[k] - ref[k]).abs().max()) for k in ref)
-    assert worst <= 1e-4, worst
+    _assert_close_states(_states(tmp_path / "sp2"), ref)
     val = _val_rows(tmp_path / "sp2")
-    assert len(val) == 2 and val[-1]["student_mse"] == pytest.approx(one["val"]["student_mse"], rel=1e-4)
-    if nproc == 2:  # resuming on another layout is refused, not silently misassigned
-        from accvideo_core.train.config import ConfigError
-
-        with pytest.raises(ConfigError, match="sequence_parallel = 2; resume it with the same ranks"):
-            Trainer(config_from_dict(_train_config(synvid_sp, tmp_path / "sp2", micro_batch, steps=4)),
-                    resume="auto")
+    assert len(val) == 3 and val[-1]["student_mse"] == pytest.approx(one["val"]["student_mse"], rel=1e-4)
+    _assert_close_states(_states(tmp_path / "to_sp2"), ref)  # 1 process -> sp 2
+    Trainer(_train_config(synvid_sp, tmp_path / "to_one", micro_batch),
+            resume=str(tmp_path / "sp2/checkpoints/step_0000002")).run()  # sp 2 -> 1 process
+    _assert_close_states(_states(tmp_path / "to_one"), ref)
+    for name in ("student", "student_ema"):  # the sp-2 exports, streamed from the shards
+        got, want = (read_state_dict(tmp_path / run / f"{name}.safetensors") for run in ("to_sp2", "one"))
+        assert set(got) == set(want) and max(float((got[k] - want[k]).abs().max()) for k in want) <= 1e-4
 
 
 def test_sequence_parallel_needs_a_multiple_of_its_degree_in_ranks(synvid_sp, tmp_path):
-    from accvideo_core.train.config import ConfigError, config_from_dict
-    from accvideo_core.train.loop import Trainer
-
-    cfg = _train_config(synvid_sp, tmp_path / "run", 1)
-    cfg["runtime"] = {"sequence_parallel": 2}
     with pytest.raises(ConfigError, match=r"runtime.sequence_parallel = 2 needs a multiple of 2 ranks .*got 1"):
-        Trainer(config_from_dict(cfg))
-    cfg["runtime"] = {"sequence_parallel": 0}
+        Trainer(_train_config(synvid_sp, tmp_path / "run", 1, sp=2))
     with pytest.raises(ConfigError, match="runtime.sequence_parallel must be >= 1"):
-        config_from_dict(cfg)
+        _train_config(synvid_sp, tmp_path / "run", 1, sp=0)
 
 
 # ---------------------------------------------------------------------------------------------------- dumper

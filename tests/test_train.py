@@ -181,6 +181,33 @@ def test_gan_losses_push_logits_the_right_way(kind):
     assert bool((fake.grad < 0).all())  # G: fake up
 
 
+def test_sample_stream_is_one_sequence_for_any_rank_count_and_reshards_at_any_position(synvid):
+    """Rank r of W reads positions r, r + W, ... of one run-wide sequence of epoch permutations, so 7 samples
+    over 3 ranks give the one-rank order across epoch boundaries (nothing dropped), and a stream saved after 3
+    samples (not a multiple of the new rank count) or after 6 on 3 ranks continues exactly on 2 ranks."""
+    from accvideo_core.synvid.format import SynVidDataset, key_steps_for
+    from accvideo_core.train.batching import SampleStream
+
+    ds = SynVidDataset(synvid / "data", steps=key_steps_for(50, 5))
+
+    def streams(world: int) -> list[SampleStream]:
+        return [SampleStream(ds, list(range(7)), rank=r, world=world, seed=3, on_error=None) for r in range(world)]
+
+    def read(ranks: list[SampleStream], n: int) -> list[int]:  # the ranks read in lockstep, as in training
+        return [int(ranks[i % len(ranks)].next()["uid"]) for i in range(n)]
+
+    want = read(streams(1), 18)
+    assert sorted(u % 7 for u in want[:7]) == list(range(7)) and want[7] >= 7  # epoch 0, then epoch 1
+    assert read(streams(3), 18) == want
+    for world, consumed in ((1, 3), (3, 6)):
+        old = streams(world)
+        assert read(old, consumed) == want[:consumed]
+        two = streams(2)
+        for stream in two:
+            stream.load_resharded([s.state_dict() for s in old])
+        assert read(two, 10) == want[consumed:consumed + 10], (world, consumed)
+
+
 def _states(out: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the latest checkpoint of ``out`` (student, optimizer, EMA, heads; either format)."""
     return checkpoint_tensors(out / "checkpoints" / json.loads((out / "checkpoints" / "latest.json").read_text())[
@@ -374,12 +401,38 @@ def test_ctrl_c_writes_a_checkpoint_first(synvid, tmp_path):
     assert (tmp_path / "run/checkpoints" / latest["path"] / "checkpoint.json").is_file()
 
 
-def _torchrun(cfg: TrainConfig, path: Path, *args: str) -> None:
+def _launch(args: list[str], nproc: int = 2) -> None:
+    """``torchrun --standalone --nproc_per_node nproc ARGS`` (gloo on CPU); fails the test on a non-zero exit."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    proc = subprocess.run(torchrun + args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-8000:]
+
+
+def _torchrun(cfg: TrainConfig, path: Path, *args: str, nproc: int = 2) -> None:
+    """``python -m accvideo_core.train`` under torchrun with ``cfg`` (written to ``path``) and CLI ``args``."""
     path.write_text(json.dumps(cfg.to_dict()))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(torchrun + ["-m", "accvideo_core.train", "--config", str(path), *args], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _launch(["-m", "accvideo_core.train", "--config", str(path), *args], nproc)
+
+
+def run_torchrun(jobs: list[tuple[TrainConfig, str | None, int | None]], path: Path, nproc: int = 2) -> None:
+    """Several trainer runs ``(config, resume, stop_after)`` one after another in ONE torchrun launch (each
+    launch costs ~25 s of CI; the process group is shared): this file run as a script, :func:`_run_jobs`."""
+    path.write_text(json.dumps([[cfg.to_dict(), resume, stop] for cfg, resume, stop in jobs]))
+    _launch([__file__, str(path)], nproc)
+
+
+def _run_jobs(path: str) -> None:
+    """torchrun side of :func:`run_torchrun`."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    for cfg, resume, stop_after in json.loads(Path(path).read_text()):
+        Trainer(config_from_dict(cfg), resume=resume).run(stop_after=stop_after)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # gloo can abort at interpreter exit after correct work (as accvideo_core.train.__main__)
 
 
 def _assert_close_states(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -390,9 +443,10 @@ def _assert_close_states(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
 
 def test_torchrun_two_ranks_fsdp2_matches_single_process(synvid, tmp_path):
     """2 ranks (gloo + FSDP2, sharded checkpoints) = 1 process, and a checkpoint resumes on the other number of
-    ranks like an uninterrupted single-process run: 2 -> 1 and 1 -> 2 (queues carry fakes across iterations)."""
+    ranks like an uninterrupted single-process run: 2 -> 1 and 1 -> 2 (queues carry fakes across iterations).
+    7 training samples: they do not split evenly over 2 ranks, and step 4 reads across the epoch boundary."""
     common = dict(optim={"steps": 4, "total_batch": 2, "segments_per_iteration": 2, "ema_decay": 0.9},
-                  model={"gradient_checkpointing": True}, data={"val_samples": 2},
+                  model={"gradient_checkpointing": True}, data={"val_samples": 5},
                   log={"plot": False, "ckpt_every": 2, "val_every": 2})
     single = Trainer(make_cfg(synvid, tmp_path / "one", **common), teacher=tiny_transformer(seed=TEACHER_SEED))
     r1 = single.run()  # uninterrupted, checkpoints at steps 2 and 4
@@ -482,3 +536,7 @@ def test_exported_student_loads_in_native_comfyui(tmp_path, comfyui_path):
     with torch.no_grad():
         mine = ours(x["latents"], x["timestep"], x["text_states"], torch.ones(1, 6), x["pooled"], 6.0)
     torch.testing.assert_close(theirs, mine, atol=2e-3, rtol=2e-3)
+
+
+if __name__ == "__main__":  # the torchrun side of run_torchrun
+    _run_jobs(sys.argv[1])

@@ -19,7 +19,8 @@ from accvideo_core.train.config import LORA_TARGETS, ConfigError, config_from_di
 from accvideo_core.train.loop import Trainer
 from accvideo_core.utils.io import read_state_dict, save_safetensors
 
-from test_train import _states, _torchrun, comfy_compatible_teacher_and_data, make_cfg, synvid  # noqa: F401  (synvid: the shared fixture)
+from test_train import (_assert_close_states, _states, comfy_compatible_teacher_and_data, make_cfg,  # noqa: F401
+                        run_torchrun, synvid)  # (synvid: the shared fixture)
 
 TARGETS = list(LORA_TARGETS)
 LORA_LR = 3e-3  # the adapters' learning rate on the tiny model (full fine-tune: 3e-4)
@@ -303,23 +304,42 @@ def test_lora_resume_after_kill_is_bit_exact(synvid, tmp_path, fmt):
         Trainer(make_cfg(synvid, tmp_path / "b", model={"lora_rank": 2}), resume="auto")
 
 
-def test_torchrun_two_ranks_fsdp2_lora_matches_single_process(synvid, tmp_path):
-    common = dict(model={"lora_rank": 4, "gradient_checkpointing": True},
-                  optim={"steps": 2, "total_batch": 2, "lr": LORA_LR}, data={"val_samples": 2}, log={"plot": False})
-    r1 = Trainer(make_cfg(synvid, tmp_path / "one", **common)).run()
-    _torchrun(make_cfg(synvid, tmp_path / "two", **common), tmp_path / "c.json")
-    one, two = _states(tmp_path / "one"), _states(tmp_path / "two")
-    assert set(one) == set(two)
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], atol=1e-4, rtol=1e-4, msg=k)
-    assert max(float(v.abs().max()) for k, v in one.items() if k.endswith("lora_up")) > 1e-3  # they trained
-    m1 = read_state_dict(tmp_path / "one/student.safetensors")
-    m2 = read_state_dict(tmp_path / "two/student.safetensors")
-    for k in m1:
-        torch.testing.assert_close(m2[k], m1[k], atol=1e-4, rtol=1e-4, msg=k)
-    val = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+def test_torchrun_lora_with_sequence_parallel_lora_init_and_resume(synvid, tmp_path):
+    """LoRA mode under torchrun + FSDP2 (2 ranks, all in ONE launch), every run started from model.lora_init:
+    sp 2 ends like one process (adapters, optimizer, heads, exports; <= 1e-4); an sp-2 run killed after step 3
+    and resumed on its ranks ends bit-identical to the uninterrupted one; the one-process checkpoint of step 2
+    resumed on 2 data-parallel ranks, and the sp-2 one in one process, end like the uninterrupted process."""
+    model, adapters = _adapted(rank=2, alpha=2.0)  # the first 2 of the 4 directions start from the file
+    init = _save(model, adapters, tmp_path / "init.safetensors")
+    common = dict(model={"lora_rank": 4, "lora_init": str(init), "gradient_checkpointing": True},
+                  optim={"steps": 4, "total_batch": 2, "lr": LORA_LR, "segments_per_iteration": 2},
+                  data={"val_samples": 2}, log={"plot": False, "ckpt_every": 2, "val_every": 2, "keep_checkpoints": 0})
+    sp2 = {"runtime": {"sequence_parallel": 2}}
+
+    def cfg(name: str, **extra):
+        return make_cfg(synvid, tmp_path / name, **common, **extra)
+
+    r1 = Trainer(cfg("one")).run()
+    half = tmp_path / "one/checkpoints/step_0000002"
+    run_torchrun([(cfg("sp2", **sp2), None, None), (cfg("killed", **sp2), None, 3),
+                  (cfg("killed", **sp2), "auto", None), (cfg("to_dp2"), str(half), None)], tmp_path / "jobs.json")
+    one, sp = _states(tmp_path / "one"), _states(tmp_path / "sp2")
+    _assert_close_states(sp, one)
+    assert max(float(v.abs().max()) for k, v in one.items() if k.endswith("lora_up")) > 0.03  # init + training
+    for name in ("student.safetensors", "student_lora.safetensors"):
+        got, want = read_state_dict(tmp_path / "sp2" / name), read_state_dict(tmp_path / "one" / name)
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-4, msg=k)
+    val = [json.loads(x) for x in (tmp_path / "sp2/metrics.jsonl").read_text().splitlines()]
     assert val[-1]["student_mse"] == pytest.approx(r1["val"]["student_mse"], rel=1e-4)
     assert val[-1]["teacher_mse"] == pytest.approx(r1["val"]["teacher_mse"], rel=1e-6)
+    killed = _states(tmp_path / "killed")  # killed after step 3, resumed from step 2 on the same 2 ranks
+    assert set(killed) == set(sp) and all(torch.equal(killed[k], sp[k]) for k in sp), [
+        k for k in sp if not torch.equal(killed[k], sp[k])][:5]
+    _assert_close_states(_states(tmp_path / "to_dp2"), one)  # 1 process -> 2 ranks (dp 2)
+    Trainer(cfg("to_one"), resume=str(tmp_path / "sp2/checkpoints/step_0000002")).run()  # sp 2 -> 1 process
+    _assert_close_states(_states(tmp_path / "to_one"), one)
 
 
 def test_bad_lora_settings_fail_before_training(synvid, tmp_path, capsys):

@@ -48,18 +48,19 @@ def split(batch: dict[str, torch.Tensor]) -> list[Record]:
 
 @dataclass
 class StreamState:
-    epoch: int = 0
-    cursor: int = 0            # position in this rank's shard of the epoch permutation
+    position: int = 0          # this rank's next position in the run's endless sample sequence
     bad: tuple[int, ...] = ()  # dataset indices known to be corrupt (skipped without re-reading)
 
 
 class SampleStream:
-    """Endless, deterministic, resumable stream of training samples for one rank.
+    """Endless, deterministic, resumable stream of training samples for one data-parallel rank.
 
-    Epoch ``e`` uses the permutation ``randperm(N, seed + e)``; rank ``r`` of ``W`` reads positions ``r, r+W, ...``
-    (the tail that does not split evenly is dropped, as DistributedSampler(drop_last=True)). So the samples of a
-    global batch are the same for any number of ranks. Corrupt samples (or samples failing ``check``) are reported
-    through ``on_error`` once, remembered and skipped; the epoch goes on.
+    The run's sample sequence is the concatenation of the epoch permutations (epoch ``e``: ``randperm(N)`` seeded
+    by ``seed`` and ``e``); rank ``r`` of ``W`` reads its positions ``r, r + W, r + 2W, ...``, across epoch
+    boundaries (nothing is dropped, so ``N`` need not be a multiple of ``W``). The samples of a global batch are
+    therefore the same for any number of ranks, and a run continues on another number of ranks from any position
+    (:meth:`load_resharded`). Corrupt samples (or samples failing ``check``) are reported through ``on_error``
+    once, remembered and skipped (the rank reads its next position).
     """
 
     def __init__(self, dataset: SynVidDataset, indices: list[int], *, rank: int, world: int, seed: int,
@@ -69,25 +70,26 @@ class SampleStream:
         self.indices = indices
         self.rank, self.world, self.seed = rank, world, seed
         self.on_error = on_error
-        self.state = StreamState()
-        self.per_rank = len(indices) // world
-        if self.per_rank < 1:
+        self.state = StreamState(position=rank)
+        self._perm: tuple[int, torch.Tensor] | None = None   # (epoch, its permutation)
+        if len(indices) < world:
             raise SynVidError(f"{dataset.root}: {len(indices)} training samples cannot feed {world} ranks")
 
-    def _position(self, epoch: int, cursor: int) -> int:
-        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-        perm = torch.randperm(len(self.indices), generator=g)
-        return int(perm[self.rank + self.world * cursor])
+    def _sample_at(self, position: int) -> tuple[int, int]:
+        """(index into ``indices``, sample uid) at a position of the run's sample sequence."""
+        epoch, offset = divmod(position, len(self.indices))
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._perm = (epoch, torch.randperm(len(self.indices), generator=g))
+        pos = int(self._perm[1][offset])
+        return pos, epoch * len(self.indices) + pos
 
     def next(self) -> Record:
         misses = 0
         while True:
             s = self.state
-            if s.cursor >= self.per_rank:
-                s.epoch, s.cursor = s.epoch + 1, 0
-            pos = self._position(s.epoch, s.cursor)
-            uid = s.epoch * len(self.indices) + pos
-            s.cursor += 1
+            pos, uid = self._sample_at(s.position)
+            s.position += self.world
             index = self.indices[pos]
             if index in s.bad:
                 misses += 1
@@ -104,24 +106,30 @@ class SampleStream:
                     s.bad = tuple(sorted(set(s.bad) | {index}))
                     self.on_error(index, err)
                     misses += 1
-            if misses > self.per_rank:
+            if misses > len(self.indices):
                 raise SynVidError(f"{self.dataset.root}: no readable sample left in this rank's shard")
 
     def state_dict(self) -> dict:
-        return {"epoch": self.state.epoch, "cursor": self.state.cursor, "bad": list(self.state.bad)}
+        return {"position": self.state.position, "bad": list(self.state.bad)}
 
     def load_state_dict(self, d: dict) -> None:
-        self.state = StreamState(int(d["epoch"]), int(d["cursor"]), tuple(int(i) for i in d["bad"]))
+        self.state = StreamState(self._saved_position(d, self.rank, self.world), tuple(int(i) for i in d["bad"]))
+
+    def _saved_position(self, d: dict, rank: int, world: int) -> int:
+        if "position" in d:
+            return int(d["position"])
+        # checkpoints of the earlier per-epoch layout (epoch, cursor in the rank's shard; exact for even splits)
+        return int(d["epoch"]) * len(self.indices) + rank + world * int(d["cursor"])
 
     def load_resharded(self, states: list[dict]) -> None:
-        """Continue from the states of all ranks of a run on ``len(states)`` ranks: the epoch position (samples
-        consumed) is kept and this rank takes its share of the rest, so the global batches go on as in an
-        uninterrupted run (exactly when the training samples split evenly over both rank counts and none was
-        skipped; after a skipped sample the furthest rank's position is kept)."""
-        epoch, cursor = max((int(d["epoch"]), int(d["cursor"])) for d in states)
-        consumed = cursor * len(states)
+        """Continue from the states of all data-parallel ranks of a run on ``len(states)`` of them (in rank
+        order): the run's samples consumed so far are kept and this rank reads its share of the rest, so the
+        global batches go on exactly as in an uninterrupted run, for any sample count and rank counts (as long as
+        no corrupt sample was skipped; after a skip the furthest rank's position is kept)."""
+        world = len(states)
+        consumed = max(self._saved_position(d, r, world) - r for r, d in enumerate(states))
         bad = sorted({int(i) for d in states for i in d["bad"]})
-        self.state = StreamState(epoch, -(-consumed // self.world), tuple(bad))
+        self.state = StreamState(consumed + self.rank, tuple(bad))
 
 
 def noise_for(uids: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -264,8 +264,8 @@ def export_final(tr: Trainer) -> Path:
 # ---------------------------------------------------------------------------------------------- load
 def load_checkpoint(tr: Trainer, ckdir: Path) -> None:
     """Restore every piece of state :func:`save_checkpoint` wrote into the built trainer ``tr``, on any number
-    of ranks (the per-rank queues and data positions are redistributed as an uninterrupted run would hold them)."""
-    info = tr.info
+    of ranks and sequence-parallel degrees (the per-rank queues and data positions are redistributed as an
+    uninterrupted run on the new layout would hold them)."""
     marker = _marker(ckdir) or {}
     state = load_torch(ckdir / "trainer.pt")
     lora_mode.check_resume(tr, ckdir, state)
@@ -279,20 +279,26 @@ def load_checkpoint(tr: Trainer, ckdir: Path) -> None:
     tr.teacher_baseline = state.get("teacher_baseline", state.get("teacher5"))
     if marker:
         tr.lineage.ancestry = {**marker.get("ancestry", {}), marker["run"]: int(marker["step"])}
-    world = int(state["world"])
-    if (world, int(state.get("sp", 1))) != (info.world, info.sp) and max(int(state.get("sp", 1)), info.sp) > 1:
-        raise ConfigError(f"{ckdir} was written by {world} ranks with runtime.sequence_parallel = "
-                          f"{state.get('sp', 1)}; resume it with the same ranks and sequence_parallel (the "
-                          f"redistribution of per-rank queues and data positions does not know SP groups yet)")
-    ranks = [info.rank] if world == info.world else list(range(world))
-    saved = [load_torch(ckdir / f"rank{r:05d}.pt") for r in ranks]
-    if world == info.world:
-        tr.queues.load_state_dict(saved[0]["queues"], tr.device)
-        tr.stream.load_state_dict(saved[0]["stream"])
+    _load_rank_states(tr, ckdir, int(state["world"]), int(state.get("sp", 1)))
+
+
+def _load_rank_states(tr: Trainer, ckdir: Path, world: int, sp: int) -> None:
+    """Queues, data position and RNG of this rank. On the layout that wrote them (ranks and sequence-parallel
+    degree) each rank takes its own; on another one, the state of every data-parallel group of the old run (its
+    ranks hold the same samples; the group's first rank file is read) is redistributed over this run's groups as
+    an uninterrupted run on this layout would hold it, and rank r takes the RNG state of old group
+    ``dp_rank mod old dp``."""
+    info = tr.info
+    if (world, sp) == (info.world, info.sp):
+        saved = load_torch(ckdir / f"rank{info.rank:05d}.pt")
+        tr.queues.load_state_dict(saved["queues"], tr.device)
+        tr.stream.load_state_dict(saved["stream"])
     else:
-        tr.queues.load_resharded([s["queues"] for s in saved], info.rank, info.world, tr.device)
-        tr.stream.load_resharded([s["stream"] for s in saved])
-    rng = saved[info.rank % len(saved)]["rng"]
+        groups = [load_torch(ckdir / f"rank{d * sp:05d}.pt") for d in range(world // sp)]
+        tr.queues.load_resharded([g["queues"] for g in groups], info.dp_rank, info.dp, tr.device)
+        tr.stream.load_resharded([g["stream"] for g in groups])
+        saved = groups[info.dp_rank % len(groups)]
+    rng = saved["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if "cuda" in rng and tr.device.type == "cuda":
