@@ -76,6 +76,9 @@ def _short_error(exc: Exception) -> str:
 # What a code review without a GPU could not settle: the first GPU run should look at these (docs/benchmarks.md
 # shows them under the table).
 FIRST_RUN_WATCH: list[str] = [
+    "Triton (and torch.compile) build a small launcher with the system C compiler at first use: on an image "
+    "without gcc/cc every Triton check fails with 'Failed to find C compiler' and the reference runs instead "
+    "(install gcc or set CC, then run again).",
     "Triton compilation on a cold cache (~45 kernel variants in part a, more at the real sizes of b, c, e) eats "
     "into the budgets: part a records its kernel checks per dtype, so an overrun keeps what was checked. A second "
     "run (warm `~/.triton/cache`) shows the steady state.",
@@ -307,8 +310,9 @@ def table(report: dict | None) -> str:
 def summary(report: dict) -> str:
     meta = report["meta"]
     peaks = meta["peaks"]
-    peak_text = (f"peaks {peaks['bandwidth_gbs']:.0f} GB/s, {peaks['bf16_tflops']:.0f} bf16 TFLOP/s "
-                 f"(table entry {peaks['match']!r})" if peaks["match"] else "peaks unknown (not in bench/devices.py)")
+    tflops = f"{peaks['bf16_tflops']:.0f} bf16 TFLOP/s" if peaks.get("bf16_tflops") else "no bf16 peak"
+    peak_text = (f"peaks {peaks['bandwidth_gbs']:.0f} GB/s, {tflops} (table entry {peaks['match']!r})"
+                 if peaks["match"] else "peaks unknown (not in bench/devices.py)")
     lines = [f"GPU check on {meta['name']} ({peak_text}), torch {meta['torch']}, Triton {meta['triton']}"
              f"{', SMOKE (tiny sizes)' if meta.get('smoke') else ''}:", "", table(report), ""]
     for part, r in report["parts"].items():

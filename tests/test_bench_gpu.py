@@ -197,6 +197,11 @@ def test_device_table_and_unknown_devices():
     assert device_peaks("NVIDIA GeForce RTX 4090")["match"] == "RTX 4090"
     assert device_peaks("NVIDIA L40S")["match"] == "L40S"
     assert device_peaks("Some Future GPU") == {"match": None, "bandwidth_gbs": None, "bf16_tflops": None}
+    from bench.gpu import summary
+
+    report = {"meta": {"name": "Tesla V100-SXM2-32GB", "peaks": device_peaks("Tesla V100-SXM2-32GB"),
+                       "torch": "2.11", "triton": "3.6"}, "parts": {}, "validity": {"valid": True, "failed": []}}
+    assert "900 GB/s, no bf16 peak" in summary(report)  # a known card without a bf16 figure still prints
 
 
 def test_fp32_comparisons_run_without_tf32():
