@@ -74,7 +74,8 @@ def _escape(text: str) -> str:
 
 
 def read_mp4_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """Container-level metadata tags of a video file (via ffmpeg's ffmetadata muxer)."""
+    """Container-level metadata tags of a video file (via ffmpeg's ffmetadata muxer): how a user reads back the
+    ``prompt`` / ``workflow`` tags the Save Video node writes (docs/comfyui.md); the tests check those tags with it."""
     import imageio_ffmpeg
 
     out = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"],
@@ -103,14 +104,6 @@ def _unescape(value: str) -> str:
             out.append(value[i])
             i += 1
     return "".join(out)
-
-
-def count_frames(path: str | os.PathLike) -> int:
-    """Number of decoded video frames of a file."""
-    import imageio_ffmpeg
-
-    n, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
-    return int(n)
 
 
 def video_to_frames(video: torch.Tensor) -> torch.Tensor:

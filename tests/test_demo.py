@@ -10,7 +10,7 @@ from accvideo_core.demo import DemoConfig, heldout_prompts, main, run_demo, trai
 from accvideo_core.mini.data import attribute_combos, parse_caption
 from accvideo_core.sampling import ACCVIDEO_STUDENT, HUNYUAN_TEACHER
 from accvideo_core.synvid.format import SynVidDataset
-from accvideo_core.video import count_frames
+from tests.helpers import count_frames
 
 
 def test_prompt_sets_are_disjoint_and_follow_the_template():

@@ -18,7 +18,8 @@ from accvideo_core.latents import to_model_space, to_vae_space, video_size_of_la
 from accvideo_core.sampling import euler_flow, flow_sigmas
 from accvideo_core.synvid.format import STORE_MODES, SynVidDataset
 from accvideo_core.synvid.record import TrajectoryRecorder
-from accvideo_core.video import count_frames, read_mp4_metadata, video_to_frames, write_mp4
+from accvideo_core.video import read_mp4_metadata, video_to_frames, write_mp4
+from tests.helpers import count_frames
 from tests.integration import comfy_standin
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -61,12 +61,14 @@ _backend = _check_backend(os.environ.get("ACCVIDEO_ATTENTION", "sdpa"))
 
 
 def set_attention_backend(name: str) -> None:
-    """Select the backend for all later calls (raises when an optional package is missing)."""
+    """Select the backend for all later calls (raises when an optional package is missing). Public: documented in
+    docs/transformer.md for users, and ``bench.gpu`` part c times each backend through it."""
     global _backend
     _backend = _check_backend(name)
 
 
 def get_attention_backend() -> str:
+    """The selected backend (``bench.gpu`` restores it after timing each one)."""
     return _backend
 
 

@@ -350,7 +350,8 @@ def _video_outputs(entry: dict) -> list[dict]:
 
 
 def test_t2v_workflow_saves_an_mp4_with_prompt_and_workflow(comfy_api, tmp_path):
-    from accvideo_core.video import count_frames, read_mp4_metadata
+    from accvideo_core.video import read_mp4_metadata
+    from tests.helpers import count_frames
 
     wf = tiny(api_twin("accvideo_t2v"))
     ui = json.loads((ROOT / "workflows/ui/accvideo_t2v.json").read_text())
