@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from accvideo_core.kernels import reference  # noqa: E402
+from accvideo_core.utils.dtypes import dtype_name, names_for, parse_dtype  # noqa: E402
 from accvideo_core.utils.io import write_json  # noqa: E402
 from bench.devices import device_peaks  # noqa: E402
 from bench.validity import check_at_most, check_noise, spread, verdict  # noqa: E402
@@ -148,8 +149,7 @@ def bench(args: argparse.Namespace) -> dict:
     if not args.no_compile:
         compiled: dict[str, Callable] = {}
         impls["compile"] = lambda name: compiled.setdefault(name, torch.compile(getattr(reference, name)))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or
-                                                                                   ("bf16" if cuda else "fp32")]
+    dtype = parse_dtype(args.dtype or ("bf16" if cuda else "fp32"))
     tokens = args.tokens or (48960 if cuda else 2048)  # 544x960, 93 frames -> 24 x 34 x 60 image tokens
     vae_shape = tuple(args.vae_shape or ((1, 128, 25, 272, 480) if cuda else (1, 128, 3, 48, 64)))
     cases = make_cases(tokens, 256, args.hidden, 128, vae_shape, dtype, device)
@@ -211,7 +211,7 @@ def bench(args: argparse.Namespace) -> dict:
     return {
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()}, "
                                                              f"{torch.get_num_threads()} threads)",
-        "cuda": cuda, "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
+        "cuda": cuda, "torch": torch.__version__, "dtype": dtype_name(dtype),
         "shapes": {"tokens": tokens, "text_tokens": 256, "hidden": args.hidden, "head_dim": 128,
                    "vae": list(vae_shape)},
         "peak_gbs": peak, "peak_source": peak_source, "reps": args.reps, "notes": notes, "results": rows,
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=3072)
     parser.add_argument("--vae-shape", type=int, nargs=5, metavar=("B", "C", "T", "H", "W"),
                         help="GroupNorm input (default 1 128 25 272 480 on CUDA, 1 128 3 48 64 on CPU)")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+    parser.add_argument("--dtype", choices=names_for("bfloat16", "float16", "float32"), default=None,
                         help="default bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--peak-gbs", type=float, default=None, help="device peak bandwidth if not detected")

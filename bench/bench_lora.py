@@ -35,10 +35,10 @@ if str(ROOT) not in sys.path:
 
 from accvideo_core.lora import extract, merge_into_state_dict  # noqa: E402
 from accvideo_core.testing import tiny_inputs, tiny_transformer  # noqa: E402
+from accvideo_core.utils.dtypes import dtype_name, names_for, parse_dtype  # noqa: E402
 from accvideo_core.utils.io import save_safetensors, write_json  # noqa: E402
 from bench.validity import check_at_least, check_at_most, check_noise, ratio_noise, spread, verdict  # noqa: E402
 
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def make_pair(config: dict, change_rank: int, noise: float, seed: int = 0):
@@ -188,7 +188,7 @@ def main() -> None:
     parser.add_argument("--ranks", default="1,2,4,8,16,32,64,128")
     parser.add_argument("--change-rank", type=int, default=16)
     parser.add_argument("--noise", type=float, default=0.1, help="share of the change's energy that is noise")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp16")
+    parser.add_argument("--dtype", choices=names_for("float16", "bfloat16", "float32"), default="fp16")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS of the CLI on a larger pair")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "lora.json"), help="JSON output path")
@@ -196,6 +196,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 default: small SVDs are fastest single-threaded)")
     args = parser.parse_args()
+    args.dtype = dtype_name(parse_dtype(args.dtype))  # canonical in the output
     torch.set_num_threads(args.threads)
 
     config = dict(comfy_compatible=True, hidden_size=args.hidden, num_heads=args.hidden // 128, num_double_blocks=2,
@@ -218,7 +219,7 @@ def main() -> None:
         tmp = Path(tmp)
         for rank in [int(r) for r in args.ranks.split(",")]:
             path = tmp / f"r{rank}.safetensors"
-            extract(base, tuned, rank, out=path, dtype=_DTYPES[args.dtype], svd="exact")
+            extract(base, tuned, rank, out=path, dtype=parse_dtype(args.dtype), svd="exact")
             werr, worst = weight_errors(base, tuned, path)
             ferr = forward_error(model, base, tuned, path, inputs, (out_base, out_tuned))
             row = {"rank": rank, "weight_rel_error": werr, "optimum": optimum(spectra_list, rank),

@@ -30,10 +30,10 @@ if str(ROOT) not in sys.path:
 from accvideo_core.models.key_maps import original_to_diffusers  # noqa: E402
 from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig  # noqa: E402
 from accvideo_core.testing import diffusers_transformer, randomize_, tiny_inputs  # noqa: E402
+from accvideo_core.utils.dtypes import dtype_name, names_for, parse_dtype  # noqa: E402
 from accvideo_core.utils.io import write_json  # noqa: E402
 from bench.validity import check_at_most, check_noise, spread, verdict  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONFIG = TransformerConfig(hidden_size=512, num_heads=4, num_double_blocks=2, num_single_blocks=2,
                            num_refiner_blocks=2, text_dim=4096, pooled_dim=768)
 TEXT_LEN = 64
@@ -108,7 +108,7 @@ def memory_child(which: str, valid: int, dtype: str, frames: int, size: int) -> 
     import ctypes
     import gc
 
-    model = build(DTYPES[dtype], "cpu")[0 if which == "ours" else 1]
+    model = build(parse_dtype(dtype), "cpu")[0 if which == "ours" else 1]
     inp = make_inputs(valid, frames, size, "cpu")
     fn = runner(which, model, inp)
     gc.collect()
@@ -141,18 +141,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=names_for("float32", "bfloat16", "float16"), default="fp32")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=32, help="latent height = width")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "bench_transformer.json"))
     parser.add_argument("--memory-child", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     parser.add_argument("--valid", type=int, default=TEXT_LEN, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.dtype = dtype_name(parse_dtype(args.dtype))  # canonical in the output
     if args.memory_child:
         memory_child(args.memory_child, args.valid, args.dtype, args.frames, args.size)
         return
 
-    dtype = DTYPES[args.dtype]
+    dtype = parse_dtype(args.dtype)
     ours, theirs = build(dtype, args.device)
     n_img = args.frames * (args.size // 2) ** 2
     print(f"HunyuanVideo transformer forward, ours vs diffusers: hidden {CONFIG.hidden_size}, "
@@ -187,7 +188,7 @@ def main() -> None:
         row["checks"] = [
             # same weights, same function: the outputs may differ only by float rounding
             check_at_most(f"{case}: max abs output difference ours vs diffusers", float(diff),
-                          1e-4 if args.dtype == "fp32" else 5e-2, 0.0),
+                          1e-4 if dtype == torch.float32 else 5e-2, 0.0),
             *(check_noise(f"{case}: {name} wall seconds", s) for name, s in row["spread"].items())]
         results.append(row)
     print("\nwall = median wall seconds, ratio = ours / diffusers (median wall, min wall, median process CPU time)")

@@ -43,6 +43,7 @@ from accvideo_core.models.vae_decode_plan import FastTiling  # noqa: E402
 from accvideo_core.models.vae_hunyuan_video import HunyuanVideoVAE, VAEConfig  # noqa: E402
 from accvideo_core.models.vae_loading import load_vae  # noqa: E402
 from accvideo_core.testing import randomize_  # noqa: E402
+from accvideo_core.utils.dtypes import dtype_name, names_for, parse_dtype  # noqa: E402
 from accvideo_core.utils.io import write_json  # noqa: E402
 from bench.validity import check_at_most, check_noise, spread, verdict  # noqa: E402
 
@@ -50,7 +51,6 @@ CONFIGS = {
     "full": VAEConfig(),  # the released HunyuanVideo VAE widths (246.5 M parameters)
     "mid": VAEConfig(block_out_channels=(32, 64, 128, 128)),  # a quarter of the widths, same depth and groups
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SIZES = ["5x16x16", "9x24x32"]  # latent T x H x W -> 17x128x128 and 33x192x256 pixels
 # Largest untiled decodes that fit ~10 GB of process memory here (fp32): 33x384x512 and 33x192x256 pixels.
 BIG_SIZES = {"mid": "9x48x64", "full": "9x24x32"}
@@ -73,7 +73,7 @@ def rss_now_bytes() -> int:
 
 
 def _setup(args: argparse.Namespace) -> tuple[HunyuanVideoVAE, torch.Tensor]:
-    vae = build(args.config, DTYPES[args.dtype], args.device, args.weights)
+    vae = build(args.config, parse_dtype(args.dtype), args.device, args.weights)
     t, h, w = (int(v) for v in args.size.split("x"))
     z = torch.randn(1, vae.config.latent_channels, t, h, w, generator=torch.Generator().manual_seed(1))
     return vae, z
@@ -142,8 +142,8 @@ def vae_checks(row: dict, budget: int, dtype: str) -> list[dict]:
     name = f"{row['latent']} {row['mode']}"
     checks = [check_noise(f"{name} seconds", row["spread"])] if row.get("spread", {}).get("n", 0) >= 3 else []
     if row["mode"] == "exact":
-        checks.append(check_at_most(f"{name}: max abs vs untiled", row["max_abs"], 1e-3 if dtype == "fp32" else 0.125,
-                                    0.0))
+        tolerance = 1e-3 if dtype == "float32" else 0.125
+        checks.append(check_at_most(f"{name}: max abs vs untiled", row["max_abs"], tolerance, 0.0))
     if row["mode"] != "untiled":
         checks.append(check_at_most(f"{name}: device peak within the budget", row["device_peak_bytes"], budget, 0.0))
     return checks
@@ -159,7 +159,7 @@ def quality(args: argparse.Namespace) -> None:
     """Fast-mode error vs untiled with a trained VAE on real latents (encoded rendered clips): the official tiles
     (``FastTiling()``, 256 px / 64 frames, 0.25 overlap) and the streamed default at weights + ``--fast-fraction``
     of the estimated untiled activation peak, for several overlap fractions."""
-    vae = load_vae(args.weights, dtype=DTYPES[args.dtype], device=args.device)
+    vae = load_vae(args.weights, dtype=parse_dtype(args.dtype), device=args.device)
     frames, height, width = (int(v) for v in args.quality_size.split("x"))
     fractions = (0.0625, 0.125, 0.25)
     rows = []
@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--weights", default=None, help="a trained VAE file/folder (load_vae) instead of --config "
                         "random weights; random weights make fast mode's blending error look worse than it is")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=names_for("float32", "bfloat16", "float16"), default="fp32")
     parser.add_argument("--exact-fraction", type=float, default=0.125)
     parser.add_argument("--fast-fraction", type=float, default=0.25)
     parser.add_argument("--output", default=str(ROOT / "bench" / "out" / "bench_vae.json"))
@@ -215,6 +215,7 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.dtype = dtype_name(parse_dtype(args.dtype))  # canonical in the output and the checks
     if args.quality:
         args.weights = args.weights or str(ROOT / "assets" / "mini" / "vae.safetensors")
         quality(args)

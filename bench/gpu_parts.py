@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from accvideo_core.utils.dtypes import dtype_name
 from bench.validity import check_at_least, check_at_most, check_noise, spread
 
 # HunyuanVideo token grids (T', H', W' after the 1x2x2 patch) and the paper's Table 1 (one A100, end to end:
@@ -163,7 +164,7 @@ def part_b(run) -> None:
     tokens, hidden, head_dim = (96, 64, 16) if smoke else (48960, 3072, 128)
     vae_shape = (1, 32, 3, 8, 8) if smoke else (1, 128, 25, 272, 480)
     peak = run.peaks["bandwidth_gbs"]
-    out: dict = {"dtype": str(dtype), "tokens": tokens, "hidden": hidden, "vae_shape": list(vae_shape),
+    out: dict = {"dtype": dtype_name(dtype), "tokens": tokens, "hidden": hidden, "vae_shape": list(vae_shape),
                  "peak_gbs": peak}
     run.record("config", out)
     for case in make_cases(tokens, TEXT_TOKENS, hidden, head_dim, vae_shape, dtype, run.device):
@@ -277,7 +278,8 @@ def part_c(run) -> None:
     blocks = {k: [b.to(dtype).eval().requires_grad_(False) for b in v] for k, v in blocks.items()}
     backends = _attention_backends(run)
     peak_tflops = run.peaks["bf16_tflops"]
-    run.record("config", {"hidden": hidden, "heads": heads, "dtype": "bfloat16", "blocks": "2 double + 2 single",
+    run.record("config", {"hidden": hidden, "heads": heads, "dtype": dtype_name(dtype),
+                          "blocks": "2 double + 2 single",
                           "backends": list(backends), "peak_bf16_tflops": peak_tflops})
 
     def inputs(grid):
@@ -387,7 +389,7 @@ def part_d(run) -> None:
     z = torch.randn(*latent, generator=torch.Generator().manual_seed(1)).to(run.device, dtype)
     weights = vae.weight_bytes()
     run.record("config", {"block_out_channels": list(config.block_out_channels), "latent": list(latent),
-                          "dtype": str(dtype), "weight_gb": _gb(weights), "exact_tolerance": tolerance})
+                          "dtype": dtype_name(dtype), "weight_gb": _gb(weights), "exact_tolerance": tolerance})
     done: dict = {}
 
     def decode(mode: str, budget: int | str, key: str) -> dict:

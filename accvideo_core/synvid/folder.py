@@ -28,7 +28,8 @@ import torch
 
 from accvideo_core.synvid.format import (
     FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SAMPLES_DIR, SynVidDataset, SynVidError, SynVidSample, check_facts,
-    check_sample, dataset_facts, expected_shapes, identity_of, load_manifest, parse_dtype, read_sample, sample_identity, write_sample,
+    check_sample, dataset_facts, expected_shapes, identity_of, load_manifest, parse_dtype, read_sample,
+    sample_identity, write_sample,
 )
 from accvideo_core.utils.dtypes import dtype_name
 from accvideo_core.utils.io import write_json
