@@ -15,7 +15,7 @@ from accvideo_core.toy.__main__ import main
 from accvideo_core.toy.experiment import (RUN_SIZES, Toy1DConfig, distance_to_trajectories, euler_from_levels,
                                           euler_trajectory, linear_sigmas, optimal_velocity, run, shifted_points,
                                           useless_mask)
-from accvideo_core.toy.plot import Canvas
+from accvideo_core.utils.canvas import Canvas
 from accvideo_core.utils.png import encode_png, write_png
 
 DATA = torch.tensor([-3.0, 3.0])

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from .experiment import useless_mask
-from .plot import BLACK, BLUE, GRAY, GREEN, LIGHT, ORANGE, PURPLE, RED, Axes, Canvas
+from ..utils.canvas import BLACK, BLUE, GRAY, GREEN, LIGHT, ORANGE, PURPLE, RED, Canvas
+from .plot import Axes
 
 SIGMA_TICKS = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
 

@@ -1,7 +1,7 @@
 """The project's one PNG writer: 8-bit RGB, no dependencies beyond numpy and zlib, written atomically.
 
-Used by the trainer's loss curves (``train/plot.py``), the toy experiment's figure (``toy/plot.py``) and any other
-raster the project draws. Reading PNGs back is the tests' business (they use Pillow, an independent decoder).
+Used by the drawing canvas (``utils/canvas.py``: the trainer's loss curves and the toy experiment's figure) and any
+other raster the project draws. Reading PNGs back is the tests' business (they use Pillow, an independent decoder).
 """
 from __future__ import annotations
 
