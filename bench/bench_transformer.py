@@ -32,6 +32,7 @@ from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransform
 from accvideo_core.testing import diffusers_transformer, randomize_, tiny_inputs  # noqa: E402
 from accvideo_core.utils.dtypes import dtype_name, names_for, parse_dtype  # noqa: E402
 from accvideo_core.utils.io import write_json  # noqa: E402
+from bench.memory import peak_rss_growth, reset_peak_rss  # noqa: E402
 from bench.validity import check_at_most, check_noise, spread, verdict  # noqa: E402
 
 CONFIG = TransformerConfig(hidden_size=512, num_heads=4, num_double_blocks=2, num_single_blocks=2,
@@ -91,34 +92,18 @@ def time_pair(fns: dict[str, callable], repeats: int, device: str) -> tuple[dict
     return wall, cpu
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_child(which: str, valid: int, dtype: str, frames: int, size: int) -> None:
     """Subprocess entry: print the peak RSS growth (bytes) of one forward of one model.
 
-    The high-water mark (VmHWM) is reset after the models are built (``echo 5 > /proc/self/clear_refs``), so
-    only the forward pass counts; freed build memory is first returned to the OS (``malloc_trim``).
+    The high-water mark is reset after the models are built (``bench.memory``), so only the forward pass counts.
     """
-    import ctypes
-    import gc
-
     model = build(parse_dtype(dtype), "cpu")[0 if which == "ours" else 1]
     inp = make_inputs(valid, frames, size, "cpu")
     fn = runner(which, model, inp)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    before = _status_kib("VmRSS")
+    base = reset_peak_rss()
     with torch.inference_mode():
         fn()
-    print(json.dumps({"peak_growth_bytes": (_status_kib("VmHWM") - before) * 1024}))
+    print(json.dumps({"peak_growth_bytes": peak_rss_growth(base)}))
 
 
 def peak_memory(which: str, valid: int, args, model=None, inp=None) -> int:
