@@ -201,10 +201,10 @@ def part_b(run) -> None:
             triton_fwd = row.get("triton fwd")
             if triton_fwd:
                 pct = f" ({triton_fwd['pct_of_peak']:.0f} % of peak)" if peak else " (peak unknown)"
-                run.figure(f"b_{case.name}", f"{triton_fwd['gbs']:.0f} GB/s{pct}; eager "
-                           f"{row['torch fwd']['ms'] / triton_fwd['ms']:.2f}x slower" +
-                           (f", compile {row['compile fwd']['ms'] / triton_fwd['ms']:.2f}x" if "compile fwd" in row
-                            else ""))
+                others = [f"{label} {row[f'{impl} fwd']['ms'] / triton_fwd['ms']:.2f}x"
+                          for impl, label in (("torch", "eager"), ("compile", "compile")) if f"{impl} fwd" in row]
+                run.figure(f"b_{case.name}", f"{triton_fwd['gbs']:.0f} GB/s{pct}" +
+                           (f"; time vs Triton: {', '.join(others)}" if others else ""))
             return row
         run.step(case.name, one, need=3 if smoke else 15)
 
