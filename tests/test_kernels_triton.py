@@ -277,9 +277,9 @@ def _worker(out_path: str, device: str = "cpu") -> None:
     Path(out_path).write_text(json.dumps(report, indent=1))
 
 
-def _compile_worker(out_path: str, arch: int) -> None:
+def _compile_worker(out_path: str, archs: list[int]) -> None:
     """Compile every kernel launch the wrappers make (bf16, HunyuanVideo-like block sizes, forward and backward) to
-    a CUDA binary for ``sm_<arch>`` ahead of time: no GPU needed, catches what the interpreter cannot (codegen,
+    a CUDA binary for each ``sm_<arch>`` ahead of time: no GPU needed, catches what the interpreter cannot (codegen,
     types, constexpr handling). Launches are intercepted and compiled instead of run."""
     os.environ.pop("TRITON_INTERPRET", None)
     if str(ROOT) not in sys.path:
@@ -295,11 +295,12 @@ def _compile_worker(out_path: str, arch: int) -> None:
     type_names = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
-    def ptxas_usage(kernel) -> dict:
+    def ptxas_usage(kernel, arch: int) -> dict:
         """Registers and spill bytes per thread, as Triton's bundled ptxas reports them for this PTX."""
         ptx = Path(out_path).with_suffix(".ptx")
         ptx.write_text(kernel.asm["ptx"])
-        info = subprocess.run([str(ptxas), f"-arch=sm_{arch}", "-v", str(ptx), "-o", str(ptx.with_suffix(".cubin"))],
+        target = re.search(r"\.target (sm_\w+)", kernel.asm["ptx"]).group(1)  # sm_90a on Hopper
+        info = subprocess.run([str(ptxas), f"-arch={target}", "-v", str(ptx), "-o", str(ptx.with_suffix(".cubin"))],
                               capture_output=True, text=True).stderr
         registers = re.search(r"Used (\d+) registers", info)
         spills = re.search(r"(\d+) bytes spill stores", info)
@@ -322,12 +323,14 @@ def _compile_worker(out_path: str, arch: int) -> None:
                 signature[param.name] = "fp32"
             else:
                 signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
-        key = f"{self.fn.__name__}{sorted(constexprs.items())}{sorted(signature.items())}"
-        if key not in compiled:
-            kernel = triton.compile(ASTSource(self, signature, constexprs), target=GPUTarget("cuda", arch, 32),
-                                    options=options)
-            compiled[key] = {"kernel": self.fn.__name__, "cubin_bytes": len(kernel.asm["cubin"]),
-                             "constexprs": {k: str(v) for k, v in constexprs.items()}, **ptxas_usage(kernel)}
+        for arch in archs:
+            key = f"{arch}{self.fn.__name__}{sorted(constexprs.items())}{sorted(signature.items())}"
+            if key not in compiled:
+                kernel = triton.compile(ASTSource(self, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                                        options=options)
+                compiled[key] = {"arch": arch, "kernel": self.fn.__name__, "cubin_bytes": len(kernel.asm["cubin"]),
+                                 "constexprs": {k: str(v) for k, v in constexprs.items()},
+                                 **ptxas_usage(kernel, arch)}
 
     JITFunction.run = compile_instead_of_launch
     bf16 = dict(dtype=torch.bfloat16)
@@ -346,13 +349,13 @@ def _compile_worker(out_path: str, arch: int) -> None:
     tk.group_norm_stats(v[:, :, 1:], 2)
     defined = sorted(name for name, obj in vars(tk).items()  # launched kernels (pointer args), not jit helpers
                      if isinstance(obj, JITFunction) and obj.arg_names[0].endswith("_ptr"))
-    Path(out_path).write_text(json.dumps({"arch": arch, "triton_version": triton.__version__, "defined": defined,
+    Path(out_path).write_text(json.dumps({"archs": archs, "triton_version": triton.__version__, "defined": defined,
                                           "compiled": list(compiled.values())}, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------- pytest side
 
-COMPILE_ARCH = 80  # sm_80 (A100); everything newer compiles from the same Triton IR
+COMPILE_ARCHS = (80, 90)  # sm_80 (A100) and sm_90a (H100/H200, the cards the GPU check targets)
 
 
 @pytest.fixture(scope="module")
@@ -365,7 +368,7 @@ def worker_reports(tmp_path_factory):
     base_env = {k: v for k, v in os.environ.items() if k not in ("ACCVIDEO_KERNELS", "TRITON_INTERPRET")}
     jobs = {
         "interpret": ([str(out_dir / "interpret.json")], {**base_env, "TRITON_INTERPRET": "1"}),
-        "compile": (["--compile", str(COMPILE_ARCH), str(out_dir / "compile.json")],
+        "compile": (["--compile", ",".join(map(str, COMPILE_ARCHS)), str(out_dir / "compile.json")],
                     {**base_env, "TRITON_CACHE_DIR": str(out_dir / "cache")}),
     }
     procs = {name: subprocess.Popen([sys.executable, __file__, *argv], env=env, cwd=ROOT, stdout=subprocess.PIPE,
@@ -391,12 +394,14 @@ def interpreter_report(worker_reports):
 def test_every_kernel_compiles_for_cuda(worker_reports):
     report = _report(worker_reports, "compile")
     assert len(report["defined"]) == 8, report["defined"]
-    assert {c["kernel"] for c in report["compiled"]} == set(report["defined"]), report
-    assert all(c["cubin_bytes"] > 0 for c in report["compiled"])
-    # register spills would cost memory traffic in kernels whose point is saving it
-    assert all(c["spill_bytes"] == 0 for c in report["compiled"]), report["compiled"]
-    # both RoPE variants (image tokens, text tokens) and both GroupNorm variants (own / supplied statistics)
-    assert len(report["compiled"]) == 11, [(c["kernel"], c["constexprs"]) for c in report["compiled"]]
+    for arch in COMPILE_ARCHS:
+        compiled = [c for c in report["compiled"] if c["arch"] == arch]
+        assert {c["kernel"] for c in compiled} == set(report["defined"]), (arch, report)
+        assert all(c["cubin_bytes"] > 0 for c in compiled)
+        # register spills would cost memory traffic in kernels whose point is saving it
+        assert all(c["spill_bytes"] == 0 for c in compiled), compiled
+        # both RoPE variants (image tokens, text tokens) and both GroupNorm variants (own / supplied statistics)
+        assert len(compiled) == 11, [(c["kernel"], c["constexprs"]) for c in compiled]
 
 
 def test_worker_ran_in_interpreter(interpreter_report):
@@ -436,7 +441,8 @@ def test_compiled_kernels_on_cuda(tmp_path):
     import torch
 
     if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
-        pytest.skip("no CUDA device (or no Triton): compiled kernels are covered here by the sm_80 compile test")
+        pytest.skip("no CUDA device (or no Triton): compiled kernels are covered here by the sm_80 / sm_90a "
+                    "compile test")
     out = tmp_path / "cuda.json"
     env = {k: v for k, v in os.environ.items() if k not in ("ACCVIDEO_KERNELS", "TRITON_INTERPRET")}
     proc = subprocess.run([sys.executable, __file__, "--cuda", str(out)], env=env, cwd=ROOT, capture_output=True,
@@ -478,7 +484,7 @@ def test_shape_errors_are_clear(interpreter_report):
 
 if __name__ == "__main__":
     if sys.argv[1] == "--compile":
-        _compile_worker(sys.argv[3], int(sys.argv[2]))
+        _compile_worker(sys.argv[3], [int(a) for a in sys.argv[2].split(",")])
     elif sys.argv[1] == "--cuda":
         _worker(sys.argv[2], device="cuda")
     else:
