@@ -143,3 +143,21 @@ def test_sigmas_and_guidance_stored_twice_must_agree(tmp_path):
     odd.guidance = 6.1  # not exact in float32: still consistent
     write_sample(odd, tmp_path / "odd.safetensors")
     assert abs(read_sample(tmp_path / "odd.safetensors").guidance - 6.1) < 1e-6
+
+
+@pytest.mark.parametrize("key, value", [("seed", "12a"), ("shift", "seven"), ("height", "1.5"), ("frames", ""),
+                                        ("steps", "ten")])
+def test_malformed_number_metadata_is_a_synvid_error_naming_the_file(tmp_path, key, value):
+    """Bad metadata numbers raise the format's own error (what the trainer's stream and verify skip and report),
+    naming the file and the field, not a bare ValueError."""
+    save_raw(make_sample(4), tmp_path / "bad.safetensors", **{key: value})
+    with pytest.raises(SynVidError, match=f"bad.safetensors: .*{key}") as info:
+        read_sample(tmp_path / "bad.safetensors")
+    assert type(info.value) is SynVidError
+    ds_root = tmp_path / "set"
+    with SynVidWriter(ds_root, dtype="float32") as w:
+        w.write(make_sample(5))
+    save_raw(make_sample(4), ds_root / "samples" / "000000.safetensors", **{key: value})
+    errors = []
+    assert list(SynVidDataset(ds_root).iter_valid(on_error=lambda i, e: errors.append(str(e)))) == []
+    assert len(errors) == 1 and key in errors[0]

@@ -205,6 +205,14 @@ def _meta_int_list(meta: Mapping[str, str], key: str, source: str) -> list[int]:
         raise SynVidError(f"{source}: metadata {key!r} must be a JSON list of ints, got {meta.get(key)!r}") from err
 
 
+def _meta_number(meta: Mapping[str, str], key: str, kind: type, source: str) -> int | float:
+    try:
+        return kind(meta[key])
+    except ValueError as err:
+        raise SynVidError(f"{source}: metadata {key!r} must be {'an integer' if kind is int else 'a number'}, got "
+                          f"{meta[key]!r}") from err
+
+
 def read_sample(path: str | os.PathLike, *, steps: Sequence[int] | None = None, check_finite: bool = True,
                 expect: Mapping[str, tuple] | None = None) -> SynVidSample:
     """Read and validate one sample file.
@@ -244,8 +252,9 @@ def read_sample(path: str | os.PathLike, *, steps: Sequence[int] | None = None, 
     sample = SynVidSample(
         latents=latents, stored_steps=kept, sigmas=t["sigmas"].float(), text_states=t["text_states"],
         text_mask=t["text_mask"].bool(), pooled=t["pooled"], guidance=float(t["guidance"].reshape(-1)[0]),
-        prompt=meta["prompt"], seed=int(meta["seed"]), shift=float(meta["shift"]), height=int(meta["height"]),
-        width=int(meta["width"]), frames=int(meta["frames"]), source_model=meta["source_model"],
+        prompt=meta["prompt"], seed=_meta_number(meta, "seed", int, src), shift=_meta_number(meta, "shift", float, src),
+        height=_meta_number(meta, "height", int, src), width=_meta_number(meta, "width", int, src),
+        frames=_meta_number(meta, "frames", int, src), source_model=meta["source_model"],
         source_model_hash=meta["source_model_hash"], key_steps=_meta_int_list(meta, "key_steps", src),
         extra={k: v for k, v in meta.items() if k not in REQUIRED_METADATA},
     )
