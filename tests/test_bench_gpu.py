@@ -21,11 +21,15 @@ _BLOCKED_RUN = """
 import importlib.abc, importlib.util, json, runpy, sys
 BLOCKED = set(%r)
 
+ASKED = set()
+
 class Blocker(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    # importing a blocked package fails as if it were not installed (its spec resolves, loading raises)
+    # importing a blocked package fails as if it were not installed (its spec resolves, loading raises); every
+    # attempt is recorded, also one that the importing code catches
 
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
+            ASKED.add(name.split(".")[0])
             return importlib.util.spec_from_loader(name, self)
         return None
 
@@ -45,7 +49,7 @@ else:
     code = 0
 top = {m.split(".")[0] for m in list(sys.modules)}
 third_party = sorted(m for m in top if m not in sys.stdlib_module_names and not m.startswith("_"))
-print("IMPORTED" + json.dumps({"code": code, "modules": third_party}))
+print("IMPORTED" + json.dumps({"code": code, "modules": third_party, "asked": sorted(ASKED)}))
 """ % (BLOCKED,)
 
 
@@ -101,6 +105,8 @@ def test_smoke_imports_only_torch_triton_safetensors_numpy(smoke):
     extra = set(smoke["imported"]["modules"]) - _allowed_modules()
     assert not extra, f"bench.gpu imported packages a bare GPU machine may lack: {sorted(extra)}"
     assert not set(smoke["imported"]["modules"]) & set(BLOCKED)
+    # einops is imported only by sequence parallelism (docs/architecture.md#dependencies): no part even tries it
+    assert "einops" not in smoke["imported"]["asked"], smoke["imported"]["asked"]
 
 
 def test_smoke_fills_the_table_and_checks(smoke):

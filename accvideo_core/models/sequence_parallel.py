@@ -175,13 +175,13 @@ class _HeadsToTokens(torch.autograd.Function):
         result = out.new_empty((b, local + text.shape[1], sp.size, c))
         result[:, :local] = rearrange(recv, "s b n c -> b n s c")
         result[:, local:] = rearrange(gathered, "(s b) l c -> b l s c", s=sp.size)
-        return result.flatten(2)
+        return rearrange(result, "b n s c -> b n (s c)")  # a view
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         shard = ctx.shard
         sp, local, tokens = shard.sp, shard.local, shard.tokens
-        grad = grad.unflatten(-1, (sp.size, -1))  # [B, local + L, N, c]
+        grad = rearrange(grad, "b n (s c) -> b n s c", s=sp.size)
         b, _, _, c = grad.shape
         send = rearrange(grad[:, :local], "b n s c -> s b n c").contiguous()
         recv = torch.empty_like(send)
