@@ -1,6 +1,8 @@
 """AccVideo Sampler, AccVideo Schedule and AccVideo Trajectory Dump (thin over ``accvideo_core``)."""
 from __future__ import annotations
 
+import weakref
+
 from comfy_api.v0_0_2 import io
 
 from accvideo_core.sampling import ACCVIDEO_STUDENT, HUNYUAN_TEACHER
@@ -116,7 +118,10 @@ class AccVideoSchedule(io.ComfyNode):
         return io.NodeOutput(flow_sigmas(n, shift))
 
 
-_HASH_CACHE: dict[tuple, str] = {}
+_HASH_CACHE: dict[tuple, str] = {}  # model files by (path, size, mtime)
+# loaded weights: per model object (weakly held: a freed model's entry goes with it, so a later model that gets
+# the same id() is never given its hash), per patch set
+_WEIGHTS_HASH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _source_model_hash(model, model_name: str) -> str:
@@ -134,10 +139,14 @@ def _source_model_hash(model, model_name: str) -> str:
         if key not in _HASH_CACHE:
             _HASH_CACHE[key] = file_sha256(path)
         return _HASH_CACHE[key]
-    key = ("weights", id(model.model), str(getattr(model, "patches_uuid", "")))
-    if key not in _HASH_CACHE:
-        _HASH_CACHE[key] = state_dict_sha256(model.model.diffusion_model.state_dict())
-    return _HASH_CACHE[key]
+    try:
+        per_patches = _WEIGHTS_HASH.setdefault(model.model, {})
+    except TypeError:  # an object without weak references: hash it every time
+        per_patches = {}
+    patches = str(getattr(model, "patches_uuid", ""))
+    if patches not in per_patches:
+        per_patches[patches] = state_dict_sha256(model.model.diffusion_model.state_dict())
+    return per_patches[patches]
 
 
 def dataset_folder(prefix: str, input_name: str = "filename_prefix"):

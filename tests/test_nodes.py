@@ -317,6 +317,34 @@ def test_dump_node_writes_samples_once_even_when_rerun(fake_comfy):
     assert len(env.calls) == 2 and len(SynVidDataset(env.output / "synvid/run")) == 4
 
 
+def test_weights_hash_is_never_served_for_another_model(fake_comfy, monkeypatch):
+    """A loaded teacher's hash is cached per model object, not per id(): ComfyUI frees models and a new one may get
+    a freed one's id (simulated here by an id() that gives every object the same number)."""
+    import gc
+    import weakref
+
+    from accvideo_core.synvid.format import state_dict_sha256
+
+    class Loaded:  # ComfyUI's MODEL: a patcher whose .model (a torch Module, like BaseModel) holds the network
+        def __init__(self, value: float):
+            self.model = torch.nn.Module()
+            self.model.diffusion_model = torch.nn.Linear(2, 2)
+            torch.nn.init.constant_(self.model.diffusion_model.weight, value)
+
+    monkeypatch.setattr(fake_comfy.nodes, "id", lambda obj: 1, raising=False)
+    first = Loaded(1.0)
+    h1 = fake_comfy.nodes._source_model_hash(first, "")
+    assert h1 == state_dict_sha256(first.model.diffusion_model.state_dict())
+    assert fake_comfy.nodes._source_model_hash(first, "") == h1
+    gone = weakref.ref(first.model)
+    del first
+    gc.collect()
+    assert gone() is None, "the hash cache keeps a freed model alive"
+    second = Loaded(2.0)
+    assert fake_comfy.nodes._source_model_hash(second, "") == state_dict_sha256(
+        second.model.diffusion_model.state_dict()) != h1
+
+
 @pytest.mark.parametrize("setup,kwargs,message", [
     (lambda out: (out / "synvid").mkdir(parents=True) or (out / "synvid/run").write_text("x"), {}, "is a file"),
     (lambda out: (out / "synvid/run").mkdir(parents=True) or (out / "synvid/run/manifest.json").write_text("{"), {},
