@@ -128,6 +128,27 @@ def test_smoke_fills_the_table_and_checks(smoke):
     assert set(e["first_step"]["losses"]) == {"traj", "adv_g", "adv_d"}  # trajectory and adversarial terms
 
 
+def test_smoke_on_the_triton_path_in_the_interpreter(tmp_path):
+    """Parts c and e with the Triton kernels (in Triton's interpreter on CPU) instead of the reference: the wiring a
+    GPU run uses - bf16 real-width blocks, kernels first used inside gradient-checkpointed training blocks - must
+    run and pass every first-use self-check (a KernelMismatchWarning would name the kernel)."""
+    pytest.importorskip("triton")
+    out = tmp_path / "gpu.json"
+    env = {k: v for k, v in os.environ.items() if k != "ACCVIDEO_KERNELS"}
+    env.update(PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu", "--smoke", "--parts", "ce", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "KernelMismatchWarning" not in proc.stderr, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["parts"]) == ["c", "e"]
+    for part, result in report["parts"].items():
+        assert result["status"] == "ok", (part, result["status"])
+        for name, step in result["steps"].items():
+            assert "error" not in step and "skipped" not in step, (part, name, step)
+    assert report["parts"]["e"]["steps"]["first_step"]["losses"], report["parts"]["e"]["steps"]
+
+
 def test_a_hung_part_is_killed_and_keeps_its_finished_steps(tmp_path):
     from bench.gpu import spawn_part
 
