@@ -32,7 +32,8 @@ BENCHMARKS: dict[str, tuple[list[str], str, str]] = {
     "transformer": (["--repeats", "3"], "bench_transformer.json", "our transformer vs diffusers, same weights"),
     "vae": (["--sizes", "3x8x8"], "bench_vae.json", "VAE decoding: untiled vs exact (chunked) vs fast (tiled)"),
     "kernels": (["--reps", "5"], "kernels_cuda.json|kernels_cpu.json", "fused kernels vs torch reference"),
-    "train": (["--iters", "2"], "bench_train.json", "one training iteration, with vs without checkpointing"),
+    "train": (["--iters", "2"], "bench_train.json",
+              "one training iteration: checkpointing on/off, LoRA vs full, sp 1 vs 2; export memory"),
     "lora": (["--ranks", "4,16,64"], "lora.json", "LoRA extraction error vs rank, SVD methods"),
 }
 HEADLINE = re.compile(r"(ratio|speedup|overhead|goal|psnr|max_abs|error|vs_untiled|seconds_per|_s_per_)", re.I)

@@ -1,18 +1,22 @@
-"""Benchmark one AccVideo training iteration (tiny teacher): with and without gradient checkpointing, and
-sequence parallelism sp = 1 (one process) vs sp = 2 (torchrun, 2 ranks) on a longer sequence.
+"""Benchmark one AccVideo training iteration (tiny teacher), variants side by side in one run: with and without
+gradient checkpointing; the LoRA mode vs the full fine-tune; sequence parallelism sp = 1 (one process) vs sp = 2
+(torchrun, 2 ranks) on a longer sequence; and the final export's memory.
 
 Each variant runs in fresh subprocesses on a SynVid folder (made once by the core dumper): build the trainer, one
-warm-up iteration, then ``--iters`` timed iterations (median over all). The checkpointing comparison runs
-``--rounds`` subprocesses per variant, alternating, and reports the spread; a checkpointed iteration faster than a
-plain one beyond the noise marks the run invalid. Peak memory per rank: CUDA
-``max_memory_allocated`` growth over the timed iterations on GPU; on CPU the peak RSS growth (VmHWM reset via
-``/proc/self/clear_refs`` after warm-up, ``malloc_trim`` first), i.e. the activations of an iteration. Prints
-tables and writes ``bench/out/bench_train.json`` with the ratios measured side by side.
+warm-up iteration, then ``--iters`` timed iterations. The checkpointing and LoRA comparisons run ``--rounds`` /
+``--lora-rounds`` subprocesses per variant in rotating order and report the spread (``bench/validity.py``); a
+checkpointed iteration faster than a plain one beyond the noise, or a LoRA state saving larger than the arrays
+the LoRA mode does not hold, marks the run invalid. Peak memory per rank: CUDA ``max_memory_allocated`` growth
+over the timed iterations on GPU; on CPU the peak RSS growth (VmHWM reset via ``/proc/self/clear_refs`` after
+warm-up, ``malloc_trim`` first), i.e. the activations of an iteration; "state" is what building the trainer and the
+warm-up iteration added (models, gradients, optimizer states). Prints tables and writes
+``bench/out/bench_train.json``.
 
-    python bench/bench_train.py [--iters 3] [--rounds 2] [--frames 9] [--height 64] [--width 96] [--batch 2]
-                                [--sp-frames 17 --sp-height 256 --sp-width 384]
+    python bench/bench_train.py [--parts checkpointing,export,sp,lora] [--iters 3] [--rounds 2] [--frames 9]
+        [--height 64] [--width 96] [--batch 2] [--sp-frames 17 --sp-height 256 --sp-width 384]
+        [--lora-rank 8 --lora-hidden 256 --lora-rounds 2]
 
-It also measures the trainer's final export (``train.checkpoint.export_student``) of a wider tiny-family
+The export part measures the trainer's final export (``train.checkpoint.export_student``) of a wider tiny-family
 transformer (hidden ``--export-hidden``), in one process and under ``torchrun --nproc_per_node 2`` (FSDP2-sharded):
 rank 0's peak RSS growth while writing the bf16 original-layout file, streamed tensor by tensor vs from a gathered
 full state dict (``checkpoint_format = "full"``), next to the model's and its largest block's size.
@@ -37,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from accvideo_core.utils.io import write_json  # noqa: E402
-from bench.validity import check_at_least, check_noise, ratio_noise, spread, verdict  # noqa: E402
+from bench.validity import check_at_least, check_at_most, check_noise, ratio_noise, spread, verdict  # noqa: E402
 
 
 def _status_kib(field: str) -> int:
@@ -72,16 +76,21 @@ def child(args) -> None:
     data = Path(args.data)
     micro = 1 if args.sp else args.batch   # the SP comparison: one sample per forward in both variants
     cfg = config_from_dict({
-        "model": {"teacher": str(data / "teacher.safetensors"), "gradient_checkpointing": bool(args.checkpointing)},
+        "model": {"teacher": str(data / "teacher.safetensors"), "gradient_checkpointing": bool(args.checkpointing),
+                  "lora_rank": args.child_lora_rank},
         "data": {"root": str(data / "data"), "val_samples": 1},
         "optim": {"steps": 1000, "total_batch": args.batch, "micro_batch": micro, "lr": 1e-4,
                   "segments_per_iteration": 1 if args.sp else 0},
         "loss": {"head_width": 32, "head_groups": 8},
         "runtime": {"device": args.device, "sequence_parallel": max(args.sp, 1)},
-        "log": {"out_dir": str(data / f"run_{int(args.checkpointing)}_sp{args.sp}"), "plot": False},
+        "log": {"out_dir": str(data / f"run_{int(args.checkpointing)}_sp{args.sp}_r{args.child_lora_rank}"),
+                "plot": False},
     })
-    tr = Trainer(cfg)
-    cuda = tr.device.type == "cuda"
+    cuda = args.device.startswith("cuda")
+    if not cuda:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = torch.cuda.memory_allocated() if cuda else _status_kib("VmRSS") * 1024
+    tr = Trainer(cfg, overwrite=True)   # each round in the same folder
     tr.train_step(0)  # warm-up
     gc.collect()
     if cuda:
@@ -101,7 +110,9 @@ def child(args) -> None:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024) - base
-    result = {"step_seconds": statistics.median(times), "all_step_seconds": times, "peak_growth_bytes": peak}
+    result = {"step_seconds": statistics.median(times), "all_step_seconds": times, "peak_growth_bytes": peak,
+              "state_bytes": base - before,
+              "trained_student_parameters": sum(p.numel() for g in tr.opt.param_groups for p in g["params"])}
     if args.sp:   # under torchrun: one file per rank (stdout of the ranks interleaves)
         write_json(result, data / f"{tr.info.world}x{args.sp}_rank{tr.info.rank}.json")
         tr.close()
@@ -110,6 +121,8 @@ def child(args) -> None:
 
 
 SP_MODEL = {"hidden_size": 128, "num_heads": 4}
+PARTS = ("checkpointing", "export", "sp", "lora")
+RSS_SLACK = 4 * 2 ** 20  # bytes: allocator arenas and module objects in an RSS difference
 MMAP_THRESHOLD = 65536
 
 
@@ -162,6 +175,74 @@ def sp_compare(args) -> dict:
             "activation_ratio_sp2_vs_dp2": act[sp2] / act[dp2], "activation_ratio_sp2_vs_one_process":
             act[sp2] / act[one], "peak_ratio_sp2_vs_dp2": peak[sp2] / peak[dp2],
             "time_ratio_sp2_vs_dp2": step[sp2] / step[dp2], "time_ratio_sp2_vs_one_process": step[sp2] / step[one]}
+
+
+def interleaved(variants: dict[str, list[str]], data: Path, args, rounds: int) -> dict[str, list[dict]]:
+    """``rounds`` fresh child processes per variant (extra child arguments), the variants' order rotating from
+    round to round so that load changes of the shared machine hit all alike. Returns each variant's results."""
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            cmd = [sys.executable, __file__, "--child", "--data", str(data), "--iters", str(args.iters),
+                   "--batch", str(args.batch), "--device", args.device, *variants[name]]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            if proc.returncode:
+                raise RuntimeError(f"benchmark child ({name}) failed:\n{proc.stderr[-3000:]}")
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return runs
+
+
+def _summary(rs: list[dict]) -> dict:
+    """Step times of all rounds with their spread; peak growth: the largest of the rounds; state: the median."""
+    steps = [t for run in rs for t in run["all_step_seconds"]]
+    states = [run["state_bytes"] for run in rs]
+    return {"step_seconds": spread(steps)["median"], "all_step_seconds": steps, "spread": spread(steps),
+            "peak_growth_bytes": max(run["peak_growth_bytes"] for run in rs),
+            "all_peak_growth_bytes": [run["peak_growth_bytes"] for run in rs],
+            "state_bytes": statistics.median(states), "all_state_bytes": states, "state_spread": spread(states),
+            "trained_student_parameters": rs[0]["trained_student_parameters"]}
+
+
+def lora_compare(args) -> dict:
+    """LoRA mode (``model.lora_rank``) vs the full fine-tune on a wider tiny teacher (hidden ``--lora-hidden``),
+    both with gradient checkpointing, in interleaved rounds of fresh processes: step time, peak growth over an
+    iteration, and the state (what building the trainer and one warm-up iteration add: models, gradients,
+    optimizer states). Checked: the LoRA mode cannot save more state than the full mode's arrays it does not hold
+    (on CPU, fp32: the separate teacher, the student's gradients and AdamW states: 16 bytes per parameter, less
+    16 per adapter parameter)."""
+    model = {"hidden_size": args.lora_hidden}
+    variants = {"full": ["--checkpointing", "1"],
+                f"lora_rank_{args.lora_rank}": ["--checkpointing", "1", "--child-lora-rank", str(args.lora_rank)]}
+    with tempfile.TemporaryDirectory() as tmp:
+        make_data(Path(tmp), args, args.frames, args.height, args.width, **model)
+        runs = interleaved(variants, Path(tmp), args, args.lora_rounds)
+    full, lora = (_summary(runs[name]) for name in variants)
+    # the two variants of a round ran next to each other: their ratio sees the same load
+    paired = [statistics.median(b["all_step_seconds"]) / statistics.median(a["all_step_seconds"])
+              for a, b in zip(*(runs[name] for name in variants))]
+    from accvideo_core.testing import tiny_transformer
+
+    params = sum(p.numel() for p in tiny_transformer(seed=0, **model).parameters())
+    adapters = lora["trained_student_parameters"]
+    bound = 16 * (params - adapters) if args.device == "cpu" else float("nan")
+    saving = full["state_bytes"] - lora["state_bytes"]
+    time_ratio = lora["step_seconds"] / full["step_seconds"]
+    checks = [check_noise(f"{name} step seconds", r["spread"]) for name, r in (("full", full), ("lora", lora))]
+    if args.device == "cpu":
+        # the states' own scatter, and never less than the allocator's granularity plus the second model's
+        # Python objects (a few MiB that no formula over the tensors counts)
+        noise = max(ratio_noise(full["state_spread"], lora["state_spread"]) * full["state_bytes"], RSS_SLACK)
+        checks.append(check_at_most("state saving <= the arrays the LoRA mode does not hold", saving, bound,
+                                    noise / bound))
+    return {"model": f"tiny_transformer(hidden_size={args.lora_hidden}), 2 double + 2 single blocks",
+            "parameters": params, "lora_rank": args.lora_rank, "gradient_checkpointing": True,
+            "rounds": args.lora_rounds, "results": {"full": full, f"lora_rank_{args.lora_rank}": lora},
+            "time_ratio_lora_vs_full": time_ratio, "time_ratio_per_round": paired,
+            "time_ratio_per_round_spread": spread(paired),
+            "peak_ratio_lora_vs_full": lora["peak_growth_bytes"] / full["peak_growth_bytes"],
+            "state_ratio_lora_vs_full": lora["state_bytes"] / full["state_bytes"],
+            "state_saving_bytes": saving, "state_saving_bound_bytes": bound, "checks": checks}
 
 
 def export_child(args) -> None:
@@ -219,6 +300,11 @@ def main() -> int:
     p.add_argument("--export-hidden", type=int, default=512, help="hidden size of the model of the export bench")
     p.add_argument("--export-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sp", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--child-lora-rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--lora-rank", type=int, default=8, help="adapter rank of the LoRA-vs-full comparison")
+    p.add_argument("--lora-hidden", type=int, default=256, help="teacher width of the LoRA-vs-full comparison")
+    p.add_argument("--lora-rounds", type=int, default=2, help="fresh subprocesses per variant there")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     args = p.parse_args()
     if args.child:
         child(args)
@@ -226,85 +312,114 @@ def main() -> int:
     if args.export_child:
         export_child(args)
         return 0
-    runs: dict[str, list[dict]] = {"no_checkpointing": [], "checkpointing": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        make_data(Path(tmp), args, args.frames, args.height, args.width)
-        for r in range(args.rounds):  # variants alternate (A-B, B-A, ...) so load changes hit both alike
-            for ckpt in ((0, 1) if r % 2 == 0 else (1, 0)):
-                cmd = [sys.executable, __file__, "--child", "--data", tmp, "--checkpointing", str(ckpt),
-                       "--iters", str(args.iters), "--batch", str(args.batch), "--device", args.device]
-                env = dict(os.environ, PYTHONPATH=str(ROOT))
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if proc.returncode:
-                    raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
-                runs["checkpointing" if ckpt else "no_checkpointing"].append(
-                    json.loads(proc.stdout.strip().splitlines()[-1]))
-        export = {}
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        for ranks, launch in ((1, [sys.executable]), (2, torchrun)):
-            proc = subprocess.run(launch + [__file__, "--export-child", "--export-hidden", str(args.export_hidden)],
-                                  capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-            if proc.returncode:
-                raise RuntimeError(f"export benchmark child failed:\n{proc.stderr[-3000:]}")
-            export[f"{ranks}_rank"] = json.loads(proc.stdout.strip().splitlines()[-1])
-    results = {}
-    for name, rs in runs.items():
-        steps = [t for run in rs for t in run["all_step_seconds"]]
-        results[name] = {"step_seconds": spread(steps)["median"], "all_step_seconds": steps, "spread": spread(steps),
-                         "peak_growth_bytes": max(run["peak_growth_bytes"] for run in rs)}
-    off, on = results["no_checkpointing"], results["checkpointing"]
-    report = {
-        "benchmark": "accvideo train iteration (traj + adversarial, 5 segments, sequential updates)",
-        "device": args.device, "torch": torch.__version__, "machine": platform.machine(),
-        "threads": torch.get_num_threads(), "model": "accvideo_core.testing.tiny_transformer (hidden 32, 2+2 blocks)",
-        "latent": [16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8], "batch": args.batch,
-        "iters": args.iters, "rounds": args.rounds,
-        "memory_method": "cuda max_memory_allocated growth" if args.device.startswith("cuda")
-        else "peak RSS growth over the timed iterations (fresh subprocess per variant)",
-        "results": results,
-        "time_ratio_checkpointing_vs_not": on["step_seconds"] / off["step_seconds"],
-        "memory_ratio_checkpointing_vs_not": (on["peak_growth_bytes"] / off["peak_growth_bytes"]
-                                              if off["peak_growth_bytes"] > 0 else None),
-        "export": {"model": f"tiny_transformer(hidden_size={args.export_hidden}, 2 double + 4 single blocks)",
-                   "file_dtype": "bf16", "memory_method": "rank 0's peak RSS growth while exporting (fresh process "
-                   "per rank count; 2 ranks: torchrun, gloo, FSDP2-sharded model)",
-                   **export},
-    }
-    time_ratio = report["time_ratio_checkpointing_vs_not"]
-    report["validity"] = verdict([
-        # recomputing the blocks in the backward pass adds work: checkpointing cannot be faster beyond the noise
-        check_at_least("checkpointing time ratio >= 1 (recompute adds work)", time_ratio, 1.0,
-                       ratio_noise(on["spread"], off["spread"]) * time_ratio),
-        *(check_noise(f"{name} step seconds", r["spread"]) for name, r in results.items())])
+    parts = [x for x in args.parts.split(",") if x]
+    if not parts or set(parts) - set(PARTS):
+        p.error(f"--parts: choose from {','.join(PARTS)}")
+    report = {"benchmark": "accvideo train iteration (traj + adversarial, 5 segments, sequential updates)",
+              "device": args.device, "torch": torch.__version__, "machine": platform.machine(),
+              "threads": torch.get_num_threads(), "iters": args.iters, "batch": args.batch,
+              "load_average_at_start": os.getloadavg(),  # 1/5/15 min: how busy the (shared) machine was
+              "latent": [16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8],
+              "memory_method": "cuda max_memory_allocated growth" if args.device.startswith("cuda")
+              else "peak RSS growth over the timed iterations (fresh subprocess per variant)"}
+    checks = []
+    for part in parts:
+        result = report[part] = {"checkpointing": checkpointing_compare, "export": export_compare,
+                                 "sp": sp_compare, "lora": lora_compare}[part](args)
+        checks += result.pop("checks", [])
+        PRINTERS[part](result, args)
+    report["load_average_at_end"] = os.getloadavg()
+    report["validity"] = verdict(checks)
     for failed in report["validity"]["failed"]:
         print(f"INVALID RUN: {failed}")
+    write_json(report, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def checkpointing_compare(args) -> dict:
+    """With and without gradient checkpointing (hidden 32), interleaved rounds of fresh processes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        make_data(Path(tmp), args, args.frames, args.height, args.width)
+        runs = interleaved({"no_checkpointing": ["--checkpointing", "0"], "checkpointing": ["--checkpointing", "1"]},
+                           Path(tmp), args, args.rounds)
+    results = {name: _summary(rs) for name, rs in runs.items()}
+    off, on = results["no_checkpointing"], results["checkpointing"]
+    time_ratio = on["step_seconds"] / off["step_seconds"]
+    # recomputing the blocks in the backward pass adds work: checkpointing cannot be faster beyond the noise
+    checks = [check_at_least("checkpointing time ratio >= 1 (recompute adds work)", time_ratio, 1.0,
+                             ratio_noise(on["spread"], off["spread"]) * time_ratio),
+              *(check_noise(f"{name} step seconds", r["spread"]) for name, r in results.items())]
+    return {"model": "accvideo_core.testing.tiny_transformer (hidden 32, 2+2 blocks)", "rounds": args.rounds,
+            "results": results, "time_ratio_checkpointing_vs_not": time_ratio,
+            "memory_ratio_checkpointing_vs_not": (on["peak_growth_bytes"] / off["peak_growth_bytes"]
+                                                  if off["peak_growth_bytes"] > 0 else None), "checks": checks}
+
+
+def export_compare(args) -> dict:
+    """The final export's rank-0 memory, one process and 2 ranks (torchrun, FSDP2-sharded)."""
+    export = {}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for ranks, launch in ((1, [sys.executable]), (2, torchrun)):
+        proc = subprocess.run(launch + [__file__, "--export-child", "--export-hidden", str(args.export_hidden)],
+                              capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        if proc.returncode:
+            raise RuntimeError(f"export benchmark child failed:\n{proc.stderr[-3000:]}")
+        export[f"{ranks}_rank"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"model": f"tiny_transformer(hidden_size={args.export_hidden}, 2 double + 4 single blocks)",
+            "file_dtype": "bf16", "memory_method": "rank 0's peak RSS growth while exporting (fresh process per "
+            "rank count; 2 ranks: torchrun, gloo, FSDP2-sharded model)", **export}
+
+
+MIB = 2 ** 20
+
+
+def print_checkpointing(r: dict, args) -> None:
     print(f"{'variant':<20}{'s/iter':>10}{'peak MiB':>12}")
-    for name, r in results.items():
-        print(f"{name:<20}{r['step_seconds']:>10.3f}{r['peak_growth_bytes'] / 2**20:>12.1f}")
-    mr = report["memory_ratio_checkpointing_vs_not"]
-    print(f"checkpointing / none: time x{report['time_ratio_checkpointing_vs_not']:.2f}, memory "
-          f"x{mr:.2f}" if mr is not None else "memory ratio n/a")
-    mib = 2 ** 20
-    for name, e in export.items():
-        print(f"export (hidden {args.export_hidden}, {name}): model {e['model_bytes_fp32'] / mib:.1f} MiB fp32, "
-              f"largest block {e['largest_block_bytes_fp32'] / mib:.1f} MiB; rank 0 peak RSS growth streamed "
-              f"{e['streamed']['peak_growth_bytes'] / mib:.1f} MiB, gathered "
-              f"{e['gathered']['peak_growth_bytes'] / mib:.1f} MiB")
-    sp = report["sequence_parallel"] = sp_compare(args)
+    for name, v in r["results"].items():
+        print(f"{name:<20}{v['step_seconds']:>10.3f}{v['peak_growth_bytes'] / MIB:>12.1f}")
+    mr = r["memory_ratio_checkpointing_vs_not"]
+    print(f"checkpointing / none: time x{r['time_ratio_checkpointing_vs_not']:.2f}, memory "
+          + (f"x{mr:.2f}" if mr is not None else "n/a"))
+
+
+def print_export(r: dict, args) -> None:
+    for name, e in r.items():
+        if isinstance(e, dict):
+            print(f"export (hidden {args.export_hidden}, {name}): model {e['model_bytes_fp32'] / MIB:.1f} MiB "
+                  f"fp32, largest block {e['largest_block_bytes_fp32'] / MIB:.1f} MiB; rank 0 peak RSS growth "
+                  f"streamed {e['streamed']['peak_growth_bytes'] / MIB:.1f} MiB, gathered "
+                  f"{e['gathered']['peak_growth_bytes'] / MIB:.1f} MiB")
+
+
+def print_sp(sp: dict, args) -> None:
     print(f"sequence parallelism, {sp['image_tokens']} image tokens, checkpointing, micro-batch 1 (per rank):")
     print(f"{'variant':<30}{'s/iter':>10}{'peak MiB':>12}{'activations MiB':>17}")
     for name, ranks in sp["per_rank"].items():
         for r, res in enumerate(ranks):
-            peak_mib = res["peak_growth_bytes"] / 2**20
-            print(f"{name + ', rank ' + str(r):<30}{res['step_seconds']:>10.3f}{peak_mib:>12.1f}"
-                  f"{sp['activation_bytes'][name] / 2**20:>17.1f}")
+            print(f"{name + ', rank ' + str(r):<30}{res['step_seconds']:>10.3f}"
+                  f"{res['peak_growth_bytes'] / MIB:>12.1f}{sp['activation_bytes'][name] / MIB:>17.1f}")
     print(f"sp 2 / dp 2 (worst rank): activations x{sp['activation_ratio_sp2_vs_dp2']:.2f}, peak "
           f"x{sp['peak_ratio_sp2_vs_dp2']:.2f}, time x{sp['time_ratio_sp2_vs_dp2']:.2f}; sp 2 / one process: "
           f"activations x{sp['activation_ratio_sp2_vs_one_process']:.2f}, time "
           f"x{sp['time_ratio_sp2_vs_one_process']:.2f}")
-    write_json(report, args.out)
-    print(f"wrote {args.out}")
-    return 0
+
+
+def print_lora(r: dict, args) -> None:
+    print(f"LoRA rank {r['lora_rank']} vs full fine-tune, {r['model']} ({r['parameters']:,} parameters), "
+          f"checkpointing, {r['rounds']} interleaved rounds:")
+    print(f"{'variant':<14}{'s/iter (median)':>16}{'spread':>9}{'peak MiB':>10}{'state MiB':>11}{'trained':>11}")
+    for name, v in r["results"].items():
+        print(f"{name:<14}{v['step_seconds']:>16.3f}{v['spread']['rel_std']:>8.0%} "
+              f"{v['peak_growth_bytes'] / MIB:>10.1f}{v['state_bytes'] / MIB:>11.1f}"
+              f"{v['trained_student_parameters']:>11,}")
+    rounds = ", ".join(f"{x:.2f}" for x in r["time_ratio_per_round"])
+    print(f"LoRA / full: time x{r['time_ratio_lora_vs_full']:.2f} (per round {rounds}), peak growth "
+          f"x{r['peak_ratio_lora_vs_full']:.2f}, state x{r['state_ratio_lora_vs_full']:.2f} (saving {r['state_saving_bytes'] / MIB:.1f} MiB, at most "
+          f"{r['state_saving_bound_bytes'] / MIB:.1f} MiB)")
+
+
+PRINTERS = {"checkpointing": print_checkpointing, "export": print_export, "sp": print_sp, "lora": print_lora}
 
 
 if __name__ == "__main__":
