@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +25,7 @@ SIZES = {"544x960x93": ((24, 34, 60), (93, 544, 960), {"teacher50_s": 704, "accv
          "720x1280x129": ((33, 45, 80), (129, 720, 1280), {"teacher50_s": 3234, "accvideo5_s": 380})}
 TEXT_TOKENS = 256
 DOUBLE, SINGLE = 20, 40  # blocks of the released model
+EXACT_BF16_ULPS = 8  # part d: exact decodes agree within this many bf16 ulps at the output's largest magnitude
 
 
 def _gb(n_bytes: float) -> float:
@@ -52,6 +54,11 @@ def ieee_fp32() -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+
+
+def bf16_ulp(value: float) -> float:
+    """The spacing of bf16 numbers at ``|value|`` (8 significant bits)."""
+    return 2.0 ** (math.floor(math.log2(max(abs(value), 2.0 ** -126))) - 7)
 
 
 def _triton_module(run):
@@ -383,13 +390,20 @@ def part_d(run) -> None:
     config = VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4,
                        has_encoder=False) if run.smoke else VAEConfig(has_encoder=False)
     dtype = torch.float32 if run.smoke else torch.bfloat16  # bf16 convolutions are slow on a CPU
-    tolerance = 1e-3 if run.smoke else 0.125  # max abs of exact vs untiled: fp32 rounding / 16 bf16 ulps at 1.0
+    # max abs of an exact decode vs the untiled one (or the other exact one): fp32 rounding in --smoke; in bf16
+    # EXACT_BF16_ULPS units in the last place at the reference's largest magnitude (measured on the CPU at full
+    # width, 17 frames: 4-4.5; the differences are bf16 roundings flipped by other accumulation orders, grown
+    # over ~30 layers)
+    def tolerance(reference_max: float) -> float:
+        return 1e-3 if run.smoke else EXACT_BF16_ULPS * bf16_ulp(reference_max)
+
     vae = randomize_(HunyuanVideoVAE(config)).to(run.device, dtype).eval()
     latent = (1, 16, 2, 2, 4) if run.smoke else (1, 16, 24, 68, 120)  # 544 x 960 x 93
     z = torch.randn(*latent, generator=torch.Generator().manual_seed(1)).to(run.device, dtype)
     weights = vae.weight_bytes()
     run.record("config", {"block_out_channels": list(config.block_out_channels), "latent": list(latent),
-                          "dtype": dtype_name(dtype), "weight_gb": _gb(weights), "exact_tolerance": tolerance})
+                          "dtype": dtype_name(dtype), "weight_gb": _gb(weights),
+                          "exact_tolerance": "1e-3" if run.smoke else f"{EXACT_BF16_ULPS} bf16 ulps at the largest value"})
     done: dict = {}
 
     def decode(mode: str, budget: int | str, key: str) -> dict:
@@ -403,7 +417,9 @@ def part_d(run) -> None:
                "video": list(video.shape)}
         reference = done.get("untiled") or next(iter(done.values()), None)
         if reference is not None:
-            out["max_abs_vs"] = {"against": reference[0], "value": _max_abs(video, reference[1])}
+            ref_max = float(reference[1].abs().max())
+            out["max_abs_vs"] = {"against": reference[0], "value": _max_abs(video, reference[1]),
+                                 "reference_max_abs": ref_max, "tolerance": tolerance(ref_max)}
         done[key] = (key, video)
         return out
 
@@ -426,7 +442,7 @@ def part_d(run) -> None:
                                     r["budget_gb"], 0.05))
             if "max_abs_vs" in r:
                 run.check(check_at_most(f"VAE exact ({fraction:g}) vs {r['max_abs_vs']['against']}, max abs",
-                                        r["max_abs_vs"]["value"], tolerance, 0.0))
+                                        r["max_abs_vs"]["value"], r["max_abs_vs"]["tolerance"], 0.0))
 
     exact(0.5, need=2 * first)
     budget = "auto" if run.smoke else int(weights + 0.25 * activation)  # tiny tiles would take minutes on a CPU

@@ -246,3 +246,15 @@ def test_fp32_comparisons_run_without_tf32():
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_bf16_ulp_matches_torch():
+    """Part d's exact-decode tolerance counts bf16 units in the last place."""
+    import torch
+
+    from bench.gpu_parts import bf16_ulp
+
+    for value in (1.0, 3.4, 4.06, 0.75, 250.0, -2.5):
+        x = torch.tensor(value).bfloat16()
+        step = float(torch.nextafter(x.abs(), torch.tensor(float("inf")).bfloat16()) - x.abs())
+        assert bf16_ulp(value) == step, (value, bf16_ulp(value), step)
