@@ -76,6 +76,9 @@ def _short_error(exc: Exception) -> str:
 # What a code review without a GPU could not settle: the first GPU run should look at these (docs/benchmarks.md
 # shows them under the table).
 FIRST_RUN_WATCH: list[str] = [
+    "With only minutes on the card, `python -m bench.gpu --smoke` first: every part at tiny sizes on the GPU in one "
+    "process (about a minute, most of it compiling Triton kernels: the CUDA wiring and every self-check), then the "
+    "full run.",
     "Triton (and torch.compile) build a small launcher with the system C compiler at first use: on an image "
     "without gcc/cc every Triton check fails with 'Failed to find C compiler' and the reference runs instead "
     "(install gcc or set CC, then run again).",
