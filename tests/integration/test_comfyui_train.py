@@ -144,3 +144,34 @@ def test_train_node_refuses_fp8_weights(comfy_api):
     wf[ids["AccVideoTrajectoryDump"]]["inputs"]["steps"] = 5
     err = error_of(comfy_api.run(wf))
     assert err is not None and "fp8" in err and "bf16" in err, err
+
+
+def test_full_fine_tune_saves_a_student_the_unet_loader_reads_as_the_returned_model(comfy_api):
+    """lora_rank 0: the full student goes into diffusion_models; the returned MODEL (the teacher with the student's
+    weights as patches) samples exactly like that file loaded by native UNETLoader."""
+    wf, ids = _distill("synvid/train_full", "train_full", prompts=5, steps=1, lora_rank=0, learning_rate=1e-3)
+    for nid in [k for k, v in wf.items() if v["class_type"] in ("AccVideoVAEDecode", "AccVideoSaveVideo",
+                                                                 "VAELoader")]:
+        del wf[nid]
+    wf[ids["AccVideoTrajectoryDump"]]["inputs"]["steps"] = 10
+    add(wf, "AccVideoTest_SaveTensors", name="full_returned", latent=[ids["AccVideoSampler"], 0])
+    entry = comfy_api.run(wf, timeout=900)
+    assert error_of(entry) is None, error_of(entry)
+    name = entry["outputs"][ids["AccVideoTrain"]]["text"][0].split(":")[0]
+    assert name == "train_full.safetensors" and (comfy_api.base / "models/diffusion_models" / name).is_file()
+    check = {k: v for k, v in wf.items() if v["class_type"] in ("AccVideoTest_Conditioning", "EmptyHunyuanLatentVideo")
+             and not isinstance(v["inputs"].get("text"), list)}
+    loader = add(check, "UNETLoader", unet_name=name, weight_dtype="default")
+    sampler = add(check, "AccVideoSampler", **{**wf[ids["AccVideoSampler"]]["inputs"], "model": [loader, 0]})
+    add(check, "AccVideoTest_SaveTensors", name="full_loaded", latent=[sampler, 0])
+    teacher = add(check, "UNETLoader", unet_name=TINY_MODEL, weight_dtype="default")
+    base = add(check, "AccVideoSampler", **{**wf[ids["AccVideoSampler"]]["inputs"], "model": [teacher, 0]})
+    add(check, "AccVideoTest_SaveTensors", name="full_teacher", latent=[base, 0])
+    entry = comfy_api.run(check)
+    assert error_of(entry) is None, error_of(entry)
+    returned, loaded, teacher5 = (saved(comfy_api, n)["latent"] for n in ("full_returned", "full_loaded",
+                                                                           "full_teacher"))
+    assert (returned - teacher5).abs().max() > 1e-3, "the returned MODEL is still the teacher"
+    diff = (returned - loaded).abs().max().item()
+    print(f"full fine-tune: returned MODEL vs the saved student through UNETLoader: max abs diff {diff:.3g}")
+    assert diff <= 1e-5
