@@ -176,7 +176,10 @@ def _train(cfg, teacher, run, node_id):
     pbar = comfy.utils.ProgressBar(cfg.optim.steps)
 
     def progress(step: int, total: int, line: str) -> None:
-        pbar.update_absolute(step, total)
+        try:
+            pbar.update_absolute(step, total)
+        except mm.InterruptProcessingException:  # ComfyUI's progress hook consumed an interrupt request: keep it
+            mm.interrupt_current_processing(True)  # for should_stop, so the trainer writes its checkpoint first
         _comfy.progress_text(line, node_id)
 
     try:

@@ -177,3 +177,45 @@ def test_saved_files_are_numbered_never_overwritten(tmp_path):
         assert save_numbered(write, str(tmp_path), "s.safetensors") == "s_00001.safetensors"
         assert save_numbered(write, str(tmp_path), "s.safetensors") == "s_00002.safetensors"
         assert (tmp_path / "s.safetensors").read_text() == "old"
+
+
+def test_node_interrupt_consumed_by_comfys_progress_hook_still_checkpoints(data, tmp_path, monkeypatch):
+    """ComfyUI's progress hook raises (and clears) a pending interrupt; the node hands it back to the trainer, which
+    finishes the iteration and writes its checkpoint before the node raises ComfyUI's interrupt."""
+    import types
+
+    state = {"flag": False}
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    def throw_if_interrupted() -> None:   # comfy.model_management's: raise and clear
+        if state["flag"]:
+            state["flag"] = False
+            raise InterruptProcessingException()
+
+    class ProgressBar:   # comfy.utils.ProgressBar with ComfyUI's hook (main.py) behind update_absolute
+        def __init__(self, total: int):
+            self.total = total
+
+        def update_absolute(self, value: int, total: int | None = None) -> None:
+            if value == 1:
+                state["flag"] = True   # the user cancels during iteration 1
+            throw_if_interrupted()
+
+    mm = types.SimpleNamespace(InterruptProcessingException=InterruptProcessingException,
+                               processing_interrupted=lambda: state["flag"],
+                               interrupt_current_processing=lambda value=True: state.update(flag=value),
+                               throw_exception_if_processing_interrupted=throw_if_interrupted,
+                               soft_empty_cache=lambda: None)
+    comfy = types.SimpleNamespace(model_management=mm, utils=types.SimpleNamespace(ProgressBar=ProgressBar))
+    for name, module in (("comfy", comfy), ("comfy.model_management", mm), ("comfy.utils", comfy.utils),
+                         ("server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=None)))):
+        monkeypatch.setitem(sys.modules, name, module)
+    with comfy_standin.standin():
+        from nodes.train import _train
+
+        with pytest.raises(InterruptProcessingException):
+            _train(_cfg(data), tiny_transformer(seed=0), tmp_path / "run", "7")
+    assert json.loads((tmp_path / "run/checkpoints/latest.json").read_text())["step"] == 1
+    assert not state["flag"], "ComfyUI's interrupt flag was left set"
