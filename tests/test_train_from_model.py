@@ -219,3 +219,24 @@ def test_node_interrupt_consumed_by_comfys_progress_hook_still_checkpoints(data,
             _train(_cfg(data), tiny_transformer(seed=0), tmp_path / "run", "7")
     assert json.loads((tmp_path / "run/checkpoints/latest.json").read_text())["step"] == 1
     assert not state["flag"], "ComfyUI's interrupt flag was left set"
+
+
+def test_a_reused_run_returns_the_file_it_saved_instead_of_a_second_copy(tmp_path):
+    from accvideo_core.train.from_model import TrainResult
+
+    run, loras = tmp_path / "run", tmp_path / "loras"
+    run.mkdir(), loras.mkdir()
+    (run / "student_lora.safetensors").write_bytes(b"lora")
+    (loras / "mine.safetensors").write_bytes(b"someone else's")
+    result = TrainResult(run, {"student_lora": str(run / "student_lora.safetensors")}, {}, trained=True)
+    with comfy_standin.standin():
+        sys.modules["folder_paths"].get_folder_paths = lambda kind: [str(loras)] if kind == "loras" else []
+        from nodes.train import _save
+
+        assert _save(result, "mine", lora=True) == "mine_00001.safetensors"
+        assert _save(result, "mine", lora=True) == "mine_00001.safetensors"   # e.g. after a restart
+        assert sorted(p.name for p in loras.iterdir()) == ["mine.safetensors", "mine_00001.safetensors"]
+        (loras / "mine_00001.safetensors").unlink()   # the user deleted it: saved again
+        assert _save(result, "mine", lora=True) == "mine_00001.safetensors"
+        assert (loras / "mine_00001.safetensors").read_bytes() == b"lora"
+        assert (loras / "mine.safetensors").read_bytes() == b"someone else's"
