@@ -81,7 +81,8 @@ def test_object_info_lists_every_node_as_the_standin_describes_it(comfy_api):
                     assert g[1].get(key) == w[1].get(key), f"{nid}.{name}.{key}: {g[1].get(key)} != {w[1].get(key)}"
                 if w[0] == "COMBO" and w[1]["options"]:
                     assert g[1]["options"] == w[1]["options"], f"{nid}.{name} options"
-        for key in ("output", "output_name", "output_node", "category", "display_name", "description"):
+        for key in ("output", "output_is_list", "output_name", "output_node", "category", "display_name",
+                    "description"):
             assert got[key] == want[key], f"{nid}.{key}"
 
 
