@@ -250,6 +250,10 @@ def test_memory_estimate_of_the_13b_lora_run(capsys):
     assert main(["--lora-rank", "64"]) == 0
     out = capsys.readouterr().out
     assert "1280x720x129        1" in out and "no" in out.split("1280x720x129        1")[1].splitlines()[0]
+    assert main(["--lora-rank", "64", "--json"]) == 0  # days: the full mode's count (an upper bound)
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows[1]["gpus"] == 8 and rows[1]["days_5_segments"] == pytest.approx(full.days(gpus=8))
+    assert rows[0]["days_1_segment"] == pytest.approx(full.days(gpus=1, segments=1))
 
 
 def test_lora_distillation_beats_teacher_few_steps_and_exports(synvid, tmp_path):

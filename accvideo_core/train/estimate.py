@@ -198,7 +198,9 @@ CARDS_GB = (80, 141)
 
 
 def _lora_table(rank: int, sp: int, as_json: bool) -> int:
-    """LoRA mode at 544p and 720p, on 1 and 8 GPUs, with the verdict for 80 and 141 GB cards."""
+    """LoRA mode at 544p and 720p, on 1 and 8 GPUs, with the verdict for 80 and 141 GB cards and the days of the
+    paper's iterations at the full mode's FLOP count (an upper bound: the frozen base's weight gradients are not
+    computed, at most ~4 % of the count: the linears' share of a forward, twice per segment of 13)."""
     rows = []
     for frames, height, width in PLAN_VIDEOS:
         for gpus in (g for g in (1, 8) if g % sp == 0):   # SP splits a sample over GPUs: sp must divide them
@@ -206,22 +208,25 @@ def _lora_table(rank: int, sp: int, as_json: bool) -> int:
                          lora_rank=rank)
             rows.append({"video": f"{width}x{height}x{frames}", "gpus": gpus, "tokens": e.tokens,
                          "static_gb": sum(e.static.values()), "activations_gb": max(e.activations.values()),
-                         "peak_gb": e.peak, "fits": {str(c): e.peak <= c for c in CARDS_GB}, "detail": e.static})
+                         "peak_gb": e.peak, "fits": {str(c): e.peak <= c for c in CARDS_GB}, "detail": e.static,
+                         "days_5_segments": e.days(gpus=gpus), "days_1_segment": e.days(gpus=gpus, segments=1)})
     if as_json:
         print(json.dumps({"lora_rank": rank, "sp": sp, "rows": rows}, indent=2))
         return 0
     print(f"LoRA mode, rank {rank}: one frozen bf16 base (teacher = student), fp32 adapters + AdamW, per-block "
           f"gradient checkpointing, micro-batch 1, SP degree {sp}; GB per GPU (10^9 bytes)")
     print(f"{'video':<16}{'GPUs':>5}{'static':>9}{'activ.':>9}{'peak':>9}   " +
-          "   ".join(f"{c} GB card" for c in CARDS_GB))
+          "   ".join(f"{c} GB card" for c in CARDS_GB) + "   days, 5 / 1 segments")
     for r in rows:
         verdict = "   ".join(f"{'fits' if r['peak_gb'] <= c else 'no':<4} ({c - r['peak_gb']:+6.1f})"
                              for c in CARDS_GB)
         print(f"{r['video']:<16}{r['gpus']:>5}{r['static_gb']:9.2f}{r['activations_gb']:9.2f}{r['peak_gb']:9.2f}"
-              f"   {verdict}")
+              f"   {verdict}   {r['days_5_segments']:6.1f} / {r['days_1_segment']:.1f}")
     print("(spare GB in brackets; the CUDA context, NCCL buffers and allocator fragmentation take several GB of a "
           "nominal fit. Activations dominate: what does not fit needs sequence parallelism over several GPUs "
-          "(--sp) or CPU offload of the checkpointed block inputs)")
+          "(--sp) or CPU offload of the checkpointed block inputs. Days: "
+          f"{PAPER_ITERATIONS} iterations of 32 samples at {SUSTAINED_TFLOPS:g} TFLOP/s per GPU sustained, the "
+          "full mode's FLOP count, an upper bound)")
     return 0
 
 
