@@ -206,6 +206,12 @@ def test_sample_stream_is_one_sequence_for_any_rank_count_and_reshards_at_any_po
         for stream in two:
             stream.load_resharded([s.state_dict() for s in old])
         assert read(two, 10) == want[consumed:consumed + 10], (world, consumed)
+    # a checkpoint of the earlier per-epoch layout (epoch, cursor in the rank's shard): 8 samples on 2 ranks, 5 read
+    # by each rank = epoch 1, cursor 1, continues where the run-wide sequence stands after 10 samples
+    new, old = (SampleStream(ds, list(range(8)), rank=1, world=2, seed=3, on_error=None) for _ in range(2))
+    read([new], 5)
+    old.load_state_dict({"epoch": 1, "cursor": 1, "bad": []})
+    assert read([old], 3) == read([new], 3)
 
 
 def _states(out: Path) -> dict[str, torch.Tensor]:
