@@ -441,10 +441,16 @@ def _run_jobs(path: str) -> None:
     os._exit(0)  # gloo can abort at interpreter exit after correct work (as accvideo_core.train.__main__)
 
 
+def max_abs_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    """The largest absolute difference over the tensors of two state dicts with the same keys."""
+    assert set(got) == set(want)
+    return max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
+
+
 def _assert_close_states(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert set(got) == set(want) and len(want) > 100
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-4, msg=k)
+    """Two checkpoints' tensors (student, optimizer, EMA, heads) agree within 1e-4 max abs."""
+    assert len(want) > 100
+    assert max_abs_diff(got, want) <= 1e-4
 
 
 def test_torchrun_two_ranks_fsdp2_matches_single_process(synvid, tmp_path):
@@ -474,9 +480,7 @@ def test_torchrun_two_ranks_fsdp2_matches_single_process(synvid, tmp_path):
     _assert_close_states(_states(tmp_path / "three"), _states(tmp_path / "one"))
     for name in ("student", "student_ema"):  # the 2-rank export, streamed tensor by tensor from the shards
         got, want = (read_state_dict(tmp_path / run / f"{name}.safetensors") for run in ("three", "one"))
-        assert set(got) == set(want)
-        for k in want:
-            torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-4, msg=k)
+        assert max_abs_diff(got, want) <= 1e-4
     assert r1["val"]["student_mse"] == pytest.approx(
         json.loads((tmp_path / "three/metrics.jsonl").read_text().splitlines()[-1])["student_mse"], rel=1e-4)
 
