@@ -128,9 +128,8 @@ def forward_backward(fn: Callable, args: tuple, grad_idx: tuple[int, ...]) -> Ca
     return run
 
 
-def bench(args: argparse.Namespace) -> dict:
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
+def _implementations(args: argparse.Namespace, cuda: bool) -> tuple[dict[str, Callable[[str], Callable]], list[str]]:
+    """The timed implementations (name -> kernel name -> function) and notes on what is missing."""
     impls: dict[str, Callable[[str], Callable]] = {"torch": lambda name: getattr(reference, name)}
     notes = []
     if args.triton_interpret:
@@ -141,73 +140,86 @@ def bench(args: argparse.Namespace) -> dict:
             impls = {"triton": lambda name: getattr(triton_kernels, name), **impls}
         except ImportError as exc:
             notes.append(f"Triton unavailable ({exc}): timing the reference and torch.compile only")
+    if not args.no_compile:
+        compiled: dict[str, Callable] = {}
+        impls["compile"] = lambda name: compiled.setdefault(name, torch.compile(getattr(reference, name)))
+    return impls, notes
+
+
+def _bench_case(case, impls: dict, args: argparse.Namespace, device: str, peak: float | None) -> tuple[dict, list]:
+    """One kernel: every implementation's forward (and forward + backward) timed round-robin, the bandwidth and
+    speedups derived, and the checks of those figures."""
+    call_args, _ = case.make()
+    row = {"kernel": case.name, "bytes_fwd": case.bytes_fwd, "bytes_bwd": case.bytes_bwd, "ms": {}}
+    checks = []
+    passes = [("fwd", lambda fn: (lambda: fn(*call_args)))]
+    if case.grad and not args.forward_only:
+        passes.append(("fwd+bwd", lambda fn: forward_backward(fn, call_args, case.grad)))
+    for pass_name, wrap in passes:
+        runs = {}
+        for impl_name, get in impls.items():
+            t0 = time.perf_counter()
+            try:
+                run = wrap(get(case.name))
+                run()  # warm-up; compiles torch.compile / Triton kernels
+            except Exception as exc:  # e.g. torch.compile without a working backend: report, keep going
+                row.setdefault("errors", {})[f"{impl_name} {pass_name}"] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            if device == "cuda":
+                torch.cuda.synchronize()
+            runs[f"{impl_name} {pass_name}"] = run
+            if impl_name == "compile":
+                row.setdefault("compile_first_call_s", {})[pass_name] = round(time.perf_counter() - t0, 2)
+        for key, times in time_interleaved(runs, args.reps, device).items():
+            s = spread(times)
+            row["ms"][key] = round(s["median"], 4)
+            row.setdefault("ms_min", {})[key] = round(s["min"], 4)
+            row.setdefault("spread", {})[key] = s
+            checks.append(check_noise(f"{case.name} {key} ms", s))
+    for key, ms in row["ms"].items():
+        moved = case.bytes_fwd if key.endswith(" fwd") else case.bytes_fwd + case.bytes_bwd
+        row.setdefault("gbs", {})[key] = round(moved / ms / 1e6, 1)  # fused-kernel bytes / time
+    if peak:
+        row["pct_of_peak"] = {k: round(100 * v / peak, 1) for k, v in row.get("gbs", {}).items()}
+        # a fused kernel must move at least the bytes counted for it: it cannot beat the device's bandwidth
+        checks += [check_at_most(f"{case.name} {k}: GB/s <= device peak", v, peak,
+                                 3 * row["spread"][k]["rel_stderr"])
+                   for k, v in row.get("gbs", {}).items() if not k.startswith("torch")]
+    ms = row["ms"]
+    for pass_name, _ in passes:
+        base = ms.get(f"torch {pass_name}")
+        for other in ("triton", "compile"):
+            if base and f"{other} {pass_name}" in ms:
+                row.setdefault("speedup_vs_torch", {})[f"{other} {pass_name}"] = round(
+                    base / ms[f"{other} {pass_name}"], 2)
+        if f"triton {pass_name}" in ms and f"compile {pass_name}" in ms:
+            row.setdefault("speedup_triton_vs_compile", {})[pass_name] = round(
+                ms[f"compile {pass_name}"] / ms[f"triton {pass_name}"], 2)
+    return row, checks
+
+
+def bench(args: argparse.Namespace) -> dict:
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    impls, notes = _implementations(args, cuda)
     if not cuda:
         print("No CUDA device: Triton kernels are not timed; comparing the torch reference with torch.compile "
               "on the CPU.")
     for note in notes:
         print(f"note: {note}")
-    if not args.no_compile:
-        compiled: dict[str, Callable] = {}
-        impls["compile"] = lambda name: compiled.setdefault(name, torch.compile(getattr(reference, name)))
     dtype = parse_dtype(args.dtype or ("bf16" if cuda else "fp32"))
     tokens = args.tokens or (48960 if cuda else 2048)  # 544x960, 93 frames -> 24 x 34 x 60 image tokens
     vae_shape = tuple(args.vae_shape or ((1, 128, 25, 272, 480) if cuda else (1, 128, 3, 48, 64)))
     cases = make_cases(tokens, 256, args.hidden, 128, vae_shape, dtype, device)
     peak, peak_source = peak_bandwidth_gbs(args.peak_gbs) if cuda else (None, "not measured on CPU")
-
     rows, checks = [], []
     for case in cases:
         if args.only and case.name not in args.only:
             continue
-        call_args, _ = case.make()
-        row = {"kernel": case.name, "bytes_fwd": case.bytes_fwd, "bytes_bwd": case.bytes_bwd, "ms": {}}
-        passes = [("fwd", lambda fn: (lambda: fn(*call_args)))]
-        if case.grad and not args.forward_only:
-            passes.append(("fwd+bwd", lambda fn: forward_backward(fn, call_args, case.grad)))
-        for pass_name, wrap in passes:
-            runs = {}
-            for impl_name, get in impls.items():
-                t0 = time.perf_counter()
-                try:
-                    run = wrap(get(case.name))
-                    run()  # warm-up; compiles torch.compile / Triton kernels
-                except Exception as exc:  # e.g. torch.compile without a working backend: report, keep going
-                    row.setdefault("errors", {})[f"{impl_name} {pass_name}"] = f"{type(exc).__name__}: {exc}"[:300]
-                    continue
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                runs[f"{impl_name} {pass_name}"] = run
-                if impl_name == "compile":
-                    row.setdefault("compile_first_call_s", {})[pass_name] = round(time.perf_counter() - t0, 2)
-            for key, times in time_interleaved(runs, args.reps, device).items():
-                s = spread(times)
-                row["ms"][key] = round(s["median"], 4)
-                row.setdefault("ms_min", {})[key] = round(s["min"], 4)
-                row.setdefault("spread", {})[key] = s
-                checks.append(check_noise(f"{case.name} {key} ms", s))
-        fwd_bytes = case.bytes_fwd
-        for key, ms in row["ms"].items():
-            moved = fwd_bytes if key.endswith(" fwd") else fwd_bytes + case.bytes_bwd
-            row.setdefault("gbs", {})[key] = round(moved / ms / 1e6, 1)  # fused-kernel bytes / time
-        if peak:
-            row["pct_of_peak"] = {k: round(100 * v / peak, 1) for k, v in row.get("gbs", {}).items()}
-            # a fused kernel must move at least the bytes counted for it: it cannot beat the device's bandwidth
-            checks += [check_at_most(f"{case.name} {k}: GB/s <= device peak", v, peak,
-                                     3 * row["spread"][k]["rel_stderr"])
-                       for k, v in row.get("gbs", {}).items() if not k.startswith("torch")]
-        ms = row["ms"]
-        for pass_name, _ in passes:
-            base = ms.get(f"torch {pass_name}")
-            for other in ("triton", "compile"):
-                if base and f"{other} {pass_name}" in ms:
-                    row.setdefault("speedup_vs_torch", {})[f"{other} {pass_name}"] = round(
-                        base / ms[f"{other} {pass_name}"], 2)
-            if f"triton {pass_name}" in ms and f"compile {pass_name}" in ms:
-                row.setdefault("speedup_triton_vs_compile", {})[pass_name] = round(
-                    ms[f"compile {pass_name}"] / ms[f"triton {pass_name}"], 2)
+        row, case_checks = _bench_case(case, impls, args, device, peak)
         rows.append(row)
+        checks += case_checks
         print_row(row)
-
     return {
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()}, "
                                                              f"{torch.get_num_threads()} threads)",

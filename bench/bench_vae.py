@@ -189,7 +189,7 @@ def quality(args: argparse.Namespace) -> None:
     print(f"wrote {output}")
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="mid")
     parser.add_argument("--sizes", nargs="+", default=None, help="latent sizes TxHxW (default: %s)" % DEFAULT_SIZES)
@@ -214,7 +214,47 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def _bench_size(args: argparse.Namespace, size: str, tmp: Path) -> tuple[list[dict], list[dict]]:
+    """Untiled, exact and fast decodes of one latent size: memory runs, alternating timing rounds, rows, checks."""
+    results, checks = [], []
+    base, reference = run_memory(args, size, "untiled", 0, tmp)
+    weights = base["weight_bytes"]
+    activations = base["device_peak_bytes"] - weights
+    budgets = {"untiled": 0, "exact": weights + int(args.exact_fraction * activations),
+               "fast": weights + int(args.fast_fraction * activations)}
+    rows = {"untiled": (base, reference)}
+    for mode in ("exact", "fast"):
+        rows[mode] = run_memory(args, size, mode, budgets[mode], tmp)
+    samples = run_timing(args, size, {m: b for m, b in budgets.items() if rows[m][1] is not None}, tmp)
+    for mode, (stats, _) in rows.items():
+        stats["seconds"] = min(samples[mode]) if mode in samples else None  # best of the rounds
+        if mode in samples:
+            stats["spread"] = spread(samples[mode])
+    for mode, (stats, video) in rows.items():
+        if video is None:
+            results.append({"latent": size, "mode": mode, "budget_bytes": budgets[mode], **stats})
+            print(f"{size:>10} {'':>14} {mode:>8} refused: {stats['error']}", flush=True)
+            continue
+        row = {"latent": size, "mode": mode, **stats, **compare(video, reference),
+               "time_vs_untiled": stats["seconds"] / base["seconds"],
+               "device_peak_vs_untiled": stats["device_peak_bytes"] / base["device_peak_bytes"],
+               "within_budget": mode == "untiled" or stats["device_peak_bytes"] <= budgets[mode]}
+        results.append(row)
+        checks += vae_checks(row, budgets[mode], args.dtype)
+        print(f"{size:>10} {'x'.join(map(str, stats['video_shape'][2:])):>14} {mode:>8} "
+              f"{stats['seconds']:8.2f} {row['time_vs_untiled']:9.2f} {stats['rss_peak_bytes'] / 2**20:8.0f} "
+              f"{stats['device_peak_bytes'] / 2**20:8.1f} "
+              f"{(budgets[mode] / 2**20) if budgets[mode] else float('nan'):8.1f} "
+              f"{row['device_peak_vs_untiled']:11.3f} {stats['time_chunks']:>4}/{stats['space_chunks']:<5} "
+              f"{row['max_abs']:9.2e} {row['psnr_db']:6.1f}", flush=True)
+    return results, checks
+
+
+def main() -> None:
+    args = _parser().parse_args()
     args.dtype = dtype_name(parse_dtype(args.dtype))  # canonical in the output and the checks
     if args.quality:
         args.weights = args.weights or str(ROOT / "assets" / "mini" / "vae.safetensors")
@@ -233,38 +273,10 @@ def main() -> None:
     print(header)
     checks: list[dict] = []
     with tempfile.TemporaryDirectory() as tmpdir:
-        tmp = Path(tmpdir)
         for size in sizes:
-            base, reference = run_memory(args, size, "untiled", 0, tmp)
-            weights = base["weight_bytes"]
-            activations = base["device_peak_bytes"] - weights
-            budgets = {"untiled": 0, "exact": weights + int(args.exact_fraction * activations),
-                       "fast": weights + int(args.fast_fraction * activations)}
-            rows = {"untiled": (base, reference)}
-            for mode in ("exact", "fast"):
-                rows[mode] = run_memory(args, size, mode, budgets[mode], tmp)
-            samples = run_timing(args, size, {m: b for m, b in budgets.items() if rows[m][1] is not None}, tmp)
-            for mode, (stats, _) in rows.items():
-                stats["seconds"] = min(samples[mode]) if mode in samples else None  # best of the rounds
-                if mode in samples:
-                    stats["spread"] = spread(samples[mode])
-            for mode, (stats, video) in rows.items():
-                if video is None:
-                    results.append({"latent": size, "mode": mode, "budget_bytes": budgets[mode], **stats})
-                    print(f"{size:>10} {'':>14} {mode:>8} refused: {stats['error']}", flush=True)
-                    continue
-                row = {"latent": size, "mode": mode, **stats, **compare(video, reference),
-                       "time_vs_untiled": stats["seconds"] / base["seconds"],
-                       "device_peak_vs_untiled": stats["device_peak_bytes"] / base["device_peak_bytes"],
-                       "within_budget": mode == "untiled" or stats["device_peak_bytes"] <= budgets[mode]}
-                results.append(row)
-                checks += vae_checks(row, budgets[mode], args.dtype)
-                print(f"{size:>10} {'x'.join(map(str, stats['video_shape'][2:])):>14} {mode:>8} "
-                      f"{stats['seconds']:8.2f} {row['time_vs_untiled']:9.2f} {stats['rss_peak_bytes'] / 2**20:8.0f} "
-                      f"{stats['device_peak_bytes'] / 2**20:8.1f} "
-                      f"{(budgets[mode] / 2**20) if budgets[mode] else float('nan'):8.1f} "
-                      f"{row['device_peak_vs_untiled']:11.3f} {stats['time_chunks']:>4}/{stats['space_chunks']:<5} "
-                      f"{row['max_abs']:9.2e} {row['psnr_db']:6.1f}", flush=True)
+            size_results, size_checks = _bench_size(args, size, Path(tmpdir))
+            results += size_results
+            checks += size_checks
     write_json({"config": args.config, "weights": args.weights or "random",
                 "block_out_channels": list(CONFIGS[args.config].block_out_channels),
                 "dtype": args.dtype, "device": args.device, "torch": torch.__version__,
