@@ -11,6 +11,7 @@ import contextlib
 import copy
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -72,91 +73,97 @@ def _triton_module(run):
 
 # ------------------------------------------------------------------------------------------- a: correctness
 
-def part_a(run) -> None:
-    from accvideo_core import kernels
+def _kernel_checks(run, tk) -> dict:
+    """Part a: every Triton kernel against the torch reference per dtype, forward and backward."""
     from accvideo_core.kernels import selfcheck
 
-    tk = _triton_module(run)
     names = ("rms_norm_rope", "layer_norm_modulate", "gated_residual", "group_norm_silu", "group_norm_stats")
+    if tk is None:
+        return {"skipped": "no Triton path here (needs CUDA, or TRITON_INTERPRET=1 on CPU)"}
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for name in names:
+            v = selfcheck.compare(name, tk, run.device, dtype, tokens=5 if run.smoke else 256)
+            out[f"{name} {v.dtype}"] = {"ok": v.ok, "excess_error": v.excess_error, "tolerance": v.tolerance,
+                                        "detail": v.detail}
+            run.check({"name": f"Triton {name} {v.dtype} fwd/bwd matches the reference", "ok": v.ok,
+                       "value": v.excess_error, "bound": v.tolerance, "detail": v.detail})
+        run.record("triton_kernels", {**out, "partial": True})  # kept if the part is killed while compiling
+    run.figure("a_kernels", f"{sum(r['ok'] for r in out.values())} of {len(out)} match")
+    return out
 
-    def kernel_checks() -> dict:
-        if tk is None:
-            return {"skipped": "no Triton path here (needs CUDA, or TRITON_INTERPRET=1 on CPU)"}
-        out = {}
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            for name in names:
-                v = selfcheck.compare(name, tk, run.device, dtype, tokens=5 if run.smoke else 256)
-                out[f"{name} {v.dtype}"] = {"ok": v.ok, "excess_error": v.excess_error, "tolerance": v.tolerance,
-                                            "detail": v.detail}
-                run.check({"name": f"Triton {name} {v.dtype} fwd/bwd matches the reference", "ok": v.ok,
-                           "value": v.excess_error, "bound": v.tolerance, "detail": v.detail})
-            run.record("triton_kernels", {**out, "partial": True})  # kept if the part is killed while compiling
-        run.figure("a_kernels", f"{sum(r['ok'] for r in out.values())} of {len(out)} match")
-        return out
 
-    def tiny_models() -> dict:
-        if tk is None:
-            return {"skipped": "no Triton path here: both paths would be the reference"}
-        from accvideo_core.models.vae_hunyuan_video import HunyuanVideoVAE, VAEConfig
-        from accvideo_core.testing import randomize_, tiny_inputs, tiny_transformer
+def _tiny_models(run, tk) -> dict:
+    """Part a: the tiny transformer (output + gradients) and VAE on the Triton path against the reference path."""
+    from accvideo_core import kernels
 
-        model = tiny_transformer(seed=3).to(run.device)
-        inputs = {k: v.to(run.device) for k, v in tiny_inputs(model.config, frames=2, height=4, width=6, text_len=5,
-                                                               valid=[3], seed=4).items()}
-        vae = randomize_(HunyuanVideoVAE(VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1,
-                                                   norm_num_groups=4, has_encoder=False)), seed=6).eval()
-        vae = vae.to(run.device)
-        z = torch.randn(1, 16, 2, 2, 4, generator=torch.Generator().manual_seed(7)).to(run.device)
-        runs, previous = {}, kernels.get_backend()
-        # "triton", not "auto": a kernel failing its first-use self-check raises instead of silently becoming the
-        # reference (which would compare the reference with itself here)
-        with ieee_fp32():
-            try:
-                for backend in ("torch", "triton"):
-                    kernels.set_backend(backend)
-                    model.zero_grad(set_to_none=True)
-                    velocity = model(**inputs, guidance=6.0)
-                    weights = torch.linspace(-1, 1, velocity.numel(), device=run.device).view_as(velocity)
-                    (velocity * weights).sum().backward()
-                    with torch.no_grad():
-                        video = vae.decode(z, mode="untiled")
-                    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-                    runs[backend] = (velocity.detach(), grads, video)
-            finally:
-                kernels.set_backend(previous)
-        (v_ref, g_ref, vid_ref), (v_tri, g_tri, vid_tri) = runs["torch"], runs["triton"]
-        out = {"transformer_out": _max_abs(v_tri, v_ref) / max(1.0, float(v_ref.abs().max())),
-               "transformer_grads": max(_max_abs(g_tri[n], g_ref[n]) / max(1.0, float(g_ref[n].abs().max()))
-                                        for n in g_ref),
-               "vae_decode": _max_abs(vid_tri, vid_ref) / max(1.0, float(vid_ref.abs().max())),
-               "first_use_checks": kernels.selfcheck_results()}
-        for key in ("transformer_out", "transformer_grads", "vae_decode"):
-            run.check(check_at_most(f"tiny {key}, Triton path vs reference path (fp32, relative to max(1, scale))",
-                                    out[key], 1e-5, 0.0))
-        run.figure("a_models", f"{max(out[k] for k in ('transformer_out', 'transformer_grads', 'vae_decode')):.1e}")
-        return out
+    if tk is None:
+        return {"skipped": "no Triton path here: both paths would be the reference"}
+    from accvideo_core.models.vae_hunyuan_video import HunyuanVideoVAE, VAEConfig
+    from accvideo_core.testing import randomize_, tiny_inputs, tiny_transformer
 
-    def bf16_vs_fp32() -> dict:
-        from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransformer3D
-        from accvideo_core.testing import randomize_, tiny_inputs, tiny_transformer_config
+    model = tiny_transformer(seed=3).to(run.device)
+    inputs = {k: v.to(run.device) for k, v in tiny_inputs(model.config, frames=2, height=4, width=6, text_len=5,
+                                                           valid=[3], seed=4).items()}
+    vae = randomize_(HunyuanVideoVAE(VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+                                               norm_num_groups=4, has_encoder=False)), seed=6).eval()
+    vae = vae.to(run.device)
+    z = torch.randn(1, 16, 2, 2, 4, generator=torch.Generator().manual_seed(7)).to(run.device)
+    runs, previous = {}, kernels.get_backend()
+    # "triton", not "auto": a kernel failing its first-use self-check raises instead of silently becoming the
+    # reference (which would compare the reference with itself here)
+    with ieee_fp32():
+        try:
+            for backend in ("torch", "triton"):
+                kernels.set_backend(backend)
+                model.zero_grad(set_to_none=True)
+                velocity = model(**inputs, guidance=6.0)
+                weights = torch.linspace(-1, 1, velocity.numel(), device=run.device).view_as(velocity)
+                (velocity * weights).sum().backward()
+                with torch.no_grad():
+                    video = vae.decode(z, mode="untiled")
+                grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+                runs[backend] = (velocity.detach(), grads, video)
+        finally:
+            kernels.set_backend(previous)
+    (v_ref, g_ref, vid_ref), (v_tri, g_tri, vid_tri) = runs["torch"], runs["triton"]
+    out = {"transformer_out": _max_abs(v_tri, v_ref) / max(1.0, float(v_ref.abs().max())),
+           "transformer_grads": max(_max_abs(g_tri[n], g_ref[n]) / max(1.0, float(g_ref[n].abs().max()))
+                                    for n in g_ref),
+           "vae_decode": _max_abs(vid_tri, vid_ref) / max(1.0, float(vid_ref.abs().max())),
+           "first_use_checks": kernels.selfcheck_results()}
+    for key in ("transformer_out", "transformer_grads", "vae_decode"):
+        run.check(check_at_most(f"tiny {key}, Triton path vs reference path (fp32, relative to max(1, scale))",
+                                out[key], 1e-5, 0.0))
+    run.figure("a_models", f"{max(out[k] for k in ('transformer_out', 'transformer_grads', 'vae_decode')):.1e}")
+    return out
 
-        config = tiny_transformer_config() if run.smoke else tiny_transformer_config(
-            hidden_size=1024, num_heads=8, text_dim=4096, pooled_dim=768)
-        fp32 = randomize_(HunyuanVideoTransformer3D(config), seed=0).eval().to(run.device)
-        low = copy.deepcopy(fp32).to(torch.bfloat16)
-        size = (2, 4, 6) if run.smoke else (8, 32, 32)
-        inputs = {k: v.to(run.device) for k, v in tiny_inputs(config, frames=size[0], height=size[1], width=size[2],
-                                                               text_len=16, seed=1).items()}
-        with torch.no_grad(), ieee_fp32():  # the fp32 reference without TF32 convolutions
-            ref, got = fp32(**inputs), low(**inputs)
-        rel = _rel_diff(got, ref)
-        run.check(check_at_most("our transformer bf16 vs fp32, relative error", rel, 0.05, 0.0))
-        run.figure("a_bf16", f"{rel:.2e}")
-        return {"config": config.to_dict(), "latent": list(inputs["latents"].shape), "rel_error": rel}
 
-    run.step("triton_kernels", kernel_checks, need=5)
-    run.step("tiny_models_triton_vs_reference", tiny_models, need=5)
-    run.step("transformer_bf16_vs_fp32", bf16_vs_fp32, need=5)
+def _bf16_vs_fp32(run) -> dict:
+    """Part a: our transformer in bf16 against fp32."""
+    from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransformer3D
+    from accvideo_core.testing import randomize_, tiny_inputs, tiny_transformer_config
+
+    config = tiny_transformer_config() if run.smoke else tiny_transformer_config(
+        hidden_size=1024, num_heads=8, text_dim=4096, pooled_dim=768)
+    fp32 = randomize_(HunyuanVideoTransformer3D(config), seed=0).eval().to(run.device)
+    low = copy.deepcopy(fp32).to(torch.bfloat16)
+    size = (2, 4, 6) if run.smoke else (8, 32, 32)
+    inputs = {k: v.to(run.device) for k, v in tiny_inputs(config, frames=size[0], height=size[1], width=size[2],
+                                                           text_len=16, seed=1).items()}
+    with torch.no_grad(), ieee_fp32():  # the fp32 reference without TF32 convolutions
+        ref, got = fp32(**inputs), low(**inputs)
+    rel = _rel_diff(got, ref)
+    run.check(check_at_most("our transformer bf16 vs fp32, relative error", rel, 0.05, 0.0))
+    run.figure("a_bf16", f"{rel:.2e}")
+    return {"config": config.to_dict(), "latent": list(inputs["latents"].shape), "rel_error": rel}
+
+
+def part_a(run) -> None:
+    tk = _triton_module(run)
+    run.step("triton_kernels", lambda: _kernel_checks(run, tk), need=5)
+    run.step("tiny_models_triton_vs_reference", lambda: _tiny_models(run, tk), need=5)
+    run.step("transformer_bf16_vs_fp32", lambda: _bf16_vs_fp32(run), need=5)
 
 
 # ------------------------------------------------------------------------------------------------ b: kernels
@@ -268,117 +275,141 @@ def _attention_backends(run) -> dict:
     return backends
 
 
+@dataclass
+class _Blocks:
+    """Part c's setting: real-width double and single blocks (random weights) and the attention backends."""
+
+    run: object
+    hidden: int
+    heads: int
+    text: int
+    dtype: torch.dtype
+    blocks: dict
+    backends: dict
+    peak_tflops: float | None
+
+    def inputs(self, grid: tuple[int, int, int]) -> tuple:
+        from accvideo_core.models.transformer_hunyuan_video import default_rope_axes, rope_cos_sin
+
+        device = self.run.device
+        gen = torch.Generator(device).manual_seed(1)  # drawn on the device: 720p inputs take seconds on a CPU
+        n = grid[0] * grid[1] * grid[2]
+        img = (torch.randn(1, n, self.hidden, generator=gen, device=device) * 0.5).to(self.dtype)
+        txt = (torch.randn(1, self.text, self.hidden, generator=gen, device=device) * 0.5).to(self.dtype)
+        vec = torch.randn(1, self.hidden, generator=gen, device=device).to(self.dtype)
+        cos, sin = rope_cos_sin(grid, default_rope_axes(self.hidden // self.heads), 256.0, device)
+        return img, txt, torch.cat((img, txt), 1), vec, cos, sin
+
+
+def _block_calls(model_blocks: dict, args: tuple, ctx) -> dict:
+    """``double0``, ``double1``, ``single0``, ``single1``: one forward of each block under the backend ``ctx``."""
+    img, txt, joint, vec, cos, sin = args
+
+    def double(i):
+        with ctx():
+            return model_blocks["double"][i](img, txt, vec, cos, sin, None)[0]
+
+    def single(i):
+        with ctx():
+            return model_blocks["single"][i](joint, vec, cos, sin, None)
+    return {f"double{i}": (lambda i=i: double(i)) for i in range(2)} | \
+        {f"single{i}": (lambda i=i: single(i)) for i in range(2)}
+
+
+def _time_blocks(b: _Blocks, label: str, grid: tuple[int, int, int], paper) -> dict:
+    """Part c at one video size: ms per block per backend, TFLOP/s, the extrapolated 5/50-step seconds."""
+    run = b.run
+    args = b.inputs(grid)
+    tokens = grid[0] * grid[1] * grid[2] + b.text
+    flops = _block_flops(tokens, b.hidden)
+    fns, memory = {}, {}
+    for name, ctx in b.backends.items():
+        fns.update({f"{name}|{k}": fn for k, fn in _block_calls(b.blocks, args, ctx).items()})
+    with torch.no_grad():
+        samples, errors = run.interleaved(fns, rounds=2, memory=memory)
+    out: dict = {"tokens": tokens, "flops_per_block": flops, "errors": errors, "backends": {}}
+    for name in b.backends:
+        per = {kind: sum((samples.get(f"{name}|{kind}{i}", []) for i in range(2)), []) for kind in
+               ("double", "single")}
+        if not all(per.values()):
+            continue
+        s = {kind: spread(v) for kind, v in per.items()}
+        call_s = DOUBLE * s["double"]["median"] + SINGLE * s["single"]["median"]
+        tflops = {kind: flops / s[kind]["median"] / 1e12 for kind in s}
+        out["backends"][name] = {
+            "ms_per_double_block": s["double"]["median"] * 1e3, "ms_per_single_block": s["single"]["median"]
+            * 1e3, "spread": s, "tflops": tflops,
+            "pct_of_bf16_peak": {k: 100 * v / b.peak_tflops for k, v in tflops.items()} if b.peak_tflops else None,
+            "peak_activation_gb": max(_gb(memory.get(f"{name}|{k}", 0)) for k in ("double0", "single0")),
+            "transformer_s_per_call": call_s, "transformer_s_5_steps": 5 * call_s,
+            "transformer_s_50_steps": 50 * call_s}
+        for kind in s:
+            run.check(check_noise(f"{label} {name} {kind} block times", s[kind]))
+            if b.peak_tflops:
+                run.check(check_at_most(f"{label} {name} {kind} TFLOP/s <= bf16 peak", tflops[kind],
+                                        b.peak_tflops, 3 * s[kind]["rel_stderr"]))
+    if out["backends"]:
+        best = min(out["backends"], key=lambda k: out["backends"][k]["transformer_s_per_call"])
+        r = out["backends"][best]
+        out["best"] = best
+        pct = (f", {max(r['pct_of_bf16_peak'].values()):.0f} % of bf16 peak" if r["pct_of_bf16_peak"]
+               else ", peak unknown")
+        run.figure(f"c_{label}_block", f"{r['ms_per_double_block']:.1f} / {r['ms_per_single_block']:.1f} ms "
+                   f"({best}{pct}); {r['peak_activation_gb']:.1f} GB activations")
+        run.figure(f"c_{label}_steps", f"{r['transformer_s_5_steps']:.1f} s / {r['transformer_s_50_steps']:.1f}"
+                   f" s (transformer only)")
+        if paper:
+            out["paper_a100_end_to_end"] = paper
+    return out
+
+
+def _fp8_vs_bf16(b: _Blocks, label: str, grid: tuple[int, int, int]) -> dict:
+    """Part c's fp8 row: the same blocks from e4m3fn weights against bf16 (time, weight bytes, output)."""
+    run = b.run
+    args = b.inputs(grid)
+    low = {k: [_to_fp8(m) for m in v] for k, v in b.blocks.items()}
+    fns = {f"bf16|{k}": fn for k, fn in _block_calls(b.blocks, args, b.backends["sdpa"]).items()}
+    fns |= {f"fp8|{k}": fn for k, fn in _block_calls(low, args, b.backends["sdpa"]).items()}
+    with torch.no_grad():
+        samples, errors = run.interleaved(fns, rounds=2)
+        diffs = {k: _rel_diff(fns[f"fp8|{k}"](), fns[f"bf16|{k}"]()) for k in ("double0", "single0")}
+    times = {w: {kind: spread(sum((samples[f"{w}|{kind}{i}"] for i in range(2)), []))["median"]
+                 for kind in ("double", "single")} for w in ("bf16", "fp8")}
+    weight_bytes = {w: sum(p.numel() * p.element_size() for m in ms["double"] + ms["single"]
+                           for p in m.parameters()) for w, ms in (("bf16", b.blocks), ("fp8", low))}
+    ratio = {kind: times["fp8"][kind] / times["bf16"][kind] for kind in times["bf16"]}
+    run.figure("c_fp8", f"time x{ratio['double']:.2f} / x{ratio['single']:.2f}, weights "
+               f"{weight_bytes['fp8'] / weight_bytes['bf16']:.2f}x, output rel. diff "
+               f"{max(diffs.values()):.1e}")
+    run.check(check_at_most("fp8 blocks vs bf16, relative output difference", max(diffs.values()), 0.1, 0.0))
+    return {"size": label, "seconds_per_block": times, "time_ratio_fp8_vs_bf16": ratio,
+            "weight_gb": {k: _gb(v) for k, v in weight_bytes.items()}, "rel_output_diff": diffs,
+            "errors": errors, "backend": "sdpa"}
+
+
 def part_c(run) -> None:
-    from accvideo_core.models.transformer_hunyuan_video import (DoubleStreamBlock, SingleStreamBlock,
-                                                                default_rope_axes, rope_cos_sin)
+    from accvideo_core.models.transformer_hunyuan_video import DoubleStreamBlock, SingleStreamBlock
 
     hidden, heads = (64, 2) if run.smoke else (3072, 24)
     dtype = torch.bfloat16
     # --smoke keeps the labels (and table rows) with tiny token grids
     sizes = {k: (g, video, None) for (k, (_, video, _)), g in zip(SIZES.items(), ((2, 4, 4), (3, 4, 6)))} \
         if run.smoke else SIZES
-    text = 8 if run.smoke else TEXT_TOKENS
     torch.manual_seed(0)
     with torch.device(run.device):
         blocks = {"double": [DoubleStreamBlock(hidden, heads, 4 * hidden) for _ in range(2)],
                   "single": [SingleStreamBlock(hidden, heads, 4 * hidden) for _ in range(2)]}
-    blocks = {k: [b.to(dtype).eval().requires_grad_(False) for b in v] for k, v in blocks.items()}
-    backends = _attention_backends(run)
-    peak_tflops = run.peaks["bf16_tflops"]
+    blocks = {k: [m.to(dtype).eval().requires_grad_(False) for m in v] for k, v in blocks.items()}
+    b = _Blocks(run, hidden, heads, 8 if run.smoke else TEXT_TOKENS, dtype, blocks, _attention_backends(run),
+                run.peaks["bf16_tflops"])
     run.record("config", {"hidden": hidden, "heads": heads, "dtype": dtype_name(dtype),
-                          "blocks": "2 double + 2 single",
-                          "backends": list(backends), "peak_bf16_tflops": peak_tflops})
-
-    def inputs(grid):
-        gen = torch.Generator(run.device).manual_seed(1)  # drawn on the device: 720p inputs take seconds on a CPU
-        n = grid[0] * grid[1] * grid[2]
-        img = (torch.randn(1, n, hidden, generator=gen, device=run.device) * 0.5).to(dtype)
-        txt = (torch.randn(1, text, hidden, generator=gen, device=run.device) * 0.5).to(dtype)
-        vec = torch.randn(1, hidden, generator=gen, device=run.device).to(dtype)
-        cos, sin = rope_cos_sin(grid, default_rope_axes(hidden // heads), 256.0, run.device)
-        return img, txt, torch.cat((img, txt), 1), vec, cos, sin
-
-    def calls(model_blocks, args, ctx):
-        img, txt, joint, vec, cos, sin = args
-
-        def double(i):
-            with ctx():
-                return model_blocks["double"][i](img, txt, vec, cos, sin, None)[0]
-
-        def single(i):
-            with ctx():
-                return model_blocks["single"][i](joint, vec, cos, sin, None)
-        return {f"double{i}": (lambda i=i: double(i)) for i in range(2)} | \
-            {f"single{i}": (lambda i=i: single(i)) for i in range(2)}
-
-    for label, (grid, video, paper) in sizes.items():
-        def one(grid=grid, video=video, paper=paper, label=label) -> dict:
-            args = inputs(grid)
-            tokens = grid[0] * grid[1] * grid[2] + text
-            flops = _block_flops(tokens, hidden)
-            fns, memory = {}, {}
-            for name, ctx in backends.items():
-                fns.update({f"{name}|{k}": fn for k, fn in calls(blocks, args, ctx).items()})
-            with torch.no_grad():
-                samples, errors = run.interleaved(fns, rounds=2, memory=memory)
-            out: dict = {"tokens": tokens, "flops_per_block": flops, "errors": errors, "backends": {}}
-            for name in backends:
-                per = {kind: sum((samples.get(f"{name}|{kind}{i}", []) for i in range(2)), []) for kind in
-                       ("double", "single")}
-                if not all(per.values()):
-                    continue
-                s = {kind: spread(v) for kind, v in per.items()}
-                call_s = DOUBLE * s["double"]["median"] + SINGLE * s["single"]["median"]
-                tflops = {kind: flops / s[kind]["median"] / 1e12 for kind in s}
-                out["backends"][name] = {
-                    "ms_per_double_block": s["double"]["median"] * 1e3, "ms_per_single_block": s["single"]["median"]
-                    * 1e3, "spread": s, "tflops": tflops,
-                    "pct_of_bf16_peak": {k: 100 * v / peak_tflops for k, v in tflops.items()} if peak_tflops else None,
-                    "peak_activation_gb": max(_gb(memory.get(f"{name}|{k}", 0)) for k in ("double0", "single0")),
-                    "transformer_s_per_call": call_s, "transformer_s_5_steps": 5 * call_s,
-                    "transformer_s_50_steps": 50 * call_s}
-                for kind in s:
-                    run.check(check_noise(f"{label} {name} {kind} block times", s[kind]))
-                    if peak_tflops:
-                        run.check(check_at_most(f"{label} {name} {kind} TFLOP/s <= bf16 peak", tflops[kind],
-                                                peak_tflops, 3 * s[kind]["rel_stderr"]))
-            if out["backends"]:
-                best = min(out["backends"], key=lambda b: out["backends"][b]["transformer_s_per_call"])
-                b = out["backends"][best]
-                out["best"] = best
-                pct = (f", {max(b['pct_of_bf16_peak'].values()):.0f} % of bf16 peak" if b["pct_of_bf16_peak"]
-                       else ", peak unknown")
-                run.figure(f"c_{label}_block", f"{b['ms_per_double_block']:.1f} / {b['ms_per_single_block']:.1f} ms "
-                           f"({best}{pct}); {b['peak_activation_gb']:.1f} GB activations")
-                run.figure(f"c_{label}_steps", f"{b['transformer_s_5_steps']:.1f} s / {b['transformer_s_50_steps']:.1f}"
-                           f" s (transformer only)")
-                if paper:
-                    out["paper_a100_end_to_end"] = paper
-            return out
-        run.step(label, one, need=5 if run.smoke else 25)
-
-    def fp8() -> dict:
-        label, (grid, _, _) = next(iter(sizes.items()))
-        args = inputs(grid)
-        low = {k: [_to_fp8(b) for b in v] for k, v in blocks.items()}
-        fns = {f"bf16|{k}": fn for k, fn in calls(blocks, args, backends["sdpa"]).items()}
-        fns |= {f"fp8|{k}": fn for k, fn in calls(low, args, backends["sdpa"]).items()}
-        with torch.no_grad():
-            samples, errors = run.interleaved(fns, rounds=2)
-            diffs = {k: _rel_diff(fns[f"fp8|{k}"](), fns[f"bf16|{k}"]()) for k in ("double0", "single0")}
-        times = {w: {kind: spread(sum((samples[f"{w}|{kind}{i}"] for i in range(2)), []))["median"]
-                     for kind in ("double", "single")} for w in ("bf16", "fp8")}
-        weight_bytes = {w: sum(p.numel() * p.element_size() for b in m["double"] + m["single"] for p in b.parameters())
-                        for w, m in (("bf16", blocks), ("fp8", low))}
-        ratio = {kind: times["fp8"][kind] / times["bf16"][kind] for kind in times["bf16"]}
-        run.figure("c_fp8", f"time x{ratio['double']:.2f} / x{ratio['single']:.2f}, weights "
-                   f"{weight_bytes['fp8'] / weight_bytes['bf16']:.2f}x, output rel. diff "
-                   f"{max(diffs.values()):.1e}")
-        run.check(check_at_most("fp8 blocks vs bf16, relative output difference", max(diffs.values()), 0.1, 0.0))
-        return {"size": label, "seconds_per_block": times, "time_ratio_fp8_vs_bf16": ratio,
-                "weight_gb": {k: _gb(v) for k, v in weight_bytes.items()}, "rel_output_diff": diffs,
-                "errors": errors, "backend": "sdpa"}
-    run.step("fp8_weights", fp8, need=5 if run.smoke else 20)
+                          "blocks": "2 double + 2 single", "backends": list(b.backends),
+                          "peak_bf16_tflops": b.peak_tflops})
+    for label, (grid, _, paper) in sizes.items():
+        run.step(label, lambda label=label, grid=grid, paper=paper: _time_blocks(b, label, grid, paper),
+                 need=5 if run.smoke else 25)
+    first, (first_grid, _, _) = next(iter(sizes.items()))
+    run.step("fp8_weights", lambda: _fp8_vs_bf16(b, first, first_grid), need=5 if run.smoke else 20)
 
 
 # -------------------------------------------------------------------------------------------------- d: VAE
