@@ -20,6 +20,16 @@ def _deterministic():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (tiny models: more threads only add contention on CI's 2 shared cores);
+    the trainer test files use it for every test (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def comfyui_path() -> Path:
     """The ComfyUI checkout named by ``COMFYUI_PATH`` (>= 0.3.64); every test using it is skipped, saying why, when

@@ -27,13 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEACHER_SEED = 0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: threads only add contention (the CI box has 2 cores shared with other jobs)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

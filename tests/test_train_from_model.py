@@ -21,12 +21,7 @@ from accvideo_core.utils.io import read_state_dict
 from tests.integration import comfy_standin
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _comfy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -26,12 +26,7 @@ TARGETS = list(LORA_TARGETS)
 LORA_LR = 3e-3  # the adapters' learning rate on the tiny model (full fine-tune: 3e-4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _inputs(model, b: int = 2, seed: int = 3) -> tuple:
