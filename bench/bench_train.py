@@ -41,15 +41,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from accvideo_core.utils.io import write_json  # noqa: E402
+from bench.memory import peak_rss_growth, reset_peak_rss  # noqa: E402
 from bench.validity import check_at_least, check_at_most, check_noise, ratio_noise, spread, verdict  # noqa: E402
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def make_data(root: Path, args, frames: int, height: int, width: int, **model: int) -> None:
@@ -67,7 +60,6 @@ def make_data(root: Path, args, frames: int, height: int, width: int, **model: i
 
 def child(args) -> None:
     """Subprocess: time ``args.iters`` iterations and measure peak memory for one checkpointing setting."""
-    import ctypes
     import gc
 
     from accvideo_core.train.config import config_from_dict
@@ -87,9 +79,7 @@ def child(args) -> None:
                 "plot": False},
     })
     cuda = args.device.startswith("cuda")
-    if not cuda:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = torch.cuda.memory_allocated() if cuda else _status_kib("VmRSS") * 1024
+    before = torch.cuda.memory_allocated() if cuda else reset_peak_rss()
     tr = Trainer(cfg, overwrite=True)   # each round in the same folder
     tr.train_step(0)  # warm-up
     gc.collect()
@@ -98,10 +88,7 @@ def child(args) -> None:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        base = _status_kib("VmRSS") * 1024
+        base = reset_peak_rss()
     times = []
     for i in range(args.iters):
         t0 = time.perf_counter()
@@ -109,7 +96,7 @@ def child(args) -> None:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024) - base
+    peak = torch.cuda.max_memory_allocated() - base if cuda else peak_rss_growth(base)
     result = {"step_seconds": statistics.median(times), "all_step_seconds": times, "peak_growth_bytes": peak,
               "state_bytes": base - before,
               "trained_student_parameters": sum(p.numel() for g in tr.opt.param_groups for p in g["params"])}
@@ -247,8 +234,6 @@ def lora_compare(args) -> dict:
 
 def export_child(args) -> None:
     """Subprocess: peak RSS growth of the streamed and the gathered export (bf16 file) of one model."""
-    import ctypes
-
     from accvideo_core.testing import tiny_transformer
     from accvideo_core.train import distributed as D
     from accvideo_core.train.checkpoint import export_student
@@ -266,14 +251,11 @@ def export_child(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         export_student(model, Path(tmp) / "warm.safetensors", torch.bfloat16, info, metadata={})  # imports
         for name in ("streamed", "gathered"):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-            base = _status_kib("VmRSS") * 1024
+            base = reset_peak_rss()
             t0 = time.perf_counter()
             state = D.full_model_state(model, info) if name == "gathered" else None
             export_student(model, Path(tmp) / f"{name}.safetensors", torch.bfloat16, info, metadata={}, state=state)
-            out[name] = {"peak_growth_bytes": _status_kib("VmHWM") * 1024 - base,
+            out[name] = {"peak_growth_bytes": peak_rss_growth(base),
                          "seconds": time.perf_counter() - t0}
             del state
     if info.is_main:
