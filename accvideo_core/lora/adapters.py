@@ -220,7 +220,9 @@ def merged_weight(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, sc
 
 
 def merge_adapters(state: Mapping[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """A full state dict of an adapted model -> the merged model in original layout (:func:`merged_weight`)."""
+    """A full state dict of an adapted model -> the merged model in original layout (:func:`merged_weight`), all
+    tensors at once: public (docs/lora.md) for baking trained adapters in; the trainer's own export streams
+    :func:`merged_weight` per tensor instead, and the tests use this as the whole-dict merge."""
     out = {k: v for k, v in state.items() if not is_adapter_key(k)}
     for module, (up, down) in adapter_factors(state).items():
         out[f"{module}.weight"] = merged_weight(out[f"{module}.weight"], up, down, scale)

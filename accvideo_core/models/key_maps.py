@@ -362,7 +362,8 @@ def vae_comfy_internal_to_original(sd: Mapping[str, torch.Tensor]) -> StateDict:
 
 def vae_original_to_comfy_internal(sd: Mapping[str, torch.Tensor]) -> StateDict:
     """Original VAE names -> ComfyUI's internal names (attention weights as ``[C, C, 1, 1, 1]`` views); the inverse
-    of ``vae_comfy_internal_to_original``."""
+    of ``vae_comfy_internal_to_original``, kept beside it because both directions read the one table (the tests
+    use it to build ComfyUI-internal VAE files and to check the round trip)."""
     return _vae_rename(sd, to_comfy=True)
 
 
