@@ -3,7 +3,6 @@ ComfyUI-loadable key names, the CLI, and (integration tier) native ComfyUI loadi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from accvideo_core.lora.__main__ import main as cli_main
 from accvideo_core.models import key_maps
 from accvideo_core.testing import tiny_transformer
 from accvideo_core.utils.io import CheckpointError, save_safetensors, save_torch
+from tests.integration.comfy_probe import run_probe
 
 N_QK_NORMS = 2 * 4 + 2 * 2  # tiny model: 2 double blocks x 4 q/k norms + 2 single blocks x 2
 
@@ -150,20 +150,7 @@ def test_cli_extract_writes_file_and_shows_progress(tmp_path, capsys):
 
 
 _COMFY_PROBE = r'''
-import json, logging, sys
-comfy_path, model_path, out_dir, strength, *lora_paths = sys.argv[1:]
-sys.path.insert(0, comfy_path)
-from comfy.cli_args import args
-args.cpu = True
-import torch
-messages = []
-class Grab(logging.Handler):
-    def emit(self, record):
-        messages.append(record.getMessage())
-logging.getLogger().addHandler(Grab())
-logging.getLogger().setLevel(logging.INFO)
-import comfy.sd, comfy.utils
-from safetensors.torch import save_file
+model_path, out_dir, strength, *lora_paths = ARGS
 model = comfy.sd.load_diffusion_model(model_path)
 prefix = "diffusion_model."
 reports = []
@@ -213,12 +200,8 @@ def test_native_comfyui_loads_and_applies_every_key(tmp_path, comfyui_path):
     files = [tmp_path / "lora_0.safetensors"]
     for i, tensors in enumerate(_third_party_loras(base).values(), start=1):
         files.append(save_safetensors(tensors, tmp_path / f"lora_{i}.safetensors"))
-    script = tmp_path / "probe.py"
-    script.write_text(_COMFY_PROBE)
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    run = subprocess.run([python, str(script), comfy, str(tmp_path / "base.safetensors"), str(tmp_path), "0.8",
-                          *map(str, files)], cwd=comfy, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_probe(_COMFY_PROBE, comfy, tmp_path / "base.safetensors", tmp_path, "0.8", *files, folder=tmp_path,
+                    timeout=900)
     reports = json.loads(run.stdout.split("PROBE", 1)[1])
     for i, (path, report) in enumerate(zip(files, reports)):
         assert report["not_loaded"] == [], path.name

@@ -22,6 +22,7 @@ from accvideo_core.train.config import ConfigError, TrainConfig, config_from_dic
 from accvideo_core.train.checkpoint import checkpoint_tensors
 from accvideo_core.train.loop import Trainer
 from accvideo_core.utils.io import read_state_dict
+from tests.integration.comfy_probe import run_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_SEED = 0
@@ -480,20 +481,9 @@ def test_torchrun_two_ranks_fsdp2_matches_single_process(synvid, tmp_path):
 
 
 _COMFY_PROBE = r'''
-import sys
-comfy_path, model_path, inputs_path, out_path = sys.argv[1:5]
-sys.path.insert(0, comfy_path)
-from comfy.cli_args import args
-args.cpu = True
-import torch
-import comfy.sd
-from safetensors.torch import load_file, save_file
+model_path, inputs_path, out_path = ARGS
 patcher = comfy.sd.load_diffusion_model(model_path, model_options={"dtype": torch.float32})
-dm = patcher.model.diffusion_model.float()
-x = load_file(inputs_path)
-with torch.no_grad():
-    v = dm(x["latents"], x["timestep"], x["text_states"], y=x["pooled"], guidance=x["guidance"])
-save_file({"velocity": v.float().contiguous()}, out_path)
+velocity(patcher, inputs_path, out_path)
 print("PROBE", type(patcher.model).__name__)
 '''
 
@@ -528,11 +518,8 @@ def test_exported_student_loads_in_native_comfyui(tmp_path, comfyui_path):
     x = {"latents": torch.randn(1, 16, 1, 2, 2, generator=g), "timestep": torch.tensor([636.3636]),
          "text_states": emb["text_states"][:1], "pooled": emb["pooled"][:1], "guidance": torch.tensor([6.0])}
     save_file(x, str(tmp_path / "inputs.safetensors"))
-    (tmp_path / "probe.py").write_text(_COMFY_PROBE)
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    run = subprocess.run([python, str(tmp_path / "probe.py"), comfy, str(path), str(tmp_path / "inputs.safetensors"),
-                          str(tmp_path / "out.safetensors")], cwd=comfy, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_probe(_COMFY_PROBE, comfy, path, tmp_path / "inputs.safetensors", tmp_path / "out.safetensors",
+                    folder=tmp_path)
     assert "PROBE HunyuanVideo" in run.stdout
     from safetensors.torch import load_file
 

@@ -3,9 +3,6 @@ that our loader and native ComfyUI read, lora_init, and the bad inputs refused b
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from accvideo_core.train import lora_mode
 from accvideo_core.train.config import LORA_TARGETS, ConfigError, config_from_dict
 from accvideo_core.train.loop import Trainer
 from accvideo_core.utils.io import read_state_dict, save_safetensors
+from tests.integration.comfy_probe import run_probe
 
 from test_train import (_assert_close_states, _states, comfy_compatible_teacher_and_data, make_cfg,  # noqa: F401
                         max_abs_diff, run_torchrun, synvid)  # (synvid: the shared fixture)
@@ -377,29 +375,12 @@ def test_print_config_shows_the_lora_fields(capsys):
 
 
 _COMFY_LORA_PROBE = r'''
-import logging, sys
-comfy_path, base_path, lora_path, inputs_path, out_path = sys.argv[1:6]
-sys.path.insert(0, comfy_path)
-from comfy.cli_args import args
-args.cpu = True
-import torch
-messages = []
-class Grab(logging.Handler):
-    def emit(self, record):
-        messages.append(record.getMessage())
-logging.getLogger().addHandler(Grab())
-logging.getLogger().setLevel(logging.INFO)
-import comfy.sd, comfy.utils
-from safetensors.torch import load_file, save_file
+base_path, lora_path, inputs_path, out_path = ARGS
 model = comfy.sd.load_diffusion_model(base_path, model_options={"dtype": torch.float32})
 lora = comfy.utils.load_torch_file(lora_path, safe_load=True)
 patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)   # what LoraLoaderModelOnly calls
 patched.patch_model(device_to=torch.device("cpu"))
-dm = patched.model.diffusion_model.float()
-x = load_file(inputs_path)
-with torch.no_grad():
-    v = dm(x["latents"], x["timestep"], x["text_states"], y=x["pooled"], guidance=x["guidance"])
-save_file({"velocity": v.float().contiguous()}, out_path)
+velocity(patched, inputs_path, out_path)
 not_loaded = [m for m in messages if "not loaded" in m.lower()]
 print("PROBE", len(patched.patches), "NOT_LOADED", not_loaded)
 '''
@@ -425,12 +406,8 @@ def test_student_lora_in_native_comfyui_equals_the_merged_student(tmp_path, comf
     x = {"latents": torch.randn(1, 16, 1, 2, 2, generator=g), "timestep": torch.tensor([636.3636]),
          "text_states": emb["text_states"][:1], "pooled": emb["pooled"][:1], "guidance": torch.tensor([6.0])}
     save_file(x, str(tmp_path / "inputs.safetensors"))
-    (tmp_path / "probe.py").write_text(_COMFY_LORA_PROBE)
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    run = subprocess.run([python, str(tmp_path / "probe.py"), comfy, str(tmp_path / "base.safetensors"),
-                          str(tmp_path / "run/student_lora.safetensors"), str(tmp_path / "inputs.safetensors"),
-                          str(tmp_path / "out.safetensors")], cwd=comfy, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_probe(_COMFY_LORA_PROBE, comfy, tmp_path / "base.safetensors", tmp_path / "run/student_lora.safetensors",
+                    tmp_path / "inputs.safetensors", tmp_path / "out.safetensors", folder=tmp_path)
     modules = len(load_lora(tmp_path / "run/student_lora.safetensors").modules)  # 10 + 3 block layers, 6 embedders
     assert modules == 19 and f"PROBE {modules} NOT_LOADED []" in run.stdout, run.stdout[-2000:]  # every key loaded
     theirs = load_file(tmp_path / "out.safetensors")["velocity"]
