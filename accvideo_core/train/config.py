@@ -43,6 +43,7 @@ class OptimConfig:
     micro_batch: int = 1                    # samples per forward on one rank
     lr: float = 5e-6                        # student (AdamW); in LoRA mode the adapters' learning rate
     head_lr: float = 5e-6                   # discriminator heads (AdamW)
+    head_betas: tuple[float, float] = (0.9, 0.999)  # the heads' AdamW betas (GANs often use beta1 0.5)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     eps: float = 1e-8
@@ -66,6 +67,7 @@ class LossConfig:
     head_blocks: int = 1                    # residual 3x3 conv blocks per head
     head_kernel: int = 3
     head_groups: int = 32                   # GroupNorm groups (batch-size independent)
+    head_steps: int = 1                     # head updates per student update on the same teacher features (Alg. 1: 1)
     queue_capacity: int = 64                # max entries per queue Q_k (oldest dropped); Q_0 keeps the last ones
 
 
@@ -199,6 +201,9 @@ def validate(cfg: TrainConfig) -> None:
                           f"({cfg.data.segments} values), got {lo.feature_layers}")
     if lo.lambda_adv < 0:
         raise ConfigError("loss.lambda_adv must be >= 0")
+    if lo.head_steps < 1:
+        raise ConfigError(f"loss.head_steps must be >= 1 (1 = one head update per student update, Alg. 1), got "
+                          f"{lo.head_steps}")
     if cfg.runtime.sequence_parallel < 1:
         raise ConfigError(f"runtime.sequence_parallel must be >= 1, got {cfg.runtime.sequence_parallel}")
     mc = cfg.model

@@ -79,6 +79,7 @@ class Trainer:
         self.opt, self.head_opt, self.feature_layers = models.opt, models.head_opt, models.feature_layers
         self.adapters, self.base_fingerprint = models.adapters, models.base_fingerprint  # LoRA mode
         self.queues = TrajectoryQueues(self.m, cfg.loss.queue_capacity)
+        self._head_inputs: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # see _extra_head_steps
         self.step = 0
         self.teacher_baseline: float | None = None  # the teacher's own m-step validation MSE (computed once)
         self.lineage = Lineage()  # which checkpoints are this run's (pruning)
@@ -169,6 +170,7 @@ class Trainer:
         for group in groups:
             self.opt.zero_grad(set_to_none=True)
             self.head_opt.zero_grad(set_to_none=True)
+            self._head_inputs = []
             for i, mb in enumerate(micro):
                 batch = {k: v.to(self.device) for k, v in mb.items()}
                 scale = 1.0 / (len(group) * self.n_micro)
@@ -198,6 +200,7 @@ class Trainer:
             self.opt.step()
             if adversarial:
                 self.head_opt.step()
+                self._extra_head_steps(scale_of=len(group) * self.n_micro)
         if self.ema is not None:
             self._update_ema()
         metrics = {key: value / counts[key] for key, value in sums.items()}
@@ -245,9 +248,26 @@ class Trainer:
             logits_fake_d = head(f_fake.detach())
             frozen = {name: p.detach() for name, p in head.named_parameters()}
             logits_fake_g = functional_call(head, frozen, (f_fake,))
+        if self.cfg.loss.head_steps > 1:   # kept for the extra head updates of this group (_extra_head_steps)
+            self._head_inputs.append((k, f_real.detach(), f_fake.detach()))
         return {"adv_d": discriminator_loss(logits_real, logits_fake_d, kind),
                 "adv_g": generator_loss(logits_fake_g, kind),
                 "d_real": logits_real.detach().float().mean(), "d_fake": logits_fake_d.detach().float().mean()}
+
+    def _extra_head_steps(self, scale_of: int) -> None:
+        """``loss.head_steps - 1`` more updates of the heads of this group on the teacher features they were just
+        updated on (each over all its micro-batches and segments, like the first); the transformers do no extra
+        work. Alg. 1 makes one (``head_steps = 1``); docs/training.md says why the miniature needs more."""
+        inputs, self._head_inputs = self._head_inputs, []
+        kind, lam = self.cfg.loss.gan_loss, self.cfg.loss.lambda_adv
+        for _ in range(self.cfg.loss.head_steps - 1):
+            self.head_opt.zero_grad(set_to_none=True)
+            for k, f_real, f_fake in inputs:
+                with self._autocast():
+                    loss = discriminator_loss(self.heads[k](f_real), self.heads[k](f_fake), kind)
+                (lam * loss / scale_of).backward()
+            self._sync_head_grads()
+            self.head_opt.step()
 
     def _segment(self, batch: dict[str, torch.Tensor], k: int) -> tuple:
         """(x at t'_{k+1}, x at t'_k, sigma t'_{k+1}, sigma t'_k) of segment k from a batch of key latents."""
@@ -311,31 +331,66 @@ class Trainer:
             self.monitor.note(f"  iteration {step + 1}: segment k={k} done for micro-batch {micro + 1}/{self.n_micro}")
 
     # ------------------------------------------------------------------ validation
-    @torch.no_grad()
-    def _few_step_mse(self, model: nn.Module) -> float:
-        """Mean over held-out samples of MSE(model's m-step latent from the SynVid noise, teacher's final latent)."""
+    def _heldout_batches(self):
+        """This rank's held-out records in micro-batches, each with per-sample weights (0 = a padding slot: every
+        rank runs the same number of forwards, which FSDP needs; an SP group shares its samples)."""
         records, info, mb = self.val_records, self.info, self.cfg.optim.micro_batch
-        if not records:
-            return float("nan")
-        mine = list(range(info.dp_rank, len(records), info.dp))   # an SP group shares its samples
+        mine = list(range(info.dp_rank, len(records), info.dp))
         rounds = math.ceil(len(records) / info.dp)
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        slots = mine + [None] * (rounds - len(mine))   # every rank runs the same number of forwards (FSDP)
+        slots = mine + [None] * (rounds - len(mine))
         for start in range(0, rounds, mb):
             chunk = slots[start:start + mb]
             batch = collate([records[i if i is not None else 0] for i in chunk], self.device)
+            yield batch, torch.tensor([0.0 if i is None else 1.0 for i in chunk], dtype=torch.float64,
+                                      device=self.device)
+
+    def _all_ranks_sum(self, total: torch.Tensor) -> torch.Tensor:
+        if self.info.world > 1:
+            torch.distributed.all_reduce(total)
+        return total
+
+    @torch.no_grad()
+    def _few_step_mse(self, model: nn.Module) -> float:
+        """Mean over held-out samples of MSE(model's m-step latent from the SynVid noise, teacher's final latent)."""
+        if not self.val_records:
+            return float("nan")
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch, weight in self._heldout_batches():
             noise, final = batch["key_latents"][:, 0], batch["key_latents"][:, -1]
             with self._autocast():
                 x = sample_flow(model, noise, self.key_sigmas, text_states=batch["text_states"],
                                 text_mask=batch["text_mask"], pooled=batch["pooled"], guidance=batch["guidance"])
             err = (x.float() - final.float()).pow(2).flatten(1).mean(1)
-            weight = torch.tensor([0.0 if i is None else 1.0 for i in chunk], dtype=torch.float64,
-                                  device=self.device)
             total[0] += (err.double() * weight).sum()
             total[1] += weight.sum()
-        if info.world > 1:
-            torch.distributed.all_reduce(total)
+        total = self._all_ranks_sum(total)
         return float(total[0] / total[1])
+
+    @torch.no_grad()
+    def discriminator_accuracy(self) -> dict[str, float]:
+        """Real/fake accuracy of every head H_k on the held-out samples: real = their key latents at t'_k; fake =
+        the student's m-step Euler chain from fresh noise with the same prompts (what the queues hold). A sample
+        is judged right when its mean logit is > 0 (real) or < 0 (fake). ``d_acc_k{k}`` per key timestep and
+        their mean ``d_acc``; 0.5 is chance."""
+        m, sig = self.m, self.key_sigmas
+        right = torch.zeros(m + 1, dtype=torch.float64, device=self.device)   # per k, then the sample count
+        for batch, weight in self._heldout_batches():
+            cond = self._cond(batch)
+            z = noise_for(batch["uid"], tuple(batch["key_latents"].shape[2:]), self.cfg.optim.seed).to(self.device)
+            for j in range(m):                                   # sampling order: t'_k with k = m-1-j after step j
+                k, layer = m - 1 - j, self.feature_layers[m - 1 - j]
+                t = torch.full((z.shape[0],), sig[j] * 1000.0, device=self.device)
+                t_k = torch.full((z.shape[0],), sig[j + 1] * 1000.0, device=self.device)
+                with self._autocast():
+                    z = z + (sig[j + 1] - sig[j]) * self.student(z, t, *cond).float()
+                    with self._teacher_mode():
+                        logits = [self.heads[k](self.teacher.image_features(x, t_k, *cond, layer=layer)).float()
+                                  .flatten(1).mean(1) for x in (batch["key_latents"][:, j + 1], z)]
+                right[k] += (((logits[0] > 0).double() + (logits[1] < 0).double()) * weight).sum()
+            right[m] += 2 * weight.sum()
+        right = self._all_ranks_sum(right)
+        acc = {f"d_acc_k{k}": float(right[k] / right[m]) for k in range(m)}
+        return {**acc, "d_acc": sum(acc.values()) / m}
 
     def validate(self) -> dict[str, float]:
         self.student.eval()
@@ -346,11 +401,16 @@ class Trainer:
         if self.ema is not None:
             result["student_ema_mse"] = self._few_step_mse(self.ema)
         result["ratio"] = result["student_mse"] / result["teacher_mse"] if result["teacher_mse"] else float("nan")
+        if self.cfg.loss.adversarial and self.cfg.loss.lambda_adv > 0 and self.val_records:
+            result.update(self.discriminator_accuracy())
         self.student.train()
         self.monitor.write({"type": "val", "step": self.step, **result})
         self.monitor.note(f"validation @ step {self.step}: student {self.m}-step MSE {result['student_mse']:.4g}, "
                           f"teacher {self.m}-step MSE {result['teacher_mse']:.4g} (vs the teacher's "
                           f"{self.key_steps[-1]}-step latents of {len(self.val_records)} held-out samples)")
+        if "d_acc" in result:
+            self.monitor.note("  discriminator real/fake accuracy on them: " + ", ".join(
+                f"k={k} {result[f'd_acc_k{k}']:.0%}" for k in range(self.m)))
         return result
 
 

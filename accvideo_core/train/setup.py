@@ -127,7 +127,7 @@ def build_models(cfg: TrainConfig, info: D.DistInfo, teacher: nn.Module | None, 
     D.broadcast_module_(heads, info)
     trained = adapters.parameters() if adapters is not None else student.parameters()  # read after sharding
     opt = torch.optim.AdamW(trained, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    head_opt = torch.optim.AdamW(heads.parameters(), lr=o.head_lr, betas=o.betas, eps=o.eps,
+    head_opt = torch.optim.AdamW(heads.parameters(), lr=o.head_lr, betas=o.head_betas, eps=o.eps,
                                  weight_decay=o.weight_decay)
     return Models(student, teacher, ema, heads, opt, head_opt, teacher.config, feature_layers, adapters, fingerprint)
 
