@@ -22,6 +22,7 @@ Ctrl-C stops cleanly at any stage (exit code 130).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -57,10 +58,13 @@ MODELS = {
 class DemoConfig:
     """Sizes of the run. Defaults fit in ~10 minutes on an idle 2-core CPU."""
 
-    synvid_samples: int = 96      # teacher trajectories (one per training prompt, seed 1000 + i)
+    synvid_samples: int = 112     # teacher trajectories (one per training prompt, seed 1000 + i)
+    val_samples: int = 16         # of them held out of training: validation and the discriminator's accuracy
     train_steps: int = 60         # trainer iterations per run (both ablation arms)
     batch: int = 8                # trainer total batch
-    lr: float = 1e-4              # student and heads (AdamW); the paper's 5e-6 is for the 13B model
+    lr: float = 1e-4              # student (AdamW); the paper's 5e-6 is for the 13B model
+    head_lr: float = 3e-4         # discriminator heads (AdamW, beta1 0.5); docs/demo.md: why not the student's
+    head_steps: int = 4           # head updates per student update (loss.head_steps; Alg. 1 has 1)
     lambda_adv: float = 0.1       # the paper's value
     head_width: int = 64
     heldout_prompts: int = 6      # distinct held-out prompts
@@ -122,11 +126,11 @@ def text_embeddings(family: MiniFamily, prompts: list[str]) -> dict:
 def train_config(cfg: DemoConfig, family: MiniFamily, synvid: Path, out_dir: Path, adversarial: bool) -> dict:
     return {
         "model": {"teacher": str(family.paths["teacher"]), "gradient_checkpointing": False},
-        "data": {"root": str(synvid), "val_samples": 4},
+        "data": {"root": str(synvid), "val_samples": cfg.val_samples},
         "optim": {"steps": cfg.train_steps, "total_batch": cfg.batch, "micro_batch": cfg.batch, "lr": cfg.lr,
-                  "head_lr": cfg.lr, "seed": cfg.seed, "warmup_steps": 0},
+                  "head_lr": cfg.head_lr, "head_betas": [0.5, 0.999], "seed": cfg.seed, "warmup_steps": 0},
         "loss": {"adversarial": adversarial, "lambda_adv": cfg.lambda_adv, "head_width": cfg.head_width,
-                 "head_groups": 8, "queue_capacity": max(64, cfg.batch)},
+                 "head_groups": 8, "head_steps": cfg.head_steps, "queue_capacity": max(64, cfg.batch)},
         "runtime": {"device": "cpu", "precision": "fp32", "fsdp": "off"},
         "log": {"out_dir": str(out_dir), "log_every": 5, "val_every": 0, "ckpt_every": 0, "save_dtype": "fp32",
                 "plot": True},
@@ -158,6 +162,31 @@ def run_training(config: dict, run_dir: Path, fresh: bool) -> tuple[Path, bool]:
         trainer.close()
     write_json(wanted, done)
     return student, False
+
+
+CHANCE_LOSS = 2 * math.log(2)  # the non-saturating discriminator loss of a head that cannot tell real from fake
+
+
+def discriminator_summary(run_dir: Path, segments: int) -> dict:
+    """The adversarial run's discriminator, from its ``metrics.jsonl``: its loss at the start and end of the run
+    (mean of the first 5 / last 10 iterations, overall and per key timestep k) against chance, and the real/fake
+    accuracy of every head on the held-out samples before training and at the end (``Trainer.validate``)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r.get("type") == "train" and "adv_d" in r]
+    val = [r for r in rows if r.get("type") == "val" and "d_acc" in r]
+
+    def mean(records: list[dict], key: str) -> float | None:
+        values = [r[key] for r in records if key in r]
+        return sum(values) / len(values) if values else None
+
+    keys = ["adv_d"] + [f"adv_d_k{k}" for k in range(segments)]
+    return {
+        "chance_loss": CHANCE_LOSS,
+        "loss_first5": {key: mean(train[:5], key) for key in keys},
+        "loss_last10": {key: mean(train[-10:], key) for key in keys},
+        "heldout_accuracy_start": {k: val[0][f"d_acc_k{k}"] for k in range(segments)} if val else {},
+        "heldout_accuracy_end": {k: val[-1][f"d_acc_k{k}"] for k in range(segments)} if val else {},
+    }
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -292,13 +321,34 @@ def markdown_report(report: dict) -> str:
               f"({report['student_vs_teacher_few_steps']:.2f}x of {few}'s error).",
               f"- Ablation (same {a['train_steps']} iterations x batch {a['batch']}): trajectory loss only "
               f"{a['traj_only_mse']:.4f}, trajectory + adversarial {a['traj_adv_mse']:.4f} (latent MSE to "
-              f"{full} on held-out prompts).",
+              f"{full} on held-out prompts). One seed: seed noise is of the same order as this difference "
+              "(`--seeds 0-4` measures it over seeds).",
+              *discriminator_lines(report["discriminator"]),
               "", "## Pipeline timings", ""]
     for stage, sec in report["stage_seconds"].items():
         lines.append(f"- {stage}: {sec:.1f} s")
     lines += ["", "Side-by-side video: `side_by_side.mp4` / `side_by_side.gif` (columns: the prompt as the data "
               "set's renderer draws it (not a model output), " + ", ".join(MODELS[n][0] for n in r) + ").", ""]
     return "\n".join(lines)
+
+
+def discriminator_lines(d: dict) -> list[str]:
+    """The report's discriminator section (see :func:`discriminator_summary`)."""
+    first, last = d["loss_first5"], d["loss_last10"]
+    if last["adv_d"] is None:
+        return []
+    ks = sorted(d["heldout_accuracy_end"], key=int)
+    lines = ["", "## Discriminator (trajectory + adversarial run)", "",
+             f"Loss of the heads (non-saturating; chance = 2 ln 2 = {d['chance_loss']:.3f}): "
+             f"{first['adv_d']:.3f} over the first 5 iterations, **{last['adv_d']:.3f}** over the last 10. "
+             "Real/fake accuracy on the held-out samples (real: their teacher key latents; fake: the student's "
+             "own chain from fresh noise, same prompts; chance 50 %):", "",
+             "| key timestep k | loss, first 5 | loss, last 10 | held-out accuracy before training | at the end |",
+             "|---|---|---|---|---|"]
+    for k in ks:
+        lines.append(f"| {k} | {first[f'adv_d_k{k}']:.3f} | {last[f'adv_d_k{k}']:.3f} | "
+                     f"{d['heldout_accuracy_start'][k]:.0%} | **{d['heldout_accuracy_end'][k]:.0%}** |")
+    return lines
 
 
 def require_pillow() -> None:
@@ -372,6 +422,7 @@ def evaluate_and_report(cfg: DemoConfig, family: MiniFamily, students: dict[str,
         "student_vs_teacher_few_steps": mse["student_accvideo"] / mse["teacher_few_steps"],
         "ablation": {"train_steps": cfg.train_steps, "batch": cfg.batch, "traj_only_mse": mse["student_trajectory"],
                      "traj_adv_mse": mse["student_accvideo"]},
+        "discriminator": discriminator_summary(out / "train_adv", STUDENT.steps),
         "stage_seconds": stage,
         "files": {"mp4": str(mp4), "gif": str(gif), "synvid": str(out / "synvid"),
                   "students": {k: str(v) for k, v in students.items()}},
@@ -413,22 +464,129 @@ def run_demo(cfg: DemoConfig, out: Path, *, fresh: bool = False, assets: str | N
     return report
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"0-4"`` or ``"0,3,7"`` (or a mix, ``"0-2,9"``) -> the seeds, in order, each once."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            seeds += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected a range such as 0-4 or a list such as 0,1,2") from None
+    if not seeds:
+        raise ValueError(f"--seeds {text!r} names no seed")
+    return list(dict.fromkeys(seeds))
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Quantile ``p`` (> 0.5) of Student's t distribution with ``df`` degrees of freedom: bisection on its CDF,
+    the density integrated by Simpson's rule (no SciPy in the core's dependencies)."""
+    const = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float, n: int = 4000) -> float:
+        h = x / n
+        f = [math.exp(const - (df + 1) / 2 * math.log1p((i * h) ** 2 / df)) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 1000.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_interval(values: list[float], level: float = 0.95) -> dict:
+    """Mean and the two-sided t-interval of the mean (``level``) of independent replicates."""
+    n, mean = len(values), statistics.fmean(values)
+    half = t_quantile(0.5 + level / 2, n - 1) * statistics.stdev(values) / math.sqrt(n) if n > 1 else math.inf
+    return {"n": n, "mean": mean, "low": mean - half, "high": mean + half}
+
+
+def run_seeds(cfg: DemoConfig, seeds: list[int], out: Path, *, fresh: bool = False,
+              assets: str | None = None) -> dict:
+    """The whole demo once per seed (other training prompts, trainer seed and held-out noise; ``out/seed_S``),
+    then the ablation over seeds: per seed and as mean with its 95 % t-interval, the paired difference included
+    (``out/report.json``, ``out/report.md``)."""
+    rows = []
+    for i, seed in enumerate(seeds):
+        say(f"=== seed {seed} ({i + 1} of {len(seeds)}) ===")
+        rep = run_demo(dataclasses.replace(cfg, seed=seed), out / f"seed_{seed}", fresh=fresh, assets=assets)
+        mse = {name: r["latent_mse_to_teacher"] for name, r in rep["results"].items()}
+        d = rep["discriminator"]
+        rows.append({"seed": seed, "teacher_few_steps": mse["teacher_few_steps"],
+                     "traj_only": mse["student_trajectory"], "traj_adv": mse["student_accvideo"],
+                     "adv_minus_traj": mse["student_accvideo"] - mse["student_trajectory"],
+                     "traj_adv_vs_teacher_few_steps": mse["student_accvideo"] / mse["teacher_few_steps"],
+                     "traj_only_vs_teacher_few_steps": mse["student_trajectory"] / mse["teacher_few_steps"],
+                     "d_loss_last10": d["loss_last10"]["adv_d"],
+                     "d_heldout_accuracy_end": d["heldout_accuracy_end"], "seconds": rep["total_seconds"]})
+    keys = ("teacher_few_steps", "traj_only", "traj_adv", "adv_minus_traj", "traj_only_vs_teacher_few_steps",
+            "traj_adv_vs_teacher_few_steps", "d_loss_last10")
+    summary = {"config": asdict(cfg), "seeds": seeds, "per_seed": rows,
+               "intervals_95": {key: mean_interval([r[key] for r in rows]) for key in keys},
+               "adv_better_seeds": sum(r["adv_minus_traj"] < 0 for r in rows),
+               "students_within_half_of_teacher_few_steps": sum(
+                   max(r["traj_only_vs_teacher_few_steps"], r["traj_adv_vs_teacher_few_steps"]) <= 0.5 for r in rows)}
+    write_json(summary, out / "report.json")
+    write_bytes(seeds_markdown(summary).encode(), out / "report.md")
+    return summary
+
+
+def seeds_markdown(summary: dict) -> str:
+    rows, iv = summary["per_seed"], summary["intervals_95"]
+    few, full = f"teacher-{STUDENT.steps}", f"teacher-{TEACHER.steps}"
+    lines = ["# AccVideo miniature demo over seeds: report", "",
+             f"Seeds {summary['seeds']} (per seed: other training prompts, trainer seed and held-out noise; each "
+             "seed's own report is in `seed_S/`). Latent MSE to " + full + " on the held-out prompts; "
+             "discriminator: loss over the last 10 iterations (chance 1.386) and held-out real/fake accuracy per "
+             "key timestep k = 0..4 at the end.", "",
+             f"| seed | {few} | trajectory only | trajectory + adversarial | adv - traj | AccVideo / {few} | "
+             "D loss | D accuracy k=0..4 |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = " / ".join(f"{r['d_heldout_accuracy_end'][k]:.0%}" for k in sorted(r["d_heldout_accuracy_end"], key=int))
+        lines.append(f"| {r['seed']} | {r['teacher_few_steps']:.4f} | {r['traj_only']:.4f} | {r['traj_adv']:.4f} | "
+                     f"{r['adv_minus_traj']:+.4f} | {r['traj_adv_vs_teacher_few_steps']:.2f}x | "
+                     f"{r['d_loss_last10']:.3f} | {acc} |")
+    lines += ["", "| quantity | mean | 95 % t-interval |", "|---|---|---|"]
+    names = {"teacher_few_steps": few, "traj_only": "trajectory only", "traj_adv": "trajectory + adversarial",
+             "adv_minus_traj": "paired difference adv - traj", "traj_only_vs_teacher_few_steps":
+             f"trajectory only / {few}", "traj_adv_vs_teacher_few_steps": f"AccVideo / {few}",
+             "d_loss_last10": "discriminator loss, last 10 iterations"}
+    for key, label in names.items():
+        v = iv[key]
+        lines.append(f"| {label} | {v['mean']:+.4f} | [{v['low']:+.4f}, {v['high']:+.4f}] |")
+    diff = iv["adv_minus_traj"]
+    verdict = ("the adversarial term lowers the error" if diff["high"] < 0 else
+               "the adversarial term raises the error" if diff["low"] > 0 else
+               "the interval of the paired difference contains 0: no effect of the adversarial term is resolved")
+    lines += ["", f"Adversarial arm better on {summary['adv_better_seeds']} of {len(rows)} seeds; {verdict} at this "
+              f"budget. Both students within 0.5x of {few}'s error on "
+              f"{summary['students_within_half_of_teacher_few_steps']} of {len(rows)} seeds.", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m accvideo_core.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo, git-ignored)")
     p.add_argument("--assets", help="folder with the mini family (default: the shipped assets/mini)")
     p.add_argument("--fresh", action="store_true", help="rebuild the SynVid and retrain instead of continuing")
+    p.add_argument("--seeds", help="e.g. 0-4: the whole demo once per seed (OUT/seed_S) and the ablation over "
+                   "seeds with 95 %% intervals in OUT/report.md (about 5 minutes per seed on 2 idle cores)")
     for f, default in asdict(DemoConfig()).items():
         p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
     args = vars(p.parse_args(argv))
-    out, assets, fresh = Path(args.pop("out")), args.pop("assets"), args.pop("fresh")
+    out, assets, fresh, seeds = Path(args.pop("out")), args.pop("assets"), args.pop("fresh"), args.pop("seeds")
     cfg = DemoConfig(**args)
     try:
+        if seeds:
+            run_seeds(cfg, parse_seeds(seeds), out, fresh=fresh, assets=assets)
+            print((out / "report.md").read_text())
+            return 0
         report = run_demo(cfg, out, fresh=fresh, assets=assets)
     except KeyboardInterrupt:
         say("interrupted; run the same command again to continue (the SynVid and finished runs are kept)")
         return 130
-    except (FileNotFoundError, ModuleNotFoundError, SynVidError, ConfigError) as err:
+    except (FileNotFoundError, ModuleNotFoundError, SynVidError, ConfigError, ValueError) as err:
         say(f"error: {err}")
         return 2
     say(f"done in {report['total_seconds']:.0f} s: {out / 'report.md'}, {report['files']['mp4']}, "

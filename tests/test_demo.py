@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from accvideo_core.demo import DemoConfig, heldout_prompts, main, run_demo, training_prompts
+from accvideo_core.demo import (DemoConfig, heldout_prompts, main, mean_interval, parse_seeds, run_demo, t_quantile,
+                                 training_prompts)
 from accvideo_core.mini.data import attribute_combos, parse_caption
 from accvideo_core.sampling import ACCVIDEO_STUDENT, HUNYUAN_TEACHER
 from accvideo_core.synvid.format import SynVidDataset
@@ -49,6 +50,11 @@ def test_demo_runs_end_to_end_reduced(tmp_path, capsys):
     assert saved["ablation"]["traj_only_mse"] == pytest.approx(r["student_trajectory"]["latent_mse_to_teacher"])
     md = (tmp_path / "report.md").read_text()
     assert "| AccVideo student 5 | 5 |" in md and "| teacher 50 steps | 50 |" in md and "Ablation" in md
+    # the discriminator section: its loss and each head's held-out accuracy before and after training
+    d = report["discriminator"]
+    assert sorted(d["heldout_accuracy_end"]) == [0, 1, 2, 3, 4] and d["loss_last10"]["adv_d"] > 0
+    assert all(0.0 <= a <= 1.0 for a in (*d["heldout_accuracy_start"].values(), *d["heldout_accuracy_end"].values()))
+    assert "## Discriminator" in md and "held-out accuracy" in md
     assert count_frames(tmp_path / "side_by_side.mp4") == 17
     assert (tmp_path / "side_by_side.gif").stat().st_size > 1000
     # a second run continues: nothing is re-dumped and both finished trainings are reused
@@ -63,3 +69,15 @@ def test_demo_runs_end_to_end_reduced(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "family changed since the last run" in err and "already present" not in err
     assert "reusing the finished training run" not in err
+
+
+def test_seed_statistics():
+    # Student's t quantiles against the published table (two-sided 95 %: df 1, 4, 30)
+    assert [round(t_quantile(0.975, df), 3) for df in (1, 4, 30)] == [12.706, 2.776, 2.042]
+    iv = mean_interval([0.08, 0.10, 0.09, 0.12, 0.11])
+    half = 2.776445 * 0.015811388 / 5 ** 0.5   # t(0.975, 4) x sample std / sqrt(n)
+    assert iv["mean"] == pytest.approx(0.1) and iv["high"] - iv["mean"] == pytest.approx(half, rel=1e-5)
+    assert iv["low"] == pytest.approx(0.1 - half, rel=1e-5) and iv["n"] == 5
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4] and parse_seeds("3, 0-1,3") == [3, 0, 1]
+    with pytest.raises(ValueError, match="expected a range such as 0-4"):
+        parse_seeds("a-b")
