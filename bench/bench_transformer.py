@@ -49,10 +49,13 @@ def build(dtype: torch.dtype, device: str):
     return ours.to(device, dtype), theirs.to(device, dtype)
 
 
-def make_inputs(valid: int, frames: int, size: int, device: str) -> dict[str, torch.Tensor]:
+def make_inputs(valid: int, frames: int, size: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tiny inputs on ``device``; the activations (latents, text states, pooled) in the models' ``dtype``, the
+    timestep kept in fp32 as samplers pass it (in bf16 788.37 would round to 788) and the mask as it is."""
     inp = tiny_inputs(CONFIG, batch=1, frames=frames, height=size, width=size, text_len=TEXT_LEN, valid=[valid],
                       seed=1)
-    return {k: v.to(device) for k, v in inp.items()}
+    return {k: v.to(device, dtype) if v.is_floating_point() and k != "timestep" else v.to(device)
+            for k, v in inp.items()}
 
 
 def runner(which: str, model, inp: dict[str, torch.Tensor]):
@@ -98,7 +101,7 @@ def memory_child(which: str, valid: int, dtype: str, frames: int, size: int) -> 
     The high-water mark is reset after the models are built (``bench.memory``), so only the forward pass counts.
     """
     model = build(parse_dtype(dtype), "cpu")[0 if which == "ours" else 1]
-    inp = make_inputs(valid, frames, size, "cpu")
+    inp = make_inputs(valid, frames, size, "cpu", parse_dtype(dtype))
     fn = runner(which, model, inp)
     base = reset_peak_rss()
     with torch.inference_mode():
@@ -147,7 +150,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     results = []
     for case, valid in CASES.items():
-        inp = make_inputs(valid, args.frames, args.size, args.device)
+        inp = make_inputs(valid, args.frames, args.size, args.device, dtype)
         with torch.inference_mode():
             diff = (runner("ours", ours, inp)().float() - runner("diffusers", theirs, inp)().float()).abs().max()
         print(f"{case}: timing ({args.repeats} alternating repeats)")
