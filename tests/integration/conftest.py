@@ -134,6 +134,21 @@ class Server:
             time.sleep(0.25)
         raise AssertionError(f"prompt {pid} did not finish in {timeout} s")
 
+    async def messages(self, prompt: dict):
+        """Queue an API prompt over a websocket session and yield ``(prompt_id, message)`` for every message the
+        server sends that client: ``bytes`` for binary frames (previews, progress text), a parsed dict otherwise.
+        The caller stops iterating when it has seen what it waits for."""
+        import aiohttp
+
+        client_id = uuid.uuid4().hex
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{self.url.replace('http', 'ws')}/ws?clientId={client_id}") as ws:
+                status, answer = self.post("/prompt", {"prompt": prompt, "client_id": client_id})
+                assert status == 200, answer
+                async for msg in ws:
+                    binary = msg.type == aiohttp.WSMsgType.BINARY
+                    yield answer["prompt_id"], msg.data if binary else json.loads(msg.data)
+
 
 def error_of(entry: dict) -> str | None:
     for event, data in entry["status"].get("messages", []):

@@ -7,10 +7,10 @@ CLIPTextEncode (the real text encoders are multi-GB downloads); sizes shrink to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -163,33 +163,28 @@ def test_sampler_equals_native_ksampler(comfy_api):
 
 
 def test_sampler_reports_progress_with_latent_previews(comfy_api):
-    aiohttp = pytest.importorskip("aiohttp")
+    pytest.importorskip("aiohttp")
     wf = tiny(api_twin("accvideo_t2v"))
     for nid in nodes_of(wf, "AccVideoVAEDecode") + nodes_of(wf, "AccVideoSaveVideo") + nodes_of(wf, "VAELoader"):
         del wf[nid]
     ours, = nodes_of(wf, "AccVideoSampler")
     wf[ours]["inputs"].update(seed=5, steps=6)
     add(wf, "AccVideoTest_SaveTensors", name="progress_run", latent=[ours, 0])
-    client_id = uuid.uuid4().hex
 
     async def follow() -> tuple[list, int]:
         progress, previews = [], 0
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(f"{comfy_api.url.replace('http', 'ws')}/ws?clientId={client_id}") as ws:
-                status, answer = comfy_api.post("/prompt", {"prompt": wf, "client_id": client_id})
-                assert status == 200, answer
-                async for msg in ws:
-                    if msg.type == aiohttp.WSMsgType.BINARY:
-                        previews += 1
-                        continue
-                    data = json.loads(msg.data)
-                    if data["type"] == "progress" and data["data"].get("node") == ours:
-                        progress.append((data["data"]["value"], data["data"]["max"]))
-                    if data["type"] == "executing" and data["data"]["node"] is None and \
-                            data["data"].get("prompt_id") == answer["prompt_id"]:
-                        return progress, previews
-                    if data["type"] == "execution_error":
-                        raise AssertionError(data)
+        async with contextlib.aclosing(comfy_api.messages(wf)) as messages:
+            async for prompt_id, data in messages:
+                if isinstance(data, bytes):
+                    previews += 1
+                    continue
+                if data["type"] == "progress" and data["data"].get("node") == ours:
+                    progress.append((data["data"]["value"], data["data"]["max"]))
+                if data["type"] == "executing" and data["data"]["node"] is None and \
+                        data["data"].get("prompt_id") == prompt_id:
+                    break
+                if data["type"] == "execution_error":
+                    raise AssertionError(data)
         return progress, previews
 
     progress, previews = asyncio.run(asyncio.wait_for(follow(), 300))

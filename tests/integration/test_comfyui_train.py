@@ -9,6 +9,7 @@ prompt again is served from ComfyUI's cache; an interrupt leaves a checkpoint th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import struct
 import uuid
@@ -67,34 +68,29 @@ def test_distill_workflow_student_beats_teacher_five_steps_on_held_out_noise(com
 
 
 def test_train_node_checkpoints_on_interrupt_and_resumes_on_requeue(comfy_api):
-    aiohttp = pytest.importorskip("aiohttp")
+    pytest.importorskip("aiohttp")
     wf, ids = _distill("synvid/train_resume", "train_resume", prompts=6, steps=6, lambda_adv=0.0)
     train = ids["AccVideoTrain"]
-    client_id = uuid.uuid4().hex
 
     async def follow(prompt: dict, interrupt_at: int | None) -> tuple[list, list, list]:
         progress, texts, events = [], [], []
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(f"{comfy_api.url.replace('http', 'ws')}/ws?clientId={client_id}") as ws:
-                status, answer = comfy_api.post("/prompt", {"prompt": prompt, "client_id": client_id})
-                assert status == 200, answer
-                async for msg in ws:
-                    if msg.type == aiohttp.WSMsgType.BINARY:
-                        kind, = struct.unpack(">I", msg.data[:4])
-                        if kind == 3:  # progress text: node id length, node id, text
-                            n, = struct.unpack(">I", msg.data[4:8])
-                            if msg.data[8:8 + n].decode() == train:
-                                texts.append(msg.data[8 + n:].decode())
-                        continue
-                    data = json.loads(msg.data)
-                    events.append(data["type"])
-                    if data["type"] == "progress" and data["data"].get("node") == train:
-                        progress.append((data["data"]["value"], data["data"]["max"]))
-                        if interrupt_at is not None and data["data"]["value"] == interrupt_at:
-                            comfy_api.post("/interrupt", {})
-                    if data["type"] in ("execution_success", "execution_interrupted", "execution_error") and \
-                            data["data"].get("prompt_id") == answer["prompt_id"]:
-                        return progress, texts, events
+        async with contextlib.aclosing(comfy_api.messages(prompt)) as messages:
+            async for prompt_id, data in messages:
+                if isinstance(data, bytes):
+                    kind, = struct.unpack(">I", data[:4])
+                    if kind == 3:  # progress text: node id length, node id, text
+                        n, = struct.unpack(">I", data[4:8])
+                        if data[8:8 + n].decode() == train:
+                            texts.append(data[8 + n:].decode())
+                    continue
+                events.append(data["type"])
+                if data["type"] == "progress" and data["data"].get("node") == train:
+                    progress.append((data["data"]["value"], data["data"]["max"]))
+                    if interrupt_at is not None and data["data"]["value"] == interrupt_at:
+                        comfy_api.post("/interrupt", {})
+                if data["type"] in ("execution_success", "execution_interrupted", "execution_error") and \
+                        data["data"].get("prompt_id") == prompt_id:
+                    break
         return progress, texts, events
 
     progress, texts, events = asyncio.run(asyncio.wait_for(follow(wf, interrupt_at=2), 900))
