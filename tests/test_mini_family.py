@@ -2,6 +2,7 @@
 prompt on held-out prompts it never saw in training and that its guidance embedding is trained."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,7 +16,7 @@ from accvideo_core.mini.data import (BACKGROUND_COLORS, SHAPE_COLORS, SHAPES, Mi
 from accvideo_core.mini.family import ASSETS, FILES, load_family, prompt_checks, reference_video, shape_region_colour
 from accvideo_core.mini.train_teacher import MINI_TRANSFORMER, encoder_sha256
 from accvideo_core.mini.train_vae import MINI_VAE, evaluate_vae
-from accvideo_core.mini.validate import main as validate_main
+from accvideo_core.mini.validate import attribute_usage, main as validate_main
 from accvideo_core.models.loading import save_transformer
 from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransformer3D
 
@@ -153,3 +154,23 @@ def test_validate_cli_separates_a_trained_from_an_untrained_teacher(tmp_path, ca
     assert shipped["videos"] == random_init["videos"] == 8
     assert shipped["motion_ok"] >= random_init["motion_ok"] + 4, (shipped, random_init)  # measured 7 vs 0
     assert shipped["both_ok"] >= random_init["both_ok"] + 2, (shipped, random_init)  # measured 4 vs 0
+
+
+def test_attribute_usage_shows_what_the_teacher_conditions_on(family):
+    """``attribute_usage`` (``validate --usage``): swapping the background, shape colour or direction of the captions
+    raises the shipped teacher's flow loss on encoded held-out clips (measured +0.83 / +0.11 / +0.16 at sigma 0.8, 16
+    clips), while an untrained teacher of the same architecture barely notices any swap (|change| < 0.001)."""
+    trained = attribute_usage(family, clips=16, sigmas=(0.8,))["sigma_0.8"]
+    torch.manual_seed(0)
+    untrained_family = dataclasses.replace(family, teacher=HunyuanVideoTransformer3D(MINI_TRANSFORMER).eval())
+    untrained = attribute_usage(untrained_family, clips=16, sigmas=(0.8,))["sigma_0.8"]
+    for field in ("background", "color", "direction"):
+        assert trained[f"{field}_swapped_increase"] > 0.05, trained
+        assert abs(untrained[f"{field}_swapped_increase"]) < 0.01, untrained
+
+
+def test_validate_cli_scores_each_guidance(capsys):
+    """``--guidance`` scores one teacher at several embedded guidance values, a JSON line each."""
+    assert validate_main([str(ASSETS / FILES["teacher"]), "--prompts", "2", "--guidance", "1", "6"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["guidance"] for line in lines] == [1.0, 6.0] and all(line["videos"] == 2 for line in lines)

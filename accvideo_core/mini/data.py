@@ -93,7 +93,8 @@ class ClipSpec:
         return (self.shape, self.color, self.direction, self.background)
 
 
-def _contrast(color: str, background: str) -> float:
+def contrast(color: str, background: str) -> float:
+    """RGB distance of a shape colour from a background colour (combinations need >= ``MIN_CONTRAST``)."""
     return math.dist(SHAPE_COLORS[color], BACKGROUND_COLORS[background])
 
 
@@ -105,7 +106,7 @@ def attribute_combos(split: str = "all", heldout_fraction: float = 0.1) -> tuple
     run seed, so every script agrees on it).
     """
     combos = [c for c in itertools.product(SHAPES, SHAPE_COLORS, DIRECTIONS, BACKGROUND_COLORS)
-              if _contrast(c[1], c[3]) >= MIN_CONTRAST]
+              if contrast(c[1], c[3]) >= MIN_CONTRAST]
     if split == "all":
         return tuple(combos)
     if split not in SPLITS:

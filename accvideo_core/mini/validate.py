@@ -1,38 +1,84 @@
 """Compare miniature teacher checkpoints on every held-out prompt, with noise seeds the demo and tests never use.
 
-``python -m accvideo_core.mini.validate CANDIDATE.safetensors [...] [--prompts 59] [--steps 50]``
+``python -m accvideo_core.mini.validate CANDIDATE.safetensors [...] [--prompts 59] [--steps 50] [--guidance 2 6]
+[--usage]``
 
-Each candidate generates one video per held-out prompt at the teacher recipe (``sampling.HUNYUAN_TEACHER``, 50
-steps; seeds 100, 101, ...; the demo and the tests use 7, 8 and 11) and is scored with the demo's probes
-(:func:`~accvideo_core.mini.family.prompt_checks`): how many videos show the prompted shape colour, the prompted
-motion, both, the prompted shape, and all three. This is how a
+Each candidate generates one video per held-out prompt at the teacher recipe (``sampling.HUNYUAN_TEACHER``: 50
+steps, guidance 6.0, or each ``--guidance`` value; seeds 100, 101, ...; the demo and the tests
+use 7, 8 and 11) and is scored with the demo's probes (:func:`~accvideo_core.mini.family.prompt_checks`): how many
+videos show the prompted shape colour, the prompted motion, both, the prompted shape, and all three. This is how a
 teacher run is chosen among candidates trained side by side, without looking at the demo's or the tests' videos.
+
+``--usage`` also prints how much the teacher relies on each caption attribute (:func:`attribute_usage`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..demo import heldout_prompts
+from ..latents import to_model_space
 from ..sampling import HUNYUAN_TEACHER
-from .data import attribute_combos
+from .data import (BACKGROUND_COLORS, DEFAULT_GEOMETRY, DIRECTIONS, MIN_CONTRAST, SHAPE_COLORS, SHAPES, ClipSpec,
+                   MiniVideoConfig, MiniVideoDataset, attribute_combos, contrast)
 from .family import MiniFamily, load_family, prompt_checks
 
 FIRST_SEED = 100
+ATTRIBUTES = {"shape": SHAPES, "color": tuple(SHAPE_COLORS), "background": tuple(BACKGROUND_COLORS),
+              "direction": tuple(DIRECTIONS)}
 
 
-def validate_teacher(family: MiniFamily, *, prompts: int | None = None, steps: int = HUNYUAN_TEACHER.steps) -> dict:
+def validate_teacher(family: MiniFamily, *, prompts: int | None = None, steps: int = HUNYUAN_TEACHER.steps,
+                     guidance: float = HUNYUAN_TEACHER.guidance) -> dict:
     """Colour / motion / both / shape / all-three counts of ``family.teacher`` over ``prompts`` held-out prompts
     (default: all)."""
     captions = heldout_prompts(prompts or len(attribute_combos("heldout")))
-    videos, _ = family.generate(captions, [FIRST_SEED + i for i in range(len(captions))], steps)
+    videos, _ = family.generate(captions, [FIRST_SEED + i for i in range(len(captions))], steps, guidance=guidance)
     checks = [prompt_checks(video, caption) for video, caption in zip(videos, captions)]
     return {"videos": len(captions), "steps": steps, "colour_ok": sum(c.colour for c in checks),
             "motion_ok": sum(c.motion for c in checks), "both_ok": sum(c.colour and c.motion for c in checks),
             "shape_ok": sum(c.shape for c in checks), "all_ok": sum(all(c) for c in checks)}
+
+
+@torch.no_grad()
+def attribute_usage(family: MiniFamily, *, clips: int = 96, sigmas: tuple[float, ...] = (0.5, 0.8, 0.95),
+                    geometry: str = DEFAULT_GEOMETRY) -> dict[str, dict[str, float]]:
+    """How much the teacher (conditional, guidance 1) relies on each caption attribute: its flow loss on ``clips``
+    encoded held-out clips with the true caption, and how much it rises when one attribute of every caption is
+    replaced by another value (keeping the colour contrast the data set requires), per noise level sigma."""
+    ds = MiniVideoDataset(clips, split="heldout", config=MiniVideoConfig(seed=5, geometry=geometry))
+    specs = [ds.spec(i) for i in range(clips)]
+    videos = torch.stack([ds[i]["video"] for i in range(clips)])
+    x0 = torch.cat([to_model_space(family.vae.encode(videos[s:s + 16])) for s in range(0, clips, 16)])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    rng = random.Random(0)
+
+    def swapped(spec: ClipSpec, field: str) -> ClipSpec:
+        while True:
+            other = replace(spec, **{field: rng.choice([v for v in ATTRIBUTES[field] if v != getattr(spec, field)])})
+            if contrast(other.color, other.background) >= MIN_CONTRAST:
+                return other
+
+    def loss(captions: list[str], sigma: float) -> float:
+        text, xt = family.encode(captions), (1 - sigma) * x0 + sigma * noise
+        t = torch.full((clips,), sigma * 1000.0)
+        v = torch.cat([family.teacher(xt[s:s + 16], t[s:s + 16], text.states[s:s + 16], text.mask[s:s + 16],
+                                      text.pooled[s:s + 16], torch.ones(len(t[s:s + 16])))
+                       for s in range(0, clips, 16)])
+        return float((v - (noise - x0)).square().mean())
+
+    result = {}
+    for sigma in sigmas:
+        true = loss([s.caption() for s in specs], sigma)
+        result[f"sigma_{sigma:g}"] = {"true_caption_loss": true, **{
+            f"{field}_swapped_increase": loss([swapped(s, field).caption() for s in specs], sigma) - true
+            for field in ATTRIBUTES}}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,12 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=None, help="held-out prompts to use (default: all)")
     p.add_argument("--steps", type=int, default=HUNYUAN_TEACHER.steps,
                    help=f"sampling steps (default: the teacher recipe's {HUNYUAN_TEACHER.steps})")
+    p.add_argument("--guidance", type=float, nargs="+", default=[HUNYUAN_TEACHER.guidance],
+                   help=f"embedded guidance values to score (default: the recipe's {HUNYUAN_TEACHER.guidance:g})")
+    p.add_argument("--usage", action="store_true", help="also print attribute_usage (flow loss with swapped captions)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     for teacher in args.teachers:
-        result = validate_teacher(load_family(teacher=teacher), prompts=args.prompts, steps=args.steps)
-        print(json.dumps({"teacher": str(teacher), **result}), flush=True)
+        family = load_family(teacher=teacher)
+        for guidance in args.guidance:
+            result = validate_teacher(family, prompts=args.prompts, steps=args.steps, guidance=guidance)
+            print(json.dumps({"teacher": str(teacher), "guidance": guidance, **result}), flush=True)
+        if args.usage:
+            print(json.dumps({"teacher": str(teacher), "usage": attribute_usage(family)}), flush=True)
     return 0
 
 
