@@ -6,11 +6,10 @@ text states ``[B, L, D]`` (LLaVA-Llama hidden states in the real model), a mask 
 
 Tokens are the words of a fixed vocabulary (the caption template's words and every attribute value), preceded by
 ``<bos>`` so that no prompt has an empty mask. Token embeddings are a seeded Gaussian table, positions a fixed
-sinusoidal table; states = token + position for valid tokens and exactly 0 for padding. The pooled vector stands
-in for CLIP's pooled output: ``pooling="mean"`` (the shipped family's) projects the masked mean of ``tanh(states)``,
-``pooling="sequence"`` the whole ordered sequence ``tanh(states)`` ``[L * D]``, so it says which word fills which
-slot of the caption. All weights are frozen; ``save``/``load`` round-trip them (and the vocabulary and config)
-through one safetensors file.
+sinusoidal table; states = token + position for valid tokens and exactly 0 for padding. The pooled vector is a
+seeded projection of the masked mean of ``tanh(states)`` (the nonlinearity makes it depend on word order, so
+"a red square ... blue background" and "a blue square ... red background" pool differently). All weights are
+frozen; ``save``/``load`` round-trip them (and the vocabulary and config) through one safetensors file.
 """
 from __future__ import annotations
 
@@ -46,7 +45,6 @@ class TinyTextEncoderConfig:
     pooled_dim: int = 768  # CLIP-L's width: keeps a miniature transformer loadable where 768 is hard-coded
     max_length: int = 16
     seed: int = 0
-    pooling: str = "mean"  # "mean": projection of the token mean; "sequence": of the ordered token sequence
 
     def __post_init__(self) -> None:
         if tuple(self.vocab[:3]) != (PAD, BOS, UNK) or len(set(self.vocab)) != len(self.vocab):
@@ -83,8 +81,7 @@ class TinyTextEncoder(nn.Module):
                                             requires_grad=False)
         self.position_embedding = nn.Parameter(0.5 * sinusoidal_positions(config.max_length, config.text_dim),
                                                requires_grad=False)
-        pooled_in = config.text_dim * (config.max_length if config.pooling == "sequence" else 1)
-        proj = torch.randn(config.pooled_dim, pooled_in, generator=gen) / math.sqrt(pooled_in)
+        proj = torch.randn(config.pooled_dim, config.text_dim, generator=gen) / math.sqrt(config.text_dim)
         self.pooled_proj = nn.Parameter(proj, requires_grad=False)
 
     def tokenize(self, prompts: Sequence[str], *, strict: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,12 +109,8 @@ class TinyTextEncoder(nn.Module):
     def forward(self, token_ids: torch.Tensor, mask: torch.Tensor) -> TextEncoding:
         valid = mask.to(self.token_embedding.dtype)[..., None]
         states = (self.token_embedding[token_ids] + self.position_embedding[None, :token_ids.shape[1]]) * valid
-        squashed = torch.tanh(states) * valid
-        if self.config.pooling == "sequence":
-            summary = squashed.flatten(1) * (self.config.max_length / valid.sum(1).clamp_min(1.0)).sqrt()
-        else:
-            summary = squashed.sum(1) / valid.sum(1).clamp_min(1.0)
-        return TextEncoding(states, mask, summary @ self.pooled_proj.T)
+        mean = (torch.tanh(states) * valid).sum(1) / valid.sum(1).clamp_min(1.0)
+        return TextEncoding(states, mask, mean @ self.pooled_proj.T)
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str] | str, *, strict: bool = True) -> TextEncoding:

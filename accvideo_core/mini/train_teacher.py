@@ -68,7 +68,6 @@ class TeacherTrainConfig:
     ema_decay: float = 0.998
     fg_weight: float = 0.0  # extra loss weight on latent positions covering the shape (latent_foreground); 0 = off
     geometry: str = DEFAULT_GEOMETRY  # clip geometry (data.GEOMETRIES); the shipped teacher: "small"
-    pooling: str = "mean"  # the text encoder's pooled vector (TinyTextEncoderConfig.pooling)
     seed: int = 0
     threads: int = 1
 
@@ -182,7 +181,7 @@ def train_teacher(cfg: TeacherTrainConfig, vae_path: str | Path, out: str | Path
     torch.set_num_threads(cfg.threads)
     out = Path(out)
     t_start = time.perf_counter()
-    encoder = TinyTextEncoder(TinyTextEncoderConfig(pooling=cfg.pooling))
+    encoder = TinyTextEncoder(ENCODER_CONFIG)
     encoder.save(out.with_name("text_encoder.safetensors"))
     vae = load_vae(vae_path, dtype=torch.float32).eval()
     data = encode_clips(vae, encoder, cfg.clips, cfg.seed, log=log, geometry=cfg.geometry)
