@@ -1,7 +1,7 @@
 """Compare miniature teacher checkpoints on every held-out prompt, with noise seeds the demo and tests never use.
 
 ``python -m accvideo_core.mini.validate CANDIDATE.safetensors [...] [--prompts 59] [--steps 50] [--guidance 2 6]
-[--usage]``
+[--usage [--geometry large]]``
 
 Each candidate generates one video per held-out prompt at the teacher recipe (``sampling.HUNYUAN_TEACHER``: 50
 steps, guidance 6.0, or each ``--guidance`` value; seeds 100, 101, ...; the demo and the tests
@@ -24,8 +24,8 @@ import torch
 from ..demo import heldout_prompts
 from ..latents import to_model_space
 from ..sampling import HUNYUAN_TEACHER
-from .data import (BACKGROUND_COLORS, DEFAULT_GEOMETRY, DIRECTIONS, MIN_CONTRAST, SHAPE_COLORS, SHAPES, ClipSpec,
-                   MiniVideoConfig, MiniVideoDataset, attribute_combos, contrast)
+from .data import (BACKGROUND_COLORS, DEFAULT_GEOMETRY, DIRECTIONS, GEOMETRIES, MIN_CONTRAST, SHAPE_COLORS, SHAPES,
+                   ClipSpec, MiniVideoConfig, MiniVideoDataset, attribute_combos, contrast)
 from .family import MiniFamily, load_family, prompt_checks
 
 FIRST_SEED = 100
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, nargs="+", default=[HUNYUAN_TEACHER.guidance],
                    help=f"embedded guidance values to score (default: the recipe's {HUNYUAN_TEACHER.guidance:g})")
     p.add_argument("--usage", action="store_true", help="also print attribute_usage (flow loss with swapped captions)")
+    p.add_argument("--geometry", default=DEFAULT_GEOMETRY, choices=sorted(GEOMETRIES),
+                   help="clip geometry of the --usage clips (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             result = validate_teacher(family, prompts=args.prompts, steps=args.steps, guidance=guidance)
             print(json.dumps({"teacher": str(teacher), "guidance": guidance, **result}), flush=True)
         if args.usage:
-            print(json.dumps({"teacher": str(teacher), "usage": attribute_usage(family)}), flush=True)
+            usage = attribute_usage(family, geometry=args.geometry)
+            print(json.dumps({"teacher": str(teacher), "geometry": args.geometry, "usage": usage}), flush=True)
     return 0
 
 
