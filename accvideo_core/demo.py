@@ -538,8 +538,8 @@ def seeds_markdown(summary: dict) -> str:
     lines = ["# AccVideo miniature demo over seeds: report", "",
              f"Seeds {summary['seeds']} (per seed: other training prompts, trainer seed and held-out noise; each "
              "seed's own report is in `seed_S/`). Latent MSE to " + full + " on the held-out prompts; "
-             "discriminator: loss over the last 10 iterations (chance 1.386) and held-out real/fake accuracy per "
-             "key timestep k = 0..4 at the end.", "",
+             f"discriminator: loss over the last 10 iterations (chance {CHANCE_LOSS:.3f}) and held-out real/fake "
+             "accuracy per key timestep k = 0..4 at the end.", "",
              f"| seed | {few} | trajectory only | trajectory + adversarial | adv - traj | AccVideo / {few} | "
              "D loss | D accuracy k=0..4 |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -91,10 +91,10 @@ def latent_foreground(video: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_clips(vae, encoder: TinyTextEncoder, clips: int, seed: int, log=print,
-                 geometry: str = DEFAULT_GEOMETRY) -> dict[str, torch.Tensor]:
+                 geometry: str = DEFAULT_GEOMETRY, split: str = "train") -> dict[str, torch.Tensor]:
     """Model-space latents ``[N, 16, 5, 8, 8]``, their shape masks ``[N, 1, 5, 8, 8]`` (:func:`latent_foreground`)
-    and text encodings of the first ``clips`` training clips."""
-    ds = MiniVideoDataset(clips, split="train", config=MiniVideoConfig(seed=seed, geometry=geometry))
+    and text encodings of the first ``clips`` clips of ``split``."""
+    ds = MiniVideoDataset(clips, split=split, config=MiniVideoConfig(seed=seed, geometry=geometry))
     latents, foreground, captions = [], [], []
     for start in range(0, clips, 16):
         items = [ds[i] for i in range(start, min(clips, start + 16))]

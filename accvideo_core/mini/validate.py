@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from ..demo import heldout_prompts
-from ..latents import to_model_space
 from ..sampling import HUNYUAN_TEACHER
 from .data import (BACKGROUND_COLORS, DEFAULT_GEOMETRY, DIRECTIONS, GEOMETRIES, MIN_CONTRAST, SHAPE_COLORS, SHAPES,
-                   ClipSpec, MiniVideoConfig, MiniVideoDataset, attribute_combos, contrast)
+                   ClipSpec, attribute_combos, clip_spec, contrast)
 from .family import MiniFamily, load_family, prompt_checks
+from .train_teacher import encode_clips
 
 FIRST_SEED = 100
 ATTRIBUTES = {"shape": SHAPES, "color": tuple(SHAPE_COLORS), "background": tuple(BACKGROUND_COLORS),
@@ -51,10 +51,10 @@ def attribute_usage(family: MiniFamily, *, clips: int = 96, sigmas: tuple[float,
     """How much the teacher (conditional, guidance 1) relies on each caption attribute: its flow loss on ``clips``
     encoded held-out clips with the true caption, and how much it rises when one attribute of every caption is
     replaced by another value (keeping the colour contrast the data set requires), per noise level sigma."""
-    ds = MiniVideoDataset(clips, split="heldout", config=MiniVideoConfig(seed=5, geometry=geometry))
-    specs = [ds.spec(i) for i in range(clips)]
-    videos = torch.stack([ds[i]["video"] for i in range(clips)])
-    x0 = torch.cat([to_model_space(family.vae.encode(videos[s:s + 16])) for s in range(0, clips, 16)])
+    seed = 5
+    specs = [clip_spec(i, seed=seed, split="heldout", geometry_name=geometry) for i in range(clips)]
+    x0 = encode_clips(family.vae, family.text_encoder, clips, seed, log=lambda _: None, geometry=geometry,
+                      split="heldout")["latents"]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     rng = random.Random(0)
 
@@ -66,9 +66,8 @@ def attribute_usage(family: MiniFamily, *, clips: int = 96, sigmas: tuple[float,
 
     def loss(captions: list[str], sigma: float) -> float:
         text, xt = family.encode(captions), (1 - sigma) * x0 + sigma * noise
-        t = torch.full((clips,), sigma * 1000.0)
-        v = torch.cat([family.teacher(xt[s:s + 16], t[s:s + 16], text.states[s:s + 16], text.mask[s:s + 16],
-                                      text.pooled[s:s + 16], torch.ones(len(t[s:s + 16])))
+        v = torch.cat([family.teacher(xt[s:s + 16], torch.full((len(xt[s:s + 16]),), sigma * 1000.0),
+                                      text.states[s:s + 16], text.mask[s:s + 16], text.pooled[s:s + 16], 1.0)
                        for s in range(0, clips, 16)])
         return float((v - (noise - x0)).square().mean())
 
