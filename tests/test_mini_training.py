@@ -9,7 +9,9 @@ import torch
 from accvideo_core.mini.data import MiniVideoDataset, parse_caption, render_clip
 from accvideo_core.mini.train_teacher import latent_foreground
 from accvideo_core.mini.train_teacher import main as teacher_main
-from accvideo_core.mini.train_vae import MINI_VAE, anchor_group_statistics_, foreground_weights, output_norm_inputs
+from accvideo_core.latents import VAE_SCALING_FACTOR
+from accvideo_core.mini.train_vae import (MINI_VAE, anchor_group_statistics_, foreground_weights, jitter_latents,
+                                          output_norm_inputs)
 from accvideo_core.mini.train_vae import main as vae_main
 from accvideo_core.models.loading import load_transformer
 from accvideo_core.models.vae_hunyuan_video import HunyuanVideoVAE, norm_silu
@@ -70,6 +72,22 @@ def test_latent_foreground_follows_the_causal_latent_grid():
     assert not torch.equal(mask[0, 0, 0], mask[0, 0, 2])  # the shape moved
 
 
+def test_jitter_latents_scales_about_each_clip_mean_and_adds_noise():
+    torch.manual_seed(0)
+    z = torch.randn(64, 16, 3, 4, 4) * 2 + 1
+    assert jitter_latents(z, 0.0, 0.0) is z
+    scaled = jitter_latents(z, 0.0, 0.5)
+    centre = z.mean(dim=(2, 3, 4), keepdim=True)
+    w = ((scaled - centre) * (z - centre)).sum(dim=(1, 2, 3, 4)) / (z - centre).square().sum(dim=(1, 2, 3, 4))
+    torch.testing.assert_close(scaled, centre + w.view(-1, 1, 1, 1, 1) * (z - centre))  # a pure per-clip scaling
+    assert float(w.min()) >= 1.0 and float(w.max()) <= 1.5
+    unscaled = (w == 1.0).float().mean()
+    assert 0.25 < unscaled < 0.75 and float(w.max()) > 1.3  # about half the clips kept, the others spread
+    noisy = jitter_latents(z, 0.4, 0.0) - z
+    per_clip = noisy.std(dim=(1, 2, 3, 4)) * VAE_SCALING_FACTOR  # model-space noise std, U(0, 0.4) per clip
+    assert float(per_clip.max()) <= 0.45 and float(per_clip.max()) > 0.3 and float(per_clip.min()) < 0.1
+
+
 def test_vae_and_teacher_training_clis_run_at_a_tiny_budget(tmp_path):
     vae_out = tmp_path / "vae.safetensors"
     assert vae_main(["--out", str(vae_out), "--steps", "2", "--batch", "1", "--crop", "32", "--window", "5",
@@ -83,7 +101,8 @@ def test_vae_and_teacher_training_clis_run_at_a_tiny_budget(tmp_path):
     # --decoder-only keeps every latent (encoder + quant_conv) bit-identical and trains the decoder
     tuned = tmp_path / "tuned" / "vae.safetensors"
     assert vae_main(["--init", str(vae_out), "--out", str(tuned), "--decoder-only", "--steps", "2", "--batch", "1",
-                     "--crop", "32", "--window", "5", "--clips", "4", "--warmup", "1", "--lr", "1e-3"]) == 0
+                     "--crop", "32", "--window", "5", "--clips", "4", "--warmup", "1", "--lr", "1e-3",
+                     "--latent-scale", "0.5", "--latent-noise", "0.3"]) == 0
     before, after = vae.state_dict(), load_vae(tuned, dtype=torch.float32).state_dict()
     frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)

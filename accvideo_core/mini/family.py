@@ -87,11 +87,15 @@ def asset_paths(root: str | os.PathLike | None = None) -> dict[str, Path]:
     return paths
 
 
-def load_family(root: str | os.PathLike | None = None, *, teacher: str | os.PathLike | None = None) -> MiniFamily:
-    """Load the shipped family (or one under ``root``); ``teacher`` replaces the teacher file (e.g. a student)."""
+def load_family(root: str | os.PathLike | None = None, *, teacher: str | os.PathLike | None = None,
+                vae: str | os.PathLike | None = None) -> MiniFamily:
+    """Load the shipped family (or one under ``root``); ``teacher`` replaces the teacher file (e.g. a student),
+    ``vae`` the VAE file (e.g. a decoder candidate)."""
     paths = asset_paths(root)
     if teacher is not None:
         paths["teacher"] = Path(teacher)
+    if vae is not None:
+        paths["vae"] = Path(vae)
     return MiniFamily(text_encoder=TinyTextEncoder.load(paths["text_encoder"]),
                       vae=load_vae(paths["vae"], dtype=torch.float32).eval(),
                       teacher=load_transformer(paths["teacher"], dtype=torch.float32).eval(), paths=paths)

@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"sampling steps (default: the teacher recipe's {HUNYUAN_TEACHER.steps})")
     p.add_argument("--guidance", type=float, nargs="+", default=[HUNYUAN_TEACHER.guidance],
                    help=f"embedded guidance values to score (default: the recipe's {HUNYUAN_TEACHER.guidance:g})")
+    p.add_argument("--vae", type=Path, default=None, help="VAE file to decode with (default: the shipped one)")
     p.add_argument("--usage", action="store_true", help="also print attribute_usage (flow loss with swapped captions)")
     p.add_argument("--geometry", default=DEFAULT_GEOMETRY, choices=sorted(GEOMETRIES),
                    help="clip geometry of the --usage clips (default: %(default)s)")
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     for teacher in args.teachers:
-        family = load_family(teacher=teacher)
+        family = load_family(teacher=teacher, vae=args.vae)
         for guidance in args.guidance:
             result = validate_teacher(family, prompts=args.prompts, steps=args.steps, guidance=guidance)
             print(json.dumps({"teacher": str(teacher), "guidance": guidance, **result}), flush=True)
