@@ -67,7 +67,7 @@ class TeacherTrainConfig:
     shift: float = HUNYUAN_TEACHER.shift  # the shifted half of the training sigmas follows the sampler's schedule
     ema_decay: float = 0.998
     fg_weight: float = 0.0  # extra loss weight on latent positions covering the shape (latent_foreground); 0 = off
-    geometry: str = DEFAULT_GEOMETRY  # clip geometry (data.GEOMETRIES); the shipped teacher: "small"
+    geometry: str = DEFAULT_GEOMETRY  # clip geometry (data.GEOMETRIES); the shipped teacher: "small", then "large"
     seed: int = 0
     threads: int = 1
 

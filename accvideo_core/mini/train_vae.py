@@ -53,7 +53,7 @@ class VAETrainConfig:
     decoder_only: bool = False  # freeze the encoder (and so every latent a teacher was trained on); train the decoder
     latent_noise: float = 0.0  # decoder sees latents + N(0, s^2), s ~ U(0, latent_noise) per clip (model space)
     latent_scale: float = 0.0  # half the clips: latents scaled about their clip mean by w ~ U(1, 1 + latent_scale)
-    geometry: str = DEFAULT_GEOMETRY  # clip geometry (data.GEOMETRIES); the shipped VAE was trained on "small"
+    geometry: str = DEFAULT_GEOMETRY  # clip geometry (data.GEOMETRIES); the shipped VAE: "small", its decoder then "large"
     seed: int = 0
     threads: int = 1  # one thread: on a loaded 2-core machine two OpenMP threads run ~10x slower
 
