@@ -55,11 +55,11 @@ class Geometry:
 
 
 GEOMETRIES: dict[str, Geometry] = {
-    # shapes 18-28 px across on 64 x 64, long travel: the first family's VAE and teacher were trained on these; the
-    # VAE draws them as blobs (shape probe 22 of 48 held-out encode-decodes)
+    # shapes 18-28 px across on 64 x 64, long travel: the first family's VAE and teacher were trained on these; that
+    # VAE drew them as blobs (shape probe 22 of 48 held-out encode-decodes)
     "small": Geometry(radius=(0.14, 0.22), travel=(0.3, 0.5), reference=(0.15, 0.4)),
-    # shapes 33-41 px across, shorter travel: the same VAE draws them (shape probe 47 of 48) and its latents carry
-    # the shape (whole-latent probe 80 % vs 27 % for "small"); the shipped teacher continued its training on these
+    # shapes 33-41 px across, shorter travel: the same VAE drew them (shape probe 47 of 48) and its latents carry
+    # the shape (whole-latent probe 80 % vs 27 % for "small"); the family has trained on these since (docs/demo.md)
     "large": Geometry(radius=(0.26, 0.32), travel=(0.2, 0.3), reference=(0.29, 0.25)),
 }
 DEFAULT_GEOMETRY = "large"

@@ -53,7 +53,7 @@ class VAETrainConfig:
     decoder_only: bool = False  # freeze the encoder (and so every latent a teacher was trained on); train the decoder
     latent_noise: float = 0.0  # decoder sees latents + N(0, s^2), s ~ U(0, latent_noise) per clip (model space)
     latent_scale: float = 0.0  # half the clips: latents scaled about their clip mean by w ~ U(1, 1 + latent_scale)
-    geometry: str = DEFAULT_GEOMETRY  # clip geometry (data.GEOMETRIES); the shipped VAE: "small", its decoder then "large"
+    geometry: str = DEFAULT_GEOMETRY  # clip geometry (data.GEOMETRIES); shipped VAE: "small", runs 5-6 "large"
     seed: int = 0
     threads: int = 1  # one thread: on a loaded 2-core machine two OpenMP threads run ~10x slower
 
@@ -127,9 +127,9 @@ def foreground_weights(x: torch.Tensor, fg_weight: float, threshold: float = 0.1
 
 
 def jitter_latents(z: torch.Tensor, noise: float, scale: float) -> torch.Tensor:
-    """VAE-space latents ``[B, C, T, H, W]`` perturbed as a sampler's output can be: half the clips' latents
-    (at random) scaled about their own mean by ``w ~ U(1, 1 + scale)`` (guidance extrapolates), plus model-space Gaussian noise of std
-    ``s ~ U(0, noise)`` (an imperfect last step). Identity when both are 0.
+    """VAE-space latents ``[B, C, T, H, W]`` perturbed as a sampler's output can be: a random half of the clips
+    scaled about their own per-channel mean by ``w ~ U(1, 1 + scale)`` (guidance extrapolates), plus model-space
+    Gaussian noise of std ``s ~ U(0, noise)`` per clip (an imperfect last step). Identity when both are 0.
 
     A decoder trained only on the nearly deterministic posterior (std ~0.02) is fragile off it: scaling a real
     latent by 1.25 changes the decoded hue of 40 % of clips (docs/demo.md), so guided samples decode to the wrong

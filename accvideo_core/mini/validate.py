@@ -1,7 +1,7 @@
 """Compare miniature teacher checkpoints on every held-out prompt, with noise seeds the demo and tests never use.
 
 ``python -m accvideo_core.mini.validate CANDIDATE.safetensors [...] [--prompts 59] [--steps 50] [--guidance 2 6]
-[--usage [--geometry large]]``
+[--vae VAE.safetensors] [--usage [--geometry large]]``
 
 Each candidate generates one video per held-out prompt at the teacher recipe (``sampling.HUNYUAN_TEACHER``: 50
 steps, guidance 6.0, or each ``--guidance`` value; seeds 100, 101, ...; the demo and the tests
