@@ -13,7 +13,8 @@ from accvideo_core.mini import TinyTextEncoder, TinyTextEncoderConfig
 from accvideo_core.demo import heldout_prompts
 from accvideo_core.mini.data import (BACKGROUND_COLORS, SHAPE_COLORS, SHAPES, MiniVideoConfig, MiniVideoDataset,
                                      parse_caption)
-from accvideo_core.mini.family import ASSETS, FILES, load_family, prompt_checks, reference_video, shape_region_colour
+from accvideo_core.mini.family import (ASSETS, FILES, PromptChecks, load_family, prompt_checks, reference_video,
+                                       shape_region_colour)
 from accvideo_core.mini.train_teacher import MINI_TRANSFORMER, encoder_sha256
 from accvideo_core.mini.train_vae import MINI_VAE, evaluate_vae
 from accvideo_core.mini.validate import attribute_usage, main as validate_main
@@ -85,10 +86,8 @@ def test_teacher_follows_the_prompt_on_heldout_prompts(family):
     prompts = heldout_prompts(6) * 2
     videos, _ = family.generate(prompts, [7] * 6 + [8] * 6, 50)
     checks = [prompt_checks(video, prompt) for video, prompt in zip(videos, prompts)]
-    colour_ok, motion_ok, shape_ok = (sum(c.colour for c in checks), sum(c.motion for c in checks),
-                                      sum(c.shape for c in checks))
-    assert (colour_ok >= COLOUR_MIN and motion_ok >= MOTION_MIN and shape_ok >= SHAPE_MIN), (colour_ok, motion_ok,
-                                                                                            shape_ok)
+    counts = {probe: sum(getattr(c, probe) for c in checks) for probe in PromptChecks._fields}
+    assert counts["colour"] >= COLOUR_MIN and counts["motion"] >= MOTION_MIN and counts["shape"] >= SHAPE_MIN, counts
 
 
 def _encode_render(family, caption: str) -> torch.Tensor:
