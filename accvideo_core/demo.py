@@ -4,7 +4,8 @@ On the shipped miniature HunyuanVideo family (``assets/mini/``) it chains the pr
 
 1. text-encode training prompts;
 2. ``dump_synvid`` (what ``python -m accvideo_core.synvid.dump`` runs): the teacher's trajectories at the teacher
-   recipe (``sampling.HUNYUAN_TEACHER``: 50 steps) -> a mini SynVid;
+   recipe (``sampling.HUNYUAN_TEACHER``: 50 steps, shift 7; embedded guidance ``--guidance``, default the miniature's
+   ``family.GUIDANCE`` = 4, where HunyuanVideo uses 6) -> a mini SynVid;
 3. the trainer (``Trainer``, what ``python -m accvideo_core.train`` runs) twice with the same budget: trajectory
    loss only, and trajectory + adversarial (the paper's Fig. 7 ablation order) -> two students;
 4. held-out prompts (attribute combinations the teacher never saw in training) with the teacher at both recipes
@@ -22,7 +23,6 @@ Ctrl-C stops cleanly at any stage (exit code 130).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import math
@@ -31,14 +31,14 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .mini.data import SHAPE_COLORS, ClipSpec, attribute_combos, clip_spec
-from .mini.family import VIDEO, MiniFamily, load_family, prompt_checks, reference_video
+from .mini.family import GUIDANCE, VIDEO, MiniFamily, load_family, prompt_checks, reference_video
 from .sampling import ACCVIDEO_STUDENT, HUNYUAN_TEACHER, FlowPreset
 from .synvid.format import SynVidError, file_sha256
 from .train.config import ConfigError
@@ -65,6 +65,8 @@ class DemoConfig:
     lr: float = 3e-5              # student (AdamW); the paper's 5e-6 is for the 13B model; docs/demo.md: why 3e-5
     head_lr: float = 3e-4         # discriminator heads (AdamW, beta1 0.5); docs/demo.md: why not the student's
     head_steps: int = 4           # head updates per student update (loss.head_steps; Alg. 1 has 1)
+    segment_updates: str = "sequential"  # optim.segment_updates: one student update per segment (Alg. 1) or "joint"
+    guidance: float = GUIDANCE    # embedded guidance of both recipes (the miniature's 4; HunyuanVideo's is 6)
     lambda_adv: float = 0.1       # the paper's value
     head_width: int = 64
     heldout_prompts: int = 6      # distinct held-out prompts
@@ -128,7 +130,8 @@ def train_config(cfg: DemoConfig, family: MiniFamily, synvid: Path, out_dir: Pat
         "model": {"teacher": str(family.paths["teacher"]), "gradient_checkpointing": False},
         "data": {"root": str(synvid), "val_samples": cfg.val_samples},
         "optim": {"steps": cfg.train_steps, "total_batch": cfg.batch, "micro_batch": cfg.batch, "lr": cfg.lr,
-                  "head_lr": cfg.head_lr, "head_betas": [0.5, 0.999], "seed": cfg.seed, "warmup_steps": 0},
+                  "head_lr": cfg.head_lr, "head_betas": [0.5, 0.999], "seed": cfg.seed, "warmup_steps": 0,
+                  "segment_updates": cfg.segment_updates},
         "loss": {"adversarial": adversarial, "lambda_adv": cfg.lambda_adv, "head_width": cfg.head_width,
                  "head_groups": 8, "head_steps": cfg.head_steps, "queue_capacity": max(64, cfg.batch)},
         "runtime": {"device": "cpu", "precision": "fp32", "fsdp": "off"},
@@ -297,8 +300,9 @@ def markdown_report(report: dict) -> str:
     lines = ["# AccVideo miniature demo: report", "",
              f"Held-out prompts: {len(report['prompts'])} x {report['seeds_per_prompt']} seeds "
              f"({report['videos']} videos per model, {VIDEO.frames} frames x {VIDEO.height} x {VIDEO.width}), CPU "
-             f"threads {report['threads']}. Times are median wall seconds per video, measured interleaved (rotating "
-             "order) in one run.", "",
+             f"threads {report['threads']}. Every model samples with shift {TEACHER.shift:g} and embedded guidance "
+             f"{report['config']['guidance']:g}. Times are median wall seconds per video, measured interleaved "
+             "(rotating order) in one run.", "",
              f"| model | steps | text (s) | sampling (s) | VAE decode (s) | total (s) | speedup vs {full} | "
              f"latent MSE to {full} | PSNR to {full} (dB) | colour ok | motion ok | shape ok |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -381,11 +385,11 @@ def dump_teacher_trajectories(cfg: DemoConfig, family: MiniFamily, out: Path) ->
     prompts = training_prompts(cfg.synvid_samples, cfg.seed)
     teacher_file = family.paths["teacher"]
     say(f"[2/4] SynVid dump: {cfg.synvid_samples} teacher trajectories, {TEACHER.steps} steps, shift "
-        f"{TEACHER.shift:g}, guidance {TEACHER.guidance:g} -> {out / 'synvid'}")
+        f"{TEACHER.shift:g}, guidance {cfg.guidance:g} -> {out / 'synvid'}")
     t0 = time.perf_counter()
     dump_synvid(family.teacher, text_embeddings(family, prompts), out / "synvid", num=cfg.synvid_samples,
                 seed=1000, frames=VIDEO.frames, height=VIDEO.height, width=VIDEO.width, steps=TEACHER.steps,
-                shift=TEACHER.shift, guidance=TEACHER.guidance, segments=STUDENT.steps, dtype="float32",
+                shift=TEACHER.shift, guidance=cfg.guidance, segments=STUDENT.steps, dtype="float32",
                 batch_size=8, source_model=teacher_file.name, source_model_hash=file_sha256(teacher_file),
                 progress=say)
     reused = time.perf_counter() - t0 < 1 and (out / "synvid" / "manifest.json").is_file()
@@ -402,7 +406,7 @@ def evaluate_and_report(cfg: DemoConfig, family: MiniFamily, students: dict[str,
     loaded = {"teacher": family.teacher, "teacher_few_steps": family.teacher,
               "student_trajectory": load_transformer(students["traj"], dtype=torch.float32).eval(),
               "student_accvideo": load_transformer(students["adv"], dtype=torch.float32).eval()}
-    models = {name: (loaded[name], recipe) for name, (_, recipe) in MODELS.items()}
+    models = {name: (loaded[name], replace(recipe, guidance=cfg.guidance)) for name, (_, recipe) in MODELS.items()}
     held = heldout_prompts(cfg.heldout_prompts)
     seeds = [cfg.seed * 1000 + 7 + i for i in range(cfg.seeds_per_prompt)]
     say(f"[4/4] held-out evaluation: {len(held)} prompts x {len(seeds)} seeds x {len(models)} models")
@@ -510,7 +514,7 @@ def run_seeds(cfg: DemoConfig, seeds: list[int], out: Path, *, fresh: bool = Fal
     rows = []
     for i, seed in enumerate(seeds):
         say(f"=== seed {seed} ({i + 1} of {len(seeds)}) ===")
-        rep = run_demo(dataclasses.replace(cfg, seed=seed), out / f"seed_{seed}", fresh=fresh, assets=assets)
+        rep = run_demo(replace(cfg, seed=seed), out / f"seed_{seed}", fresh=fresh, assets=assets)
         mse = {name: r["latent_mse_to_teacher"] for name, r in rep["results"].items()}
         d = rep["discriminator"]
         rows.append({"seed": seed, "teacher_few_steps": mse["teacher_few_steps"],

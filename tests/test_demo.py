@@ -9,6 +9,7 @@ import pytest
 from accvideo_core.demo import (DemoConfig, heldout_prompts, main, mean_interval, parse_seeds, run_demo, t_quantile,
                                  training_prompts)
 from accvideo_core.mini.data import attribute_combos, parse_caption
+from accvideo_core.mini.family import GUIDANCE
 from accvideo_core.sampling import ACCVIDEO_STUDENT, HUNYUAN_TEACHER
 from accvideo_core.synvid.format import SynVidDataset
 from tests.helpers import count_frames
@@ -33,10 +34,12 @@ def test_demo_runs_end_to_end_reduced(tmp_path, capsys):
     # the real entry points ran: a SynVid from the dumper, two trainer runs with their exported students
     ds = SynVidDataset(tmp_path / "synvid")
     assert len(ds) == 3 and ds.manifest["steps"] == HUNYUAN_TEACHER.steps
+    assert ds.load(0).guidance == cfg.guidance == GUIDANCE  # the miniature's guidance, not HunyuanVideo's 6
     for run in ("train_traj", "train_adv"):
         assert (tmp_path / run / "student.safetensors").is_file()
         cfg_used = json.loads((tmp_path / run / "config.json").read_text())
         assert cfg_used["loss"]["adversarial"] == (run == "train_adv") and cfg_used["optim"]["steps"] == 1
+        assert cfg_used["optim"]["segment_updates"] == cfg.segment_updates == "sequential"
     r = report["results"]
     assert set(r) == {"teacher", "teacher_few_steps", "student_trajectory", "student_accvideo"}
     assert [r[n]["steps"] for n in r] == [HUNYUAN_TEACHER.steps] + [ACCVIDEO_STUDENT.steps] * 3
@@ -50,6 +53,7 @@ def test_demo_runs_end_to_end_reduced(tmp_path, capsys):
     assert saved["ablation"]["traj_only_mse"] == pytest.approx(r["student_trajectory"]["latent_mse_to_teacher"])
     md = (tmp_path / "report.md").read_text()
     assert "| AccVideo student 5 | 5 |" in md and "| teacher 50 steps | 50 |" in md and "Ablation" in md
+    assert f"embedded guidance {GUIDANCE:g}." in md
     # the discriminator section: its loss and each head's held-out accuracy before and after training
     d = report["discriminator"]
     assert sorted(d["heldout_accuracy_end"]) == [0, 1, 2, 3, 4] and d["loss_last10"]["adv_d"] > 0

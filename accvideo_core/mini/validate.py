@@ -1,10 +1,10 @@
 """Compare miniature teacher checkpoints on every held-out prompt, with noise seeds the demo and tests never use.
 
-``python -m accvideo_core.mini.validate CANDIDATE.safetensors [...] [--prompts 59] [--steps 50] [--guidance 2 6]
+``python -m accvideo_core.mini.validate CANDIDATE.safetensors [...] [--prompts 59] [--steps 50] [--guidance 4 6]
 [--vae VAE.safetensors] [--usage [--geometry large]]``
 
-Each candidate generates one video per held-out prompt at the teacher recipe (``sampling.HUNYUAN_TEACHER``: 50
-steps, guidance 6.0, or each ``--guidance`` value; seeds 100, 101, ...; the demo and the tests
+Each candidate generates one video per held-out prompt at the miniature's teacher recipe (50 steps, shift 7 as
+``sampling.HUNYUAN_TEACHER``; guidance ``family.GUIDANCE``, 4.0, or each ``--guidance`` value; seeds 100, 101, ...; the demo and the tests
 use 7, 8 and 11) and is scored with the demo's probes (:func:`~accvideo_core.mini.family.prompt_checks`): how many
 videos show the prompted shape colour, the prompted motion, both, the prompted shape, and all three. This is how a
 teacher run is chosen among candidates trained side by side, without looking at the demo's or the tests' videos.
@@ -25,7 +25,7 @@ from ..demo import heldout_prompts
 from ..sampling import HUNYUAN_TEACHER
 from .data import (BACKGROUND_COLORS, DEFAULT_GEOMETRY, DIRECTIONS, GEOMETRIES, MIN_CONTRAST, SHAPE_COLORS, SHAPES,
                    ClipSpec, attribute_combos, clip_spec, contrast)
-from .family import MiniFamily, load_family, prompt_checks
+from .family import GUIDANCE, MiniFamily, load_family, prompt_checks
 from .train_teacher import encode_clips
 
 FIRST_SEED = 100
@@ -34,7 +34,7 @@ ATTRIBUTES = {"shape": SHAPES, "color": tuple(SHAPE_COLORS), "background": tuple
 
 
 def validate_teacher(family: MiniFamily, *, prompts: int | None = None, steps: int = HUNYUAN_TEACHER.steps,
-                     guidance: float = HUNYUAN_TEACHER.guidance) -> dict:
+                     guidance: float = GUIDANCE) -> dict:
     """Colour / motion / both / shape / all-three counts of ``family.teacher`` over ``prompts`` held-out prompts
     (default: all)."""
     captions = heldout_prompts(prompts or len(attribute_combos("heldout")))
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=None, help="held-out prompts to use (default: all)")
     p.add_argument("--steps", type=int, default=HUNYUAN_TEACHER.steps,
                    help=f"sampling steps (default: the teacher recipe's {HUNYUAN_TEACHER.steps})")
-    p.add_argument("--guidance", type=float, nargs="+", default=[HUNYUAN_TEACHER.guidance],
-                   help=f"embedded guidance values to score (default: the recipe's {HUNYUAN_TEACHER.guidance:g})")
+    p.add_argument("--guidance", type=float, nargs="+", default=[GUIDANCE],
+                   help=f"embedded guidance values to score (default: the miniature recipe's {GUIDANCE:g})")
     p.add_argument("--vae", type=Path, default=None, help="VAE file to decode with (default: the shipped one)")
     p.add_argument("--usage", action="store_true", help="also print attribute_usage (flow loss with swapped captions)")
     p.add_argument("--geometry", default=DEFAULT_GEOMETRY, choices=sorted(GEOMETRIES),
