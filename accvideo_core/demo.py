@@ -41,7 +41,7 @@ from .mini.data import SHAPE_COLORS, ClipSpec, attribute_combos, clip_spec
 from .mini.family import GUIDANCE, VIDEO, MiniFamily, load_family, prompt_checks, reference_video
 from .sampling import ACCVIDEO_STUDENT, HUNYUAN_TEACHER, FlowPreset
 from .synvid.format import SynVidError, file_sha256
-from .train.config import ConfigError
+from .train.config import ConfigError, config_from_dict
 from .utils.io import write_bytes, write_json
 
 TEACHER, STUDENT = HUNYUAN_TEACHER, ACCVIDEO_STUDENT  # the two sampling recipes every model here runs at
@@ -143,7 +143,6 @@ def train_config(cfg: DemoConfig, family: MiniFamily, synvid: Path, out_dir: Pat
 def run_training(config: dict, run_dir: Path, fresh: bool) -> tuple[Path, bool]:
     """The distillation trainer (``Trainer``, as ``python -m accvideo_core.train --config`` runs it) on ``config``;
     reuses a finished run with the same config. Returns (student checkpoint, whether it was reused)."""
-    from .train.config import config_from_dict
     from .train.loop import Interrupted, Trainer
 
     student = run_dir / "student.safetensors"
@@ -446,18 +445,23 @@ def run_demo(cfg: DemoConfig, out: Path, *, fresh: bool = False, assets: str | N
     stage["load family"] = time.perf_counter() - t0
     say(f"[1/4] family loaded ({threads} CPU threads)")
 
+    arms = {"traj": False, "adv": True}  # run name -> adversarial
+    configs = {name: train_config(cfg, family, out / "synvid", out / f"train_{name}", adversarial)
+               for name, adversarial in arms.items()}
+    for config in configs.values():  # a bad trainer option (e.g. --segment-updates) fails before any work
+        config_from_dict(json.loads(json.dumps(config)))
+
     t0 = time.perf_counter()
     label = dump_teacher_trajectories(cfg, family, out)
     stage[label] = time.perf_counter() - t0
 
     students = {}
-    for name, adversarial in (("traj", False), ("adv", True)):
+    for name, adversarial in arms.items():
         t0 = time.perf_counter()
         say(f"[3/4] distilling a {STUDENT.steps}-step student: trajectory loss"
             f"{' + adversarial' if adversarial else ' only'}")
         run_dir = out / f"train_{name}"
-        students[name], reused = run_training(train_config(cfg, family, out / "synvid", run_dir, adversarial),
-                                              run_dir, fresh)
+        students[name], reused = run_training(configs[name], run_dir, fresh)
         label = f"training ({'trajectory + adversarial' if adversarial else 'trajectory only'})"
         stage[label + (" - reused a finished run" if reused else "")] = time.perf_counter() - t0
 

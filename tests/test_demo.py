@@ -85,3 +85,11 @@ def test_seed_statistics():
     assert parse_seeds("0-4") == [0, 1, 2, 3, 4] and parse_seeds("3, 0-1,3") == [3, 0, 1]
     with pytest.raises(ValueError, match="expected a range such as 0-4"):
         parse_seeds("a-b")
+
+
+def test_bad_trainer_option_fails_before_any_work(tmp_path, capsys):
+    """A demo option the trainer rejects is reported (exit 2) before the SynVid dump starts."""
+    assert main(["--out", str(tmp_path), "--segment-updates", "sideways", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "segment_updates" in err and "sequential" in err and "joint" in err, err
+    assert not (tmp_path / "synvid").exists()
