@@ -1,17 +1,22 @@
 """The discriminator heads learn a weak real/fake difference only with enough head updates (the cause of the
-demo's discriminator at chance, docs/training.md "Why the heads stayed at chance"), and the trainer's extra head
-updates (loss.head_steps) and held-out real/fake accuracy (d_acc_k*) do what they say."""
+demo's discriminator at chance, docs/training.md "Why the heads stayed at chance"), the trainer's extra head
+updates (loss.head_steps) and held-out real/fake accuracy (d_acc_k*) do what they say, and the offline probe
+(``accvideo_core.train.probe``) tells a separable difference from none."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
+from accvideo_core.models.loading import save_transformer
 from accvideo_core.synvid.dump import dump_synvid
 from accvideo_core.testing import tiny_transformer
 from accvideo_core.train.config import config_from_dict
 from accvideo_core.train.heads import build_heads
 from accvideo_core.train.losses import discriminator_loss
 from accvideo_core.train.loop import Trainer
+from accvideo_core.train.probe import heldout_accuracy, main as probe_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,3 +97,35 @@ def test_trainer_makes_head_steps_updates_and_measures_heldout_accuracy(synvid, 
         assert trainer.discriminator_accuracy() == {**{f"d_acc_k{k}": 0.5 for k in range(5)}, "d_acc": 0.5}
     with pytest.raises(ValueError, match="loss.head_steps must be >= 1"):
         config_from_dict({"loss": {"head_steps": 0}})
+
+
+def test_probe_heads_tell_a_difference_from_none():
+    """``probe.heldout_accuracy``: fresh heads separate fakes that differ (a fixed pattern of half the features' std)
+    and stay near chance on fakes drawn like the reals."""
+    g = torch.Generator().manual_seed(2)
+    shape = (32, 2, 6, 6)
+    pattern = torch.randn(shape, generator=g)
+    pattern /= pattern.std()
+    real = 2 * torch.randn(120, *shape, generator=g)
+    like_real = 2 * torch.randn(120, *shape, generator=g)
+    kwargs = dict(train=80, updates=240, batch=8, lr=3e-4, width=32, groups=8, seed=0)
+    assert heldout_accuracy(real, like_real + 1.0 * pattern, **kwargs) > 0.9
+    assert 0.3 < heldout_accuracy(real, like_real, **kwargs) < 0.7
+    with pytest.raises(ValueError, match="leave held-out samples"):
+        heldout_accuracy(real, like_real, **{**kwargs, "train": 120})
+
+
+def test_probe_cli_scores_each_model_per_key_timestep(synvid, tmp_path, capsys):
+    teacher = tmp_path / "teacher.safetensors"
+    save_transformer(tiny_transformer(seed=0), teacher)
+    other = tmp_path / "other.safetensors"
+    save_transformer(tiny_transformer(seed=5), other)
+    assert probe_main([str(teacher), str(other), "--synvid", str(synvid), "--teacher", str(teacher),
+                       "--updates", "5"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["model"] for line in lines] == [str(teacher), str(other)]
+    for line in lines:   # 6 samples: 3 train, 3 held out -> 6 decisions per key timestep
+        assert len(line["heldout_accuracy_k"]) == 5
+        assert all(abs(a * 6 - round(a * 6)) < 1e-3 and 0 <= a <= 1 for a in line["heldout_accuracy_k"])
+    assert probe_main([str(teacher), "--synvid", str(tmp_path / "missing"), "--teacher", str(teacher)]) == 2
+    assert "error:" in capsys.readouterr().err
