@@ -42,10 +42,13 @@ from .mini.family import GUIDANCE, VIDEO, MiniFamily, load_family, prompt_checks
 from .sampling import ACCVIDEO_STUDENT, HUNYUAN_TEACHER, FlowPreset
 from .synvid.format import SynVidError, file_sha256
 from .train.config import ConfigError, config_from_dict
+from .train.probe import probe
 from .utils.io import write_bytes, write_json
 
 TEACHER, STUDENT = HUNYUAN_TEACHER, ACCVIDEO_STUDENT  # the two sampling recipes every model here runs at
 # the evaluated models: key -> (label, recipe); "teacher" (the full recipe) is the reference of every error
+# fakes whose separability the discriminator probe measures: key -> label
+PROBED = {"teacher_few_steps": f"teacher-{STUDENT.steps}'s chain", "student_accvideo": "AccVideo student's chain"}
 MODELS = {
     "teacher": (f"teacher {TEACHER.steps} steps", TEACHER),
     "teacher_few_steps": (f"teacher {STUDENT.steps} steps", STUDENT),
@@ -69,6 +72,7 @@ class DemoConfig:
     guidance: float = GUIDANCE    # embedded guidance of both recipes (the miniature's 4; HunyuanVideo's is 6)
     lambda_adv: float = 0.1       # the paper's value
     head_width: int = 64
+    probe_updates: int = 240      # fresh-head updates per key timestep of the discriminator probe (0: no probe)
     heldout_prompts: int = 6      # distinct held-out prompts
     seeds_per_prompt: int = 2     # evaluation videos per prompt
     shown: int = 4                # prompts in the side-by-side video
@@ -351,6 +355,16 @@ def discriminator_lines(d: dict) -> list[str]:
     for k in ks:
         lines.append(f"| {k} | {first[f'adv_d_k{k}']:.3f} | {last[f'adv_d_k{k}']:.3f} | "
                      f"{d['heldout_accuracy_start'][k]:.0%} | **{d['heldout_accuracy_end'][k]:.0%}** |")
+    if d.get("probe"):
+        probed = d["probe"]
+        lines += ["", "Is anything left to see? Fresh heads of the same kind trained offline on *fixed* fakes "
+                  "(`accvideo_core.train.probe`: `--probe-updates` updates on 65 % of the SynVid's samples, accuracy "
+                  "on the rest). Where they separate teacher-5's chain but not the student's, the student has removed the "
+                  "difference and a head at chance there is the equilibrium, not a failure to learn:", "",
+                  "| key timestep k | " + " | ".join(PROBED[n] for n in probed) + " |",
+                  "|---|" + "---|" * len(probed)]
+        for k in ks:
+            lines.append(f"| {k} | " + " | ".join(f"{probed[n][int(k)]:.0%}" for n in probed) + " |")
     return lines
 
 
@@ -411,6 +425,13 @@ def evaluate_and_report(cfg: DemoConfig, family: MiniFamily, students: dict[str,
     say(f"[4/4] held-out evaluation: {len(held)} prompts x {len(seeds)} seeds x {len(models)} models")
     result = evaluate(family, models, held, seeds)
     stage["held-out evaluation (all models)"] = time.perf_counter() - t0
+    probed = {}
+    if cfg.probe_updates > 0:
+        t0 = time.perf_counter()
+        say("[4/4] discriminator probe: fresh heads on fixed fakes of teacher-5 and of the AccVideo student")
+        probed = probe(family.teacher, {name: loaded[name] for name in PROBED}, out / "synvid",
+                       segments=STUDENT.steps, updates=cfg.probe_updates, seed=cfg.seed)
+        stage["discriminator probe (fresh heads, fixed fakes)"] = time.perf_counter() - t0
     rows = [i * len(seeds) for i in range(min(cfg.shown, len(held)))]
     references = torch.stack([reference_video(held[i]) for i in range(len(rows))])
     mp4, gif = write_side_by_side(result, rows, out, references=references)
@@ -425,7 +446,7 @@ def evaluate_and_report(cfg: DemoConfig, family: MiniFamily, students: dict[str,
         "student_vs_teacher_few_steps": mse["student_accvideo"] / mse["teacher_few_steps"],
         "ablation": {"train_steps": cfg.train_steps, "batch": cfg.batch, "traj_only_mse": mse["student_trajectory"],
                      "traj_adv_mse": mse["student_accvideo"]},
-        "discriminator": discriminator_summary(out / "train_adv", STUDENT.steps),
+        "discriminator": {**discriminator_summary(out / "train_adv", STUDENT.steps), "probe": probed},
         "stage_seconds": stage,
         "files": {"mp4": str(mp4), "gif": str(gif), "synvid": str(out / "synvid"),
                   "students": {k: str(v) for k, v in students.items()}},
@@ -527,7 +548,8 @@ def run_seeds(cfg: DemoConfig, seeds: list[int], out: Path, *, fresh: bool = Fal
                      "traj_adv_vs_teacher_few_steps": mse["student_accvideo"] / mse["teacher_few_steps"],
                      "traj_only_vs_teacher_few_steps": mse["student_trajectory"] / mse["teacher_few_steps"],
                      "d_loss_last10": d["loss_last10"]["adv_d"],
-                     "d_heldout_accuracy_end": d["heldout_accuracy_end"], "seconds": rep["total_seconds"]})
+                     "d_heldout_accuracy_end": d["heldout_accuracy_end"], "probe": d["probe"],
+                     "seconds": rep["total_seconds"]})
     keys = ("teacher_few_steps", "traj_only", "traj_adv", "adv_minus_traj", "traj_only_vs_teacher_few_steps",
             "traj_adv_vs_teacher_few_steps", "d_loss_last10")
     summary = {"config": asdict(cfg), "seeds": seeds, "per_seed": rows,
@@ -547,14 +569,16 @@ def seeds_markdown(summary: dict) -> str:
              f"Seeds {summary['seeds']} (per seed: other training prompts, trainer seed and held-out noise; each "
              "seed's own report is in `seed_S/`). Latent MSE to " + full + " on the held-out prompts; "
              f"discriminator: loss over the last 10 iterations (chance {CHANCE_LOSS:.3f}) and held-out real/fake "
-             "accuracy per key timestep k = 0..4 at the end.", "",
-             f"| seed | {few} | trajectory only | trajectory + adversarial | adv - traj | AccVideo / {few} | "
-             "D loss | D accuracy k=0..4 |", "|---|---|---|---|---|---|---|---|"]
+             "accuracy per key timestep k = 0..4 at the end; fresh heads on fixed fakes (the probe of each seed's "
+             f"report): their mean held-out accuracy over k = 1..4 on {few}'s chain and on the AccVideo student's.",
+             "", f"| seed | {few} | trajectory only | trajectory + adversarial | adv - traj | AccVideo / {few} | "
+             f"D loss | D accuracy k=0..4 | fresh heads k=1..4: {few} / AccVideo |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = " / ".join(f"{r['d_heldout_accuracy_end'][k]:.0%}" for k in sorted(r["d_heldout_accuracy_end"], key=int))
+        fresh = " / ".join(f"{statistics.mean(r['probe'][n][1:]):.0%}" for n in PROBED) if r["probe"] else "-"
         lines.append(f"| {r['seed']} | {r['teacher_few_steps']:.4f} | {r['traj_only']:.4f} | {r['traj_adv']:.4f} | "
                      f"{r['adv_minus_traj']:+.4f} | {r['traj_adv_vs_teacher_few_steps']:.2f}x | "
-                     f"{r['d_loss_last10']:.3f} | {acc} |")
+                     f"{r['d_loss_last10']:.3f} | {acc} | {fresh} |")
     lines += ["", "| quantity | mean | 95 % t-interval |", "|---|---|---|"]
     names = {"teacher_few_steps": few, "traj_only": "trajectory only", "traj_adv": "trajectory + adversarial",
              "adv_minus_traj": "paired difference adv - traj", "traj_only_vs_teacher_few_steps":

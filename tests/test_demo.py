@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from accvideo_core.demo import (DemoConfig, heldout_prompts, main, mean_interval, parse_seeds, run_demo, t_quantile,
+from accvideo_core.demo import (DemoConfig, heldout_prompts, main, mean_interval, parse_seeds, run_demo, seeds_markdown,
+                                 t_quantile,
                                  training_prompts)
 from accvideo_core.mini.data import attribute_combos, parse_caption
 from accvideo_core.mini.family import GUIDANCE
@@ -29,7 +30,7 @@ def test_prompt_sets_are_disjoint_and_follow_the_template():
 
 def test_demo_runs_end_to_end_reduced(tmp_path, capsys):
     cfg = DemoConfig(synvid_samples=3, train_steps=1, batch=2, heldout_prompts=1, seeds_per_prompt=1, shown=1,
-                     threads=1)
+                     threads=1, probe_updates=3)
     report = run_demo(cfg, tmp_path)
     # the real entry points ran: a SynVid from the dumper, two trainer runs with their exported students
     ds = SynVidDataset(tmp_path / "synvid")
@@ -59,17 +60,24 @@ def test_demo_runs_end_to_end_reduced(tmp_path, capsys):
     assert sorted(d["heldout_accuracy_end"]) == [0, 1, 2, 3, 4] and d["loss_last10"]["adv_d"] > 0
     assert all(0.0 <= a <= 1.0 for a in (*d["heldout_accuracy_start"].values(), *d["heldout_accuracy_end"].values()))
     assert "## Discriminator" in md and "held-out accuracy" in md
+    # the probe: fresh heads' held-out accuracy per key timestep on teacher-5's and the AccVideo student's fakes
+    assert sorted(d["probe"]) == ["student_accvideo", "teacher_few_steps"]
+    assert all(len(acc) == 5 and all(0.0 <= a <= 1.0 for a in acc) for acc in d["probe"].values())
+    assert "Fresh heads of the same kind" in md and "| AccVideo student's chain |" in md
     assert count_frames(tmp_path / "side_by_side.mp4") == 17
     assert (tmp_path / "side_by_side.gif").stat().st_size > 1000
     # a second run continues: nothing is re-dumped and both finished trainings are reused
     assert main(["--out", str(tmp_path), "--synvid-samples", "3", "--train-steps", "1", "--batch", "2",
-                 "--heldout-prompts", "1", "--seeds-per-prompt", "1", "--shown", "1", "--threads", "1"]) == 0
+                 "--heldout-prompts", "1", "--seeds-per-prompt", "1", "--shown", "1", "--threads", "1",
+                 "--probe-updates", "0"]) == 0
     err = capsys.readouterr().err
     assert "3 of 3 samples already present" in err and err.count("reusing the finished training run") == 2
+    assert "Fresh heads" not in (tmp_path / "report.md").read_text()   # --probe-updates 0: no probe
     # a changed family (here: a different recorded fingerprint) is never mixed with the old run's data
     (tmp_path / "family.json").write_text(json.dumps({"teacher": "sha256:other"}))
     assert main(["--out", str(tmp_path), "--synvid-samples", "3", "--train-steps", "1", "--batch", "2",
-                 "--heldout-prompts", "1", "--seeds-per-prompt", "1", "--shown", "1", "--threads", "1"]) == 0
+                 "--heldout-prompts", "1", "--seeds-per-prompt", "1", "--shown", "1", "--threads", "1",
+                 "--probe-updates", "0"]) == 0
     err = capsys.readouterr().err
     assert "family changed since the last run" in err and "already present" not in err
     assert "reusing the finished training run" not in err
@@ -93,3 +101,18 @@ def test_bad_trainer_option_fails_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "segment_updates" in err and "sequential" in err and "joint" in err, err
     assert not (tmp_path / "synvid").exists()
+
+
+def test_seeds_report_lists_every_seed_with_its_probe():
+    rows = [{"seed": s, "teacher_few_steps": 0.1, "traj_only": 0.04 + s / 100, "traj_adv": 0.05, "adv_minus_traj":
+             0.01 - s / 100, "traj_adv_vs_teacher_few_steps": 0.5, "traj_only_vs_teacher_few_steps": 0.4,
+             "d_loss_last10": 1.2, "d_heldout_accuracy_end": {k: 0.5 for k in range(5)},
+             "probe": {"teacher_few_steps": [1.0, 0.6, 0.7, 0.8, 0.9], "student_accvideo": [1.0, 0.5, 0.5, 0.5, 0.6]}}
+            for s in (0, 1)]
+    keys = ("teacher_few_steps", "traj_only", "traj_adv", "adv_minus_traj", "traj_only_vs_teacher_few_steps",
+            "traj_adv_vs_teacher_few_steps", "d_loss_last10")
+    summary = {"seeds": [0, 1], "per_seed": rows, "adv_better_seeds": 0, "students_within_half_of_teacher_few_steps": 2,
+               "intervals_95": {key: mean_interval([r[key] for r in rows]) for key in keys}}
+    md = seeds_markdown(summary)
+    assert "| 0 | 0.1000 | 0.0400 | 0.0500 | +0.0100 | 0.50x | 1.200 | 50% / 50% / 50% / 50% / 50% | 75% / 52% |" in md
+    assert "| 1 | 0.1000 | 0.0500 |" in md and "on 2 of 2 seeds" in md
