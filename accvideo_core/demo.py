@@ -358,8 +358,7 @@ def discriminator_lines(d: dict) -> list[str]:
     if d.get("probe"):
         probed = d["probe"]
         lines += ["", "Is anything left to see? Fresh heads of the same kind trained offline on *fixed* fakes "
-                  "(`accvideo_core.train.probe`: `--probe-updates` updates on 65 % of the SynVid's samples, accuracy "
-                  "on the rest). Where they separate teacher-5's chain but not the student's, the student has removed the "
+                  "(`accvideo_core.train.probe`: trained on 65 % of the SynVid's samples, accuracy on the rest). Where they separate teacher-5's chain but not the student's, the student has removed the "
                   "difference and a head at chance there is the equilibrium, not a failure to learn:", "",
                   "| key timestep k | " + " | ".join(PROBED[n] for n in probed) + " |",
                   "|---|" + "---|" * len(probed)]
