@@ -47,14 +47,14 @@ from .utils.io import write_bytes, write_json
 
 TEACHER, STUDENT = HUNYUAN_TEACHER, ACCVIDEO_STUDENT  # the two sampling recipes every model here runs at
 # the evaluated models: key -> (label, recipe); "teacher" (the full recipe) is the reference of every error
-# fakes whose separability the discriminator probe measures: key -> label
-PROBED = {"teacher_few_steps": f"teacher-{STUDENT.steps}'s chain", "student_accvideo": "AccVideo student's chain"}
 MODELS = {
     "teacher": (f"teacher {TEACHER.steps} steps", TEACHER),
     "teacher_few_steps": (f"teacher {STUDENT.steps} steps", STUDENT),
     "student_trajectory": (f"student {STUDENT.steps} (traj only)", STUDENT),
     "student_accvideo": (f"AccVideo student {STUDENT.steps}", STUDENT),
 }
+# the models whose fakes the discriminator probe trains fresh heads on: key -> label
+PROBED = {"teacher_few_steps": f"teacher-{STUDENT.steps}'s chain", "student_accvideo": "AccVideo student's chain"}
 
 
 @dataclass
@@ -358,7 +358,8 @@ def discriminator_lines(d: dict) -> list[str]:
     if d.get("probe"):
         probed = d["probe"]
         lines += ["", "Is anything left to see? Fresh heads of the same kind trained offline on *fixed* fakes "
-                  "(`accvideo_core.train.probe`: trained on 65 % of the SynVid's samples, accuracy on the rest). Where they separate teacher-5's chain but not the student's, the student has removed the "
+                  "(`accvideo_core.train.probe`: trained on 65 % of the SynVid's samples, accuracy on the rest). "
+                  "Where they separate teacher-5's chain but not the student's, the student has removed the "
                   "difference and a head at chance there is the equilibrium, not a failure to learn:", "",
                   "| key timestep k | " + " | ".join(PROBED[n] for n in probed) + " |",
                   "|---|" + "---|" * len(probed)]
@@ -571,7 +572,7 @@ def seeds_markdown(summary: dict) -> str:
              "accuracy per key timestep k = 0..4 at the end; fresh heads on fixed fakes (the probe of each seed's "
              f"report): their mean held-out accuracy over k = 1..4 on {few}'s chain and on the AccVideo student's.",
              "", f"| seed | {few} | trajectory only | trajectory + adversarial | adv - traj | AccVideo / {few} | "
-             f"D loss | D accuracy k=0..4 | fresh heads k=1..4: {few} / AccVideo |", "|---|---|---|---|---|---|---|---|---|"]
+             f"D loss | D accuracy k=0..4 | fresh heads k=1..4: {few} / AccVideo |", "|---" * 9 + "|"]
     for r in rows:
         acc = " / ".join(f"{r['d_heldout_accuracy_end'][k]:.0%}" for k in sorted(r["d_heldout_accuracy_end"], key=int))
         fresh = " / ".join(f"{statistics.mean(r['probe'][n][1:]):.0%}" for n in PROBED) if r["probe"] else "-"

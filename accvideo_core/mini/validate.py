@@ -5,9 +5,10 @@
 
 Each candidate generates one video per held-out prompt at the miniature's teacher recipe (50 steps, shift 7 as
 ``sampling.HUNYUAN_TEACHER``; guidance ``family.GUIDANCE``, 4.0, or each ``--guidance`` value; seeds 100, 101,
-...; the demo and the tests use 7, 8 and 11) and is scored with the demo's probes (:func:`~accvideo_core.mini.family.prompt_checks`): how many
-videos show the prompted shape colour, the prompted motion, both, the prompted shape, and all three. This is how a
-teacher run is chosen among candidates trained side by side, without looking at the demo's or the tests' videos.
+...; the demo and the tests use 7, 8 and 11) and is scored with the demo's probes
+(:func:`~accvideo_core.mini.family.prompt_checks`): how many videos show the prompted shape colour, the prompted
+motion, both, the prompted shape, and all three. This is how a teacher run is chosen among candidates trained side
+by side, without looking at the demo's or the tests' videos.
 
 ``--usage`` also prints how much the teacher relies on each caption attribute (:func:`attribute_usage`).
 """
