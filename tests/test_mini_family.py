@@ -155,8 +155,8 @@ def test_validate_cli_separates_a_trained_from_an_untrained_teacher(tmp_path, ca
     assert validate_main([str(ASSETS / FILES["teacher"]), str(untrained), "--prompts", "8", "--threads", "1"]) == 0
     shipped, random_init = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert shipped["videos"] == random_init["videos"] == 8
-    assert shipped["motion_ok"] >= random_init["motion_ok"] + 4, (shipped, random_init)  # measured 8 vs 0
-    assert shipped["both_ok"] >= random_init["both_ok"] + 2, (shipped, random_init)  # measured 5 vs 0
+    assert shipped["motion_ok"] >= random_init["motion_ok"] + 4, (shipped, random_init)  # measured 8 vs 1 (guidance 4)
+    assert shipped["both_ok"] >= random_init["both_ok"] + 2, (shipped, random_init)  # measured 7 vs 1
 
 
 def test_attribute_usage_shows_what_the_teacher_conditions_on(family):

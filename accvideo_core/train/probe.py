@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from accvideo_core.models.loading import load_transformer
+from accvideo_core.sampling import sample_flow
 from accvideo_core.synvid.format import SynVidDataset, SynVidError, key_steps_for
 from accvideo_core.train.batching import collate, noise_for, sample_record
 from accvideo_core.train.heads import DiscriminatorHead, default_feature_layers
@@ -42,24 +43,28 @@ def load_key_latents(root: str | Path, segments: int) -> tuple[dict[str, torch.T
 
 
 @torch.no_grad()
-def chain_features(teacher: nn.Module, model: nn.Module, batch: dict[str, torch.Tensor], sigmas: list[float],
-                   layers: list[int], *, seed: int, chunk: int = 16) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Teacher features per key timestep k = 0..m-1 of the real key latents and of ``model``'s m-step Euler chain
-    from noise ``noise_for(uid, seed)`` (the same prompts): ``(real[k], fake[k])``, each ``[N, hidden, T, H, W]``."""
+def key_features(teacher: nn.Module, batch: dict[str, torch.Tensor], sigmas: list[float], layers: list[int],
+                 model: nn.Module | None = None, *, seed: int = 0, chunk: int = 16) -> list[torch.Tensor]:
+    """Teacher features per key timestep k = 0..m-1 (each ``[N, hidden, T, H, W]``) of the real key latents, or,
+    given ``model``, of its m-step Euler chain (``sample_flow`` over the key sigmas) from noise ``noise_for(uid,
+    seed)`` with the same prompts."""
     m = len(sigmas) - 1
-    real, fake = [[] for _ in range(m)], [[] for _ in range(m)]
+    features: list[list[torch.Tensor]] = [[] for _ in range(m)]
     for start in range(0, batch["key_latents"].shape[0], chunk):
         part = {key: value[start:start + chunk] for key, value in batch.items()}
         cond = tuple(part[key] for key in COND_KEYS)
-        z = noise_for(part["uid"], tuple(part["key_latents"].shape[2:]), seed)
-        for j in range(m):                       # sampling order: after step j the chain is at t'_k, k = m-1-j
+        if model is None:
+            latents = [part["key_latents"][:, j + 1] for j in range(m)]   # sampling order: t'_k, k = m-1-j
+        else:
+            latents = []
+            sample_flow(model, noise_for(part["uid"], tuple(part["key_latents"].shape[2:]), seed), sigmas,
+                        text_states=part["text_states"], text_mask=part["text_mask"], pooled=part["pooled"],
+                        guidance=part["guidance"], callback=lambda step: latents.append(step["x"]))
+        for j, x in enumerate(latents):
             k = m - 1 - j
-            t = torch.full((z.shape[0],), sigmas[j] * 1000.0)
-            t_k = torch.full((z.shape[0],), sigmas[j + 1] * 1000.0)
-            z = z + (sigmas[j + 1] - sigmas[j]) * model(z, t, *cond).float()
-            real[k].append(teacher.image_features(part["key_latents"][:, j + 1], t_k, *cond, layer=layers[k]))
-            fake[k].append(teacher.image_features(z, t_k, *cond, layer=layers[k]))
-    return [torch.cat(r).float() for r in real], [torch.cat(f).float() for f in fake]
+            t_k = torch.full((x.shape[0],), sigmas[j + 1] * 1000.0)
+            features[k].append(teacher.image_features(x, t_k, *cond, layer=layers[k]))
+    return [torch.cat(f).float() for f in features]
 
 
 def heldout_accuracy(real: torch.Tensor, fake: torch.Tensor, *, train: int, updates: int, batch: int, lr: float,
@@ -93,9 +98,10 @@ def probe(teacher: nn.Module, models: dict[str, nn.Module], root: str | Path, *,
     data, sigmas = load_key_latents(root, segments)
     layers = default_feature_layers(teacher.config.num_layers, segments)
     train = int(train_fraction * data["key_latents"].shape[0])
+    real = key_features(teacher, data, sigmas, layers)
     result = {}
     for name, model in models.items():
-        real, fake = chain_features(teacher, model, data, sigmas, layers, seed=seed + 12345)
+        fake = key_features(teacher, data, sigmas, layers, model, seed=seed + 12345)
         result[name] = [heldout_accuracy(real[k], fake[k], train=train, updates=updates, batch=batch, lr=lr,
                                          width=width, groups=groups, seed=seed) for k in range(segments)]
     return result
