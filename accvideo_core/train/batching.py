@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from accvideo_core.sampling import seeded_noise
+from accvideo_core.sampling import sample_flow, seeded_noise
 from accvideo_core.synvid.format import SynVidDataset, SynVidError, SynVidSample
 
 # One sample's tensors, named per sample (a collated batch keeps the names, with a batch dimension in front): a data
@@ -135,3 +135,15 @@ class SampleStream:
 def noise_for(uids: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Gaussian noise per sample, a pure function of (seed, sample uid): identical for any rank layout."""
     return seeded_noise(shape, [(seed * 1_000_003 + int(uid)) % (2 ** 63) for uid in uids.tolist()])
+
+
+def chain_from_noise(model: torch.nn.Module, batch: dict[str, torch.Tensor], sigmas: list[float],
+                     seed: int) -> list[torch.Tensor]:
+    """``model``'s Euler chain over ``sigmas`` (``sample_flow``) from ``noise_for(uid, seed)`` with the batch's
+    prompts: its latent after every step, entry j at ``sigmas[j + 1]`` (fp32). Over the key sigmas these are the
+    fakes a discriminator is judged on."""
+    latents: list[torch.Tensor] = []
+    sample_flow(model, noise_for(batch["uid"], tuple(batch["key_latents"].shape[2:]), seed), sigmas,
+                text_states=batch["text_states"], text_mask=batch["text_mask"], pooled=batch["pooled"],
+                guidance=batch["guidance"], callback=lambda step: latents.append(step["x"]))
+    return latents

@@ -28,7 +28,7 @@ from torch.func import functional_call
 from accvideo_core.sampling import sample_flow
 from accvideo_core.train import distributed as D
 from accvideo_core.train import lora_mode
-from accvideo_core.train.batching import collate, noise_for
+from accvideo_core.train.batching import chain_from_noise, collate, noise_for
 from accvideo_core.train.checkpoint import (Lineage, export_final, load_checkpoint, prepare_out_dir, resolve_resume,
                                             save_checkpoint)
 from accvideo_core.train.config import ConfigError, TrainConfig, check_batching
@@ -376,17 +376,16 @@ class Trainer:
         right = torch.zeros(m + 1, dtype=torch.float64, device=self.device)   # per k, then the sample count
         for batch, weight in self._heldout_batches():
             cond = self._cond(batch)
-            z = noise_for(batch["uid"], tuple(batch["key_latents"].shape[2:]), self.cfg.optim.seed).to(self.device)
-            for j in range(m):                                   # sampling order: t'_k with k = m-1-j after step j
-                k, layer = m - 1 - j, self.feature_layers[m - 1 - j]
-                t = torch.full((z.shape[0],), sig[j] * 1000.0, device=self.device)
-                t_k = torch.full((z.shape[0],), sig[j + 1] * 1000.0, device=self.device)
-                with self._autocast():
-                    z = z + (sig[j + 1] - sig[j]) * self.student(z, t, *cond).float()
-                    with self._teacher_mode():
-                        logits = [self.heads[k](self.teacher.image_features(x, t_k, *cond, layer=layer)).float()
-                                  .flatten(1).mean(1) for x in (batch["key_latents"][:, j + 1], z)]
-                right[k] += (((logits[0] > 0).double() + (logits[1] < 0).double()) * weight).sum()
+            with self._autocast():
+                fakes = chain_from_noise(self.student, batch, sig, self.cfg.optim.seed)
+                with self._teacher_mode():
+                    for j, fake in enumerate(fakes):              # sampling order: t'_k with k = m-1-j
+                        k = m - 1 - j
+                        t_k = torch.full((fake.shape[0],), sig[j + 1] * 1000.0, device=self.device)
+                        features = [self.teacher.image_features(x, t_k, *cond, layer=self.feature_layers[k])
+                                    for x in (batch["key_latents"][:, j + 1], fake)]
+                        logits = [self.heads[k](f).float().flatten(1).mean(1) for f in features]
+                        right[k] += (((logits[0] > 0).double() + (logits[1] < 0).double()) * weight).sum()
             right[m] += 2 * weight.sum()
         right = self._all_ranks_sum(right)
         acc = {f"d_acc_k{k}": float(right[k] / right[m]) for k in range(m)}

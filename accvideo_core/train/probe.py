@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from accvideo_core.models.loading import load_transformer
-from accvideo_core.sampling import sample_flow
 from accvideo_core.synvid.format import SynVidDataset, SynVidError, key_steps_for
-from accvideo_core.train.batching import collate, noise_for, sample_record
+from accvideo_core.train.batching import chain_from_noise, collate, sample_record
 from accvideo_core.train.heads import DiscriminatorHead, default_feature_layers
 from accvideo_core.train.losses import discriminator_loss
 
@@ -46,20 +45,14 @@ def load_key_latents(root: str | Path, segments: int) -> tuple[dict[str, torch.T
 def key_features(teacher: nn.Module, batch: dict[str, torch.Tensor], sigmas: list[float], layers: list[int],
                  model: nn.Module | None = None, *, seed: int = 0, chunk: int = 16) -> list[torch.Tensor]:
     """Teacher features per key timestep k = 0..m-1 (each ``[N, hidden, T, H, W]``) of the real key latents, or,
-    given ``model``, of its m-step Euler chain (``sample_flow`` over the key sigmas) from noise ``noise_for(uid,
-    seed)`` with the same prompts."""
+    given ``model``, of its m-step chain from noise (``chain_from_noise``) with the same prompts."""
     m = len(sigmas) - 1
     features: list[list[torch.Tensor]] = [[] for _ in range(m)]
     for start in range(0, batch["key_latents"].shape[0], chunk):
         part = {key: value[start:start + chunk] for key, value in batch.items()}
         cond = tuple(part[key] for key in COND_KEYS)
-        if model is None:
-            latents = [part["key_latents"][:, j + 1] for j in range(m)]   # sampling order: t'_k, k = m-1-j
-        else:
-            latents = []
-            sample_flow(model, noise_for(part["uid"], tuple(part["key_latents"].shape[2:]), seed), sigmas,
-                        text_states=part["text_states"], text_mask=part["text_mask"], pooled=part["pooled"],
-                        guidance=part["guidance"], callback=lambda step: latents.append(step["x"]))
+        latents = ([part["key_latents"][:, j + 1] for j in range(m)] if model is None   # t'_k, k = m-1-j
+                   else chain_from_noise(model, part, sigmas, seed))
         for j, x in enumerate(latents):
             k = m - 1 - j
             t_k = torch.full((x.shape[0],), sigmas[j + 1] * 1000.0)
