@@ -73,6 +73,17 @@ def test_config_errors_are_clear(tmp_path):
     assert (cfg.loss.lambda_adv, cfg.optim.lr, cfg.optim.head_lr) == (0.1, 5e-6, 5e-6)  # paper defaults
 
 
+def test_runtime_errors_exit_2_with_the_field_named(tmp_path, capsys):
+    """runtime.fsdp = 'on' without torchrun was a ValueError traceback (exit 1), as was fsdp 'off' under torchrun."""
+    from accvideo_core.train.__main__ import main
+
+    (tmp_path / "c.json").write_text(json.dumps({"runtime": {"fsdp": "on"}, "model": {"teacher": "t.safetensors"},
+                                                 "log": {"out_dir": str(tmp_path / "run")}}))
+    assert main(["--config", str(tmp_path / "c.json")]) == 2
+    assert "runtime.fsdp = 'on' needs torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_memory_estimate_of_the_13b_run():
     from accvideo_core.models.transformer_hunyuan_video import TransformerConfig
     from accvideo_core.train.estimate import estimate

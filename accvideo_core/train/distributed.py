@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from accvideo_core.train.config import ConfigError
+
 T = TypeVar("T")
 
 
@@ -67,15 +69,13 @@ def init_distributed(device: str = "auto", fsdp: str = "auto", sequence_parallel
             dist.init_process_group(backend=backend, **kwargs)
             info.initialized = True
     if fsdp == "on" and world == 1 and not dist.is_initialized():
-        raise ValueError("runtime.fsdp = 'on' needs torchrun (WORLD_SIZE > 1); use 'auto' or 'off'")
+        raise ConfigError("runtime.fsdp = 'on' needs torchrun (WORLD_SIZE > 1); use 'auto' or 'off'")
     info.fsdp = (fsdp == "on") or (fsdp == "auto" and world > 1)
     if world > 1 and not info.fsdp:
-        raise ValueError("more than one rank needs runtime.fsdp = 'auto' or 'on' (replicated training is not "
-                         "supported: FSDP2 shards the 13B student, its optimizer state and the teacher)")
+        raise ConfigError("more than one rank needs runtime.fsdp = 'auto' or 'on' (replicated training is not "
+                          "supported: FSDP2 shards the 13B student, its optimizer state and the teacher)")
     if sequence_parallel > 1:
         if world % sequence_parallel:
-            from accvideo_core.train.config import ConfigError
-
             raise ConfigError(f"runtime.sequence_parallel = {sequence_parallel} needs a multiple of "
                               f"{sequence_parallel} ranks (torchrun --nproc_per_node); got {world}")
         from torch.distributed.device_mesh import init_device_mesh
