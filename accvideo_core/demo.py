@@ -68,6 +68,7 @@ class DemoConfig:
     lr: float = 3e-5              # student (AdamW); the paper's 5e-6 is for the 13B model; docs/demo.md: why 3e-5
     head_lr: float = 3e-4         # discriminator heads (AdamW, beta1 0.5); docs/demo.md: why not the student's
     head_steps: int = 4           # head updates per student update (loss.head_steps; Alg. 1 has 1)
+    heads_only_steps: int = 40    # AccVideo run: iterations training only the heads, before its train_steps (Alg. 1: 0)
     segment_updates: str = "sequential"  # optim.segment_updates: one student update per segment (Alg. 1) or "joint"
     guidance: float = GUIDANCE    # embedded guidance of both recipes (the miniature's 4; HunyuanVideo's is 6)
     lambda_adv: float = 0.1       # the paper's value
@@ -130,14 +131,18 @@ def text_embeddings(family: MiniFamily, prompts: list[str]) -> dict:
 
 
 def train_config(cfg: DemoConfig, family: MiniFamily, synvid: Path, out_dir: Path, adversarial: bool) -> dict:
+    """Both ablation arms make ``train_steps`` student updates; the adversarial one first trains its heads alone
+    for ``heads_only_steps`` iterations (docs/training.md: at k = 1-4 they cannot catch up with a moving student)."""
+    heads_only = cfg.heads_only_steps if adversarial else 0
     return {
         "model": {"teacher": str(family.paths["teacher"]), "gradient_checkpointing": False},
         "data": {"root": str(synvid), "val_samples": cfg.val_samples},
-        "optim": {"steps": cfg.train_steps, "total_batch": cfg.batch, "micro_batch": cfg.batch, "lr": cfg.lr,
-                  "head_lr": cfg.head_lr, "head_betas": [0.5, 0.999], "seed": cfg.seed, "warmup_steps": 0,
-                  "segment_updates": cfg.segment_updates},
+        "optim": {"steps": cfg.train_steps + heads_only, "total_batch": cfg.batch, "micro_batch": cfg.batch,
+                  "lr": cfg.lr, "head_lr": cfg.head_lr, "head_betas": [0.5, 0.999], "seed": cfg.seed,
+                  "warmup_steps": 0, "segment_updates": cfg.segment_updates},
         "loss": {"adversarial": adversarial, "lambda_adv": cfg.lambda_adv, "head_width": cfg.head_width,
-                 "head_groups": 8, "head_steps": cfg.head_steps, "queue_capacity": max(64, cfg.batch)},
+                 "head_groups": 8, "head_steps": cfg.head_steps, "heads_only_steps": heads_only,
+                 "queue_capacity": max(64, cfg.batch)},
         "runtime": {"device": "cpu", "precision": "fp32", "fsdp": "off"},
         "log": {"out_dir": str(out_dir), "log_every": 5, "val_every": 0, "ckpt_every": 0, "save_dtype": "fp32",
                 "plot": True},
@@ -175,11 +180,14 @@ CHANCE_LOSS = 2 * math.log(2)  # the non-saturating discriminator loss of a head
 
 def discriminator_summary(run_dir: Path, segments: int) -> dict:
     """The adversarial run's discriminator, from its ``metrics.jsonl``: its loss at the start and end of the run
-    (mean of the first 5 / last 10 iterations, overall and per key timestep k) against chance, and the real/fake
-    accuracy of every head on the held-out samples before training and at the end (``Trainer.validate``)."""
+    (mean of the first 5 / last 10 iterations, overall and per key timestep k) and over the last 10 heads-only
+    iterations, against chance, and the real/fake accuracy of every head on the held-out samples before training,
+    when the heads-only iterations end (the student still the teacher) and at the end (``Trainer.validate``)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in rows if r.get("type") == "train" and "adv_d" in r]
+    heads_only = [r for r in train if r.get("heads_only")]
     val = [r for r in rows if r.get("type") == "val" and "d_acc" in r]
+    val_heads_only = [r for r in val if heads_only and r["step"] == heads_only[-1]["step"]]
 
     def mean(records: list[dict], key: str) -> float | None:
         values = [r[key] for r in records if key in r]
@@ -190,7 +198,11 @@ def discriminator_summary(run_dir: Path, segments: int) -> dict:
         "chance_loss": CHANCE_LOSS,
         "loss_first5": {key: mean(train[:5], key) for key in keys},
         "loss_last10": {key: mean(train[-10:], key) for key in keys},
+        "loss_heads_only_last10": {key: mean(heads_only[-10:], key) for key in keys} if heads_only else {},
+        "heads_only_steps": len(heads_only),
         "heldout_accuracy_start": {k: val[0][f"d_acc_k{k}"] for k in range(segments)} if val else {},
+        "heldout_accuracy_heads_only": ({k: val_heads_only[0][f"d_acc_k{k}"] for k in range(segments)}
+                                        if val_heads_only else {}),
         "heldout_accuracy_end": {k: val[-1][f"d_acc_k{k}"] for k in range(segments)} if val else {},
     }
 
@@ -345,16 +357,25 @@ def discriminator_lines(d: dict) -> list[str]:
     if last["adv_d"] is None:
         return []
     ks = sorted(d["heldout_accuracy_end"], key=int)
+    h, heads = d.get("heads_only_steps", 0), d.get("loss_heads_only_last10") or {}
     lines = ["", "## Discriminator (trajectory + adversarial run)", "",
              f"Loss of the heads (non-saturating; chance = 2 ln 2 = {d['chance_loss']:.3f}): "
-             f"{first['adv_d']:.3f} over the first 5 iterations, **{last['adv_d']:.3f}** over the last 10. "
-             "Real/fake accuracy on the held-out samples (real: their teacher key latents; fake: the student's "
-             "own chain from fresh noise, same prompts; chance 50 %):", "",
-             "| key timestep k | loss, first 5 | loss, last 10 | held-out accuracy before training | at the end |",
-             "|---|---|---|---|---|"]
-    for k in ks:
-        lines.append(f"| {k} | {first[f'adv_d_k{k}']:.3f} | {last[f'adv_d_k{k}']:.3f} | "
-                     f"{d['heldout_accuracy_start'][k]:.0%} | **{d['heldout_accuracy_end'][k]:.0%}** |")
+             f"{first['adv_d']:.3f} over the first 5 iterations, "
+             + (f"**{heads['adv_d']:.3f}** over the last 10 of the {h} heads-only iterations (the student frozen "
+                "at the teacher's weights, its fakes teacher-5's chain), " if heads else "")
+             + f"**{last['adv_d']:.3f}** over the last 10. Real/fake accuracy on the held-out samples (real: their "
+             "teacher key latents; fake: the student's own chain from fresh noise, same prompts; chance 50 %):", ""]
+    if heads:
+        lines += ["| key timestep k | loss, first 5 | loss, last 10 heads-only | loss, last 10 | held-out accuracy "
+                  "before training | after the heads-only iterations | at the end |", "|---" * 7 + "|"]
+        lines += [f"| {k} | {first[f'adv_d_k{k}']:.3f} | {heads[f'adv_d_k{k}']:.3f} | {last[f'adv_d_k{k}']:.3f} | "
+                  f"{d['heldout_accuracy_start'][k]:.0%} | **{d['heldout_accuracy_heads_only'][k]:.0%}** | "
+                  f"**{d['heldout_accuracy_end'][k]:.0%}** |" for k in ks]
+    else:
+        lines += ["| key timestep k | loss, first 5 | loss, last 10 | held-out accuracy before training | at the end |",
+                  "|---" * 5 + "|"]
+        lines += [f"| {k} | {first[f'adv_d_k{k}']:.3f} | {last[f'adv_d_k{k}']:.3f} | "
+                  f"{d['heldout_accuracy_start'][k]:.0%} | **{d['heldout_accuracy_end'][k]:.0%}** |" for k in ks]
     if d.get("probe"):
         probed = d["probe"]
         lines += ["", "Is anything left to see? Fresh heads of the same kind trained offline on *fixed* fakes "
@@ -548,6 +569,7 @@ def run_seeds(cfg: DemoConfig, seeds: list[int], out: Path, *, fresh: bool = Fal
                      "traj_adv_vs_teacher_few_steps": mse["student_accvideo"] / mse["teacher_few_steps"],
                      "traj_only_vs_teacher_few_steps": mse["student_trajectory"] / mse["teacher_few_steps"],
                      "d_loss_last10": d["loss_last10"]["adv_d"],
+                     "d_heldout_accuracy_heads_only": d["heldout_accuracy_heads_only"],
                      "d_heldout_accuracy_end": d["heldout_accuracy_end"], "probe": d["probe"],
                      "seconds": rep["total_seconds"]})
     keys = ("teacher_few_steps", "traj_only", "traj_adv", "adv_minus_traj", "traj_only_vs_teacher_few_steps",
@@ -569,16 +591,22 @@ def seeds_markdown(summary: dict) -> str:
              f"Seeds {summary['seeds']} (per seed: other training prompts, trainer seed and held-out noise; each "
              "seed's own report is in `seed_S/`). Latent MSE to " + full + " on the held-out prompts; "
              f"discriminator: loss over the last 10 iterations (chance {CHANCE_LOSS:.3f}) and held-out real/fake "
-             "accuracy per key timestep k = 0..4 at the end; fresh heads on fixed fakes (the probe of each seed's "
-             f"report): their mean held-out accuracy over k = 1..4 on {few}'s chain and on the AccVideo student's.",
+             "accuracy per key timestep k = 0..4 when its heads-only iterations end (the student still the teacher) "
+             "and at the end; fresh heads on fixed fakes (the probe of each seed's report): their mean held-out "
+             f"accuracy over k = 1..4 on {few}'s chain and on the AccVideo student's.",
              "", f"| seed | {few} | trajectory only | trajectory + adversarial | adv - traj | AccVideo / {few} | "
-             f"D loss | D accuracy k=0..4 | fresh heads k=1..4: {few} / AccVideo |", "|---" * 9 + "|"]
+             f"D loss | D accuracy k=0..4, heads only | at the end | fresh heads k=1..4: {few} / AccVideo |",
+             "|---" * 10 + "|"]
+
+    def accuracies(acc: dict) -> str:
+        return " / ".join(f"{acc[k]:.0%}" for k in sorted(acc, key=int)) or "-"
+
     for r in rows:
-        acc = " / ".join(f"{r['d_heldout_accuracy_end'][k]:.0%}" for k in sorted(r["d_heldout_accuracy_end"], key=int))
         fresh = " / ".join(f"{statistics.mean(r['probe'][n][1:]):.0%}" for n in PROBED) if r["probe"] else "-"
         lines.append(f"| {r['seed']} | {r['teacher_few_steps']:.4f} | {r['traj_only']:.4f} | {r['traj_adv']:.4f} | "
                      f"{r['adv_minus_traj']:+.4f} | {r['traj_adv_vs_teacher_few_steps']:.2f}x | "
-                     f"{r['d_loss_last10']:.3f} | {acc} | {fresh} |")
+                     f"{r['d_loss_last10']:.3f} | {accuracies(r['d_heldout_accuracy_heads_only'])} | "
+                     f"{accuracies(r['d_heldout_accuracy_end'])} | {fresh} |")
     lines += ["", "| quantity | mean | 95 % t-interval |", "|---|---|---|"]
     names = {"teacher_few_steps": few, "traj_only": "trajectory only", "traj_adv": "trajectory + adversarial",
              "adv_minus_traj": "paired difference adv - traj", "traj_only_vs_teacher_few_steps":

@@ -30,7 +30,7 @@ def test_prompt_sets_are_disjoint_and_follow_the_template():
 
 def test_demo_runs_end_to_end_reduced(tmp_path, capsys):
     cfg = DemoConfig(synvid_samples=3, train_steps=1, batch=2, heldout_prompts=1, seeds_per_prompt=1, shown=1,
-                     threads=1, probe_updates=3)
+                     threads=1, probe_updates=3, heads_only_steps=1)
     report = run_demo(cfg, tmp_path)
     # the real entry points ran: a SynVid from the dumper, two trainer runs with their exported students
     ds = SynVidDataset(tmp_path / "synvid")
@@ -39,7 +39,9 @@ def test_demo_runs_end_to_end_reduced(tmp_path, capsys):
     for run in ("train_traj", "train_adv"):
         assert (tmp_path / run / "student.safetensors").is_file()
         cfg_used = json.loads((tmp_path / run / "config.json").read_text())
-        assert cfg_used["loss"]["adversarial"] == (run == "train_adv") and cfg_used["optim"]["steps"] == 1
+        adversarial = run == "train_adv"   # both make 1 student update; the AccVideo run 1 heads-only iteration first
+        assert cfg_used["loss"]["adversarial"] == adversarial and cfg_used["loss"]["heads_only_steps"] == adversarial
+        assert cfg_used["optim"]["steps"] == 1 + adversarial
         assert cfg_used["optim"]["segment_updates"] == cfg.segment_updates == "sequential"
     r = report["results"]
     assert set(r) == {"teacher", "teacher_few_steps", "student_trajectory", "student_accvideo"}
@@ -55,11 +57,15 @@ def test_demo_runs_end_to_end_reduced(tmp_path, capsys):
     md = (tmp_path / "report.md").read_text()
     assert "| AccVideo student 5 | 5 |" in md and "| teacher 50 steps | 50 |" in md and "Ablation" in md
     assert f"embedded guidance {GUIDANCE:g}." in md
-    # the discriminator section: its loss and each head's held-out accuracy before and after training
+    # the discriminator section: its loss and each head's held-out accuracy before training, after the heads-only
+    # iteration and at the end
     d = report["discriminator"]
-    assert sorted(d["heldout_accuracy_end"]) == [0, 1, 2, 3, 4] and d["loss_last10"]["adv_d"] > 0
-    assert all(0.0 <= a <= 1.0 for a in (*d["heldout_accuracy_start"].values(), *d["heldout_accuracy_end"].values()))
-    assert "## Discriminator" in md and "held-out accuracy" in md
+    assert d["heads_only_steps"] == 1 and d["loss_heads_only_last10"]["adv_d"] > 0
+    assert sorted(d["heldout_accuracy_end"]) == sorted(d["heldout_accuracy_heads_only"]) == [0, 1, 2, 3, 4]
+    assert d["loss_last10"]["adv_d"] > 0
+    assert all(0.0 <= a <= 1.0 for key in ("start", "heads_only", "end")
+               for a in d[f"heldout_accuracy_{key}"].values())
+    assert "## Discriminator" in md and "| after the heads-only iterations |" in md
     # the probe: fresh heads' held-out accuracy per key timestep on teacher-5's and the AccVideo student's fakes
     assert sorted(d["probe"]) == ["student_accvideo", "teacher_few_steps"]
     assert all(len(acc) == 5 and all(0.0 <= a <= 1.0 for a in acc) for acc in d["probe"].values())
@@ -69,7 +75,7 @@ def test_demo_runs_end_to_end_reduced(tmp_path, capsys):
     # a second run continues: nothing is re-dumped and both finished trainings are reused
     assert main(["--out", str(tmp_path), "--synvid-samples", "3", "--train-steps", "1", "--batch", "2",
                  "--heldout-prompts", "1", "--seeds-per-prompt", "1", "--shown", "1", "--threads", "1",
-                 "--probe-updates", "0"]) == 0
+                 "--probe-updates", "0", "--heads-only-steps", "1"]) == 0
     err = capsys.readouterr().err
     assert "3 of 3 samples already present" in err and err.count("reusing the finished training run") == 2
     assert "Fresh heads" not in (tmp_path / "report.md").read_text()   # --probe-updates 0: no probe
@@ -77,7 +83,7 @@ def test_demo_runs_end_to_end_reduced(tmp_path, capsys):
     (tmp_path / "family.json").write_text(json.dumps({"teacher": "sha256:other"}))
     assert main(["--out", str(tmp_path), "--synvid-samples", "3", "--train-steps", "1", "--batch", "2",
                  "--heldout-prompts", "1", "--seeds-per-prompt", "1", "--shown", "1", "--threads", "1",
-                 "--probe-updates", "0"]) == 0
+                 "--probe-updates", "0", "--heads-only-steps", "1"]) == 0
     err = capsys.readouterr().err
     assert "family changed since the last run" in err and "already present" not in err
     assert "reusing the finished training run" not in err
@@ -107,6 +113,7 @@ def test_seeds_report_lists_every_seed_with_its_probe():
     rows = [{"seed": s, "teacher_few_steps": 0.1, "traj_only": 0.04 + s / 100, "traj_adv": 0.05, "adv_minus_traj":
              0.01 - s / 100, "traj_adv_vs_teacher_few_steps": 0.5, "traj_only_vs_teacher_few_steps": 0.4,
              "d_loss_last10": 1.2, "d_heldout_accuracy_end": {k: 0.5 for k in range(5)},
+             "d_heldout_accuracy_heads_only": {k: 1.0 - k / 10 for k in range(5)},
              "probe": {"teacher_few_steps": [1.0, 0.6, 0.7, 0.8, 0.9], "student_accvideo": [1.0, 0.5, 0.5, 0.5, 0.6]}}
             for s in (0, 1)]
     keys = ("teacher_few_steps", "traj_only", "traj_adv", "adv_minus_traj", "traj_only_vs_teacher_few_steps",
@@ -114,5 +121,6 @@ def test_seeds_report_lists_every_seed_with_its_probe():
     summary = {"seeds": [0, 1], "per_seed": rows, "adv_better_seeds": 0, "students_within_half_of_teacher_few_steps": 2,
                "intervals_95": {key: mean_interval([r[key] for r in rows]) for key in keys}}
     md = seeds_markdown(summary)
-    assert "| 0 | 0.1000 | 0.0400 | 0.0500 | +0.0100 | 0.50x | 1.200 | 50% / 50% / 50% / 50% / 50% | 75% / 52% |" in md
+    assert ("| 0 | 0.1000 | 0.0400 | 0.0500 | +0.0100 | 0.50x | 1.200 | 100% / 90% / 80% / 70% / 60% | "
+            "50% / 50% / 50% / 50% / 50% | 75% / 52% |") in md
     assert "| 1 | 0.1000 | 0.0500 |" in md and "on 2 of 2 seeds" in md

@@ -99,6 +99,44 @@ def test_trainer_makes_head_steps_updates_and_measures_heldout_accuracy(synvid, 
         config_from_dict({"loss": {"head_steps": 0}})
 
 
+def test_heads_only_steps_train_the_heads_before_the_student_moves(synvid, tmp_path):
+    """loss.heads_only_steps = 2 of 4 iterations: the student stays the teacher bit for bit (lr 0, no
+    trajectory loss, no generator term) while the heads learn; the student's lr warm-up starts at its first update;
+    a validation runs when the heads-only iterations end."""
+    cfg = config_from_dict({
+        "model": {"gradient_checkpointing": False},
+        "data": {"root": str(synvid), "val_samples": 2},
+        "optim": {"steps": 4, "total_batch": 2, "micro_batch": 1, "lr": 1e-4, "head_lr": 3e-4, "warmup_steps": 2},
+        "loss": {"head_width": 16, "head_groups": 4, "head_steps": 2, "heads_only_steps": 2},
+        "log": {"out_dir": str(tmp_path / "run"), "val_every": 0, "ckpt_every": 0, "save_dtype": "fp32",
+                "plot": False}})
+    trainer = Trainer(cfg, teacher=tiny_transformer(seed=0))
+    teacher = tiny_transformer(seed=0).state_dict()
+    heads_before = {k: v.clone() for k, v in trainer.heads.state_dict().items()}
+    seen = {}
+    validate = trainer.validate
+
+    def spy() -> dict[str, float]:
+        seen[trainer.step] = (all(torch.equal(v, teacher[k]) for k, v in trainer.student.state_dict().items()),
+                              any(not torch.equal(v, heads_before[k]) for k, v in trainer.heads.state_dict().items()))
+        return validate()
+
+    trainer.validate = spy
+    trainer.run()
+    assert seen == {0: (True, False), 2: (True, True), 4: (False, True)}   # (student = teacher, heads changed)
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["type"] == "train"]
+    assert [r["lr"] for r in train] == [0.0, 0.0, 5e-5, 1e-4]              # the student's warm-up from step 3
+    assert all(r["heads_only"] == 1.0 and "adv_d_k0" in r and "traj" not in r and "adv_g" not in r
+               for r in train[:2])
+    assert all("traj" in r and "adv_g" in r and "heads_only" not in r for r in train[2:])
+    assert [r["step"] for r in rows if r["type"] == "val"] == [0, 2, 4]
+    with pytest.raises(ValueError, match="loss.heads_only_steps must be in 0..3"):
+        config_from_dict({"optim": {"steps": 4}, "loss": {"heads_only_steps": 4}})
+    with pytest.raises(ValueError, match="heads_only_steps needs the adversarial term from the start"):
+        config_from_dict({"loss": {"heads_only_steps": 2, "adversarial": False}})
+
+
 def test_probe_heads_tell_a_difference_from_none():
     """``probe.heldout_accuracy``: fresh heads separate fakes that differ (a fixed pattern of half the features' std)
     and stay near chance on fakes drawn like the reals."""

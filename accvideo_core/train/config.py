@@ -68,6 +68,7 @@ class LossConfig:
     head_kernel: int = 3
     head_groups: int = 32                   # GroupNorm groups (batch-size independent)
     head_steps: int = 1                     # head updates per student update on the same teacher features (Alg. 1: 1)
+    heads_only_steps: int = 0               # first iterations (of optim.steps) that train only the heads (Alg. 1: 0)
     queue_capacity: int = 64                # max entries per queue Q_k (oldest dropped); Q_0 keeps the last ones
 
 
@@ -204,6 +205,13 @@ def validate(cfg: TrainConfig) -> None:
     if lo.head_steps < 1:
         raise ConfigError(f"loss.head_steps must be >= 1 (1 = one head update per student update, Alg. 1), got "
                           f"{lo.head_steps}")
+    if lo.heads_only_steps:
+        if not (lo.adversarial and lo.lambda_adv > 0) or lo.adv_start_step:
+            raise ConfigError("loss.heads_only_steps needs the adversarial term from the start (loss.adversarial = "
+                              "true, loss.lambda_adv > 0, loss.adv_start_step = 0): those iterations train the heads")
+        if not 0 < lo.heads_only_steps < o.steps:
+            raise ConfigError(f"loss.heads_only_steps must be in 0..{o.steps - 1} (it counts within optim.steps = "
+                              f"{o.steps}, which must leave student updates), got {lo.heads_only_steps}")
     if cfg.runtime.sequence_parallel < 1:
         raise ConfigError(f"runtime.sequence_parallel must be >= 1, got {cfg.runtime.sequence_parallel}")
     mc = cfg.model

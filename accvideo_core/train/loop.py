@@ -118,8 +118,9 @@ class Trainer:
                 if stop:
                     path = save_checkpoint(self)
                     raise Interrupted(f"interrupted at step {self.step}; resume with --resume {path}")
-                if cfg.log.val_every and self.step % cfg.log.val_every == 0 and self.step < cfg.optim.steps:
-                    self.validate()
+                due = cfg.log.val_every and self.step % cfg.log.val_every == 0
+                if (due or self.step == cfg.loss.heads_only_steps) and self.step < cfg.optim.steps:
+                    self.validate()   # also once the heads-only iterations end: the heads before the student moves
                 if cfg.log.ckpt_every and self.step % cfg.log.ckpt_every == 0 and self.step < cfg.optim.steps:
                     save_checkpoint(self)
             final_val = self.validate()
@@ -160,6 +161,7 @@ class Trainer:
         cfg, m = self.cfg, self.m
         micro = [collate([self.stream.next() for _ in range(cfg.optim.micro_batch)]) for _ in range(self.n_micro)]
         adversarial = cfg.loss.adversarial and cfg.loss.lambda_adv > 0 and step >= cfg.loss.adv_start_step
+        heads_only = step < cfg.loss.heads_only_steps   # the student only makes fakes (they fill the queues)
         order = self.segments_for(step)
         groups = [order] if cfg.optim.segment_updates == "joint" else [[k] for k in order]
         lr = self._set_lr(step)
@@ -178,30 +180,36 @@ class Trainer:
                     last = i == self.n_micro - 1 and n == len(group) - 1
                     # fakes for t'_k need Q_{k+1} filled (by segment k+1 of this or an earlier iteration)
                     adv_now = adversarial and (k == m - 1 or self.queues.size(k + 1) >= cfg.optim.micro_batch)
-                    # two backward passes per segment: only one student graph is alive at a time (memory)
-                    self._grad_sync(last and not adv_now)
-                    losses = self.trajectory_losses(batch, k)
-                    (scale * losses["traj"]).backward()
-                    if adv_now:
-                        self._grad_sync(last)
-                        adv = self.adversarial_losses(batch, k)
-                        (scale * lam * (adv["adv_g"] + adv["adv_d"])).backward()
-                        losses.update(adv)
+                    if heads_only:
+                        losses = self.adversarial_losses(batch, k, generator=False) if adv_now else {}
+                        if adv_now:
+                            (scale * lam * losses["adv_d"]).backward()
+                    else:
+                        # two backward passes per segment: only one student graph is alive at a time (memory)
+                        self._grad_sync(last and not adv_now)
+                        losses = self.trajectory_losses(batch, k)
+                        (scale * losses["traj"]).backward()
+                        if adv_now:
+                            self._grad_sync(last)
+                            adv = self.adversarial_losses(batch, k)
+                            (scale * lam * (adv["adv_g"] + adv["adv_d"])).backward()
+                            losses.update(adv)
                     for name, value in losses.items():
                         for key in (name, f"{name}_k{k}"):
                             sums[key] = sums.get(key, 0.0) + float(value.detach())
                             counts[key] = counts.get(key, 0) + 1
                     self._heartbeat(step, k, i)
             self._sync_head_grads()
-            if cfg.optim.grad_clip > 0:
-                trained = [p for g in self.opt.param_groups for p in g["params"]]
-                norm = torch.nn.utils.clip_grad_norm_(trained, cfg.optim.grad_clip)
-                norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
-            self.opt.step()
+            if not heads_only:
+                if cfg.optim.grad_clip > 0:
+                    trained = [p for g in self.opt.param_groups for p in g["params"]]
+                    norm = torch.nn.utils.clip_grad_norm_(trained, cfg.optim.grad_clip)
+                    norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+                self.opt.step()
             if adversarial:
                 self.head_opt.step()
                 self._extra_head_steps(scale_of=len(group) * self.n_micro)
-        if self.ema is not None:
+        if self.ema is not None and not heads_only:
             self._update_ema()
         metrics = {key: value / counts[key] for key, value in sums.items()}
         if norms:
@@ -211,6 +219,8 @@ class Trainer:
         D.all_reduce_mean_([values], self.info)
         out = {n: float(v) for n, v in zip(names, values.tolist())}
         out["lr"] = lr
+        if heads_only:
+            out["heads_only"] = 1.0
         return out
 
     def trajectory_losses(self, batch: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
@@ -222,9 +232,11 @@ class Trainer:
         target = segment_target(x_clean, x_noisy, s_clean, s_noisy)
         return {"traj": trajectory_loss(v, target, self.cfg.loss.traj_reduction)}
 
-    def adversarial_losses(self, batch: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    def adversarial_losses(self, batch: dict[str, torch.Tensor], k: int, *,
+                           generator: bool = True) -> dict[str, torch.Tensor]:
         """Alg. 1 for segment k: fake = one student Euler step from Q_{k+1} (pushed to Q_k); ``adv_g`` trains the
-        student only (heads detached), ``adv_d`` trains head H_k only (teacher features of the fake detached)."""
+        student only (heads detached), ``adv_d`` trains head H_k only (teacher features of the fake detached).
+        ``generator=False`` (``loss.heads_only_steps``): no ``adv_g`` and no graph through the student."""
         m = self.m
         x_noisy, x_clean, s_noisy, s_clean = self._segment(batch, k)
         b = x_noisy.shape[0]
@@ -234,7 +246,7 @@ class Trainer:
             self.queues.push(m, noise, cond)
         z, cond_fake = self.queues.pop(k + 1, b, self.device)
         t = torch.full((b,), s_noisy * 1000.0, device=self.device)
-        with self._autocast():
+        with self._autocast(), torch.set_grad_enabled(generator):
             v_fake = self.student(z, t, *self._cond(cond_fake))
         fake = z.float() + (s_clean - s_noisy) * v_fake.float()   # one student Euler step to t'_k
         self.queues.push(k, fake.detach(), cond_fake)
@@ -243,16 +255,20 @@ class Trainer:
         with self._autocast(), self._teacher_mode():
             with torch.no_grad():
                 f_real = self.teacher.image_features(x_clean, t_clean, *self._cond(batch), layer=layer)
-            f_fake = self.teacher.image_features(fake, t_clean, *self._cond(cond_fake), layer=layer)
+            with torch.set_grad_enabled(generator):
+                f_fake = self.teacher.image_features(fake, t_clean, *self._cond(cond_fake), layer=layer)
             logits_real = head(f_real)
             logits_fake_d = head(f_fake.detach())
-            frozen = {name: p.detach() for name, p in head.named_parameters()}
-            logits_fake_g = functional_call(head, frozen, (f_fake,))
+            if generator:
+                frozen = {name: p.detach() for name, p in head.named_parameters()}
+                logits_fake_g = functional_call(head, frozen, (f_fake,))
         if self.cfg.loss.head_steps > 1:   # kept for the extra head updates of this group (_extra_head_steps)
             self._head_inputs.append((k, f_real.detach(), f_fake.detach()))
-        return {"adv_d": discriminator_loss(logits_real, logits_fake_d, kind),
-                "adv_g": generator_loss(logits_fake_g, kind),
-                "d_real": logits_real.detach().float().mean(), "d_fake": logits_fake_d.detach().float().mean()}
+        losses = {"adv_d": discriminator_loss(logits_real, logits_fake_d, kind),
+                  "d_real": logits_real.detach().float().mean(), "d_fake": logits_fake_d.detach().float().mean()}
+        if generator:
+            losses["adv_g"] = generator_loss(logits_fake_g, kind)
+        return losses
 
     def _extra_head_steps(self, scale_of: int) -> None:
         """``loss.head_steps - 1`` more updates of the heads of this group on the teacher features they were just
@@ -296,13 +312,19 @@ class Trainer:
         return [m - 1 - (step * s + j) % m for j in range(s)]
 
     def _set_lr(self, step: int) -> float:
-        o = self.cfg.optim
-        scale = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
+        """Linear warm-up over ``optim.warmup_steps``: the heads' from the first iteration, the student's from its
+        first update (after ``loss.heads_only_steps``, in which its lr is 0)."""
+        o, first = self.cfg.optim, self.cfg.loss.heads_only_steps
+
+        def ramp(i: int) -> float:
+            return min(1.0, (i + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
+
+        lr = o.lr * ramp(step - first) if step >= first else 0.0
         for g in self.opt.param_groups:
-            g["lr"] = o.lr * scale
+            g["lr"] = lr
         for g in self.head_opt.param_groups:
-            g["lr"] = o.head_lr * scale
-        return o.lr * scale
+            g["lr"] = o.head_lr * ramp(step)
+        return lr
 
     def _grad_sync(self, last_backward: bool) -> None:
         """FSDP2 reduce-scatters after every backward (sharded gradient memory) unless

@@ -53,7 +53,7 @@ class Monitor:
         elapsed = time.perf_counter() - self.t0
         rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) / rate if rate > 0 else float("inf")
-        parts = [f"step {step}/{self.total}"]
+        parts = [f"step {step}/{self.total}"] + (["heads only"] if metrics.get("heads_only") else [])
         for key in ("traj", "adv_g", "adv_d", "grad_norm"):
             if key in metrics:
                 parts.append(f"{key} {metrics[key]:.4g}")
