@@ -338,7 +338,9 @@ def markdown_report(report: dict) -> str:
               f"- Error to {full} (latent MSE): {few} {r['teacher_few_steps']['latent_mse_to_teacher']:.4f}, "
               f"AccVideo student-{STUDENT.steps} {r['student_accvideo']['latent_mse_to_teacher']:.4f} "
               f"({report['student_vs_teacher_few_steps']:.2f}x of {few}'s error).",
-              f"- Ablation (same {a['train_steps']} iterations x batch {a['batch']}): trajectory loss only "
+              f"- Ablation (same {a['train_steps']} student iterations x batch {a['batch']}"
+              + (f"; the adversarial run first trains its heads alone for {a['heads_only_steps']} iterations"
+                 if a.get("heads_only_steps") else "") + "): trajectory loss only "
               f"{a['traj_only_mse']:.4f}, trajectory + adversarial {a['traj_adv_mse']:.4f} (latent MSE to "
               f"{full} on held-out prompts). One seed: seed noise is of the same order as this difference "
               "(`--seeds 0-4` measures it over seeds).",
@@ -465,8 +467,8 @@ def evaluate_and_report(cfg: DemoConfig, family: MiniFamily, students: dict[str,
         "speedup_end_to_end": full["total"] / student["total"],
         "speedup_sampling": full["sampling"] / student["sampling"],
         "student_vs_teacher_few_steps": mse["student_accvideo"] / mse["teacher_few_steps"],
-        "ablation": {"train_steps": cfg.train_steps, "batch": cfg.batch, "traj_only_mse": mse["student_trajectory"],
-                     "traj_adv_mse": mse["student_accvideo"]},
+        "ablation": {"train_steps": cfg.train_steps, "heads_only_steps": cfg.heads_only_steps, "batch": cfg.batch,
+                     "traj_only_mse": mse["student_trajectory"], "traj_adv_mse": mse["student_accvideo"]},
         "discriminator": {**discriminator_summary(out / "train_adv", STUDENT.steps), "probe": probed},
         "stage_seconds": stage,
         "files": {"mp4": str(mp4), "gif": str(gif), "synvid": str(out / "synvid"),

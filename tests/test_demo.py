@@ -66,6 +66,7 @@ def test_demo_runs_end_to_end_reduced(tmp_path, capsys):
     assert all(0.0 <= a <= 1.0 for key in ("start", "heads_only", "end")
                for a in d[f"heldout_accuracy_{key}"].values())
     assert "## Discriminator" in md and "| after the heads-only iterations |" in md
+    assert "(same 1 student iterations x batch 2; the adversarial run first trains its heads alone for 1" in md
     # the probe: fresh heads' held-out accuracy per key timestep on teacher-5's and the AccVideo student's fakes
     assert sorted(d["probe"]) == ["student_accvideo", "teacher_few_steps"]
     assert all(len(acc) == 5 and all(0.0 <= a <= 1.0 for a in acc) for acc in d["probe"].values())
