@@ -367,17 +367,15 @@ def discriminator_lines(d: dict) -> list[str]:
                 "at the teacher's weights, its fakes teacher-5's chain), " if heads else "")
              + f"**{last['adv_d']:.3f}** over the last 10. Real/fake accuracy on the held-out samples (real: their "
              "teacher key latents; fake: the student's own chain from fresh noise, same prompts; chance 50 %):", ""]
-    if heads:
-        lines += ["| key timestep k | loss, first 5 | loss, last 10 heads-only | loss, last 10 | held-out accuracy "
-                  "before training | after the heads-only iterations | at the end |", "|---" * 7 + "|"]
-        lines += [f"| {k} | {first[f'adv_d_k{k}']:.3f} | {heads[f'adv_d_k{k}']:.3f} | {last[f'adv_d_k{k}']:.3f} | "
-                  f"{d['heldout_accuracy_start'][k]:.0%} | **{d['heldout_accuracy_heads_only'][k]:.0%}** | "
-                  f"**{d['heldout_accuracy_end'][k]:.0%}** |" for k in ks]
-    else:
-        lines += ["| key timestep k | loss, first 5 | loss, last 10 | held-out accuracy before training | at the end |",
-                  "|---" * 5 + "|"]
-        lines += [f"| {k} | {first[f'adv_d_k{k}']:.3f} | {last[f'adv_d_k{k}']:.3f} | "
-                  f"{d['heldout_accuracy_start'][k]:.0%} | **{d['heldout_accuracy_end'][k]:.0%}** |" for k in ks]
+    columns = [("loss, first 5", lambda k: f"{first[f'adv_d_k{k}']:.3f}")]
+    columns += [("loss, last 10 heads-only", lambda k: f"{heads[f'adv_d_k{k}']:.3f}")] if heads else []
+    columns += [("loss, last 10", lambda k: f"{last[f'adv_d_k{k}']:.3f}"),
+                ("held-out accuracy before training", lambda k: f"{d['heldout_accuracy_start'][k]:.0%}")]
+    columns += ([("after the heads-only iterations", lambda k: f"**{d['heldout_accuracy_heads_only'][k]:.0%}**")]
+                if heads else [])
+    columns += [("at the end", lambda k: f"**{d['heldout_accuracy_end'][k]:.0%}**")]
+    lines += ["| key timestep k | " + " | ".join(name for name, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {k} | " + " | ".join(cell(k) for _, cell in columns) + " |" for k in ks]
     if d.get("probe"):
         probed = d["probe"]
         lines += ["", "Is anything left to see? Fresh heads of the same kind trained offline on *fixed* fakes "

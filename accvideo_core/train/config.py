@@ -205,13 +205,12 @@ def validate(cfg: TrainConfig) -> None:
     if lo.head_steps < 1:
         raise ConfigError(f"loss.head_steps must be >= 1 (1 = one head update per student update, Alg. 1), got "
                           f"{lo.head_steps}")
-    if lo.heads_only_steps:
-        if not (lo.adversarial and lo.lambda_adv > 0) or lo.adv_start_step:
-            raise ConfigError("loss.heads_only_steps needs the adversarial term from the start (loss.adversarial = "
-                              "true, loss.lambda_adv > 0, loss.adv_start_step = 0): those iterations train the heads")
-        if not 0 < lo.heads_only_steps < o.steps:
-            raise ConfigError(f"loss.heads_only_steps must be in 0..{o.steps - 1} (it counts within optim.steps = "
-                              f"{o.steps}, which must leave student updates), got {lo.heads_only_steps}")
+    if not 0 <= lo.heads_only_steps < o.steps:
+        raise ConfigError(f"loss.heads_only_steps must be in 0..{o.steps - 1} (it counts within optim.steps = "
+                          f"{o.steps}, which must leave student updates), got {lo.heads_only_steps}")
+    if lo.heads_only_steps and (not (lo.adversarial and lo.lambda_adv > 0) or lo.adv_start_step):
+        raise ConfigError("loss.heads_only_steps needs the adversarial term from the start (loss.adversarial = "
+                          "true, loss.lambda_adv > 0, loss.adv_start_step = 0): those iterations train the heads")
     if cfg.runtime.sequence_parallel < 1:
         raise ConfigError(f"runtime.sequence_parallel must be >= 1, got {cfg.runtime.sequence_parallel}")
     mc = cfg.model

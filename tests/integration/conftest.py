@@ -123,7 +123,12 @@ class Server:
         status, answer = self.post("/prompt", body)
         if status != 200:
             raise AssertionError(f"prompt rejected: HTTP {status}: {json.dumps(answer)[:2000]}")
-        pid = answer["prompt_id"]
+        return self.history(answer["prompt_id"], timeout=timeout)
+
+    def history(self, pid: str, *, timeout: float = 600.0) -> dict:
+        """The history entry of prompt ``pid`` once it is complete. ComfyUI stores it after the execution's last
+        websocket message (``execution_success`` is sent before ``task_done``), so a client that saw that message
+        must still wait for it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             entry = self.get(f"/history/{pid}").get(pid)

@@ -72,10 +72,11 @@ def test_train_node_checkpoints_on_interrupt_and_resumes_on_requeue(comfy_api):
     wf, ids = _distill("synvid/train_resume", "train_resume", prompts=6, steps=6, lambda_adv=0.0)
     train = ids["AccVideoTrain"]
 
-    async def follow(prompt: dict, interrupt_at: int | None) -> tuple[list, list, list]:
-        progress, texts, events = [], [], []
+    async def follow(prompt: dict, interrupt_at: int | None) -> tuple[list, list, list, str]:
+        progress, texts, events, pid = [], [], [], ""
         async with contextlib.aclosing(comfy_api.messages(prompt)) as messages:
             async for prompt_id, data in messages:
+                pid = prompt_id
                 if isinstance(data, bytes):
                     kind, = struct.unpack(">I", data[:4])
                     if kind == 3:  # progress text: node id length, node id, text
@@ -91,9 +92,9 @@ def test_train_node_checkpoints_on_interrupt_and_resumes_on_requeue(comfy_api):
                 if data["type"] in ("execution_success", "execution_interrupted", "execution_error") and \
                         data["data"].get("prompt_id") == prompt_id:
                     break
-        return progress, texts, events
+        return progress, texts, events, pid
 
-    progress, texts, events = asyncio.run(asyncio.wait_for(follow(wf, interrupt_at=2), 900))
+    progress, texts, events, _ = asyncio.run(asyncio.wait_for(follow(wf, interrupt_at=2), 900))
     assert "execution_interrupted" in events, events
     assert progress[:2] == [(1, 6), (2, 6)] and len(progress) < 6, progress
     assert texts and all("ETA" in t and "traj" in t for t in texts), texts
@@ -103,12 +104,10 @@ def test_train_node_checkpoints_on_interrupt_and_resumes_on_requeue(comfy_api):
     assert 2 <= latest["step"] < 6
     assert not (comfy_api.base / "models/loras/train_resume.safetensors").exists()
 
-    progress, texts, events = asyncio.run(asyncio.wait_for(follow(wf, interrupt_at=None), 900))
+    progress, texts, events, pid = asyncio.run(asyncio.wait_for(follow(wf, interrupt_at=None), 900))
     assert "execution_success" in events, events
     assert progress and progress[0][0] == latest["step"] + 1 and progress[-1] == (6, 6), progress
-    result = comfy_api.get("/history")
-    text = next(v["outputs"][train]["text"][0] for v in result.values() if train in v.get("outputs", {})
-                and "train_resume" in v["outputs"][train]["text"][0])
+    text = comfy_api.history(pid, timeout=60)["outputs"][train]["text"][0]   # stored after execution_success
     assert f"resumed from step {latest['step']}" in text, text
     assert (comfy_api.base / "models/loras/train_resume.safetensors").is_file()
 
