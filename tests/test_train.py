@@ -462,8 +462,10 @@ def _assert_close_states(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
 def test_torchrun_two_ranks_fsdp2_matches_single_process(synvid, tmp_path):
     """2 ranks (gloo + FSDP2, sharded checkpoints) = 1 process, and a checkpoint resumes on the other number of
     ranks like an uninterrupted single-process run: 2 -> 1 and 1 -> 2 (queues carry fakes across iterations).
-    7 training samples: they do not split evenly over 2 ranks, and step 4 reads across the epoch boundary."""
+    7 training samples: they do not split evenly over 2 ranks, and step 4 reads across the epoch boundary. The first
+    iteration trains only the heads (loss.heads_only_steps: sharded student forward without a graph or update)."""
     common = dict(optim={"steps": 4, "total_batch": 2, "segments_per_iteration": 2, "ema_decay": 0.9},
+                  loss={"heads_only_steps": 1},
                   model={"gradient_checkpointing": True}, data={"val_samples": 5},
                   log={"plot": False, "ckpt_every": 2, "val_every": 2})
     single = Trainer(make_cfg(synvid, tmp_path / "one", **common), teacher=tiny_transformer(seed=TEACHER_SEED))
@@ -475,6 +477,7 @@ def test_torchrun_two_ranks_fsdp2_matches_single_process(synvid, tmp_path):
     val_one = [json.loads(x) for x in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
     val_two = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
     assert val_two[-1]["type"] == "val" and val_two[-1]["step"] == 2
+    assert [r.get("heads_only") for r in val_two if r["type"] == "train"] == [1.0, None]
     mid = next(r for r in val_one if r["type"] == "val" and r["step"] == 2)
     assert val_two[-1]["student_mse"] == pytest.approx(mid["student_mse"], rel=1e-4)
     # 2 ranks -> 1 process: continue the 2-rank run to step 4
