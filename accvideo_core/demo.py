@@ -329,7 +329,7 @@ def markdown_report(report: dict) -> str:
                      f"{s['decode']:.3f} | {s['total']:.3f} | {base / s['total']:.2f}x | "
                      f"{v['latent_mse_to_teacher']:.4f} | {psnr} | {v['prompt_colour_match']:.0%} | "
                      f"{v['prompt_motion_match']:.0%} | {v['prompt_shape_match']:.0%} |")
-    a = report["ablation"]
+    a, heads_only = report["ablation"], report["discriminator"].get("heads_only_steps")
     lines += ["", "## Findings", "",
               f"- End-to-end speedup of the {STUDENT.steps}-step student over {full} (text + sampling + decode): "
               f"**{report['speedup_end_to_end']:.2f}x**; sampling alone {report['speedup_sampling']:.2f}x "
@@ -339,8 +339,8 @@ def markdown_report(report: dict) -> str:
               f"AccVideo student-{STUDENT.steps} {r['student_accvideo']['latent_mse_to_teacher']:.4f} "
               f"({report['student_vs_teacher_few_steps']:.2f}x of {few}'s error).",
               f"- Ablation (same {a['train_steps']} student iterations x batch {a['batch']}"
-              + (f"; the adversarial run first trains its heads alone for {a['heads_only_steps']} iterations"
-                 if a.get("heads_only_steps") else "") + "): trajectory loss only "
+              + (f"; the adversarial run first trains its heads alone for {heads_only} iterations"
+                 if heads_only else "") + "): trajectory loss only "
               f"{a['traj_only_mse']:.4f}, trajectory + adversarial {a['traj_adv_mse']:.4f} (latent MSE to "
               f"{full} on held-out prompts). One seed: seed noise is of the same order as this difference "
               "(`--seeds 0-4` measures it over seeds).",
@@ -465,8 +465,8 @@ def evaluate_and_report(cfg: DemoConfig, family: MiniFamily, students: dict[str,
         "speedup_end_to_end": full["total"] / student["total"],
         "speedup_sampling": full["sampling"] / student["sampling"],
         "student_vs_teacher_few_steps": mse["student_accvideo"] / mse["teacher_few_steps"],
-        "ablation": {"train_steps": cfg.train_steps, "heads_only_steps": cfg.heads_only_steps, "batch": cfg.batch,
-                     "traj_only_mse": mse["student_trajectory"], "traj_adv_mse": mse["student_accvideo"]},
+        "ablation": {"train_steps": cfg.train_steps, "batch": cfg.batch, "traj_only_mse": mse["student_trajectory"],
+                     "traj_adv_mse": mse["student_accvideo"]},
         "discriminator": {**discriminator_summary(out / "train_adv", STUDENT.steps), "probe": probed},
         "stage_seconds": stage,
         "files": {"mp4": str(mp4), "gif": str(gif), "synvid": str(out / "synvid"),

@@ -13,6 +13,8 @@ from accvideo_core.synvid.format import SynVidDataset, SynVidError, SynVidSample
 # record holds ``key_latents`` [m+1, C, T, H, W] (sigma 1 first) and ``uid``, a queue entry one ``latent``
 # [C, T, H, W] (accvideo_core.train.queues); both hold text_states, text_mask, pooled and guidance.
 Record = dict[str, torch.Tensor]
+# The record fields a transformer call is conditioned on, in the order of its positional arguments after (x, t).
+CONDITIONING = ("text_states", "text_mask", "pooled", "guidance")
 
 
 def sample_record(sample: SynVidSample, uid: int) -> Record:
@@ -144,6 +146,10 @@ def chain_from_noise(model: torch.nn.Module, batch: dict[str, torch.Tensor], sig
     fakes a discriminator is judged on."""
     latents: list[torch.Tensor] = []
     sample_flow(model, noise_for(batch["uid"], tuple(batch["key_latents"].shape[2:]), seed), sigmas,
-                text_states=batch["text_states"], text_mask=batch["text_mask"], pooled=batch["pooled"],
-                guidance=batch["guidance"], callback=lambda step: latents.append(step["x"]))
+                **{key: batch[key] for key in CONDITIONING}, callback=lambda step: latents.append(step["x"]))
     return latents
+
+
+def conditioning(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """A batch's ``CONDITIONING`` tensors, for ``model(x, t, *conditioning(batch))``."""
+    return tuple(batch[key] for key in CONDITIONING)

@@ -28,7 +28,7 @@ from torch.func import functional_call
 from accvideo_core.sampling import sample_flow
 from accvideo_core.train import distributed as D
 from accvideo_core.train import lora_mode
-from accvideo_core.train.batching import chain_from_noise, collate, noise_for
+from accvideo_core.train.batching import CONDITIONING, chain_from_noise, collate, conditioning, noise_for
 from accvideo_core.train.checkpoint import (Lineage, export_final, load_checkpoint, prepare_out_dir, resolve_resume,
                                             save_checkpoint)
 from accvideo_core.train.config import ConfigError, TrainConfig, check_batching
@@ -228,7 +228,7 @@ class Trainer:
         x_noisy, x_clean, s_noisy, s_clean = self._segment(batch, k)
         t = torch.full((x_noisy.shape[0],), s_noisy * 1000.0, device=self.device)
         with self._autocast():
-            v = self.student(x_noisy, t, *self._cond(batch))
+            v = self.student(x_noisy, t, *conditioning(batch))
         target = segment_target(x_clean, x_noisy, s_clean, s_noisy)
         return {"traj": trajectory_loss(v, target, self.cfg.loss.traj_reduction)}
 
@@ -241,22 +241,22 @@ class Trainer:
         x_noisy, x_clean, s_noisy, s_clean = self._segment(batch, k)
         b = x_noisy.shape[0]
         if k == m - 1:
-            cond = {key: batch[key] for key in ("text_states", "text_mask", "pooled", "guidance", "uid")}
+            cond = {key: batch[key] for key in (*CONDITIONING, "uid")}
             noise = noise_for(batch["uid"], tuple(x_noisy.shape[1:]), self.cfg.optim.seed).to(self.device)
             self.queues.push(m, noise, cond)
         z, cond_fake = self.queues.pop(k + 1, b, self.device)
         t = torch.full((b,), s_noisy * 1000.0, device=self.device)
         with self._autocast(), torch.set_grad_enabled(generator):
-            v_fake = self.student(z, t, *self._cond(cond_fake))
+            v_fake = self.student(z, t, *conditioning(cond_fake))
         fake = z.float() + (s_clean - s_noisy) * v_fake.float()   # one student Euler step to t'_k
         self.queues.push(k, fake.detach(), cond_fake)
         layer, head, kind = self.feature_layers[k], self.heads[k], self.cfg.loss.gan_loss
         t_clean = torch.full((b,), s_clean * 1000.0, device=self.device)
         with self._autocast(), self._teacher_mode():
             with torch.no_grad():
-                f_real = self.teacher.image_features(x_clean, t_clean, *self._cond(batch), layer=layer)
+                f_real = self.teacher.image_features(x_clean, t_clean, *conditioning(batch), layer=layer)
             with torch.set_grad_enabled(generator):
-                f_fake = self.teacher.image_features(fake, t_clean, *self._cond(cond_fake), layer=layer)
+                f_fake = self.teacher.image_features(fake, t_clean, *conditioning(cond_fake), layer=layer)
             logits_real = head(f_real)
             logits_fake_d = head(f_fake.detach())
             if generator:
@@ -290,9 +290,6 @@ class Trainer:
         j_noisy, j_clean = self.m - 1 - k, self.m - k          # indices in sampling order (sigma 1 first)
         lat = batch["key_latents"]
         return lat[:, j_noisy], lat[:, j_clean], self.key_sigmas[j_noisy], self.key_sigmas[j_clean]
-
-    def _cond(self, batch: dict[str, torch.Tensor]) -> tuple:
-        return batch["text_states"], batch["text_mask"], batch["pooled"], batch["guidance"]
 
     def _teacher_mode(self):
         """LoRA mode: the one model with its adapters off is the teacher."""
@@ -397,7 +394,7 @@ class Trainer:
         m, sig = self.m, self.key_sigmas
         right = torch.zeros(m + 1, dtype=torch.float64, device=self.device)   # per k, then the sample count
         for batch, weight in self._heldout_batches():
-            cond = self._cond(batch)
+            cond = conditioning(batch)
             with self._autocast():
                 fakes = chain_from_noise(self.student, batch, sig, self.cfg.optim.seed)
                 with self._teacher_mode():

@@ -21,11 +21,9 @@ from torch import nn
 
 from accvideo_core.models.loading import load_transformer
 from accvideo_core.synvid.format import SynVidDataset, SynVidError, key_steps_for
-from accvideo_core.train.batching import chain_from_noise, collate, sample_record
+from accvideo_core.train.batching import chain_from_noise, collate, conditioning, sample_record
 from accvideo_core.train.heads import DiscriminatorHead, default_feature_layers
 from accvideo_core.train.losses import discriminator_loss
-
-COND_KEYS = ("text_states", "text_mask", "pooled", "guidance")
 
 
 def load_key_latents(root: str | Path, segments: int) -> tuple[dict[str, torch.Tensor], list[float]]:
@@ -50,7 +48,7 @@ def key_features(teacher: nn.Module, batch: dict[str, torch.Tensor], sigmas: lis
     features: list[list[torch.Tensor]] = [[] for _ in range(m)]
     for start in range(0, batch["key_latents"].shape[0], chunk):
         part = {key: value[start:start + chunk] for key, value in batch.items()}
-        cond = tuple(part[key] for key in COND_KEYS)
+        cond = conditioning(part)
         latents = ([part["key_latents"][:, j + 1] for j in range(m)] if model is None   # t'_k, k = m-1-j
                    else chain_from_noise(model, part, sigmas, seed))
         for j, x in enumerate(latents):
