@@ -120,3 +120,20 @@ def diffusers_transformer(config: TransformerConfig):
         guidance_embeds=config.guidance_embed, text_embed_dim=config.text_dim,
         pooled_projection_dim=config.pooled_dim, rope_theta=config.rope_theta, rope_axes_dim=config.rope_axes,
     ).eval()
+
+
+def diffusers_twin(model) -> Any:
+    """diffusers' transformer with ``model``'s architecture and weights (test oracle; needs diffusers)."""
+    from accvideo_core.models.key_maps import original_to_diffusers
+
+    twin = diffusers_transformer(model.config)
+    twin.load_state_dict(original_to_diffusers(model.state_dict()), strict=True)
+    return twin
+
+
+def diffusers_forward(twin, inputs: dict[str, torch.Tensor], guidance: float | list[float] | None) -> torch.Tensor:
+    """The output of diffusers' transformer on :func:`tiny_inputs` (its guidance is embedded x 1000)."""
+    b = inputs["latents"].shape[0]
+    g = None if guidance is None else torch.as_tensor(guidance, dtype=torch.float32).expand(b) * 1000.0
+    return twin(inputs["latents"], inputs["timestep"], inputs["text_states"], inputs["text_mask"], inputs["pooled"],
+                guidance=g, return_dict=False)[0]

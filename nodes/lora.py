@@ -30,11 +30,10 @@ def _read_lora(path: str):
 
 def _to_comfy(patch):
     """A core ``ComfyPatch`` as the object ModelPatcher.add_patches stores."""
-    from comfy.weight_adapter.lora import LoRAAdapter
+    from comfy.weight_adapter import LoHaAdapter, LoKrAdapter, LoRAAdapter
 
-    if patch.kind == "lora":
-        return LoRAAdapter(set(), patch.weights)
-    return (patch.kind, patch.weights)
+    adapter = {"lora": LoRAAdapter, "loha": LoHaAdapter, "lokr": LoKrAdapter}.get(patch.kind)
+    return (patch.kind, patch.weights) if adapter is None else adapter(set(), patch.weights)
 
 
 def apply_lora(model, state, strength: float, lora_name: str):
@@ -65,8 +64,8 @@ class AccVideoLoraLoader(io.ComfyNode):
             category=CATEGORY,
             description="Applies a HunyuanVideo LoRA to a MODEL as ModelPatcher patches on a clone (the input MODEL is "
                         "never changed). Reads every common format (ComfyUI/diffusion-pipe, kohya/musubi, "
-                        "diffusers/PEFT with split q/k/v, diff/diff_b) through one normalisation; keys that cannot "
-                        "be used are reported in the log instead of silently dropped.",
+                        "diffusers/PEFT with split q/k/v, diff/diff_b, LyCORIS LoHa/LoKr) through one normalisation; keys "
+                        "that cannot be used are reported in the log instead of silently dropped.",
             inputs=[
                 io.Model.Input("model", tooltip="HunyuanVideo MODEL (UNETLoader)."),
                 io.Combo.Input("lora_name", options=_comfy.model_file_names("loras"),

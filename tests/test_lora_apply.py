@@ -117,12 +117,10 @@ def test_forward_with_diffusers_lora_equals_diffusers_peft(tmp_path):
     from diffusers.loaders.lora_pipeline import HunyuanVideoLoraLoaderMixin
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from accvideo_core.models import key_maps
-    from accvideo_core.testing import diffusers_transformer
+    from accvideo_core.testing import diffusers_forward, diffusers_twin
 
     ours = tiny_transformer(seed=6)
-    theirs = diffusers_transformer(ours.config)
-    theirs.load_state_dict(key_maps.original_to_diffusers(ours.state_dict()))
+    theirs = diffusers_twin(ours)
     targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                "proj_mlp", "proj_out", "norm_out.linear", "linear_1", "linear_2", "ff.net.0.proj", "ff.net.2",
                "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear", "norm1_context.linear", "norm.linear",
@@ -142,9 +140,7 @@ def test_forward_with_diffusers_lora_equals_diffusers_peft(tmp_path):
     inputs = tiny_inputs(ours.config, batch=2, valid=[7, 7])
     with torch.no_grad():
         before = ours(**inputs, guidance=6.0)
-        want = theirs(hidden_states=inputs["latents"], timestep=inputs["timestep"],
-                      encoder_hidden_states=inputs["text_states"], encoder_attention_mask=inputs["text_mask"],
-                      pooled_projections=inputs["pooled"], guidance=torch.full((2,), 6000.0), return_dict=False)[0]
+        want = diffusers_forward(theirs, inputs, 6.0)
     state = load_lora(path)
     assert state.format == "diffusers/PEFT" and not state.unused
     assert len(state.modules) == 50  # every linear of the tiny model but the q/k norms

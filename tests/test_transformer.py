@@ -6,27 +6,13 @@ import math
 import pytest
 import torch
 
-from accvideo_core.models.key_maps import original_to_diffusers
 from accvideo_core.models.loading import config_from_state_dict
 from accvideo_core.models.transformer_hunyuan_video import (HunyuanVideoTransformer3D, TransformerConfig,
                                                             default_rope_axes, rope_cos_sin, timestep_embedding)
-from accvideo_core.testing import (diffusers_transformer, randomize_, tiny_inputs, tiny_transformer,
+from accvideo_core.testing import (diffusers_forward, diffusers_twin, randomize_, tiny_inputs, tiny_transformer,
                                    tiny_transformer_config)
 
 pytest.importorskip("diffusers")
-
-
-def _diffusers_twin(model: HunyuanVideoTransformer3D):
-    ref = diffusers_transformer(model.config)
-    ref.load_state_dict(original_to_diffusers(model.state_dict()), strict=True)
-    return ref
-
-
-def _diffusers_forward(ref, inp, guidance):
-    b = inp["latents"].shape[0]
-    g = None if guidance is None else torch.as_tensor(guidance, dtype=torch.float32).expand(b) * 1000.0
-    return ref(inp["latents"], inp["timestep"], inp["text_states"], inp["text_mask"], inp["pooled"], guidance=g,
-               return_dict=False)[0]
 
 
 @pytest.mark.parametrize("case", [
@@ -41,12 +27,12 @@ def _diffusers_forward(ref, inp, guidance):
 ])
 def test_matches_diffusers(case):
     model = tiny_transformer(seed=1, **case["overrides"])
-    ref = _diffusers_twin(model)
+    ref = diffusers_twin(model)
     inp = tiny_inputs(model.config, batch=case["batch"], valid=case["valid"], frames=case["frames"],
                       height=case["height"], width=case["width"], seed=2)
     with torch.no_grad():
         ours = model(**inp, guidance=case["guidance"])
-        theirs = _diffusers_forward(ref, inp, case["guidance"])
+        theirs = diffusers_forward(ref, inp, case["guidance"])
     assert ours.shape == inp["latents"].shape
     assert theirs.abs().max() > 0.5  # a meaningful signal, not a near-zero output
     assert (ours - theirs).abs().max() <= 1e-4
@@ -59,10 +45,10 @@ def test_comfy_compatible_config_matches_diffusers():
                                                                                                   768, 2)
     model = randomize_(HunyuanVideoTransformer3D(config), seed=3).eval()
     assert config_from_state_dict(model.state_dict()) == config  # what a loader reading shapes rebuilds
-    ref = _diffusers_twin(model)
+    ref = diffusers_twin(model)
     inp = tiny_inputs(config, batch=1, valid=[5], frames=2, height=4, width=4, text_len=8, seed=4)
     with torch.no_grad():
-        diff = (model(**inp, guidance=6.0) - _diffusers_forward(ref, inp, 6.0)).abs().max()
+        diff = (model(**inp, guidance=6.0) - diffusers_forward(ref, inp, 6.0)).abs().max()
     assert diff <= 1e-4
 
 

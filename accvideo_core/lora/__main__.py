@@ -64,6 +64,8 @@ def _inspect(args: argparse.Namespace) -> int:
     print(json.dumps({
         "format": state.format, "keys": state.total_keys, "modules": len(state.modules), "ranks": ranks,
         "with_diff": sum(p.diff is not None for p in state.modules.values()),
+        "with_loha": sum(any(t.kind == "loha" for t in p.factored) for p in state.modules.values()),
+        "with_lokr": sum(any(t.kind == "lokr" for t in p.factored) for p in state.modules.values()),
         "with_diff_b": sum(p.diff_b is not None for p in state.modules.values()),
         "unused_keys": len(state.unused), "unused_examples": list(state.unused.items())[:5],
     }, indent=2))

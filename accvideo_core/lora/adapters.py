@@ -152,7 +152,7 @@ class LoraAdapters:
                 continue
             if patch.diff_b is not None:
                 dropped["bias"].append(module)
-            if patch.up is None and patch.diff is None:
+            if not patch.changes_weight:
                 continue
             self._set_from_patch(self.model.get_submodule(module), patch, weight)
             used += 1
@@ -163,7 +163,7 @@ class LoraAdapters:
 
     def _set_from_patch(self, mod: LoraLinear, patch: ModulePatch, shape: tuple[int, ...]) -> None:
         r = self.rank
-        if patch.diff is None and patch.rank <= r:
+        if patch.diff is None and not patch.factored and patch.rank <= r:
             k = patch.rank
             up = patch.up.flatten(1).float() * (patch.scale / self.scale)
             down = patch.down.flatten(1).float()

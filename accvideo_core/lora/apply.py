@@ -301,9 +301,9 @@ class LoraStack:
             full = None
             if weight.ndim == 2 and patch.up is not None:
                 low_rank = ((patch.up.flatten(1).float() * patch.scale).to(x), patch.down.flatten(1).to(x))
-                if patch.diff is not None:
-                    full = patch.diff.to(x)
-            elif patch.up is not None or patch.diff is not None:
+                full = patch.dense_delta(weight.shape, device=x.device)
+                full = None if full is None else full.to(x.dtype)
+            elif patch.changes_weight:  # conv weights, full differences, LoHa / LoKr: one dense delta
                 full = patch.weight_delta(weight.shape, device=x.device).to(x.dtype)
             bias = None if patch.diff_b is None else patch.diff_b.to(x)
             entry.cache[key] = (low_rank, full, bias)
@@ -334,8 +334,9 @@ def comfy_match_report(lora: LoraLike, applied: Iterable[str], *,
 
 class ComfyPatch(NamedTuple):
     """One ModelPatcher patch. ``kind`` "lora": ``weights`` = ``(up, down, alpha, None, None, None)`` as ComfyUI's
-    ``LoRAAdapter`` takes it (``alpha / rank`` = scale); "diff": ``weights`` = ``(delta,)`` as in
-    ``("diff", weights)``."""
+    ``LoRAAdapter`` takes it (``alpha / rank`` = scale); "loha" / "lokr": the weights tuple of ComfyUI's
+    ``LoHaAdapter`` / ``LoKrAdapter`` (:meth:`FactoredTerm.comfy_weights`); "diff": ``weights`` = ``(delta,)`` as
+    in ``("diff", weights)``."""
 
     kind: str
     weights: tuple
@@ -353,8 +354,8 @@ def comfy_patches(lora: LoraLike, shapes: Mapping[str, torch.Size] | None = None
     """
     state = as_lora(lora)
     modules = state.modules
+    original: dict[str, torch.Size] = {}
     if shapes is not None:
-        original = {}
         for key, shape in shapes.items():
             resolved = names.resolve_param(key, (f"model.{prefix}", prefix))
             if resolved is not None:
@@ -363,10 +364,25 @@ def comfy_patches(lora: LoraLike, shapes: Mapping[str, torch.Size] | None = None
     out: dict[str, ComfyPatch] = {}
     for module, patch in modules.items():
         weight_key = prefix + comfy_names.to_comfy_key(f"{module}.weight")
-        if patch.diff is not None:
-            out[weight_key] = ComfyPatch("diff", (patch.weight_delta(patch.diff.shape),))
+        terms = (patch.up is not None) + (patch.diff is not None) + len(patch.factored)
+        if terms == 1 and patch.factored:  # ComfyUI computes LoHa / LoKr itself, the same way
+            term = patch.factored[0]
+            out[weight_key] = ComfyPatch(term.kind, term.comfy_weights())
+        elif patch.diff is not None or patch.factored:  # several kinds of change on one weight: their sum
+            shape = original.get(f"{module}.weight") or _stored_shape(patch)
+            out[weight_key] = ComfyPatch("diff", (patch.weight_delta(shape),))
         elif patch.up is not None:
             out[weight_key] = ComfyPatch("lora", (patch.up, patch.down, patch.scale * patch.rank, None, None, None))
         if patch.diff_b is not None:
             out[prefix + comfy_names.to_comfy_key(f"{module}.bias")] = ComfyPatch("diff", (patch.diff_b,))
     return out
+
+
+def _stored_shape(patch: ModulePatch) -> tuple[int, ...]:
+    """A module's weight shape as far as the LoRA tells it (without the model): the diff's, the low-rank factors'
+    (conv factors keep their kernel dims), else the matrix of the first LoHa / LoKr term."""
+    if patch.diff is not None:
+        return tuple(patch.diff.shape)
+    if patch.up is not None:
+        return (patch.up.shape[0], *patch.down.shape[1:])
+    return patch.factored[0].matrix_shape

@@ -7,10 +7,14 @@ Formats (detected per key, so mixed files work too):
 - diffusers / PEFT: ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``; parts of a fused original
   weight (q, k, v; the mlp rows of ``linear1``; the swapped halves of ``norm_out``) are placed into its rows;
   ``lora_alpha`` / ``r`` / ``alpha_pattern`` / ``use_rslora`` are read from diffusers' safetensors metadata;
-- full differences: ``.diff`` (weight), ``.diff_b`` (bias), for any module in any of the namings above.
+- full differences: ``.diff`` (weight), ``.diff_b`` (bias), for any module in any of the namings above;
+- LyCORIS LoHa (``.hada_w1_a`` ... ``.hada_w2_b``) and LoKr (``.lokr_w1`` or ``.lokr_w1_a/_b``, ``.lokr_w2`` or
+  ``.lokr_w2_a/_b``), + ``.alpha``, in any of the namings above, with LyCORIS' and ComfyUI's scale rules
+  (:class:`FactoredTerm`).
 
 The result, :class:`LoraState`, maps each original module name (``double_blocks.0.img_attn_qkv``) to a
-:class:`ModulePatch`: ``delta_W = scale * up @ down + diff`` and ``delta_b = diff_b``, before the strength.
+:class:`ModulePatch`: ``delta_W = scale * up @ down + diff + sum of factored terms`` and ``delta_b = diff_b``,
+before the strength.
 Every key of the file is accounted for: keys that could not be used are kept in ``LoraState.unused`` with the
 reason, and reported in one line when the LoRA is applied.
 """
@@ -41,6 +45,9 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_B.weight", "up"),
     (".lora_mid.weight", "mid"),
     (".dora_scale", "dora_scale"),
+    *((f".{role}", role) for role in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                                      "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_w1", "lokr_w2",
+                                      "lokr_t2")),
     (".alpha", "alpha"),
     (".diff_b", "diff_b"),
     (".diff", "diff"),
@@ -49,9 +56,7 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
 # PEFT's and the SD-era "unet.".
 _PREFIXES = (*key_maps.CHECKPOINT_PREFIXES, "base_model.model.", "unet.")
 _UNDERSCORE_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
-_LYCORIS_MARKERS = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2", ".lokr_w1",
-                    ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2", ".oft_blocks",
-                    ".oft_diag")
+_LYCORIS_MARKERS = (".oft_blocks", ".oft_diag", ".oft_R", ".boft_")
 # down-factor suffix -> its up-factor suffix (both directions are looked up)
 _FACTOR_PAIRS = {".lora_A.default.weight": ".lora_B.default.weight", ".lora_down.weight": ".lora_up.weight",
                  ".lora.down.weight": ".lora.up.weight", ".lora_A.weight": ".lora_B.weight"}
@@ -61,8 +66,16 @@ _FACTOR_PAIRS.update({up: down for down, up in list(_FACTOR_PAIRS.items())})
 # blocks, HunyuanVideo has 20 + 40) are what tell a Flux LoRA apart.
 _FLUX_ONLY = ("img_in", "txt_in", "x_embedder", "context_embedder")
 _FLUX_DEPTH = (19, 38)
-_UNSUPPORTED = {"mid": "LoCon/LoHa mid weights are not supported",
-                "dora_scale": "DoRA is not supported (the magnitude vector cannot be applied as a weight delta)"}
+# Roles that make a module's change something this loader does not compute: the whole module is left out (its
+# other keys too: applying its low-rank part alone would be a different change), with this reason.
+_UNSUPPORTED = {"mid": "LoCon mid weights (Tucker conv factors) are not supported",
+                "hada_t1": "LoHa Tucker conv factors (hada_t1 / hada_t2) are not supported",
+                "hada_t2": "LoHa Tucker conv factors (hada_t1 / hada_t2) are not supported",
+                "lokr_t2": "LoKr Tucker conv factors (lokr_t2) are not supported",
+                "dora_scale": "DoRA is not supported (the magnitude vector rescales the whole weight; load this LoRA "
+                              "with ComfyUI's native LoraLoaderModelOnly)"}
+_LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+_LOKR_ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
 
 class LoraFormatError(ValueError):
@@ -70,11 +83,94 @@ class LoraFormatError(ValueError):
 
 
 @dataclass
+class FactoredTerm:
+    """A LyCORIS weight change that is not a low-rank product: LoHa or LoKr, as stored, with the file's alpha.
+
+    - LoHa (``kind`` "loha"): ``delta_W = (w1_a @ w1_b) * (w2_a @ w2_b) * scale``, ``scale = alpha / rank(w1_b)``
+      (1 without an alpha).
+    - LoKr ("lokr"): ``delta_W = kron(w1, w2) * scale`` with ``w1 = w1`` or ``w1_a @ w1_b`` (same for ``w2``);
+      ``scale = alpha / rank`` of the decomposed factor (``w2``'s when both are), 1 when neither factor is
+      decomposed or there is no alpha.
+
+    These are LyCORIS' and ComfyUI's rules (``comfy/weight_adapter/loha.py``, ``lokr.py``); conv factors are
+    flattened to matrices (``w1_b`` / ``w2`` ``[r, in * kernel]``), which gives the same ``delta_W``.
+    """
+
+    kind: str
+    factors: dict[str, torch.Tensor]
+    alpha: float | None = None
+
+    @property
+    def label(self) -> str:
+        return {"loha": "LoHa", "lokr": "LoKr"}[self.kind]
+
+    @property
+    def scale(self) -> float:
+        f = self.factors
+        if self.kind == "loha":
+            rank = f["hada_w1_b"].shape[0]
+        else:  # a factor stored whole is used whole (its _a / _b, if any, are ignored), as in ComfyUI
+            rank = (f["lokr_w2_b"].shape[0] if "lokr_w2" not in f else
+                    f["lokr_w1_b"].shape[0] if "lokr_w1" not in f else None)
+        return 1.0 if self.alpha is None or rank is None else self.alpha / rank
+
+    def _matrix(self, name: str, dtype: torch.dtype, device) -> torch.Tensor:
+        """One factor matrix (``hada_w1``, ``lokr_w2`` ...): stored whole, else ``_a @ _b``."""
+        def get(key: str) -> torch.Tensor:
+            return self.factors[key].to(device=device, dtype=dtype).flatten(1)
+
+        return get(name) if name in self.factors else get(f"{name}_a") @ get(f"{name}_b")
+
+    def _dims(self, name: str) -> tuple[int, int]:
+        """(rows, columns) of one factor matrix (``hada_w1``, ``lokr_w2`` ...), stored whole or as ``_a @ _b``."""
+        f = self.factors
+        if name in f:
+            return f[name].shape[0], f[name].flatten(1).shape[1]
+        return f[f"{name}_a"].shape[0], f[f"{name}_b"].flatten(1).shape[1]
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """(rows, columns) of ``delta_W`` as a matrix."""
+        if self.kind == "loha":
+            return self._dims("hada_w1")
+        (r1, c1), (r2, c2) = self._dims("lokr_w1"), self._dims("lokr_w2")
+        return r1 * r2, c1 * c2
+
+    def matrix(self, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+        """``delta_W`` as a ``[rows, columns]`` matrix (scale included)."""
+        if self.kind == "loha":
+            product = self._matrix("hada_w1", dtype, device) * self._matrix("hada_w2", dtype, device)
+        else:
+            product = torch.kron(self._matrix("lokr_w1", dtype, device), self._matrix("lokr_w2", dtype, device))
+        return product * self.scale
+
+    def check(self, module: str) -> None:
+        """Raise :class:`LoraFormatError` when the factors do not multiply (a broken file)."""
+        f = self.factors
+        for name in ("hada_w1", "hada_w2") if self.kind == "loha" else ("lokr_w1", "lokr_w2"):
+            if name not in f and f[f"{name}_a"].shape[1] != f[f"{name}_b"].shape[0]:
+                raise LoraFormatError(f"{module}: {name}_a has rank {f[f'{name}_a'].shape[1]} but {name}_b "
+                                      f"{f[f'{name}_b'].shape[0]}")
+        if self.kind == "loha" and self._dims("hada_w1") != self._dims("hada_w2"):
+            raise LoraFormatError(f"{module}: the two LoHa products are {self._dims('hada_w1')} and "
+                                  f"{self._dims('hada_w2')}; they must have the same shape")
+
+    def comfy_weights(self) -> tuple:
+        """The weights tuple of ComfyUI's ``LoHaAdapter`` / ``LoKrAdapter`` (the same alpha rule)."""
+        f = self.factors
+        if self.kind == "loha":
+            return (f["hada_w1_a"], f["hada_w1_b"], self.alpha, f["hada_w2_a"], f["hada_w2_b"], None, None, None)
+        return (f.get("lokr_w1"), f.get("lokr_w2"), self.alpha, f.get("lokr_w1_a"), f.get("lokr_w1_b"),
+                f.get("lokr_w2_a"), f.get("lokr_w2_b"), None, None)
+
+
+@dataclass
 class ModulePatch:
-    """The change a LoRA makes to one module: ``delta_W = scale * up @ down + diff``, ``delta_b = diff_b``.
+    """The change a LoRA makes to one module: ``delta_W = scale * up @ down + diff + sum(factored)``,
+    ``delta_b = diff_b``.
 
     ``up`` is ``[out, r(, 1, ...)]`` and ``down`` ``[r, in(, kernel...)]`` as stored (conv factors keep their
-    kernel dims); both are flattened to matrices for the product.
+    kernel dims); both are flattened to matrices for the product. ``factored``: LoHa / LoKr terms.
     """
 
     module: str
@@ -83,11 +179,16 @@ class ModulePatch:
     scale: float = 1.0
     diff: torch.Tensor | None = None
     diff_b: torch.Tensor | None = None
+    factored: list[FactoredTerm] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
 
     @property
     def rank(self) -> int:
         return 0 if self.down is None else int(self.down.shape[0])
+
+    @property
+    def changes_weight(self) -> bool:
+        return self.up is not None or self.diff is not None or bool(self.factored)
 
     def add_low_rank(self, up: torch.Tensor, down: torch.Tensor, scale: float) -> None:
         """Add a low-rank term; several terms are concatenated along the rank (scales folded into ``up``)."""
@@ -131,19 +232,34 @@ class ModulePatch:
                 f"{self.module}: diff is {tuple(self.diff.shape)} but the weight is {tuple(weight)}; "
                 "the LoRA was made for a different model"
             )
+        for term in self.factored:
+            rows, cols = term.matrix_shape
+            if rows != weight[0] or rows * cols != math.prod(weight):
+                raise LoraFormatError(
+                    f"{self.module}: the {term.label} change is {rows}x{cols} but the weight is "
+                    f"{tuple(weight)}; the LoRA was made for a different model"
+                )
 
     def weight_delta(self, shape: torch.Size | tuple[int, ...], *, dtype: torch.dtype = torch.float32,
                      device: torch.device | str | None = None) -> torch.Tensor | None:
-        """``scale * up @ down + diff`` shaped like the weight, or None when the patch has no weight change."""
+        """``scale * up @ down + diff + sum(factored)`` shaped like the weight, or None when the patch has no
+        weight change."""
+        dense = self.dense_delta(shape, dtype=dtype, device=device)
+        if self.up is None:
+            return dense
+        up = self.up.to(device=device, dtype=dtype).flatten(1)
+        down = self.down.to(device=device, dtype=dtype).flatten(1)
+        delta = (up @ down).reshape(shape) * self.scale
+        return delta if dense is None else delta + dense
+
+    def dense_delta(self, shape: torch.Size | tuple[int, ...], *, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None) -> torch.Tensor | None:
+        """The part of the weight change that is not low-rank (``diff + sum(factored)``), or None."""
         self._check_weight(shape)
-        delta = None
-        if self.up is not None:
-            up = self.up.to(device=device, dtype=dtype).flatten(1)
-            down = self.down.to(device=device, dtype=dtype).flatten(1)
-            delta = (up @ down).reshape(shape) * self.scale
-        if self.diff is not None:
-            diff = self.diff.to(device=device, dtype=dtype)
-            delta = diff if delta is None else delta + diff
+        delta = None if self.diff is None else self.diff.to(device=device, dtype=dtype)
+        for term in self.factored:
+            part = term.matrix(dtype=dtype, device=device).reshape(shape)
+            delta = part if delta is None else delta + part
         return delta
 
     def bias_delta(self, shape: torch.Size | tuple[int, ...], *, dtype: torch.dtype = torch.float32,
@@ -313,16 +429,13 @@ def load_lora(lora: str | os.PathLike | Mapping[str, torch.Tensor], *,
         parsed = _split_key(key)
         if parsed is None:
             if any(m in key for m in _LYCORIS_MARKERS):
-                unused[key] = "LyCORIS LoHa/LoKr/OFT is not supported"
+                unused[key] = "LyCORIS OFT / BOFT is not supported"
             elif key.startswith(("lora_te", "text_encoder", "text_encoders.", "te_")):
                 unused[key] = "text-encoder key (not part of the transformer)"
             else:
                 unused[key] = "not a HunyuanVideo LoRA key"
             continue
         prefix, name, role = parsed
-        if role in _UNSUPPORTED:
-            unused[key] = _UNSUPPORTED[role]
-            continue
         group = groups.get(prefix + name)
         if group is None:
             group = groups[prefix + name] = _Group(name, names.resolve(name), names.naming_of(name))
@@ -333,17 +446,25 @@ def load_lora(lora: str | os.PathLike | Mapping[str, torch.Tensor], *,
     modules: dict[str, ModulePatch] = {}
     prefixes: set[str] = set()
     namings: set[str] = set()
+    kinds: set[str] = set()
     for group in groups.values():
         role_keys = {r: k for r, k in group.keys.items() if r != "prefix"}
-        if not _add_group(group, modules, peft):
-            unused.update({k: _lone_reason(k) for k in role_keys.values()})
+        problems = _group_problems(group.tensors, role_keys)
+        if problems:
+            unused.update(problems)
             continue
+        try:
+            _add_group(group, modules, peft)
+        except LoraFormatError as err:
+            raise LoraFormatError(f"{source}: {err}") from None
         prefixes.add(group.keys["prefix"])
         namings.add(group.naming)
+        kinds.update(term.label for term in modules[group.target.module].factored)
         modules[group.target.module].keys.extend(role_keys.values())
 
     _refuse_unusable(source, tensors, unused, modules)
-    return LoraState(modules, _format_label(prefixes, namings), source, len(tensors), unused)
+    label = _format_label(prefixes, namings) + (f", LyCORIS {'/'.join(sorted(kinds))}" if kinds else "")
+    return LoraState(modules, label, source, len(tensors), unused)
 
 
 def _refuse_unusable(source: str, tensors: Mapping[str, torch.Tensor], unused: Mapping[str, str],
@@ -375,14 +496,30 @@ def _refuse_unusable(source: str, tensors: Mapping[str, torch.Tensor], unused: M
         )
 
 
-def _add_group(group: _Group, modules: dict[str, ModulePatch], peft: dict) -> bool:
-    """Fold one file group into ``modules``; False (nothing added) when its tensors are incomplete."""
+def _group_problems(tensors: Mapping[str, torch.Tensor], role_keys: Mapping[str, str]) -> dict[str, str]:
+    """Why the keys of one module's group cannot be used (key -> reason); empty when the group is complete."""
+    for role, why in _UNSUPPORTED.items():
+        if role in tensors:  # the whole module: its other terms alone would be a different change
+            return {k: why for k in role_keys.values()}
+    loha = [r for r in _LOHA_ROLES if r in tensors]
+    if loha and len(loha) < len(_LOHA_ROLES):
+        why = f"incomplete LoHa (has {', '.join(loha)}; needs {', '.join(_LOHA_ROLES)})"
+        return {k: why for k in role_keys.values()}
+    lokr = [r for r in _LOKR_ROLES if r in tensors]
+    if lokr and not all(f"lokr_w{i}" in tensors or {f"lokr_w{i}_a", f"lokr_w{i}_b"} <= set(tensors) for i in (1, 2)):
+        why = f"incomplete LoKr (has {', '.join(lokr)}; needs lokr_w1 or lokr_w1_a + lokr_w1_b, and the same for w2)"
+        return {k: why for k in role_keys.values()}
+    up, down = tensors.get("up"), tensors.get("down")
+    if (up is None) != (down is None) or not (up is not None or loha or lokr or "diff" in tensors
+                                              or "diff_b" in tensors):
+        return {k: _lone_reason(k) for k in role_keys.values()}
+    return {}
+
+
+def _add_group(group: _Group, modules: dict[str, ModulePatch], peft: dict) -> None:
+    """Fold one complete file group (see :func:`_group_problems`) into ``modules``."""
     t = group.tensors
     up, down = t.get("up"), t.get("down")
-    if (up is None) != (down is None):
-        return False
-    if up is None and "diff" not in t and "diff_b" not in t:
-        return False
     target = group.target
     patch = modules.setdefault(target.module, ModulePatch(target.module))
     if up is not None:
@@ -402,7 +539,15 @@ def _add_group(group: _Group, modules: dict[str, ModulePatch], peft: dict) -> bo
         diff = None if diff is None else _place(target, diff.float(), group.name)
         diff_b = None if diff_b is None else _place(target, diff_b.float(), group.name)
     patch.add_diff(diff, diff_b)
-    return True
+    for kind, roles in (("loha", _LOHA_ROLES), ("lokr", _LOKR_ROLES)):
+        if any(r in t for r in roles):
+            term = FactoredTerm(kind, {r: t[r] for r in roles if r in t},
+                                float(t["alpha"].item()) if "alpha" in t else None)
+            term.check(target.module)
+            if target.units is None:
+                patch.factored.append(term)
+            else:  # a diffusers part of a fused weight: its rows, placed
+                patch.add_diff(_place(target, term.matrix(), group.name), None)
 
 
 def _place(target: names.Target, part: torch.Tensor, name: str) -> torch.Tensor:

@@ -222,13 +222,42 @@ def test_sampler_rejects_bad_sizes_clearly(comfy_api, length, width, message):
 
 
 # -------------------------------------------------------------------------------------------------------- LoRA
-def test_lora_loader_equals_native_lora_loader(comfy_api):
+def _lycoris_lora(server, kind: str) -> str:
+    """A LyCORIS LoHa (kohya ``lora_unet_`` names) or LoKr (``diffusion_model.`` dotted names) of random factors
+    for the tiny model, written into the loras folder; returns its name. (Native ComfyUI does not read SimpleTuner's
+    ``lycoris_`` names for HunyuanVideo; ours does, tested in tests/test_lora_lycoris.py.)"""
+    from accvideo_core.lora.comfy_names import to_comfy_key
+    from safetensors.torch import save_file
+
+    shapes = {k: v.shape for k, v in load_file(str(make_assets()[TINY_MODEL])).items()}
+    gen = torch.Generator().manual_seed(11)
+    tensors = {}
+    for module in ("double_blocks.0.img_attn_qkv", "double_blocks.0.txt_mlp.fc1", "single_blocks.0.linear1",
+                   "single_blocks.0.linear2", "img_in.proj"):
+        rows, cols = shapes[f"{module}.weight"][0], shapes[f"{module}.weight"][1:].numel()
+        internal = to_comfy_key(f"{module}.weight").removesuffix(".weight")
+        if kind == "loha":
+            name, factors = "lora_unet_" + internal.replace(".", "_"), {
+                "hada_w1_a": (rows, 2), "hada_w1_b": (2, cols), "hada_w2_a": (rows, 3), "hada_w2_b": (3, cols)}
+        else:  # w1 whole (4 x 4), w2 = w2_a @ w2_b: ComfyUI's scale alpha / rank(w2)
+            name, factors = f"diffusion_model.{internal}", {
+                "lokr_w1": (4, 4), "lokr_w2_a": (rows // 4, 2), "lokr_w2_b": (2, cols // 4)}
+        tensors.update({f"{name}.{role}": torch.randn(shape, generator=gen) * 0.3 for role, shape in factors.items()})
+        tensors[f"{name}.alpha"] = torch.tensor(5.0)
+    file_name = f"accvideo_test_{kind}.safetensors"
+    save_file(tensors, str(server.base / "models/loras" / file_name))
+    return file_name
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_lora_loader_equals_native_lora_loader(comfy_api, kind):
+    lora_name = TINY_LORA if kind == "lora" else _lycoris_lora(comfy_api, kind)
     wf = {}
     base = add(wf, "UNETLoader", unet_name=TINY_MODEL, weight_dtype="default")
     cond = add(wf, "AccVideoTest_Conditioning", text="a lora test", seed=1, tokens=7, dim=TEXT_DIM)
     latent = add(wf, "EmptyHunyuanLatentVideo", width=W, height=H, length=FRAMES, batch_size=1)
-    ours = add(wf, "AccVideoLoraLoader", model=[base, 0], lora_name=TINY_LORA, strength=0.8)
-    native = add(wf, "LoraLoaderModelOnly", model=[base, 0], lora_name=TINY_LORA, strength_model=0.8)
+    ours = add(wf, "AccVideoLoraLoader", model=[base, 0], lora_name=lora_name, strength=0.8)
+    native = add(wf, "LoraLoaderModelOnly", model=[base, 0], lora_name=lora_name, strength_model=0.8)
     for name, model in (("lora_ours", ours), ("lora_native", native), ("lora_none", base)):
         s = add(wf, "AccVideoSampler", model=[model, 0], positive=[cond, 0], latent_image=[latent, 0], seed=3,
                 steps=5, shift=7.0, guidance=6.0, guidance_source="widget")
@@ -238,9 +267,10 @@ def test_lora_loader_equals_native_lora_loader(comfy_api):
     a, b, c = (saved(comfy_api, n)["latent"] for n in ("lora_ours", "lora_native", "lora_none"))
     assert (a - c).abs().max() > 1e-2, "the LoRA changed nothing"
     diff = (a - b).abs().max().item()
-    print(f"AccVideo LoRA Loader vs native LoraLoaderModelOnly: max abs diff {diff:.3g}")
+    print(f"AccVideo LoRA Loader vs native LoraLoaderModelOnly ({kind}): max abs diff {diff:.3g}")
     assert diff <= 1e-4
-    assert "lora key not loaded" not in comfy_api.log.read_text()
+    log = comfy_api.log.read_text()
+    assert "lora key not loaded" not in log and f"AccVideo LoRA {lora_name}" not in log
 
 
 def test_lora_loader_reports_keys_it_cannot_use(comfy_api):
