@@ -46,10 +46,10 @@ def comfy_model(seed: int = 0, **config) -> FakeModelPatcher:
 def lora_nodes(tmp_path, monkeypatch):
     """``nodes.lora`` imported against the stand-in, with folders in ``tmp_path`` and fake comfy modules."""
     fakes = {"comfy": types.ModuleType("comfy"), "comfy.weight_adapter": types.ModuleType("comfy.weight_adapter"),
-             "comfy.weight_adapter.lora": types.ModuleType("comfy.weight_adapter.lora"),
              "comfy.model_management": types.ModuleType("comfy.model_management"),
              "comfy.utils": types.ModuleType("comfy.utils")}
-    fakes["comfy.weight_adapter.lora"].LoRAAdapter = lambda loaded_keys, weights: ("lora", weights)
+    for kind, adapter in (("lora", "LoRAAdapter"), ("loha", "LoHaAdapter"), ("lokr", "LoKrAdapter")):
+        setattr(fakes["comfy.weight_adapter"], adapter, lambda loaded_keys, weights, kind=kind: (kind, weights))
     fakes["comfy.model_management"].throw_exception_if_processing_interrupted = lambda: None
     fakes["comfy.utils"].ProgressBar = lambda total: types.SimpleNamespace(update_absolute=lambda *a: None)
     for name, module in fakes.items():
@@ -74,6 +74,13 @@ def test_loader_patches_a_clone_with_the_cores_patches(lora_nodes, tmp_path):
     assert not model.patches and patched is not model
     want = comfy_patches(load_lora(path))
     assert set(patched.patches) == set(want) and all(v[0][0] == 0.5 for v in patched.patches.values())
+    # a LyCORIS LoKr goes to ComfyUI's own LoKrAdapter with its factors
+    lokr = {"lycoris_double_blocks_0_img_attn_qkv.lokr_w1": torch.randn(4, 4),
+            "lycoris_double_blocks_0_img_attn_qkv.lokr_w2": torch.randn(24, 8)}
+    save_safetensors(lokr, tmp_path / "loras" / "lokr.safetensors")
+    patched = lora_nodes.AccVideoLoraLoader.execute(model, "lokr.safetensors", 1.0).args[0]
+    (_, (kind, weights)), = patched.patches["diffusion_model.double_blocks.0.img_attn.qkv.weight"]
+    assert kind == "lokr" and torch.equal(weights[0], lokr["lycoris_double_blocks_0_img_attn_qkv.lokr_w1"])
 
 
 def test_loader_refuses_a_lora_for_another_model_size(lora_nodes, tmp_path):
