@@ -66,6 +66,8 @@ def test_config_errors_are_clear(tmp_path):
         config_from_dict({"loss": {"gan_loss": "wgan"}})
     with pytest.raises(ConfigError, match="one layer per key timestep"):
         config_from_dict({"loss": {"feature_layers": [1, 2]}})
+    with pytest.raises(ConfigError, match="log.ckpt_minutes must be >= 0"):
+        config_from_dict({"log": {"ckpt_minutes": -1}})
     (tmp_path / "c.toml").write_text('[optim]\nsteps = 7\nbetas = [0.8, 0.9]\n[loss]\ngan_loss = "hinge"\n')
     cfg = load_config(tmp_path / "c.toml", ["optim.total_batch=8", "log.out_dir=/tmp/x"])
     assert (cfg.optim.steps, cfg.optim.betas, cfg.loss.gan_loss, cfg.optim.total_batch, cfg.log.out_dir) == (
@@ -261,6 +263,16 @@ def _train_steps(out: Path) -> list[int]:
             if json.loads(x)["type"] == "train"]
 
 
+@pytest.mark.parametrize("minutes, steps", [(1e-9, [1, 2, 3]), (0.0, [3])])
+def test_checkpoints_also_by_time(synvid, tmp_path, minutes, steps):
+    """log.ckpt_minutes: a checkpoint whenever that much time passed since the last (here: after every iteration),
+    besides every log.ckpt_every iterations (here: never) and the final one."""
+    cfg = make_cfg(synvid, tmp_path, optim={"steps": 3}, data={"val_samples": 1},
+                   log={"ckpt_every": 0, "ckpt_minutes": minutes, "keep_checkpoints": 0, "plot": False})
+    Trainer(cfg, teacher=tiny_transformer(seed=TEACHER_SEED)).run()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [f"step_{s:07d}" for s in steps]
+
+
 def test_pruning_counts_only_this_runs_complete_checkpoints(synvid, tmp_path):
     """An older run's higher-step checkpoint, half-written folders and temp files in checkpoints/ once made
     pruning delete the checkpoint just written (latest.json named a deleted folder, the run died at its end)."""
@@ -426,10 +438,26 @@ def _torchrun(cfg: TrainConfig, path: Path, *args: str, nproc: int = 2) -> None:
     _launch(["-m", "accvideo_core.train", "--config", str(path), *args], nproc)
 
 
-def run_torchrun(jobs: list[tuple[TrainConfig, str | None, int | None]], path: Path, nproc: int = 2) -> None:
-    """Several trainer runs ``(config, resume, stop_after)`` one after another in ONE torchrun launch (each
-    launch costs ~25 s of CI; the process group is shared): this file run as a script, :func:`_run_jobs`."""
-    path.write_text(json.dumps([[cfg.to_dict(), resume, stop] for cfg, resume, stop in jobs]))
+class StopOnRankZero(Trainer):
+    """Rank 0 alone is asked to stop (as by a signal that reached one process) at its ``poll``-th stop check
+    while in iteration ``step + 1``; the other ranks must agree and stop at the same point."""
+
+    def __init__(self, cfg: TrainConfig, *, stop_at: tuple[int, int], **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.stop_at, self.polls = tuple(stop_at), 0
+
+    def _stop_requested(self) -> bool:
+        if self.step == self.stop_at[0]:
+            self.polls += 1
+            self.interrupted = self.interrupted or (self.polls == self.stop_at[1] and self.info.rank == 0)
+        return super()._stop_requested()
+
+
+def run_torchrun(jobs: list[tuple], path: Path, nproc: int = 2) -> None:
+    """Several trainer runs ``(config, resume, stop_after[, stop_at])`` one after another in ONE torchrun launch
+    (each launch costs ~25 s of CI; the process group is shared): this file run as a script, :func:`_run_jobs`.
+    ``stop_at`` = (step, poll): :class:`StopOnRankZero`, the run ends interrupted after its checkpoint."""
+    path.write_text(json.dumps([[job[0].to_dict(), *job[1:]] for job in jobs]))
     _launch([__file__, str(path)], nproc)
 
 
@@ -437,9 +465,15 @@ def _run_jobs(path: str) -> None:
     """torchrun side of :func:`run_torchrun`."""
     import torch.distributed as dist
 
+    from accvideo_core.train.loop import Interrupted
+
     torch.set_num_threads(1)
-    for cfg, resume, stop_after in json.loads(Path(path).read_text()):
-        Trainer(config_from_dict(cfg), resume=resume).run(stop_after=stop_after)
+    for cfg, resume, stop_after, *stop_at in json.loads(Path(path).read_text()):
+        if stop_at:
+            with pytest.raises(Interrupted):
+                StopOnRankZero(config_from_dict(cfg), resume=resume, stop_at=stop_at[0]).run()
+        else:
+            Trainer(config_from_dict(cfg), resume=resume).run(stop_after=stop_after)
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
@@ -463,7 +497,8 @@ def test_torchrun_two_ranks_fsdp2_matches_single_process(synvid, tmp_path):
     """2 ranks (gloo + FSDP2, sharded checkpoints) = 1 process, and a checkpoint resumes on the other number of
     ranks like an uninterrupted single-process run: 2 -> 1 and 1 -> 2 (queues carry fakes across iterations).
     7 training samples: they do not split evenly over 2 ranks, and step 4 reads across the epoch boundary. The first
-    iteration trains only the heads (loss.heads_only_steps: sharded student forward without a graph or update)."""
+    iteration trains only the heads (loss.heads_only_steps: sharded student forward without a graph or update).
+    Last, a stop request inside an iteration on one rank: a checkpoint between two segment updates."""
     common = dict(optim={"steps": 4, "total_batch": 2, "segments_per_iteration": 2, "ema_decay": 0.9},
                   loss={"heads_only_steps": 1},
                   model={"gradient_checkpointing": True}, data={"val_samples": 5},
@@ -492,6 +527,14 @@ def test_torchrun_two_ranks_fsdp2_matches_single_process(synvid, tmp_path):
         assert max_abs_diff(got, want) <= 1e-4
     assert r1["val"]["student_mse"] == pytest.approx(
         json.loads((tmp_path / "three/metrics.jsonl").read_text().splitlines()[-1])["student_mse"], rel=1e-4)
+    # a stop request that reaches rank 0 alone inside iteration 3 (its checks: after iteration 2, then before each of
+    # its 2 segment updates of 1 micro-batch; the 3rd is before update 2): both ranks stop there and checkpoint after
+    # update 1; resumed in one process, the run ends like the uninterrupted one
+    run_torchrun([(make_cfg(synvid, tmp_path / "four", **common), None, None, (2, 3))], tmp_path / "jobs.json")
+    assert json.loads((tmp_path / "four/checkpoints/latest.json").read_text())["path"] == "step_0000002_update1"
+    Trainer(make_cfg(synvid, tmp_path / "four", **common), teacher=tiny_transformer(seed=TEACHER_SEED),
+            resume="auto").run()
+    _assert_close_states(_states(tmp_path / "four"), _states(tmp_path / "one"))
 
 
 _COMFY_PROBE = r'''

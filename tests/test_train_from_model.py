@@ -116,13 +116,23 @@ def test_run_key_changes_with_every_input_but_not_the_folder(data, tmp_path):
 
 
 def test_interrupt_checkpoints_and_a_rerun_resumes_to_the_uninterrupted_result(data, tmp_path):
+    """An interrupt inside iteration 2 stops at the next micro-batch: the checkpoint holds the trainer after the
+    segment updates that iteration had finished; the rerun makes the rest of it and ends like an uninterrupted run."""
     teacher = tiny_transformer(seed=0)
-    lines = []
-    with pytest.raises(Interrupted):
-        train_in_process(_cfg(data), teacher, tmp_path / "run", should_stop=lambda: True,
+    lines, polls = [], []
+
+    def stop_inside_iteration_2() -> bool:
+        # polled after iteration 1, then before each of the 3 micro-batches of each of the 5 segment updates:
+        # the 9th poll while one progress line is out is update 3's second micro-batch (updates 1 and 2 are done)
+        polls.append(len(lines))
+        return polls.count(1) == 9
+
+    with pytest.raises(Interrupted, match="interrupted in iteration 2 after 2 of its segment updates"):
+        train_in_process(_cfg(data), teacher, tmp_path / "run", should_stop=stop_inside_iteration_2,
                          on_progress=lambda step, total, line: lines.append((step, total, line)))
     assert [(s, t) for s, t, _ in lines] == [(1, 3)] and "ETA" in lines[0][2] and "traj" in lines[0][2]
-    assert json.loads((tmp_path / "run/checkpoints/latest.json").read_text())["step"] == 1
+    latest = json.loads((tmp_path / "run/checkpoints/latest.json").read_text())
+    assert latest == {"step": 1, "path": "step_0000001_update2"}
     resumed = train_in_process(_cfg(data), teacher, tmp_path / "run")
     assert resumed.trained and resumed.resumed_from == 1
     # the same trainer as `python -m accvideo_core.train`: one uninterrupted plain Trainer run, same config
@@ -132,6 +142,9 @@ def test_interrupt_checkpoints_and_a_rerun_resumes_to_the_uninterrupted_result(d
     got, want = read_state_dict(resumed.files["student_lora"]), read_state_dict(tmp_path / "plain/student_lora"
                                                                                               ".safetensors")
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    rows = [[{k: v for k, v in json.loads(x).items() if k != "time"} for x in (folder / "metrics.jsonl").open()]
+            for folder in (tmp_path / "run", tmp_path / "plain")]
+    assert rows[0] == rows[1]  # iteration 2's losses include those of its two updates made before the interrupt
     # a finished run with the same key is reused, not retrained
     calls = []
     again = train_in_process(_cfg(data), teacher, tmp_path / "run", should_stop=lambda: calls.append(1) or False)

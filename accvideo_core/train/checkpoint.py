@@ -8,7 +8,9 @@ EMA, heads and their optimizer, the teacher's baseline MSE, and per rank the que
   rank 0 (original-layout safetensors + ``optimizer.pt``). Both resume on another number of ranks.
 - A checkpoint is written into ``checkpoints/.step_NNNNNNN.partial/``; when every rank is done, rank 0 writes
   ``checkpoint.json`` (the commit marker) and renames the folder to ``step_NNNNNNN``, then points
-  ``latest.json`` at it. A killed write leaves only a ``.partial`` folder, never taken for a checkpoint and
+  ``latest.json`` at it. An interrupt inside iteration N+1 writes ``step_NNNNNNN_updateG`` after its first G
+  segment updates (the data position of the iteration's start, the queues and RNG as they were after update G);
+  a resume makes the rest of that iteration. A killed write leaves only a ``.partial`` folder, never taken for a checkpoint and
   removed by the next run.
 - Pruning (``log.keep_checkpoints``) counts only complete checkpoints of this run (its own and those of the
   runs it resumed, up to the step it resumed from) and never deletes what ``latest.json`` names.
@@ -129,7 +131,10 @@ def save_checkpoint(tr: Trainer) -> Path:
     """Write a checkpoint of ``tr`` (all ranks take part), commit it, point ``latest.json`` at it, prune."""
     info, cfg = tr.info, tr.cfg
     root = tr.out / CHECKPOINT_DIR
-    partial = root / f".step_{tr.step:07d}.partial"
+    inside = tr.in_iteration if tr.in_iteration is not None and tr.in_iteration.updates_done else None
+    name = f"step_{tr.step:07d}" + (f"_update{inside.updates_done}" if inside else "")
+    in_iteration = _in_iteration_state(tr, inside) if inside else None  # a collective: before rank 0 writes
+    partial = root / f".{name}.partial"
     if info.is_main:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -142,23 +147,33 @@ def save_checkpoint(tr: Trainer) -> Path:
     if info.is_main:
         save_torch({"step": tr.step, "world": info.world, "sp": info.sp, "teacher_baseline": tr.teacher_baseline,
                     "heads": tr.heads.state_dict(), "heads_optimizer": tr.head_opt.state_dict(),
-                    "lora_rank": tr.cfg.model.lora_rank, "base_fingerprint": tr.base_fingerprint},
+                    "lora_rank": tr.cfg.model.lora_rank, "base_fingerprint": tr.base_fingerprint,
+                    "in_iteration": in_iteration},
                    partial / "trainer.pt")
     D.barrier(info)
-    name = ""
     if info.is_main:
-        write_json({"step": tr.step, "world": info.world, "format": cfg.runtime.checkpoint_format,
-                    "run": tr.lineage.run, "ancestry": tr.lineage.ancestry, "config": cfg.to_dict()},
-                   partial / MARKER)
-        final = root / f"step_{tr.step:07d}"
+        write_json({"step": tr.step, "updates_done": inside.updates_done if inside else 0, "world": info.world,
+                    "format": cfg.runtime.checkpoint_format, "run": tr.lineage.run, "ancestry": tr.lineage.ancestry,
+                    "config": cfg.to_dict()}, partial / MARKER)
+        final = root / name
         if final.exists():  # another run's (e.g. one resumed from an earlier step): never overwritten
-            final = root / f"step_{tr.step:07d}_{tr.lineage.run}"
+            final = root / f"{name}_{tr.lineage.run}"
         os.replace(partial, final)
         write_json({"step": tr.step, "path": final.name}, root / "latest.json")
         prune(root, cfg.log.keep_checkpoints, tr.lineage)
         tr.monitor.note(f"checkpoint: {final}")
         name = final.name
     return root / D.broadcast_object(name, info)
+
+
+def _in_iteration_state(tr: Trainer, inside: Any) -> dict[str, Any]:
+    """What a resume needs to finish an interrupted iteration: its segment updates done, and the metric sums of
+    those updates averaged over ranks (every rank counts the same terms, so the mean of the sums is exact)."""
+    names = sorted(inside.sums)
+    values = torch.tensor([inside.sums[n] for n in names], dtype=torch.float64, device=tr.device)
+    D.all_reduce_mean_([values], tr.info)
+    return {"updates_done": inside.updates_done, "sums": dict(zip(names, values.tolist())),
+            "counts": dict(inside.counts), "norms": list(inside.norms)}
 
 
 def _save_full(tr: Trainer, folder: Path) -> None:
@@ -205,11 +220,27 @@ def _save_sharded(tr: Trainer, folder: Path) -> None:
         lora_mode.save_lora_export(tr, folder)
 
 
-def _rank_state(tr: Trainer) -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random number generator states (torch, Python, and the CUDA device's)."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if tr.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(tr.device)
-    return {"world": tr.info.world, "queues": tr.queues.state_dict(), "stream": tr.stream.state_dict(), "rng": rng}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def set_rng_state(rng: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def _rank_state(tr: Trainer) -> dict[str, Any]:
+    """Queues, data position and RNG of this rank. Inside an iteration (:class:`~accvideo_core.train.loop.
+    InIteration`) the data position is the iteration's start, so that a resume draws the same micro-batches."""
+    stream = tr.in_iteration.stream if tr.in_iteration is not None else tr.stream.state_dict()
+    return {"world": tr.info.world, "queues": tr.queues.state_dict(), "stream": stream,
+            "rng": rng_state(tr.device)}
 
 
 def prune(root: Path, keep: int, lineage: Lineage) -> None:
@@ -276,6 +307,7 @@ def load_checkpoint(tr: Trainer, ckdir: Path) -> None:
     tr.heads.load_state_dict(state["heads"])
     tr.head_opt.load_state_dict(state["heads_optimizer"])
     tr.step = int(state["step"])
+    tr.resume_in_iteration = state.get("in_iteration")
     tr.teacher_baseline = state.get("teacher_baseline", state.get("teacher5"))
     if marker:
         tr.lineage.ancestry = {**marker.get("ancestry", {}), marker["run"]: int(marker["step"])}
@@ -298,11 +330,7 @@ def _load_rank_states(tr: Trainer, ckdir: Path, world: int, sp: int) -> None:
         tr.queues.load_resharded([g["queues"] for g in groups], info.dp_rank, info.dp, tr.device)
         tr.stream.load_resharded([g["stream"] for g in groups])
         saved = groups[info.dp_rank % len(groups)]
-    rng = saved["rng"]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and tr.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], tr.device)
+    set_rng_state(saved["rng"], tr.device)
 
 
 def _load_full(tr: Trainer, ckdir: Path) -> None:

@@ -91,6 +91,7 @@ class LogConfig:
     progress_seconds: float = 60.0          # inside an iteration, a line at most this often (0 = never)
     val_every: int = 100                    # 0 = only at start and end
     ckpt_every: int = 100                   # 0 = only at the end (and on Ctrl-C)
+    ckpt_minutes: float = 60.0              # also a checkpoint when this much time passed since the last (0 = off)
     keep_checkpoints: int = 2
     save_dtype: str = "bf16"                # dtype of the exported student safetensors
     export_merged: bool = True              # LoRA mode: also write the merged student.safetensors
@@ -202,6 +203,9 @@ def validate(cfg: TrainConfig) -> None:
                           f"({cfg.data.segments} values), got {lo.feature_layers}")
     if lo.lambda_adv < 0:
         raise ConfigError("loss.lambda_adv must be >= 0")
+    if not cfg.log.ckpt_minutes >= 0:
+        raise ConfigError(f"log.ckpt_minutes must be >= 0 (0 = only every log.ckpt_every iterations), got "
+                          f"{cfg.log.ckpt_minutes}")
     if lo.head_steps < 1:
         raise ConfigError(f"loss.head_steps must be >= 1 (1 = one head update per student update, Alg. 1), got "
                           f"{lo.head_steps}")

@@ -106,8 +106,9 @@ class TrainResult:
 
 class HostedTrainer(Trainer):
     """The trainer with a host's hooks: ``on_progress(step, total, line)`` after every iteration (``line``: the
-    monitor's progress line with losses and ETA) and ``should_stop()``, polled after every iteration; when true the
-    run writes a checkpoint and raises :class:`~accvideo_core.train.loop.Interrupted`, as on Ctrl-C."""
+    monitor's progress line with losses and ETA) and ``should_stop()``, polled wherever the trainer checks for
+    Ctrl-C (after every micro-batch); when true the run writes a checkpoint and raises
+    :class:`~accvideo_core.train.loop.Interrupted`, as on Ctrl-C."""
 
     def __init__(self, cfg: TrainConfig, *, on_progress: Callable[[int, int, str], None],
                  should_stop: Callable[[], bool], **kwargs: Any):
@@ -117,9 +118,12 @@ class HostedTrainer(Trainer):
     def train_step(self, step: int) -> dict[str, float]:
         metrics = super().train_step(step)
         self.on_progress(step + 1, self.cfg.optim.steps, self.monitor.progress_line(step + 1, metrics))
+        return metrics
+
+    def _stop_requested(self) -> bool:
         if self.should_stop():
             self.interrupted = True
-        return metrics
+        return super()._stop_requested()
 
 
 def finished_result(folder: Path) -> TrainResult | None:

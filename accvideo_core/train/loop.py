@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 import signal
 import sys
 import threading
@@ -30,7 +31,7 @@ from accvideo_core.train import distributed as D
 from accvideo_core.train import lora_mode
 from accvideo_core.train.batching import CONDITIONING, chain_from_noise, collate, conditioning, noise_for
 from accvideo_core.train.checkpoint import (Lineage, export_final, load_checkpoint, prepare_out_dir, resolve_resume,
-                                            save_checkpoint)
+                                            rng_state, save_checkpoint, set_rng_state)
 from accvideo_core.train.config import ConfigError, TrainConfig, check_batching
 from accvideo_core.train.losses import discriminator_loss, generator_loss, segment_target, trajectory_loss
 from accvideo_core.train.monitor import Monitor
@@ -43,6 +44,23 @@ SIGNAL_DEBOUNCE = 5.0  # seconds
 
 class Interrupted(Exception):
     """Raised by :meth:`Trainer.run` after Ctrl-C / SIGTERM once the checkpoint is written."""
+
+
+class _StopInIteration(Exception):
+    """A stop request agreed by all ranks inside an iteration (see :meth:`Trainer._abandon_update`)."""
+
+
+@dataclass
+class InIteration:
+    """Where an interrupted iteration stopped: ``updates_done`` of its segment updates were made (0: none, the
+    trainer is as at the iteration's start), the data position at its start, and the metric sums of those
+    updates."""
+
+    updates_done: int
+    stream: Any
+    sums: dict[str, float]
+    counts: dict[str, int]
+    norms: list[float]
 
 
 class Trainer:
@@ -86,6 +104,8 @@ class Trainer:
         self.interrupted = False
         self._signal_time = 0.0
         self._last_note = time.monotonic()
+        self.in_iteration: InIteration | None = None  # set when a stop request ends an iteration early
+        self.resume_in_iteration: dict | None = None  # a checkpoint's unfinished iteration (load_checkpoint)
         if ckdir is not None:
             load_checkpoint(self, ckdir)
         self.monitor = Monitor(self.out, total_steps=cfg.optim.steps, start_step=self.step,
@@ -104,15 +124,22 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 handlers[sig] = signal.signal(sig, self._on_signal)
+        self._last_checkpoint = time.monotonic()
         try:
             if self.step == 0:
                 self.validate()
             while self.step < cfg.optim.steps:
-                metrics = self.train_step(self.step)
+                try:
+                    metrics = self.train_step(self.step)
+                except _StopInIteration:
+                    path = save_checkpoint(self)
+                    done = self.in_iteration.updates_done
+                    raise Interrupted(f"interrupted in iteration {self.step + 1} after {done} of its segment "
+                                      f"updates (a resume makes the rest); resume with --resume {path}") from None
                 self.step += 1
                 self.monitor.step(self.step, metrics)
                 self._last_note = time.monotonic()
-                stop = D.any_rank(self.interrupted, self.info)
+                stop = self._stop_requested()
                 if stop_after is not None and self.step >= stop_after:
                     return {"step": self.step, "stopped": True}
                 if stop:
@@ -121,8 +148,12 @@ class Trainer:
                 due = cfg.log.val_every and self.step % cfg.log.val_every == 0
                 if (due or self.step == cfg.loss.heads_only_steps) and self.step < cfg.optim.steps:
                     self.validate()   # also once the heads-only iterations end: the heads before the student moves
-                if cfg.log.ckpt_every and self.step % cfg.log.ckpt_every == 0 and self.step < cfg.optim.steps:
+                due = cfg.log.ckpt_every and self.step % cfg.log.ckpt_every == 0
+                late = cfg.log.ckpt_minutes > 0 and D.any_rank(   # the ranks' clocks differ: they agree
+                    time.monotonic() - self._last_checkpoint >= 60.0 * cfg.log.ckpt_minutes, self.info)
+                if (due or late) and self.step < cfg.optim.steps:
                     save_checkpoint(self)
+                    self._last_checkpoint = time.monotonic()
             final_val = self.validate()
             ckdir = save_checkpoint(self)
             files = {"student": str(self.out / "student.safetensors")}
@@ -149,8 +180,13 @@ class Trainer:
                 raise KeyboardInterrupt
             return
         self.interrupted, self._signal_time = True, now
-        print(f"\nsignal {signum}: finishing this iteration, writing a checkpoint, then exiting "
+        print(f"\nsignal {signum}: stopping after this micro-batch, writing a checkpoint, then exiting "
               "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank was asked to stop. A collective: every rank calls it at the same points (after every
+        iteration, and inside one after every micro-batch of every segment)."""
+        return D.any_rank(self.interrupted, self.info)
 
     def close(self) -> None:
         D.shutdown(self.info)
@@ -159,17 +195,30 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         """One iteration (``total_batch`` samples over all ranks). Returns metrics averaged over ranks."""
         cfg, m = self.cfg, self.m
+        start = self.stream.state_dict()  # a checkpoint inside this iteration draws the same micro-batches again
         micro = [collate([self.stream.next() for _ in range(cfg.optim.micro_batch)]) for _ in range(self.n_micro)]
+        start["bad"] = self.stream.state_dict()["bad"]  # corrupt samples found just now are skipped, not re-read
         adversarial = cfg.loss.adversarial and cfg.loss.lambda_adv > 0 and step >= cfg.loss.adv_start_step
         heads_only = step < cfg.loss.heads_only_steps   # the student only makes fakes (they fill the queues)
         order = self.segments_for(step)
         groups = [order] if cfg.optim.segment_updates == "joint" else [[k] for k in order]
         lr = self._set_lr(step)
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        norms = []
+        resumed, self.resume_in_iteration = self.resume_in_iteration or {}, None
+        done = resumed.get("updates_done", 0)   # segment updates a checkpoint inside this iteration had made
+        if done >= len(groups):
+            raise ConfigError(f"the checkpoint was written after {done} segment updates of iteration {step + 1}, "
+                              f"which now has {len(groups)}: resume it with its optim.segment_updates and "
+                              "optim.segments_per_iteration")
+        sums: dict[str, float] = dict(resumed.get("sums", {}))
+        counts: dict[str, int] = dict(resumed.get("counts", {}))
+        norms: list[float] = list(resumed.get("norms", []))
         lam = cfg.loss.lambda_adv
-        for group in groups:
+        for u, group in enumerate(groups):
+            if u < done:
+                continue
+            # what a stop request inside this update rolls back to (the update is made again on resume)
+            before = InIteration(u, start, dict(sums), dict(counts), list(norms))
+            queues, rng = self.queues.snapshot(), rng_state(self.device)
             self.opt.zero_grad(set_to_none=True)
             self.head_opt.zero_grad(set_to_none=True)
             self._head_inputs = []
@@ -177,6 +226,8 @@ class Trainer:
                 batch = {k: v.to(self.device) for k, v in mb.items()}
                 scale = 1.0 / (len(group) * self.n_micro)
                 for n, k in enumerate(group):
+                    if self._stop_requested():  # 13B: an iteration takes minutes to hours, a micro-batch seconds
+                        self._abandon_update(before, queues, rng)
                     last = i == self.n_micro - 1 and n == len(group) - 1
                     # fakes for t'_k need Q_{k+1} filled (by segment k+1 of this or an earlier iteration)
                     adv_now = adversarial and (k == m - 1 or self.queues.size(k + 1) >= cfg.optim.micro_batch)
@@ -222,6 +273,16 @@ class Trainer:
         if heads_only:
             out["heads_only"] = 1.0
         return out
+
+    def _abandon_update(self, before: InIteration, queues: Any, rng: dict[str, Any]) -> None:
+        """Drop the segment update in progress (its gradients; the queues and RNG as before it) and stop: the
+        trainer is as after ``before.updates_done`` updates of this iteration, which a checkpoint records."""
+        self.opt.zero_grad(set_to_none=True)
+        self.head_opt.zero_grad(set_to_none=True)
+        self.queues.restore(queues)
+        set_rng_state(rng, self.device)
+        self.in_iteration = before
+        raise _StopInIteration
 
     def trajectory_losses(self, batch: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
         """Eq. 6 for segment k (t'_{k+1} -> t'_k): the student at the noisier key latent vs the average velocity."""

@@ -47,6 +47,13 @@ class TrajectoryQueues:
         latent = batch.pop("latent")
         return latent, batch
 
+    def snapshot(self) -> tuple[list[deque[Record]], list[int]]:
+        """The contents now, for :meth:`restore` (entries are never changed in place: copies of the deques)."""
+        return [deque(q) for q in self.queues], list(self.dropped)
+
+    def restore(self, snapshot: tuple[list[deque[Record]], list[int]]) -> None:
+        self.queues, self.dropped = [deque(q) for q in snapshot[0]], list(snapshot[1])
+
     def state_dict(self) -> dict:
         return {"queues": [[{k: v.to("cpu") for k, v in rec.items()} for rec in q] for q in self.queues],
                 "dropped": list(self.dropped)}
