@@ -64,8 +64,8 @@ class AccVideoLoraLoader(io.ComfyNode):
             category=CATEGORY,
             description="Applies a HunyuanVideo LoRA to a MODEL as ModelPatcher patches on a clone (the input MODEL is "
                         "never changed). Reads every common format (ComfyUI/diffusion-pipe, kohya/musubi, "
-                        "diffusers/PEFT with split q/k/v, diff/diff_b, LyCORIS LoHa/LoKr) through one normalisation; keys "
-                        "that cannot be used are reported in the log instead of silently dropped.",
+                        "diffusers/PEFT with split q/k/v, diff/diff_b, LyCORIS LoHa/LoKr) through one normalisation; "
+                        "keys that cannot be used are reported in the log instead of silently dropped.",
             inputs=[
                 io.Model.Input("model", tooltip="HunyuanVideo MODEL (UNETLoader)."),
                 io.Combo.Input("lora_name", options=_comfy.model_file_names("loras"),

@@ -10,8 +10,8 @@ EMA, heads and their optimizer, the teacher's baseline MSE, and per rank the que
   ``checkpoint.json`` (the commit marker) and renames the folder to ``step_NNNNNNN``, then points
   ``latest.json`` at it. An interrupt inside iteration N+1 writes ``step_NNNNNNN_updateG`` after its first G
   segment updates (the data position of the iteration's start, the queues and RNG as they were after update G);
-  a resume makes the rest of that iteration. A killed write leaves only a ``.partial`` folder, never taken for a checkpoint and
-  removed by the next run.
+  a resume makes the rest of that iteration. A killed write leaves only a ``.partial`` folder, never taken for a
+  checkpoint and removed by the next run.
 - Pruning (``log.keep_checkpoints``) counts only complete checkpoints of this run (its own and those of the
   runs it resumed, up to the step it resumed from) and never deletes what ``latest.json`` names.
 """
@@ -38,7 +38,7 @@ from accvideo_core.utils.io import (CheckpointError, load_torch, read_distribute
                                     read_distributed_checkpoint_flat, read_state_dict, save_torch, write_json)
 
 if TYPE_CHECKING:
-    from accvideo_core.train.loop import Trainer
+    from accvideo_core.train.loop import InIteration, Trainer
 
 CHECKPOINT_DIR = "checkpoints"
 MARKER = "checkpoint.json"
@@ -166,7 +166,7 @@ def save_checkpoint(tr: Trainer) -> Path:
     return root / D.broadcast_object(name, info)
 
 
-def _in_iteration_state(tr: Trainer, inside: Any) -> dict[str, Any]:
+def _in_iteration_state(tr: Trainer, inside: InIteration) -> dict[str, Any]:
     """What a resume needs to finish an interrupted iteration: its segment updates done, and the metric sums of
     those updates averaged over ranks (every rank counts the same terms, so the mean of the sums is exact)."""
     names = sorted(inside.sums)

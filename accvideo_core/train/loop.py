@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +185,7 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """Whether any rank was asked to stop. A collective: every rank calls it at the same points (after every
-        iteration, and inside one after every micro-batch of every segment)."""
+        iteration, and inside one before every micro-batch of every segment)."""
         return D.any_rank(self.interrupted, self.info)
 
     def close(self) -> None:
