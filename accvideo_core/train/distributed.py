@@ -29,6 +29,7 @@ class DistInfo:
     fsdp: bool = False
     sp: int = 1                # sequence-parallel degree: ranks rank // sp * sp ... + sp - 1 share each sample
     sp_group: dist.ProcessGroup | None = None
+    control_group: dist.ProcessGroup | None = None  # gloo, for flags, when the default group is NCCL
 
     @property
     def is_main(self) -> bool:
@@ -68,6 +69,8 @@ def init_distributed(device: str = "auto", fsdp: str = "auto", sequence_parallel
             kwargs = {"device_id": dev} if dev.type == "cuda" else {}
             dist.init_process_group(backend=backend, **kwargs)
             info.initialized = True
+        if dist.get_backend() != "gloo":  # flags go over the CPU: never queued behind FSDP's NCCL collectives
+            info.control_group = dist.new_group(backend="gloo")
     if fsdp == "on" and world == 1 and not dist.is_initialized():
         raise ConfigError("runtime.fsdp = 'on' needs torchrun (WORLD_SIZE > 1); use 'auto' or 'off'")
     info.fsdp = (fsdp == "on") or (fsdp == "auto" and world > 1)
@@ -163,11 +166,13 @@ def all_reduce_mean_(tensors: list[torch.Tensor], info: DistInfo) -> None:
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True when ``flag`` is set on any rank (used to agree on Ctrl-C)."""
+    """True when ``flag`` is set on any rank (to agree on a stop request or a checkpoint). On the CPU, over gloo:
+    asked before every micro-batch, it must not wait for the GPU (an NCCL flag would queue behind FSDP's
+    reduce-scatters and the ``item()`` wait for them)."""
     if info.world == 1:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.control_group)
     return bool(t.item())
 
 
