@@ -254,6 +254,30 @@ def test_resume_after_kill_is_bit_exact(synvid, tmp_path, checkpoint_format):
     assert steps_b == [1, 2, 3, 4]  # the lost step 3 of the killed run is not logged twice
 
 
+def test_a_stop_during_validation_checkpoints_and_the_resume_validates_first(synvid, tmp_path):
+    """A stop request during the validation after iteration 2 (the 3rd check at step 2: after the iteration, then
+    before each held-out batch) writes the step-2 checkpoint at once; the resume makes that validation first and
+    the run ends as the uninterrupted one, metrics rows included."""
+    from accvideo_core.train.loop import Interrupted
+
+    kw = dict(optim={"steps": 4}, data={"val_samples": 4}, log={"val_every": 2, "plot": False})
+    Trainer(make_cfg(synvid, tmp_path / "a", **kw), teacher=tiny_transformer(seed=TEACHER_SEED)).run()
+    cfg = make_cfg(synvid, tmp_path / "b", **kw)
+    with pytest.raises(Interrupted, match="during the validation at step 2"):
+        StopOnRankZero(cfg, teacher=tiny_transformer(seed=TEACHER_SEED), stop_at=(2, 3)).run()
+    assert _latest(tmp_path / "b").name == "step_0000002"
+    assert [r["step"] for r in _rows(tmp_path / "b") if r["type"] == "val"] == [0]
+    Trainer(cfg, teacher=tiny_transformer(seed=TEACHER_SEED), resume="auto").run()
+    a, b = _states(tmp_path / "a"), _states(tmp_path / "b")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert _rows(tmp_path / "a") == _rows(tmp_path / "b")
+
+
+def _rows(out: Path) -> list[dict]:
+    """metrics.jsonl without the wall times."""
+    return [{k: v for k, v in json.loads(x).items() if k != "time"} for x in (out / "metrics.jsonl").open()]
+
+
 def _latest(out: Path) -> Path:
     return out / "checkpoints" / json.loads((out / "checkpoints" / "latest.json").read_text())["path"]
 

@@ -148,7 +148,7 @@ def save_checkpoint(tr: Trainer) -> Path:
         save_torch({"step": tr.step, "world": info.world, "sp": info.sp, "teacher_baseline": tr.teacher_baseline,
                     "heads": tr.heads.state_dict(), "heads_optimizer": tr.head_opt.state_dict(),
                     "lora_rank": tr.cfg.model.lora_rank, "base_fingerprint": tr.base_fingerprint,
-                    "in_iteration": in_iteration},
+                    "in_iteration": in_iteration, "validation_pending": tr.validation_pending},
                    partial / "trainer.pt")
     D.barrier(info)
     if info.is_main:
@@ -308,6 +308,7 @@ def load_checkpoint(tr: Trainer, ckdir: Path) -> None:
     tr.head_opt.load_state_dict(state["heads_optimizer"])
     tr.step = int(state["step"])
     tr.resume_in_iteration = state.get("in_iteration")
+    tr.validation_pending = bool(state.get("validation_pending", False))
     tr.teacher_baseline = state.get("teacher_baseline", state.get("teacher5"))
     if marker:
         tr.lineage.ancestry = {**marker.get("ancestry", {}), marker["run"]: int(marker["step"])}

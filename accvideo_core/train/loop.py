@@ -46,8 +46,9 @@ class Interrupted(Exception):
     """Raised by :meth:`Trainer.run` after Ctrl-C / SIGTERM once the checkpoint is written."""
 
 
-class _StopInIteration(Exception):
-    """A stop request agreed by all ranks inside an iteration (see :meth:`Trainer._abandon_update`)."""
+class _StopRequested(Exception):
+    """A stop request all ranks agreed on; the trainer is at a point a checkpoint can record (after an iteration,
+    after some segment updates of one (:meth:`Trainer._abandon_update`), or with a validation left to make)."""
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Trainer:
         self._last_note = time.monotonic()
         self.in_iteration: InIteration | None = None  # set when a stop request ends an iteration early
         self.resume_in_iteration: dict | None = None  # a checkpoint's unfinished iteration (load_checkpoint)
+        self.validation_pending = False  # a stop request cut a validation short: the resume makes it first
         if ckdir is not None:
             load_checkpoint(self, ckdir)
         self.monitor = Monitor(self.out, total_steps=cfg.optim.steps, start_step=self.step,
@@ -126,16 +128,10 @@ class Trainer:
                 handlers[sig] = signal.signal(sig, self._on_signal)
         self._last_checkpoint = time.monotonic()
         try:
-            if self.step == 0:
-                self.validate()
+            if (self.step == 0 or self.validation_pending) and self.step < cfg.optim.steps:
+                self.validate()   # at the start, or the one a stop request cut short before the checkpoint
             while self.step < cfg.optim.steps:
-                try:
-                    metrics = self.train_step(self.step)
-                except _StopInIteration:
-                    path = save_checkpoint(self)
-                    done = self.in_iteration.updates_done
-                    raise Interrupted(f"interrupted in iteration {self.step + 1} after {done} of its segment "
-                                      f"updates (a resume makes the rest); resume with --resume {path}") from None
+                metrics = self.train_step(self.step)
                 self.step += 1
                 self.monitor.step(self.step, metrics)
                 self._last_note = time.monotonic()
@@ -143,8 +139,7 @@ class Trainer:
                 if stop_after is not None and self.step >= stop_after:
                     return {"step": self.step, "stopped": True}
                 if stop:
-                    path = save_checkpoint(self)
-                    raise Interrupted(f"interrupted at step {self.step}; resume with --resume {path}")
+                    raise _StopRequested(f"interrupted at step {self.step}")
                 due = cfg.log.val_every and self.step % cfg.log.val_every == 0
                 if (due or self.step == cfg.loss.heads_only_steps) and self.step < cfg.optim.steps:
                     self.validate()   # also once the heads-only iterations end: the heads before the student moves
@@ -167,6 +162,9 @@ class Trainer:
                     self.monitor.note(f"loss curves: {png}")
             return {"step": self.step, "val": final_val, "checkpoint": str(ckdir), **files,
                     "bad_samples": list(self.bad_samples)}
+        except _StopRequested as stop:   # all ranks agreed: the trainer is at a consistent point
+            path = save_checkpoint(self)
+            raise Interrupted(f"{stop}; resume with --resume {path}") from None
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
@@ -282,7 +280,8 @@ class Trainer:
         self.queues.restore(queues)
         set_rng_state(rng, self.device)
         self.in_iteration = before
-        raise _StopInIteration
+        raise _StopRequested(f"interrupted in iteration {self.step + 1} after {before.updates_done} of its segment "
+                             "updates (a resume makes the rest)")
 
     def trajectory_losses(self, batch: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
         """Eq. 6 for segment k (t'_{k+1} -> t'_k): the student at the noisier key latent vs the average velocity."""
@@ -419,6 +418,10 @@ class Trainer:
         rounds = math.ceil(len(records) / info.dp)
         slots = mine + [None] * (rounds - len(mine))
         for start in range(0, rounds, mb):
+            if self._stop_requested():   # 13B: a validation takes minutes, one batch of it seconds
+                self.validation_pending = True
+                raise _StopRequested(f"interrupted during the validation at step {self.step} (a resume makes it "
+                                     "first)")
             chunk = slots[start:start + mb]
             batch = collate([records[i if i is not None else 0] for i in chunk], self.device)
             yield batch, torch.tensor([0.0 if i is None else 1.0 for i in chunk], dtype=torch.float64,
@@ -472,6 +475,8 @@ class Trainer:
         return {**acc, "d_acc": sum(acc.values()) / m}
 
     def validate(self) -> dict[str, float]:
+        """Held-out MSE of the student's (and the teacher's, once) m-step samples to the teacher's final latents,
+        and the heads' real/fake accuracy; a metrics row and a note. Stops at a stop request (see run)."""
         self.student.eval()
         if self.teacher_baseline is None:
             with self._teacher_mode():
@@ -483,6 +488,7 @@ class Trainer:
         if self.cfg.loss.adversarial and self.cfg.loss.lambda_adv > 0 and self.val_records:
             result.update(self.discriminator_accuracy())
         self.student.train()
+        self.validation_pending = False
         self.monitor.write({"type": "val", "step": self.step, **result})
         self.monitor.note(f"validation @ step {self.step}: student {self.m}-step MSE {result['student_mse']:.4g}, "
                           f"teacher {self.m}-step MSE {result['teacher_mse']:.4g} (vs the teacher's "
