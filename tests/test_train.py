@@ -273,6 +273,20 @@ def test_a_stop_during_validation_checkpoints_and_the_resume_validates_first(syn
     assert _rows(tmp_path / "a") == _rows(tmp_path / "b")
 
 
+def test_a_checkpoint_inside_an_iteration_needs_its_segment_updates(synvid, tmp_path):
+    from accvideo_core.train.loop import Interrupted
+
+    cfg = make_cfg(synvid, tmp_path, optim={"steps": 3}, data={"val_samples": 1}, log={"plot": False})
+    with pytest.raises(Interrupted, match="in iteration 2 after 3 of its segment updates"):
+        # checks at step 1: after iteration 1, then before each of the 2 micro-batches of each segment update: the
+        # 8th is before update 4's first
+        StopOnRankZero(cfg, teacher=tiny_transformer(seed=TEACHER_SEED), stop_at=(1, 8)).run()
+    assert _latest(tmp_path).name == "step_0000001_update3"
+    cfg.optim.segment_updates = "joint"
+    with pytest.raises(ConfigError, match="written after 3 segment updates of iteration 2, which now has 1"):
+        Trainer(cfg, teacher=tiny_transformer(seed=TEACHER_SEED), resume="auto").run()
+
+
 def _rows(out: Path) -> list[dict]:
     """metrics.jsonl without the wall times."""
     return [{k: v for k, v in json.loads(x).items() if k != "time"} for x in (out / "metrics.jsonl").open()]
