@@ -183,7 +183,8 @@ def _train(cfg, teacher, run, node_id):
         _comfy.progress_text(line, node_id)
 
     try:
-        return train_in_process(cfg, teacher, run, on_progress=progress, should_stop=mm.processing_interrupted)
+        return train_in_process(cfg, teacher, run, on_progress=progress, should_stop=mm.processing_interrupted,
+                                on_note=lambda line: _comfy.progress_text(line, node_id))
     except Interrupted as err:
         log.info("AccVideo Train: %s (queue the same inputs again to resume)", err)
         mm.throw_exception_if_processing_interrupted()  # clears ComfyUI's flag and raises its interrupt

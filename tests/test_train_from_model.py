@@ -115,11 +115,15 @@ def test_run_key_changes_with_every_input_but_not_the_folder(data, tmp_path):
     assert run_key(_cfg(data), "teacher", "data a") != run_key(_cfg(data), "teacher", "data b")
 
 
-def test_interrupt_checkpoints_and_a_rerun_resumes_to_the_uninterrupted_result(data, tmp_path):
+def test_interrupt_checkpoints_and_a_rerun_resumes_to_the_uninterrupted_result(data, tmp_path, monkeypatch):
     """An interrupt inside iteration 2 stops at the next micro-batch: the checkpoint holds the trainer after the
-    segment updates that iteration had finished; the rerun makes the rest of it and ends like an uninterrupted run."""
+    segment updates that iteration had finished; the rerun makes the rest of it and ends like an uninterrupted run.
+    Inside iterations the host gets notes of where they are (here after every micro-batch)."""
+    from accvideo_core.train.from_model import HostedTrainer
+
+    monkeypatch.setattr(HostedTrainer, "NOTE_SECONDS", 0.0)
     teacher = tiny_transformer(seed=0)
-    lines, polls = [], []
+    lines, polls, notes = [], [], []
 
     def stop_inside_iteration_2() -> bool:
         # polled after iteration 1, then before each of the 3 micro-batches of each of the 5 segment updates:
@@ -129,8 +133,11 @@ def test_interrupt_checkpoints_and_a_rerun_resumes_to_the_uninterrupted_result(d
 
     with pytest.raises(Interrupted, match="interrupted in iteration 2 after 2 of its segment updates"):
         train_in_process(_cfg(data), teacher, tmp_path / "run", should_stop=stop_inside_iteration_2,
-                         on_progress=lambda step, total, line: lines.append((step, total, line)))
+                         on_progress=lambda step, total, line: lines.append((step, total, line)),
+                         on_note=notes.append)
     assert [(s, t) for s, t, _ in lines] == [(1, 3)] and "ETA" in lines[0][2] and "traj" in lines[0][2]
+    assert notes[0] == "iteration 1/3: segment k=4 done for micro-batch 1/3"
+    assert notes[-1] == f"{lines[0][2]} | iteration 2/3: segment k=2 done for micro-batch 1/3"  # then the stop
     latest = json.loads((tmp_path / "run/checkpoints/latest.json").read_text())
     assert latest == {"step": 1, "path": "step_0000001_update2"}
     resumed = train_in_process(_cfg(data), teacher, tmp_path / "run")

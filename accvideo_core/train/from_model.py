@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -106,19 +107,32 @@ class TrainResult:
 
 class HostedTrainer(Trainer):
     """The trainer with a host's hooks: ``on_progress(step, total, line)`` after every iteration (``line``: the
-    monitor's progress line with losses and ETA) and ``should_stop()``, polled wherever the trainer checks for
-    Ctrl-C (after every micro-batch); when true the run writes a checkpoint and raises
-    :class:`~accvideo_core.train.loop.Interrupted`, as on Ctrl-C."""
+    monitor's progress line with losses and ETA), ``on_note(line)`` inside iterations at most every
+    ``NOTE_SECONDS`` (the last progress line and where the iteration is: a 13B iteration takes minutes to hours)
+    and ``should_stop()``, polled wherever the trainer checks for Ctrl-C (before every micro-batch); when true the
+    run writes a checkpoint and raises :class:`~accvideo_core.train.loop.Interrupted`, as on Ctrl-C."""
+
+    NOTE_SECONDS = 2.0
 
     def __init__(self, cfg: TrainConfig, *, on_progress: Callable[[int, int, str], None],
-                 should_stop: Callable[[], bool], **kwargs: Any):
+                 should_stop: Callable[[], bool], on_note: Callable[[str], None] = lambda line: None,
+                 **kwargs: Any):
         super().__init__(cfg, **kwargs)
-        self.on_progress, self.should_stop = on_progress, should_stop
+        self.on_progress, self.should_stop, self.on_note = on_progress, should_stop, on_note
+        self._last_line, self._last_host_note = "", time.monotonic()
 
     def train_step(self, step: int) -> dict[str, float]:
         metrics = super().train_step(step)
-        self.on_progress(step + 1, self.cfg.optim.steps, self.monitor.progress_line(step + 1, metrics))
+        self._last_line = self.monitor.progress_line(step + 1, metrics)
+        self.on_progress(step + 1, self.cfg.optim.steps, self._last_line)
+        self._last_host_note = time.monotonic()
         return metrics
+
+    def _heartbeat(self, step: int, k: int, micro: int) -> None:
+        super()._heartbeat(step, k, micro)
+        if time.monotonic() - self._last_host_note >= self.NOTE_SECONDS:
+            self._last_host_note = time.monotonic()
+            self.on_note(" | ".join(filter(None, (self._last_line, self._position(step, k, micro)))))
 
     def _stop_requested(self) -> bool:
         if self.should_stop():
@@ -140,7 +154,8 @@ def finished_result(folder: Path) -> TrainResult | None:
 
 def train_in_process(cfg: TrainConfig, teacher: nn.Module, folder: Path, *,
                      on_progress: Callable[[int, int, str], None] = lambda *a: None,
-                     should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
+                     should_stop: Callable[[], bool] = lambda: False,
+                     on_note: Callable[[str], None] = lambda line: None) -> TrainResult:
     """Train ``teacher`` into ``folder``: reuse a finished run there, resume its latest checkpoint, or start afresh
     (a folder without a checkpoint holds nothing worth keeping). Raises ``Interrupted`` after a checkpoint."""
     done = finished_result(folder)
@@ -152,7 +167,7 @@ def train_in_process(cfg: TrainConfig, teacher: nn.Module, folder: Path, *,
     resumed_from = int(json.loads(latest.read_text())["step"]) if resume else 0
     with torch.inference_mode(False):  # ComfyUI runs its nodes in inference mode
         trainer = HostedTrainer(cfg, teacher=teacher, resume=resume, overwrite=resume is None,
-                                on_progress=on_progress, should_stop=should_stop)
+                                on_progress=on_progress, should_stop=should_stop, on_note=on_note)
         out = trainer.run()
     files = {k: Path(out[k]).name for k in ("student_lora", "student") if k in out}
     write_json({"files": files, "val": out["val"], "step": out["step"]}, folder / RESULT_FILE)

@@ -407,7 +407,12 @@ class Trainer:
         now = time.monotonic()
         if every > 0 and now - self._last_note >= every:
             self._last_note = now
-            self.monitor.note(f"  iteration {step + 1}: segment k={k} done for micro-batch {micro + 1}/{self.n_micro}")
+            self.monitor.note("  " + self._position(step, k, micro))
+
+    def _position(self, step: int, k: int, micro: int) -> str:
+        """Where an iteration is (after one micro-batch of one segment)."""
+        return (f"iteration {step + 1}/{self.cfg.optim.steps}: segment k={k} done for micro-batch "
+                f"{micro + 1}/{self.n_micro}")
 
     # ------------------------------------------------------------------ validation
     def _heldout_batches(self):

@@ -97,7 +97,8 @@ def test_train_node_checkpoints_on_interrupt_and_resumes_on_requeue(comfy_api):
     progress, texts, events, _ = asyncio.run(asyncio.wait_for(follow(wf, interrupt_at=2), 900))
     assert "execution_interrupted" in events, events
     assert progress[:2] == [(1, 6), (2, 6)] and len(progress) < 6, progress
-    assert texts and all("ETA" in t and "traj" in t for t in texts), texts
+    # after each iteration its progress line; inside one (at most every 2 s) that line and where the iteration is
+    assert texts and all(("ETA" in t and "traj" in t) or t.startswith("iteration ") for t in texts), texts
     runs = list((comfy_api.output / "accvideo_runs").glob("train_resume_*"))
     assert len(runs) == 1
     latest = json.loads((runs[0] / "checkpoints/latest.json").read_text())
