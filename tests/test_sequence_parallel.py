@@ -20,7 +20,7 @@ from accvideo_core.train.config import ConfigError, TrainConfig, config_from_dic
 from accvideo_core.train.loop import Trainer
 from accvideo_core.utils.io import read_state_dict
 
-from test_train import _assert_close_states, _env, _states, max_abs_diff, run_torchrun
+from test_train import _assert_close_states, _env, _latest, _states, max_abs_diff, run_torchrun
 
 # (model overrides, input kwargs, gradient checkpointing)
 CASES = {
@@ -224,8 +224,11 @@ def test_torchrun_sequence_parallel_matches_one_process_and_resumes_on_any_layou
     torch.set_num_threads(1)
     one = Trainer(_train_config(synvid_sp, tmp_path / "one", micro_batch)).run()
     half = tmp_path / "one/checkpoints/step_0000002"
+    stopped = _train_config(synvid_sp, tmp_path / "stopped", micro_batch, sp=2)
+    stopped.log.val_every = 0   # its stop checks at step 2: after iteration 2, then before each of its 2 updates
     run_torchrun([(_train_config(synvid_sp, tmp_path / "sp2", micro_batch, sp=2), None, None),
-                  (_train_config(synvid_sp, tmp_path / "to_sp2", micro_batch, sp=2), str(half), None)],
+                  (_train_config(synvid_sp, tmp_path / "to_sp2", micro_batch, sp=2), str(half), None),
+                  (stopped, None, None, (2, 3))],   # a stop request on rank 0 only, inside iteration 3
                  tmp_path / "jobs.json", nproc)
     ref = _states(tmp_path / "one")
     moved = max(float((ref[f"student.{k}"] - v).abs().max()) for k, v in tiny_transformer(seed=0).state_dict().items())
@@ -237,6 +240,11 @@ def test_torchrun_sequence_parallel_matches_one_process_and_resumes_on_any_layou
     Trainer(_train_config(synvid_sp, tmp_path / "to_one", micro_batch),
             resume=str(tmp_path / "sp2/checkpoints/step_0000002")).run()  # sp 2 -> 1 process
     _assert_close_states(_states(tmp_path / "to_one"), ref)
+    # every SP rank stopped after update 1 of iteration 3; that checkpoint resumed in one process ends like it too
+    assert _latest(tmp_path / "stopped").name == "step_0000002_update1"
+    stopped.log.val_every, stopped.runtime.sequence_parallel = 2, 1
+    Trainer(stopped, resume="auto").run()
+    _assert_close_states(_states(tmp_path / "stopped"), ref)
     for name in ("student", "student_ema"):  # the sp-2 exports, streamed from the shards
         got, want = (read_state_dict(tmp_path / run / f"{name}.safetensors") for run in ("to_sp2", "one"))
         assert max_abs_diff(got, want) <= 1e-4
