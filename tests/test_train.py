@@ -283,7 +283,13 @@ def test_a_checkpoint_inside_an_iteration_needs_its_segment_updates(synvid, tmp_
         StopOnRankZero(cfg, teacher=tiny_transformer(seed=TEACHER_SEED), stop_at=(1, 8)).run()
     assert _latest(tmp_path).name == "step_0000001_update3"
     cfg.optim.segment_updates = "joint"
-    with pytest.raises(ConfigError, match="written after 3 segment updates of iteration 2, which now has 1"):
+    with pytest.raises(ConfigError, match=r"written after 3 segment updates of iteration 2, whose updates were "
+                                          r"\(segments k\) \[\[4\], \[3\], \[2\], \[1\], \[0\]\]; this run's are "
+                                          r"\[\[4, 3, 2, 1, 0\]\]"):
+        Trainer(cfg, teacher=tiny_transformer(seed=TEACHER_SEED), resume="auto").run()
+    # 4 segments per iteration: iteration 2 would have 4 updates (of other segments), so 3 done would "fit"
+    cfg.optim.segment_updates, cfg.optim.segments_per_iteration = "sequential", 4
+    with pytest.raises(ConfigError, match=r"this run's are \[\[0\], \[4\], \[3\], \[2\]\]"):
         Trainer(cfg, teacher=tiny_transformer(seed=TEACHER_SEED), resume="auto").run()
 
 

@@ -172,7 +172,7 @@ def _in_iteration_state(tr: Trainer, inside: InIteration) -> dict[str, Any]:
     names = sorted(inside.sums)
     values = torch.tensor([inside.sums[n] for n in names], dtype=torch.float64, device=tr.device)
     D.all_reduce_mean_([values], tr.info)
-    return {"updates_done": inside.updates_done, "sums": dict(zip(names, values.tolist())),
+    return {"updates_done": inside.updates_done, "groups": inside.groups, "sums": dict(zip(names, values.tolist())),
             "counts": dict(inside.counts), "norms": list(inside.norms)}
 
 

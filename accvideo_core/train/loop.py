@@ -58,6 +58,7 @@ class InIteration:
     updates."""
 
     updates_done: int
+    groups: list[list[int]]   # the iteration's segment updates (the segments k of each)
     stream: Any
     sums: dict[str, float]
     counts: dict[str, int]
@@ -203,10 +204,10 @@ class Trainer:
         lr = self._set_lr(step)
         resumed, self.resume_in_iteration = self.resume_in_iteration or {}, None
         done = resumed.get("updates_done", 0)   # segment updates a checkpoint inside this iteration had made
-        if done >= len(groups):
+        if resumed and resumed["groups"] != groups:
             raise ConfigError(f"the checkpoint was written after {done} segment updates of iteration {step + 1}, "
-                              f"which now has {len(groups)}: resume it with its optim.segment_updates and "
-                              "optim.segments_per_iteration")
+                              f"whose updates were (segments k) {resumed['groups']}; this run's are {groups}: "
+                              "resume it with its optim.segment_updates and optim.segments_per_iteration")
         sums: dict[str, float] = dict(resumed.get("sums", {}))
         counts: dict[str, int] = dict(resumed.get("counts", {}))
         norms: list[float] = list(resumed.get("norms", []))
@@ -215,7 +216,7 @@ class Trainer:
             if u < done:
                 continue
             # what a stop request inside this update rolls back to (the update is made again on resume)
-            before = InIteration(u, start, dict(sums), dict(counts), list(norms))
+            before = InIteration(u, groups, start, dict(sums), dict(counts), list(norms))
             queues, rng = self.queues.snapshot(), rng_state(self.device)
             self.opt.zero_grad(set_to_none=True)
             self.head_opt.zero_grad(set_to_none=True)
