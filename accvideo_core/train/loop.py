@@ -231,8 +231,9 @@ class Trainer:
                     # fakes for t'_k need Q_{k+1} filled (by segment k+1 of this or an earlier iteration)
                     adv_now = adversarial and (k == m - 1 or self.queues.size(k + 1) >= cfg.optim.micro_batch)
                     if heads_only:
-                        losses = self.adversarial_losses(batch, k, generator=False) if adv_now else {}
+                        losses = {}
                         if adv_now:
+                            losses = self.adversarial_losses(batch, k, generator=False)
                             (scale * lam * losses["adv_d"]).backward()
                     else:
                         # two backward passes per segment: only one student graph is alive at a time (memory)
@@ -447,8 +448,7 @@ class Trainer:
         for batch, weight in self._heldout_batches():
             noise, final = batch["key_latents"][:, 0], batch["key_latents"][:, -1]
             with self._autocast():
-                x = sample_flow(model, noise, self.key_sigmas, text_states=batch["text_states"],
-                                text_mask=batch["text_mask"], pooled=batch["pooled"], guidance=batch["guidance"])
+                x = sample_flow(model, noise, self.key_sigmas, **{key: batch[key] for key in CONDITIONING})
             err = (x.float() - final.float()).pow(2).flatten(1).mean(1)
             total[0] += (err.double() * weight).sum()
             total[1] += weight.sum()
