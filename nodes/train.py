@@ -75,8 +75,10 @@ class AccVideoTrain(io.ComfyNode):
                         "folder is output/accvideo_runs/<output_name>_<key of the inputs>. Multi-GPU or 13B at "
                         "720p: use torchrun (docs/comfyui.md).",
             inputs=[
-                io.Model.Input("model", tooltip="The teacher as ComfyUI loaded it (UNETLoader, bf16 or fp32; "
-                                                "LoRA patches included). fp8 weights cannot be trained."),
+                io.Model.Input("model", tooltip="The teacher as ComfyUI loaded it (UNETLoader; LoRA patches "
+                                                "included). fp8 weights (weight_dtype fp8_e4m3fn, half the "
+                                                "memory) train a LoRA on the frozen fp8 base; a full fine-tune "
+                                                "needs bf16 or fp32."),
                 io.Combo.Input("synvid_folder", options=synvid_folders(),
                                tooltip="SynVid data-set folder under the output folder (the Trajectory Dump's "
                                        "filename_prefix). The last 4 samples are held out for validation."),

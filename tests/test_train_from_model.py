@@ -13,7 +13,6 @@ from accvideo_core.models.key_maps import comfy_to_original_key, original_to_com
 from accvideo_core.models.loading import save_transformer
 from accvideo_core.synvid.dump import dump_synvid
 from accvideo_core.testing import tiny_inputs, tiny_transformer
-from accvideo_core.train.config import ConfigError
 from accvideo_core.train.from_model import (comfy_model_weights, node_config, run_folder, run_key, shared_tensor,
                                             train_in_process, transformer_from_state_dict)
 from accvideo_core.train.loop import Interrupted, Trainer
@@ -55,12 +54,15 @@ def test_transformer_from_comfy_state_shares_every_tensor_and_computes_the_same(
     assert next(transformer_from_state_dict(half, device="cpu").parameters()).dtype == torch.bfloat16
 
 
-def test_fp8_weights_are_refused_with_the_fix():
+def test_fp8_weights_of_the_host_stay_fp8_and_shared():
+    """ComfyUI's weight_dtype fp8_e4m3fn: the LoRA mode trains on those weights as they are (no copy); the full
+    mode refuses them (tests/test_train_lora.py)."""
     sd = _comfy_state(tiny_transformer(seed=3))
     key = next(k for k in sd if k.endswith("img_attn.qkv.weight"))
     sd[key] = sd[key].to(torch.float8_e4m3fn)
-    with pytest.raises(ConfigError, match=r"fp8 weights \(1 tensors, e.g. .*img_attn.qkv.weight\).*bf16"):
-        transformer_from_state_dict(sd, device="cpu")
+    model = transformer_from_state_dict(sd, device="cpu")
+    weight = model.get_submodule("double_blocks.0.img_attn_qkv").weight
+    assert weight.dtype == torch.float8_e4m3fn and weight.data_ptr() == sd[key].data_ptr()
 
 
 def test_student_file_maps_to_comfy_model_keys(tmp_path):

@@ -17,7 +17,7 @@ from accvideo_core.train.loop import Trainer
 from accvideo_core.utils.io import read_state_dict, save_safetensors
 from tests.integration.comfy_probe import run_probe
 
-from test_train import (_assert_close_states, _states, comfy_compatible_teacher_and_data, make_cfg,  # noqa: F401
+from test_train import (_assert_close_states, _rows, _states, comfy_compatible_teacher_and_data, make_cfg,  # noqa: F401
                         max_abs_diff, run_torchrun, synvid)  # (synvid: the shared fixture)
 
 TARGETS = list(LORA_TARGETS)
@@ -87,9 +87,9 @@ def test_adapters_equal_peft_and_start_as_the_base():
         torch.testing.assert_close(fresh.model(*x), base(*x), rtol=0, atol=0)
 
 
-def _mixed_graph_grads(model, adapters, checkpointing: bool) -> list[torch.Tensor]:
+def _mixed_graph_grads(model, adapters, checkpointing: bool, offload: bool = False) -> list[torch.Tensor]:
     """The adversarial pattern: adapters-on student step, then adapters-off features of its output, one backward."""
-    model.enable_gradient_checkpointing(checkpointing)
+    model.enable_gradient_checkpointing(checkpointing, offload=offload)
     for p in adapters.parameters():
         p.grad = None
     x, t, text, mask, pooled, g = _inputs(model)
@@ -114,6 +114,25 @@ def test_checkpoint_recompute_sees_the_switch_of_its_forward():
     model.checkpoint_context_fn = noop_context_fn
     with pytest.raises(CheckpointError, match="recomputed"):
         _mixed_graph_grads(model, adapters, checkpointing=True)
+
+
+def test_offloaded_checkpoints_give_the_same_gradients(monkeypatch):
+    """``offload``: every checkpointed block keeps host copies of its hidden-state inputs (img and txt of a double
+    block, the joint stream of a single block, the final layer's input) and the gradients stay bit-identical."""
+    from accvideo_core.models import transformer_hunyuan_video as thv
+
+    model, adapters = _adapted()
+    ckpt = _mixed_graph_grads(model, adapters, checkpointing=True)
+    copies: list[torch.Tensor] = []
+    to_host = thv._to_host
+    monkeypatch.setattr(thv, "_to_host", lambda t: copies.append(to_host(t)) or copies[-1])
+    offloaded = _mixed_graph_grads(model, adapters, checkpointing=True, offload=True)
+    assert all(torch.equal(a, b) for a, b in zip(ckpt, offloaded))
+    c = model.config   # the student's forward (every block + final layer), then the features up to layer 3
+    assert len(copies) == (2 * c.num_double_blocks + c.num_single_blocks + 1) + 2 * 2 + 1
+    assert all(t.device.type == "cpu" for t in copies) and sum(t.requires_grad for t in copies) > len(copies) // 2
+    with pytest.raises(ConfigError, match="offload_checkpoints needs model.gradient_checkpointing"):
+        config_from_dict({"model": {"offload_checkpoints": True, "gradient_checkpointing": False}})
 
 
 def test_rank_and_target_errors_are_clear():
@@ -215,12 +234,61 @@ def test_lora_init_exact_continuation_svd_and_wrong_models(tmp_path):
         lora_mode.init_from_file(lora_mode.build(tiny_transformer(seed=0), cfgw), cfgw, notes.append)
 
 
-def test_fp8_base_is_refused():
-    from accvideo_core.models.loading import load_transformer
+def _fp8_rounded_copy(src: Path, dst: Path, *, scaled: bool = False) -> tuple[Path, Path]:
+    """(an fp8 teacher file, the fp32 file of exactly its values): the block linears rounded to float8_e4m3fn;
+    ``scaled``: ComfyUI's "fp8_scaled" form (weight / s in fp8 and ``scale_weight`` s per layer)."""
+    from accvideo_core.models.loading import dequantized, load_transformer, save_transformer
 
+    sd = read_state_dict(src)
+    fp8, plain = dict(sd), dict(sd)
+    for key, value in sd.items():
+        if key.startswith(("double_blocks.", "single_blocks.")) and key.endswith(".weight") and value.ndim == 2:
+            scale = value.abs().amax().reshape(1) / 200 if scaled else None
+            q = (value / scale if scaled else value).to(torch.float8_e4m3fn)
+            fp8[key] = q
+            if scaled:
+                fp8[key.removesuffix("weight") + "scale_weight"] = scale
+            plain[key] = dequantized(q, scale, torch.float32)
+    save_safetensors(fp8, dst / "fp8.safetensors")
+    save_transformer(load_transformer(plain), dst / "fp32_of_fp8.safetensors")
+    return dst / "fp8.safetensors", dst / "fp32_of_fp8.safetensors"
+
+
+@pytest.mark.parametrize("source", ["fp8_base", "fp8_file", "fp8_scaled_file"])
+def test_an_fp8_base_trains_exactly_like_the_fp32_copy_of_its_values(synvid, tmp_path, source):
+    """LoRA mode on a frozen fp8 base (``model.fp8_base`` on a bf16/fp32 teacher, or an fp8 / ComfyUI fp8_scaled
+    teacher file) computes with the up-cast weights: the same run on an fp32 file holding exactly those values
+    gives the same adapters, metrics and exports, while the base's block linears stay 1 byte per weight."""
+    fp8_file, oracle = _fp8_rounded_copy(synvid / "teacher.safetensors", tmp_path, scaled=source == "fp8_scaled_file")
+    kw = dict(optim={"steps": 2, "lr": LORA_LR, "segment_updates": "joint"}, log={"plot": False})
+    model = {"lora_rank": 4, "gradient_checkpointing": True,   # fp8_base: the 24 GB setting, with offloading
+             **({"fp8_base": True, "offload_checkpoints": True} if source == "fp8_base" else {"teacher": str(fp8_file)})}
+    if source != "fp8_base":
+        assert read_state_dict(fp8_file)["double_blocks.0.img_mlp.fc1.weight"].dtype == torch.float8_e4m3fn
+    trainer = Trainer(make_cfg(synvid, tmp_path / "fp8", model=model, **kw))
+    linears = {n: m.weight.dtype for n, m in trainer.student.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.startswith(("double_blocks.", "single_blocks."))}
+    assert linears and set(linears.values()) == {torch.float8_e4m3fn}
+    assert all(p.dtype == torch.float32 for p in trainer.adapters.parameters())
+    got = trainer.run()
+    want = Trainer(make_cfg(synvid, tmp_path / "fp32", model={"lora_rank": 4, "teacher": str(oracle),
+                                                               "gradient_checkpointing": True}, **kw)).run()
+    assert got["val"] == want["val"]
+    for name in ("student_lora.safetensors", "student.safetensors"):
+        a, b = read_state_dict(tmp_path / "fp8" / name), read_state_dict(tmp_path / "fp32" / name)
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name   # merged: de-scaled, not fp8
+    assert _rows(tmp_path / "fp8") == _rows(tmp_path / "fp32")   # every metric of every iteration
+
+
+def test_fp8_teachers_need_the_lora_mode(synvid, tmp_path):
+    from accvideo_core.models.loading import load_transformer
+    from accvideo_core.train.setup import _check_not_fp8
+
+    with pytest.raises(ConfigError, match="model.fp8_base needs model.lora_rank > 0"):
+        make_cfg(synvid, tmp_path / "x", model={"fp8_base": True})
     model = load_transformer(tiny_transformer(seed=0).state_dict(), storage_dtype=torch.float8_e4m3fn)
-    with pytest.raises(ConfigError, match="lora_rank > 0 needs a bf16 or fp32 base.*fp8"):
-        lora_mode.refuse_fp8(model, "t.safetensors")
+    with pytest.raises(ConfigError, match="full fine-tune cannot train.*Train a LoRA instead"):
+        _check_not_fp8(model)
 
 
 def test_memory_estimate_of_the_13b_lora_run(capsys):
@@ -343,7 +411,7 @@ def test_bad_lora_settings_fail_before_training(synvid, tmp_path, capsys):
     fp8 = load_transformer(synvid / "teacher.safetensors", storage_dtype=torch.float8_e4m3fn)
     save_transformer(fp8, tmp_path / "fp8.safetensors")
     cases = {
-        "fp8": ({"model": {"teacher": str(tmp_path / "fp8.safetensors"), "lora_rank": 4}}, "needs a bf16 or fp32 base"),
+        "fp8": ({"model": {"teacher": str(tmp_path / "fp8.safetensors")}}, "Train a LoRA instead"),
         "rank": ({"model": {"lora_rank": 40}}, "rank 40 exceeds the smaller dimension"),
         "target": ({"model": {"lora_rank": 4, "lora_targets": ["blocks.*"]}}, "'blocks.*' matches no linear layer"),
         "init": ({"model": {"lora_rank": 4, "lora_init": str(tmp_path / "missing.safetensors")}}, "not found"),
@@ -417,3 +485,30 @@ def test_student_lora_in_native_comfyui_equals_the_merged_student(tmp_path, comf
         base = teacher(x["latents"], x["timestep"], x["text_states"], torch.ones(1, 6), x["pooled"], 6.0)
     assert float((want - base).norm() / base.norm()) > 1e-3  # the LoRA changes the prediction
     assert float((theirs - want).norm() / want.norm()) <= 1e-4
+
+
+def test_torchrun_trains_on_an_fp8_base_like_one_process(synvid, tmp_path):
+    """Under torchrun + FSDP2 (2 ranks, one launch) the fp8 base is read on rank 0, sent exactly and sharded in
+    fp8: a ComfyUI fp8_scaled teacher on 2 data-parallel ranks and ``model.fp8_base`` with sequence parallelism 2
+    end like one process (<= 1e-4), and a one-process fp8_base checkpoint resumes on 2 ranks (same base
+    fingerprint) to the same end."""
+    fp8_file, _ = _fp8_rounded_copy(synvid / "teacher.safetensors", tmp_path, scaled=True)
+    common = dict(optim={"steps": 4, "total_batch": 2, "lr": LORA_LR, "segments_per_iteration": 2},
+                  data={"val_samples": 2}, log={"plot": False, "ckpt_every": 2, "keep_checkpoints": 0})
+
+    def cfg(name: str, model: dict, **extra):
+        return make_cfg(synvid, tmp_path / name, model={"lora_rank": 4, "gradient_checkpointing": True, **model},
+                        **common, **extra)
+
+    scaled, base = {"teacher": str(fp8_file)}, {"fp8_base": True}
+    Trainer(cfg("one_scaled", scaled)).run()
+    Trainer(cfg("one_base", base)).run()
+    run_torchrun([(cfg("dp2_scaled", scaled), None, None),
+                  (cfg("sp2_base", base, runtime={"sequence_parallel": 2}), None, None),
+                  (cfg("to_dp2", base), str(tmp_path / "one_base/checkpoints/step_0000002"), None)],
+                 tmp_path / "jobs.json")
+    for run, one in (("dp2_scaled", "one_scaled"), ("sp2_base", "one_base"), ("to_dp2", "one_base")):
+        _assert_close_states(_states(tmp_path / run), _states(tmp_path / one))
+        for name in ("student.safetensors", "student_lora.safetensors"):
+            assert max_abs_diff(read_state_dict(tmp_path / run / name), read_state_dict(tmp_path / one / name)) \
+                <= 1e-4, (run, name)

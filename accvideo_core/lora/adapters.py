@@ -50,7 +50,7 @@ class LoraLinear(nn.Linear):
     lora_switch: AdapterSwitch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = super().forward(x)   # the base layer's own forward (an fp8-stored base up-casts its weight there)
         if not self.lora_switch.enabled:
             return y
         low = F.linear(F.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
@@ -58,6 +58,19 @@ class LoraLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lora_rank={self.lora_down.shape[0]}, lora_scale={self.lora_scale:g}"
+
+
+_LORA_CLASSES: dict[type, type] = {nn.Linear: LoraLinear}
+
+
+def lora_class(base: type) -> type:
+    """The adapter class for a linear layer class: :class:`LoraLinear` over ``nn.Linear``, ``Lora<Base>`` over a
+    subclass (e.g. the fp8-stored ``FP8Linear``), whose ``forward`` runs the base class's before the adapter."""
+    if issubclass(base, LoraLinear):   # adapted before: new adapters replace the old ones
+        return base
+    if base not in _LORA_CLASSES:
+        _LORA_CLASSES[base] = type(f"Lora{base.__name__}", (LoraLinear, base), {})
+    return _LORA_CLASSES[base]
 
 
 def is_adapter_key(key: str) -> bool:
@@ -200,7 +213,7 @@ def add_adapters(model: nn.Module, *, rank: int, targets: tuple[str, ...] | list
     for name in names:
         mod = model.get_submodule(name)
         out_f, in_f = mod.weight.shape
-        mod.__class__ = LoraLinear
+        mod.__class__ = lora_class(type(mod))
         dev = mod.weight.device
         mod.register_parameter(DOWN, nn.Parameter(torch.zeros(rank, in_f, device=dev)))
         mod.register_parameter(UP, nn.Parameter(torch.zeros(out_f, rank, device=dev)))

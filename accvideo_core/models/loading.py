@@ -38,6 +38,15 @@ _EXPECTED = ("an original-layout HunyuanVideo / AccVideo transformer (keys like 
              "('transformer_blocks.0.attn.to_q.weight')")
 
 
+BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")  # the linears ``storage_dtype`` / ``fp8_base`` store in fp8
+
+
+def dequantized(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """An fp8-stored weight in ``dtype``: up-cast, times ``scale_weight`` when the file carries one."""
+    out = weight.to(dtype)
+    return out if scale is None else out * scale.to(dtype)
+
+
 class FP8Linear(nn.Linear):
     """``nn.Linear`` whose weight is stored in fp8 and up-cast to the input's dtype on every call.
 
@@ -47,11 +56,61 @@ class FP8Linear(nn.Linear):
     scale_weight: torch.Tensor | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.to(x.dtype)
-        if getattr(self, "scale_weight", None) is not None:
-            weight = weight * self.scale_weight.to(x.dtype)
+        weight = dequantized(self.weight, getattr(self, "scale_weight", None), x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)
+
+
+def _make_fp8(module: nn.Linear, scale: torch.Tensor | None) -> None:
+    module.__class__ = FP8Linear
+    module.register_buffer("scale_weight", scale)
+
+
+# {linear layer name: (fp8 dtype name, shape of its scale_weight or None)}: JSON-able, so that rank 0 can send it
+Fp8Layout = dict[str, tuple[str, "list[int] | None"]]
+
+
+def fp8_layout(model: nn.Module) -> Fp8Layout:
+    """Which linear layers of ``model`` keep their weights in fp8 (and with which scale shape)."""
+    return {name: (dtype_name(m.weight.dtype), None if m.scale_weight is None else list(m.scale_weight.shape))
+            for name, m in model.named_modules() if isinstance(m, FP8Linear)}
+
+
+def block_linears_layout(model: nn.Module, dtype: torch.dtype = torch.float8_e4m3fn) -> Fp8Layout:
+    """The layout that stores every block linear weight in ``dtype`` (unscaled), the others as they are."""
+    layout = {n: (dtype_name(dtype), None) for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and n.startswith(BLOCK_PREFIXES)}
+    return {**layout, **fp8_layout(model)}   # layers already in fp8 stay as they are
+
+
+def apply_fp8_layout(model: nn.Module, layout: Fp8Layout) -> None:
+    """Make the named linear layers :class:`FP8Linear` with their weights in the layout's dtype, rounded once
+    (round to nearest); layers already stored so are left alone. On the meta device only dtypes and the scale
+    buffers' shapes change (the values come from a state dict later)."""
+    for name, (dtype, scale_shape) in layout.items():
+        module = model.get_submodule(name)
+        target = parse_dtype(dtype, allowed=tuple(dtype_name(d) for d in FP8_DTYPES))
+        if module.weight.dtype == target:
+            continue
+        if scale_shape is not None and not module.weight.is_meta:
+            raise ValueError(f"{name}: a scaled fp8 layout is only built on the meta device")
+        module.weight = nn.Parameter(module.weight.detach().to(target), requires_grad=False)
+        scale = None if scale_shape is None else torch.empty(scale_shape, device=module.weight.device)
+        _make_fp8(module, scale)
+
+
+def cast_keeping_fp8(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)`` except fp8 weights and their ``scale_weight`` (kept in fp8 / fp32)."""
+    fp8 = {id(m.weight) for m in model.modules() if isinstance(m, FP8Linear)}
+    scales = {id(m.scale_weight) for m in model.modules() if isinstance(m, FP8Linear) and m.scale_weight is not None}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point() and id(p) not in fp8 and p.dtype != dtype:
+                module._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and id(b) not in scales:
+                module._buffers[name] = b.to(dtype)
+    return model
 
 
 def detect_family(sd: Mapping[str, torch.Tensor]) -> str:
@@ -266,22 +325,17 @@ def load_transformer(source: str | os.PathLike | Mapping[str, torch.Tensor], *, 
         value = sd.pop(key)  # frees each source tensor once converted (peak ~ one copy, not two)
         module_name, _, leaf = key.rpartition(".")
         keep_fp8 = leaf == "weight" and module_name in linears and (
-            value.dtype in FP8_DTYPES or (storage_dtype in FP8_DTYPES and module_name.startswith(("double_blocks.",
-                                                                                                  "single_blocks."))))
+            value.dtype in FP8_DTYPES or (storage_dtype in FP8_DTYPES and module_name.startswith(BLOCK_PREFIXES)))
         if keep_fp8:
             target = value.dtype if value.dtype in FP8_DTYPES else storage_dtype
             tensors[key] = value.to(device=device, dtype=target)
         else:
             tensors[key] = value.to(device=device, dtype=compute if value.is_floating_point() else value.dtype)
         if keep_fp8 or module_name in scales:
-            module = model.get_submodule(module_name)
-            module.__class__ = FP8Linear
             scale = scales.get(module_name)
-            if scale is None:
-                module.register_buffer("scale_weight", None)
-            else:
-                tensors[f"{module_name}.scale_weight"] = scale.to(device, torch.float32)
-                module.register_buffer("scale_weight", tensors[f"{module_name}.scale_weight"])
+            if scale is not None:
+                scale = tensors[f"{module_name}.scale_weight"] = scale.to(device, torch.float32)
+            _make_fp8(model.get_submodule(module_name), scale)
     model.load_state_dict(tensors, assign=True, strict=True)
     for p in model.parameters():
         if p.dtype in FP8_DTYPES:

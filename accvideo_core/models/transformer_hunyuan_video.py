@@ -367,6 +367,20 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # "b c t h w -> b (t h w) c"
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A differentiable copy of ``t`` in host memory (pinned and asynchronous when ``t`` is on CUDA)."""
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+    return host.copy_(t, non_blocking=t.is_cuda)
+
+
+def _on_device(block: nn.Module, device: torch.device, streams: int) -> Callable[..., Any]:
+    """``block`` called with its first ``streams`` arguments copied back to ``device`` (in the forward and in
+    the backward's recompute)."""
+    def run(*args: Any) -> Any:
+        return block(*(t.to(device, non_blocking=True) for t in args[:streams]), *args[streams:])
+    return run
+
+
 @dataclass
 class _Prepared:
     """Everything the blocks need, computed once per forward."""
@@ -400,6 +414,7 @@ class HunyuanVideoTransformer3D(nn.Module):
             SingleStreamBlock(dim, c.num_heads, c.mlp_hidden) for _ in range(c.num_single_blocks))
         self.final_layer = FinalLayer(dim, math.prod(c.patch_size) * c.out_channels)
         self.gradient_checkpointing = False
+        self.offload_checkpoints = False
         self.sequence_parallel: SequenceParallel | None = None
         # torch.utils.checkpoint ``context_fn`` (LoRA adapters: the recompute sees the forward's adapter switch)
         self.checkpoint_context_fn: Callable[[], tuple] = noop_context_fn
@@ -414,9 +429,12 @@ class HunyuanVideoTransformer3D(nn.Module):
     def device(self) -> torch.device:
         return self.img_in.proj.weight.device
 
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block in the backward pass (training memory ~ one block's activations)."""
+    def enable_gradient_checkpointing(self, enabled: bool = True, *, offload: bool = False) -> None:
+        """Recompute each block in the backward pass (training memory ~ one block's activations). ``offload``: each
+        block's checkpointed input (its hidden-state streams) waits for the backward pass in host memory (pinned
+        on CUDA), so the device holds no per-block activations, at one device-host copy each way per block."""
         self.gradient_checkpointing = enabled
+        self.offload_checkpoints = enabled and offload
 
     def enable_sequence_parallel(self, group: torch.distributed.ProcessGroup | None) -> None:
         """Ulysses sequence parallelism over ``group`` (``None`` or a group of one rank: off).
@@ -516,10 +534,13 @@ class HunyuanVideoTransformer3D(nn.Module):
                          shard=shard)
 
     # ------------------------------------------------------------------ blocks
-    def _call(self, block: nn.Module, *args: Any):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False, context_fn=self.checkpoint_context_fn)
-        return block(*args)
+    def _call(self, block: nn.Module, *args: Any, streams: int = 1):
+        """Run ``block`` (checkpointed when training); its first ``streams`` arguments are the hidden states."""
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+            return block(*args)
+        if self.offload_checkpoints:
+            block, args = _on_device(block, args[0].device, streams), (*map(_to_host, args[:streams]), *args[streams:])
+        return checkpoint(block, *args, use_reentrant=False, context_fn=self.checkpoint_context_fn)
 
     def _run_blocks(self, p: _Prepared, layers: int) -> torch.Tensor:
         """Run the first ``layers`` blocks (double first); returns the image tokens ``[B, N, hidden]`` (this rank's
@@ -527,7 +548,7 @@ class HunyuanVideoTransformer3D(nn.Module):
         img, txt = p.img, p.txt
         p.img = p.txt = None  # hold no stale activations (inference peak memory)
         for block in self.double_blocks[:layers]:
-            img, txt = self._call(block, img, txt, p.vec_act, p.cos, p.sin, p.key_mask, p.shard)
+            img, txt = self._call(block, img, txt, p.vec_act, p.cos, p.sin, p.key_mask, p.shard, streams=2)
         n_single = layers - len(self.double_blocks)
         if n_single <= 0:
             return img

@@ -269,7 +269,7 @@ def export_student(model: nn.Module, path: Path, dtype: torch.dtype, info: D.Dis
     def materialize(name: str, value: torch.Tensor) -> torch.Tensor:
         if state is not None:
             return state[name]
-        return value.full_tensor() if hasattr(value, "full_tensor") else value
+        return D.full_tensor(value)
 
     if not info.is_main:
         if state is None:

@@ -22,10 +22,12 @@ class ModelConfig:
     teacher: str = ""                       # teacher checkpoint (any layout load_transformer reads)
     teacher_dtype: str = "auto"             # frozen teacher weights: auto = bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = True     # student and (for the adversarial path) teacher
+    offload_checkpoints: bool = False       # the checkpointed block inputs wait in (pinned) host memory, not on the GPU
     lora_rank: int = 0                      # 0 = full fine-tune; r > 0 = rank-r adapters on one frozen base (LoRA mode)
     lora_alpha: float = 0.0                 # adapter scale = alpha / rank; 0 = alpha equal to the rank (scale 1)
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # linear layers with adapters (fnmatch)
     lora_init: str = ""                     # start the adapters from a LoRA file (any format accvideo_core.lora reads)
+    fp8_base: bool = False                  # LoRA mode: frozen base's block linears in float8_e4m3fn (half of bf16)
 
 
 @dataclass
@@ -220,6 +222,12 @@ def validate(cfg: TrainConfig) -> None:
     mc = cfg.model
     if mc.lora_rank < 0 or mc.lora_alpha < 0:
         raise ConfigError("model.lora_rank and model.lora_alpha must be >= 0 (lora_rank 0 = full fine-tune)")
+    if mc.offload_checkpoints and not mc.gradient_checkpointing:
+        raise ConfigError("model.offload_checkpoints needs model.gradient_checkpointing = true (it moves the "
+                          "checkpointed block inputs to host memory)")
+    if mc.lora_rank == 0 and mc.fp8_base:
+        raise ConfigError("model.fp8_base needs model.lora_rank > 0: only the LoRA mode trains on a frozen fp8 base "
+                          "(a full fine-tune trains every weight in fp32)")
     if mc.lora_rank == 0 and mc.lora_init:
         raise ConfigError("model.lora_init needs model.lora_rank > 0 (the rank of the adapters it initialises)")
     if mc.lora_rank and not mc.lora_targets:

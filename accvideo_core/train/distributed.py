@@ -198,6 +198,20 @@ def broadcast_module_(module: nn.Module, info: DistInfo) -> None:
         dist.broadcast(t.data, src=0)
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a plain or FSDP2-sharded (DTensor) one; every rank of its mesh must call it. fp8
+    shards travel as bytes (gloo has no fp8 type; NCCL sends them as bytes too)."""
+    if not hasattr(t, "full_tensor"):
+        return t
+    if t.dtype.itemsize != 1 or t.dtype == torch.uint8:
+        return t.full_tensor()
+    from torch.distributed.tensor import DTensor
+
+    as_bytes = DTensor.from_local(t.to_local().view(torch.uint8), t.device_mesh, t.placements, shape=t.shape,
+                                  stride=t.stride())
+    return as_bytes.full_tensor().view(t.dtype)
+
+
 def full_model_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU state dict on rank 0 (other ranks get ``{}``)."""
     if not info.fsdp:

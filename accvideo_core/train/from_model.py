@@ -22,14 +22,11 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from accvideo_core.train.config import ConfigError, TrainConfig, config_from_dict
+from accvideo_core.train.config import TrainConfig, config_from_dict
 from accvideo_core.train.loop import Trainer
 from accvideo_core.utils.io import write_json
 
 RESULT_FILE = "run_result.json"   # written last by a finished run: what the run produced, for reuse
-FP8_MESSAGE = ("the MODEL holds fp8 weights ({names}), which cannot be trained (the student starts from the "
-               "teacher's weights and fp8 rounding would be learnt too). Load the bf16 teacher, e.g. "
-               "hunyuan_video_t2v_720p_bf16.safetensors with UNETLoader weight_dtype 'default'")
 
 
 def shared_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -45,13 +42,10 @@ def shared_tensor(t: torch.Tensor) -> torch.Tensor:
 def transformer_from_state_dict(sd: Mapping[str, torch.Tensor], *, device: torch.device | str,
                                 rope_axes: tuple[int, int, int] | None = None) -> nn.Module:
     """Our ``HunyuanVideoTransformer3D`` over the tensors of ``sd`` (original, diffusers or ComfyUI-internal
-    names). Tensors already in the bulk dtype and on ``device`` are shared, not copied; fp8 weights are refused."""
+    names). Tensors already in the bulk dtype and on ``device`` are shared, not copied; fp8 weights stay fp8
+    (the LoRA mode trains on them; a full fine-tune refuses them)."""
     from accvideo_core.models.loading import load_transformer
-    from accvideo_core.utils.dtypes import FP8_DTYPES
 
-    fp8 = [k for k, v in sd.items() if v.dtype in FP8_DTYPES]
-    if fp8:
-        raise ConfigError(FP8_MESSAGE.format(names=f"{len(fp8)} tensors, e.g. {fp8[0]}"))
     with torch.inference_mode(False):
         return load_transformer({k: shared_tensor(v) for k, v in sd.items()}, device=device, rope_axes=rope_axes)
 

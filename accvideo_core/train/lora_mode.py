@@ -20,9 +20,11 @@ from accvideo_core.lora.adapters import (DOWN, UP, LoraAdapters, adapter_factors
                                          merged_weight)
 from accvideo_core.lora.extract import low_rank_tensors
 from accvideo_core.lora.formats import LoraFormatError, load_lora
+from accvideo_core.models.loading import (Fp8Layout, apply_fp8_layout, block_linears_layout, cast_keeping_fp8,
+                                          dequantized, fp8_layout)
 from accvideo_core.train import distributed as D
 from accvideo_core.train.config import ConfigError, TrainConfig
-from accvideo_core.utils.dtypes import parse_dtype
+from accvideo_core.utils.dtypes import FP8_DTYPES, parse_dtype
 from accvideo_core.utils.io import CheckpointError, load_torch, read_state_dict, save_safetensors, save_torch
 
 if TYPE_CHECKING:
@@ -52,14 +54,16 @@ def prepare(model: nn.Module, full_sd: dict[str, torch.Tensor] | None, cfg: Trai
     """
     check_config(cfg)
     meta = next(model.parameters()).is_meta
-    if not meta:
-        refuse_fp8(model, cfg.model.teacher)
-    model.to(dtype=dtype).eval()
+    if not meta:   # a meta model got its layout from rank 0 (setup._teacher)
+        apply_fp8_layout(model, base_layout(model, cfg))
+    cast_keeping_fp8(model, dtype).eval()
     adapters = build(model, cfg)
-    model.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
+    model.enable_gradient_checkpointing(cfg.model.gradient_checkpointing,
+                                        offload=cfg.model.offload_checkpoints)
     if full_sd is not None:
         with torch.device("meta"):
             source = type(model)(model.config)
+        apply_fp8_layout(source, fp8_layout(model))   # the same keys (scale_weight buffers)
         source.load_state_dict(full_sd, assign=True)
         source_adapters = build(source, cfg)
         if cfg.model.lora_init:
@@ -80,12 +84,10 @@ def check_config(cfg: TrainConfig) -> None:
                           "is not implemented); set optim.ema_decay = 0")
 
 
-def refuse_fp8(model: nn.Module, source: str = "") -> None:
-    if any(p.dtype.itemsize == 1 for p in model.parameters()):
-        raise ConfigError(f"model.lora_rank > 0 needs a bf16 or fp32 base, but {source or 'the teacher'} holds fp8 "
-                          "weights (the frozen base is also the teacher whose outputs the student learns; fp8 "
-                          "rounding would be learnt too). Use the bf16 checkpoint, e.g. "
-                          "hunyuan_video_t2v_720p_bf16.safetensors")
+def base_layout(model: nn.Module, cfg: TrainConfig) -> Fp8Layout:
+    """Which linears of the frozen base keep fp8 weights: those of an fp8 checkpoint / MODEL, and with
+    ``model.fp8_base`` every block linear (rounded once from the bf16 / fp32 weights)."""
+    return block_linears_layout(model) if cfg.model.fp8_base else fp8_layout(model)
 
 
 def build(model: nn.Module, cfg: TrainConfig) -> LoraAdapters:
@@ -225,16 +227,16 @@ def export_final(tr: Trainer) -> dict[str, str]:
     if not tr.cfg.log.export_merged:
         return files
     sd = tr.student.state_dict()
-
-    def full(t: torch.Tensor) -> torch.Tensor:
-        return t.full_tensor() if hasattr(t, "full_tensor") else t
-
+    full = D.full_tensor
     def materialize(name: str, _: torch.Tensor) -> torch.Tensor:
         module = name.removesuffix(".weight")
+        weight = full(sd[name])
+        if weight.dtype in FP8_DTYPES:   # an fp8 base: de-scaled in fp32, written in log.save_dtype
+            scale = sd.get(f"{module}.scale_weight")
+            weight = dequantized(weight, None if scale is None else full(scale), torch.float32)
         if f"{module}.{DOWN}" not in sd:
-            return full(sd[name])
-        return merged_weight(full(sd[name]), full(sd[f"{module}.{UP}"]), full(sd[f"{module}.{DOWN}"]),
-                             tr.adapters.scale)
+            return weight
+        return merged_weight(weight, full(sd[f"{module}.{UP}"]), full(sd[f"{module}.{DOWN}"]), tr.adapters.scale)
 
     with torch.device("meta"):
         plain = HunyuanVideoTransformer3D(tr.student.config)  # the layout without adapter keys

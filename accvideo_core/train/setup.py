@@ -112,8 +112,10 @@ def build_models(cfg: TrainConfig, info: D.DistInfo, teacher: nn.Module | None, 
             _check_not_fp8(teacher)
         student = copy.deepcopy(teacher).float().train().requires_grad_(True)
         teacher = teacher.to(dtype=tdtype).eval().requires_grad_(False)
-        student.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
-        teacher.enable_gradient_checkpointing(cfg.model.gradient_checkpointing)
+        student.enable_gradient_checkpointing(cfg.model.gradient_checkpointing,
+                                              offload=cfg.model.offload_checkpoints)
+        teacher.enable_gradient_checkpointing(cfg.model.gradient_checkpointing,
+                                              offload=cfg.model.offload_checkpoints)
         ema = copy.deepcopy(student).requires_grad_(False).eval() if cfg.optim.ema_decay > 0 else None
     place_models(cfg, info, student=student, teacher=teacher, ema=ema, full_sd=full_sd if meta else None,
                  bf16=bf16)
@@ -143,23 +145,32 @@ def _teacher(cfg: TrainConfig, info: D.DistInfo, teacher: nn.Module | None,
         return teacher, None
     if not cfg.model.teacher:
         raise ConfigError("model.teacher is empty: set it to the teacher checkpoint (.safetensors/.pt)")
-    from accvideo_core.models.loading import load_transformer
+    from accvideo_core.models.loading import apply_fp8_layout, load_transformer
 
     if not (info.fsdp and info.world > 1):
         return load_transformer(cfg.model.teacher, dtype=dtype), None
     from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig
 
     full_sd: dict[str, torch.Tensor] | None = None
-    shared: list[Any] = [None]
+    shared: list[Any] = [None, None]
     if info.is_main:
         loaded = load_transformer(cfg.model.teacher, dtype=dtype)
-        (lora_mode.refuse_fp8 if lora_mode.enabled(cfg) else _check_not_fp8)(loaded)
+        if lora_mode.enabled(cfg):
+            layout = lora_mode.base_layout(loaded, cfg)
+        else:
+            _check_not_fp8(loaded)
+            layout = {}
         full_sd = loaded.state_dict()
-        shared = [loaded.config.to_dict()]
+        for module, (fp8, _) in layout.items():   # rounded to fp8, sent in `dtype` (gloo cannot send fp8; exact)
+            key = f"{module}.weight"
+            full_sd[key] = full_sd[key].to(parse_dtype(fp8)).to(dtype)
+        shared = [loaded.config.to_dict(), layout]
         del loaded
     torch.distributed.broadcast_object_list(shared, src=0)
     with torch.device("meta"):
-        return HunyuanVideoTransformer3D(TransformerConfig.from_dict(shared[0])), full_sd
+        model = HunyuanVideoTransformer3D(TransformerConfig.from_dict(shared[0]))
+    apply_fp8_layout(model, shared[1])   # every rank's shards hold the fp8 weights (copied in by place_models)
+    return model, full_sd
 
 
 def place_models(cfg: TrainConfig, info: D.DistInfo, *, student: nn.Module, teacher: nn.Module,
@@ -198,5 +209,7 @@ def place_models(cfg: TrainConfig, info: D.DistInfo, *, student: nn.Module, teac
 
 def _check_not_fp8(model: nn.Module) -> None:
     if any(p.dtype.itemsize == 1 for p in model.parameters()):
-        raise ConfigError("the teacher holds fp8 weights; distil from a bf16/fp32 checkpoint (the student "
-                          "trains every parameter and starts from the teacher's weights)")
+        raise ConfigError("the teacher holds fp8 weights, which a full fine-tune cannot train (the student trains "
+                          "every weight in fp32 and would start from the fp8-rounded ones). Train a LoRA instead "
+                          "(model.lora_rank > 0: adapters on the frozen fp8 base, see model.fp8_base), or distil "
+                          "from the bf16 checkpoint, e.g. hunyuan_video_t2v_720p_bf16.safetensors")

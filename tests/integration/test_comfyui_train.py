@@ -131,15 +131,32 @@ def test_train_node_refuses_bad_inputs_clearly(comfy_api, change, message):
     assert err is not None and message in err, err
 
 
-def test_train_node_refuses_fp8_weights(comfy_api):
-    wf, ids = _distill("synvid/train_fp8", "train_fp8", prompts=2, steps=1)
+def test_train_node_trains_a_lora_on_fp8_weights_and_refuses_a_full_fine_tune_of_them(comfy_api):
+    """UNETLoader weight_dtype fp8_e4m3fn (how a 24 GB card holds the 13B teacher): LoRA rank > 0 trains adapters
+    on the frozen fp8 base and returns a student that samples differently from the fp8 teacher; rank 0 (a full
+    fine-tune of fp8 weights) is refused, naming the LoRA mode and the bf16 file."""
+    from accvideo_core.lora import load_lora
+
+    wf, ids = _distill("synvid/train_fp8", "train_fp8", prompts=5, steps=2)
     wf[ids["UNETLoader"]]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
-    for nid in [k for k, v in wf.items() if v["class_type"] in ("AccVideoSampler", "AccVideoVAEDecode",
-                                                                 "AccVideoSaveVideo", "VAELoader")]:
+    for nid in [k for k, v in wf.items() if v["class_type"] in ("AccVideoVAEDecode", "AccVideoSaveVideo",
+                                                                 "VAELoader")]:
         del wf[nid]
     wf[ids["AccVideoTrajectoryDump"]]["inputs"]["steps"] = 5
+    add(wf, "AccVideoTest_SaveTensors", name="fp8_student", latent=[ids["AccVideoSampler"], 0])
+    teacher = add(wf, "AccVideoSampler", **{**wf[ids["AccVideoSampler"]]["inputs"], "model": [ids["UNETLoader"], 0]})
+    add(wf, "AccVideoTest_SaveTensors", name="fp8_teacher", latent=[teacher, 0])
+    entry = comfy_api.run(wf, timeout=900)
+    assert error_of(entry) is None, error_of(entry)
+    name = entry["outputs"][ids["AccVideoTrain"]]["text"][0].split(":")[0]
+    lora = load_lora(comfy_api.base / "models/loras" / name)
+    assert name == "train_fp8.safetensors" and len(lora.modules) > 0 and not lora.unused
+    student, teacher5 = (saved(comfy_api, n)["latent"] for n in ("fp8_student", "fp8_teacher"))
+    assert (student - teacher5).abs().max() > 1e-4, "the returned MODEL is still the fp8 teacher"
+
+    wf[ids["AccVideoTrain"]]["inputs"].update(lora_rank=0, output_name="train_fp8_full")
     err = error_of(comfy_api.run(wf))
-    assert err is not None and "fp8" in err and "bf16" in err, err
+    assert err is not None and "fp8" in err and "Train a LoRA" in err and "bf16" in err, err
 
 
 def test_full_fine_tune_saves_a_student_the_unet_loader_reads_as_the_returned_model(comfy_api):
