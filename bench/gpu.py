@@ -10,7 +10,8 @@ backward; the tiny transformer and VAE on the Triton path vs the reference path;
 bandwidth against the device peak, Triton vs eager vs torch.compile, (c) real-width transformer blocks at the token
 counts of 544x960x93 and 720x1280x129 per attention backend, with the extrapolated 5- and 50-step seconds next to the
 paper's A100 figures and fp8 weights against bf16, (d) full-size VAE decode at 544x960x93, (e) one training step of
-a 2-block real-width model at 544p against ``train.estimate``.
+a 2-block real-width model at 544p against ``train.estimate``, full and in the one-GPU LoRA setting (fp8 base,
+offloaded checkpoints).
 
 Each part runs in its own subprocess with a time budget (``PARTS``; all within ``--total`` seconds). Inside, every
 sub-step first checks that its estimated time fits what is left; a part that fails or overruns is killed and
@@ -66,6 +67,8 @@ FIGURES: list[tuple[str, str, str, str]] = [
     ("d_exact_0.25", "d", "exact, budget = weights + 1/4 untiled activations", "max abs <= 8 bf16 ulps at the largest value"),
     ("d_fast", "d", "fast (tiled), budget as above", "approximate"),
     ("e_step", "e", "training step, 1 + 1 blocks at 544p, checkpointed, traj + adv", "train.estimate"),
+    ("e_lora_fp8_offload", "e", "the same in LoRA mode r16 on an fp8 base with offloaded checkpoints",
+     "train.estimate --lora-rank 16 --fp8-base --offload"),
 ]
 
 
@@ -100,6 +103,10 @@ FIRST_RUN_WATCH: list[str] = [
     "later cases skip it when less than 60 s are left.",
     "Part e's first step: Triton kernels first used inside gradient-checkpointed blocks under bf16 autocast (fixed "
     "for the self-check's autograd; a CheckpointError there would be new), peak memory vs `train.estimate`.",
+    "Part e's LoRA step (fp8 base, offloaded checkpoints; runs only if the part's budget has room for it): its "
+    "activation peak should be a small fraction of the full step's (`lora_vs_full` in gpu.json) and its peak near "
+    "`train.estimate --lora-rank 16 --fp8-base --offload` at this size; its seconds against the full step's show "
+    "what the host copies cost (pinned, asynchronous on the compute stream).",
 ]
 
 

@@ -509,6 +509,32 @@ def _write_synvid(root: Path, frames: int, height: int, width: int, text: tuple[
                 source_model="random", source_model_hash="random", key_steps=keys))
 
 
+def _lora_fp8_offload_steps(run, config, cfg, model: dict) -> dict:
+    """Part e: two LoRA-mode training steps of a fresh model with ``model`` settings (fp8 base, offloaded
+    checkpoints); the second one measured as part e measures the full mode's."""
+    from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransformer3D
+    from accvideo_core.train.config import config_from_dict
+    from accvideo_core.train.loop import Trainer
+
+    data = cfg.to_dict()
+    data["model"].update(model)
+    data["log"]["out_dir"] += "_lora"
+    with torch.device(run.device):
+        teacher = HunyuanVideoTransformer3D(config)
+    trainer = Trainer(config_from_dict(data), teacher=teacher)
+    del teacher
+    fp8 = sum(p.numel() for p in trainer.student.parameters() if p.dtype == torch.float8_e4m3fn)
+    trainer.train_step(0)
+    run.reset_peak()
+    before = run.allocated()
+    seconds, _ = run.timed(lambda: trainer.train_step(1))
+    peak = run.peak_bytes()
+    del trainer
+    run.free()
+    return {"seconds": seconds, "peak_gb": _gb(peak), "static_before_gb": _gb(before),
+            "activation_peak_gb": _gb(peak - before), "fp8_weight_gb": _gb(fp8), "fp8_weights": fp8}
+
+
 def part_e(run) -> None:
     from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig
     from accvideo_core.testing import tiny_transformer_config
@@ -549,6 +575,11 @@ def part_e(run) -> None:
                 "losses": {k: v for k, v in metrics.items() if k in ("traj", "adv_g", "adv_d")}}
     steps["first"] = run.step("first_step", lambda: one(0), need=10)  # allocates the AdamW states
     steps["second"] = run.step("second_step", lambda: one(1), need=(steps["first"] or {}).get("seconds", 10))
+    del trainer
+    run.free()
+    lora = {"lora_rank": 16, "fp8_base": True, "offload_checkpoints": True}   # the one-24-GB-card setting
+    steps["lora"] = run.step("lora_fp8_offload_step", lambda: _lora_fp8_offload_steps(run, config, cfg, lora),
+                             need=2 * (steps["second"] or steps["first"] or {}).get("seconds", 10))
     tmp.cleanup()
     layers = config.num_layers
     run.record("estimate", {"static_gb": round(sum(est.static.values()), 3), "activations_gb": est.activations,
@@ -573,3 +604,15 @@ def part_e(run) -> None:
         if run.peaks["bf16_tflops"]:
             run.check(check_at_most("training step TFLOP/s (estimate's FLOP count) <= bf16 peak", achieved,
                                     run.peaks["bf16_tflops"], 0.05))
+    if steps["lora"]:
+        lo = steps["lora"]
+        est = estimate(config, frames=frames, height=height, width=width, gpus=1, text_tokens=text[0],
+                       head_width=cfg.loss.head_width, lora_rank=lora["lora_rank"], fp8_base=True, offload=True)
+        run.record("lora_estimate", {"static_gb": round(sum(est.static.values()), 3), "peak_gb": round(est.peak, 3),
+                                     "activations_gb": est.activations, "host_gb": round(est.host_gb, 3)})
+        run.figure("e_lora_fp8_offload", f"{lo['seconds']:.2f} s; peak {lo['peak_gb']:.1f} GB vs estimate "
+                   f"{est.peak:.1f} GB; fp8 base weights {lo['fp8_weight_gb']:.2f} GB; activations "
+                   f"{lo['activation_peak_gb']:.1f} GB vs {max(est.activations.values()):.1f} GB")
+        if last and last["activation_peak_gb"] > 0:   # measured on CUDA only
+            run.record("lora_vs_full", {"peak": lo["peak_gb"] / last["peak_gb"],
+                                        "activations": lo["activation_peak_gb"] / last["activation_peak_gb"]})

@@ -113,7 +113,7 @@ def test_smoke_fills_the_table_and_checks(smoke):
     report, stdout = smoke["report"], smoke["stdout"]
     figures = {k for r in report["parts"].values() for k in r["figures"]}
     for key in ("a_bf16", "c_544x960x93_block", "c_544x960x93_steps", "c_720x1280x129_steps", "c_fp8",
-                "d_untiled", "d_exact_0.5", "d_exact_0.25", "d_fast", "e_step"):
+                "d_untiled", "d_exact_0.5", "d_exact_0.25", "d_fast", "e_step", "e_lora_fp8_offload"):
         assert key in figures, key
         assert f"| {report['parts'][key[0]]['figures'][key]} |" in stdout
     checks = report["validity"]["checks"]
@@ -126,6 +126,7 @@ def test_smoke_fills_the_table_and_checks(smoke):
     assert c["transformer_s_50_steps"] == pytest.approx(10 * c["transformer_s_5_steps"])
     e = report["parts"]["e"]["steps"]
     assert set(e["first_step"]["losses"]) == {"traj", "adv_g", "adv_d"}  # trajectory and adversarial terms
+    assert e["lora_fp8_offload_step"]["fp8_weights"] > 0   # the LoRA step ran on an fp8 base
 
 
 def test_smoke_on_the_triton_path_in_the_interpreter(tmp_path):

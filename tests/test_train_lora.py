@@ -311,6 +311,22 @@ def test_memory_estimate_of_the_13b_lora_run(capsys):
     assert main(["--lora-rank", "64"]) == 0
     out = capsys.readouterr().out
     assert "1280x720x129        1" in out and "no" in out.split("1280x720x129        1")[1].splitlines()[0]
+    # model.fp8_base: the block linears' weights at 1 byte (double: qkv, proj, fc1, fc2, mod per stream; single:
+    # linear1, linear2, modulation), every other parameter at 2; offload: the two forward graphs' 60 checkpointed
+    # block inputs go to host memory, 2 hidden tensors per graph stay on the GPU
+    small = estimate(TransformerConfig(), frames=93, height=544, width=960, gpus=1, lora_rank=16, fp8_base=True,
+                     offload=True)
+    linears = 20 * 2 * (3 * h * h + h * h + 2 * h * m + 6 * h * h) + 40 * (h * (3 * h + m) + (h + m) * h + 3 * h * h)
+    assert small.static["base fp8 block linears + bf16 rest (frozen)"] == pytest.approx(
+        (linears + 2 * (one.params - linears)) / 1e9)
+    tokens_gb = one.tokens * h * 2 / 1e9   # one bf16 [tokens, hidden] tensor
+    assert small.host_gb == pytest.approx(2 * 60 * tokens_gb)
+    assert one.activations["adversarial phase"] - small.activations["adversarial phase"] == pytest.approx(
+        2 * (60 - 2) * tokens_gb)
+    assert 20 < small.peak < 24   # docs/training.md: 544p on one 24 GB card at rank 16, nominally
+    with pytest.raises(SystemExit):
+        main(["--fp8-base"])   # a LoRA-mode option without --lora-rank
+    capsys.readouterr()
     assert main(["--lora-rank", "64", "--json"]) == 0  # days: the full mode's count (an upper bound)
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert rows[1]["gpus"] == 8 and rows[1]["days_5_segments"] == pytest.approx(full.days(gpus=8))

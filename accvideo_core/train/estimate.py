@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from accvideo_core.latents import latent_shape
+from accvideo_core.models.loading import BLOCK_PREFIXES
 from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig
 from accvideo_core.lora.adapters import target_names
 from accvideo_core.train.config import LORA_TARGETS
@@ -26,6 +27,7 @@ from accvideo_core.train.heads import DiscriminatorHead
 
 GB = 1e9
 RECOMPUTE_FACTOR = 20  # one single block's recompute + backward working set, in hidden-state tensors (~6 GB at 544p)
+OFFLOAD_ON_DEVICE = 2  # offloaded checkpoints: per forward graph the block input copied back and its output gradient
 ALL_TO_ALL_BUFFERS = 6  # sp > 1: stacked q/k/v sent and received around one attention, in local hidden tensors
 # One segment of one sample, in forward-equivalents: student trajectory (forward, recompute, backward = 2: 4),
 # student fake step (4), teacher fake features with the input gradient (forward, recompute, backward ~2: 4),
@@ -43,6 +45,7 @@ class Estimate:
     activations: dict[str, float]
 
     forward_flops: float = 0.0  # one student forward of one sample
+    host_gb: float = 0.0        # pinned host memory per GPU for offloaded checkpoints
 
     @property
     def peak(self) -> float:
@@ -83,8 +86,12 @@ def forward_flops(model: HunyuanVideoTransformer3D, image_tokens: int, text_toke
 
 def estimate(config: TransformerConfig, *, frames: int, height: int, width: int, gpus: int, sp: int = 1,
              text_tokens: int = 256, ema: bool = False, segments: int = 5, head_width: int = 256,
-             lora_rank: int = 0) -> Estimate:
-    """``lora_rank > 0``: the LoRA mode (one frozen bf16 base; fp32 adapters with gradients and AdamW states)."""
+             lora_rank: int = 0, fp8_base: bool = False, offload: bool = False) -> Estimate:
+    """``lora_rank > 0``: the LoRA mode (one frozen bf16 base; fp32 adapters with gradients and AdamW states);
+    ``fp8_base``: its block linears in fp8 (``model.fp8_base``); ``offload``: the checkpointed block inputs in host
+    memory (``model.offload_checkpoints``), so a forward graph keeps no per-block tensor on the GPU."""
+    if fp8_base and not lora_rank:
+        raise ValueError("fp8_base is a LoRA-mode setting (lora_rank > 0)")
     if gpus % sp or config.num_heads % sp:
         raise ValueError(f"sp {sp} must divide the number of GPUs ({gpus}) and of attention heads "
                          f"({config.num_heads})")
@@ -107,7 +114,11 @@ def estimate(config: TransformerConfig, *, frames: int, height: int, width: int,
     if lora_rank:
         adapters = sum(lora_rank * sum(model.get_submodule(n).weight.shape)
                        for n in target_names(model, LORA_TARGETS))
-        static = {"base bf16 (frozen, teacher = student)": 2 * p / gpus,
+        fp8 = sum(m.weight.numel() for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and n.startswith(BLOCK_PREFIXES)) if fp8_base else 0
+        base = ({"base fp8 block linears + bf16 rest (frozen)": (fp8 + 2 * (p - fp8)) / gpus} if fp8_base else
+                {"base bf16 (frozen, teacher = student)": 2 * p / gpus})
+        static = {**base,
                   f"adapters r{lora_rank} fp32 weights+grads+AdamW": 16 * adapters / gpus,
                   "heads (replicated)": 16 * heads,
                   "unsharded blocks in flight": 2 * 2 * biggest_block if gpus > 1 else 0}  # 1 GPU: no FSDP
@@ -116,11 +127,14 @@ def estimate(config: TransformerConfig, *, frames: int, height: int, width: int,
     # one bf16 [tokens, hidden] tensor of an SP rank: 1/sp of the image tokens (rounded up), every text token
     hidden = (-(-image_tokens // sp) + text_tokens) * config.hidden_size * 2
     graph = config.num_layers * hidden                      # checkpointed block inputs of one forward graph
+    host = 2 * graph if offload else 0                      # offloaded: both graphs' inputs in host memory
+    graph = OFFLOAD_ON_DEVICE * hidden if offload else graph
     recompute = (RECOMPUTE_FACTOR + (ALL_TO_ALL_BUFFERS if sp > 1 else 0)) * hidden
     features = 2 * image_tokens * config.hidden_size * 2    # gathered teacher features + their gradient (heads)
     activations = {"trajectory phase": graph + recompute, "adversarial phase": 2 * graph + recompute + features}
     return Estimate(p, tokens, {k: v / GB for k, v in static.items()},
-                    {k: v / GB for k, v in activations.items()}, forward_flops(model, image_tokens, text_tokens))
+                    {k: v / GB for k, v in activations.items()}, forward_flops(model, image_tokens, text_tokens),
+                    host / GB)
 
 
 PLAN_VIDEOS = ((93, 544, 960), (129, 720, 1280))
@@ -164,10 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan", action="store_true", help="the 544p / 720p table over GPU and SP layouts")
     ap.add_argument("--lora-rank", type=int, default=0,
                     help="LoRA mode: adapter rank (prints 544x960x93 and 720x1280x129 on 1 and 8 GPUs)")
+    ap.add_argument("--fp8-base", action="store_true", help="LoRA mode: the base's block linears in fp8")
+    ap.add_argument("--offload", action="store_true",
+                    help="LoRA mode: the checkpointed block inputs in host memory (model.offload_checkpoints)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if (args.fp8_base or args.offload) and not args.lora_rank:
+        ap.error("--fp8-base and --offload are LoRA-mode options: give --lora-rank too")
     if args.lora_rank:
-        return _lora_table(args.lora_rank, args.sp, args.json)
+        return _lora_table(args.lora_rank, args.sp, args.json, fp8_base=args.fp8_base, offload=args.offload)
     if args.plan:
         rows = plan_rows(args.tflops, args.iterations)
         print(json.dumps(rows, indent=2)) if args.json else _print_plan(rows, args.tflops, args.iterations)
@@ -194,39 +213,43 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-CARDS_GB = (80, 141)
+CARDS_GB = (24, 48, 80, 141)
 
 
-def _lora_table(rank: int, sp: int, as_json: bool) -> int:
-    """LoRA mode at 544p and 720p, on 1 and 8 GPUs, with the verdict for 80 and 141 GB cards and the days of the
-    paper's iterations at the full mode's FLOP count (an upper bound: the frozen base's weight gradients are not
+def _lora_table(rank: int, sp: int, as_json: bool, *, fp8_base: bool = False, offload: bool = False) -> int:
+    """LoRA mode at 544p and 720p, on 1 and 8 GPUs, with the verdict per card size and the days of the paper's
+    iterations at the full mode's FLOP count (an upper bound: the frozen base's weight gradients are not
     computed, at most ~4 % of the count: the linears' share of a forward, twice per segment of 13)."""
     rows = []
     for frames, height, width in PLAN_VIDEOS:
         for gpus in (g for g in (1, 8) if g % sp == 0):   # SP splits a sample over GPUs: sp must divide them
             e = estimate(TransformerConfig(), frames=frames, height=height, width=width, gpus=gpus, sp=sp,
-                         lora_rank=rank)
+                         lora_rank=rank, fp8_base=fp8_base, offload=offload)
             rows.append({"video": f"{width}x{height}x{frames}", "gpus": gpus, "tokens": e.tokens,
                          "static_gb": sum(e.static.values()), "activations_gb": max(e.activations.values()),
-                         "peak_gb": e.peak, "fits": {str(c): e.peak <= c for c in CARDS_GB}, "detail": e.static,
-                         "days_5_segments": e.days(gpus=gpus), "days_1_segment": e.days(gpus=gpus, segments=1)})
+                         "peak_gb": e.peak, "host_gb": e.host_gb, "fits": {str(c): e.peak <= c for c in CARDS_GB},
+                         "detail": e.static, "days_5_segments": e.days(gpus=gpus),
+                         "days_1_segment": e.days(gpus=gpus, segments=1)})
     if as_json:
-        print(json.dumps({"lora_rank": rank, "sp": sp, "rows": rows}, indent=2))
+        print(json.dumps({"lora_rank": rank, "sp": sp, "fp8_base": fp8_base, "offload": offload, "rows": rows},
+                         indent=2))
         return 0
-    print(f"LoRA mode, rank {rank}: one frozen bf16 base (teacher = student), fp32 adapters + AdamW, per-block "
-          f"gradient checkpointing, micro-batch 1, SP degree {sp}; GB per GPU (10^9 bytes)")
-    print(f"{'video':<16}{'GPUs':>5}{'static':>9}{'activ.':>9}{'peak':>9}   " +
-          "   ".join(f"{c} GB card" for c in CARDS_GB) + "   days, 5 / 1 segments")
+    base = "fp8 block linears" if fp8_base else "bf16"
+    print(f"LoRA mode, rank {rank}: one frozen {base} base (teacher = student), fp32 adapters + AdamW, per-block "
+          f"gradient checkpointing{' offloaded to host memory' if offload else ''}, micro-batch 1, SP degree {sp}; "
+          "GB per GPU (10^9 bytes)")
+    print(f"{'video':<16}{'GPUs':>5}{'static':>9}{'activ.':>9}{'peak':>9}{'host':>7}   " +
+          "   ".join(f"{c:>3} GB card    " for c in CARDS_GB) + "days, 5 / 1 segments")
     for r in rows:
         verdict = "   ".join(f"{'fits' if r['peak_gb'] <= c else 'no':<4} ({c - r['peak_gb']:+6.1f})"
                              for c in CARDS_GB)
         print(f"{r['video']:<16}{r['gpus']:>5}{r['static_gb']:9.2f}{r['activations_gb']:9.2f}{r['peak_gb']:9.2f}"
-              f"   {verdict}   {r['days_5_segments']:6.1f} / {r['days_1_segment']:.1f}")
+              f"{r['host_gb']:7.1f}   {verdict}   {r['days_5_segments']:6.1f} / {r['days_1_segment']:.1f}")
     print("(spare GB in brackets; the CUDA context, NCCL buffers and allocator fragmentation take several GB of a "
-          "nominal fit. Activations dominate: what does not fit needs sequence parallelism over several GPUs "
-          "(--sp) or CPU offload of the checkpointed block inputs. Days: "
-          f"{PAPER_ITERATIONS} iterations of 32 samples at {SUSTAINED_TFLOPS:g} TFLOP/s per GPU sustained, the "
-          "full mode's FLOP count, an upper bound)")
+          "nominal fit; host = pinned host memory per GPU for the offloaded checkpoints. Activations dominate: "
+          "what does not fit needs --offload (model.offload_checkpoints), --fp8-base (model.fp8_base) or sequence "
+          f"parallelism over several GPUs (--sp). Days: {PAPER_ITERATIONS} iterations of 32 samples at "
+          f"{SUSTAINED_TFLOPS:g} TFLOP/s per GPU sustained, the full mode's FLOP count, an upper bound)")
     return 0
 
 
