@@ -96,6 +96,12 @@ class AccVideoTrain(io.ComfyNode):
                 io.String.Input("output_name", default="accvideo_student",
                                 tooltip="File name (without extension) in loras (or diffusion_models for rank 0); "
                                         "an existing file is never replaced: name_00001, ... instead."),
+                io.Boolean.Input("offload_activations", default=False, optional=True,
+                                 tooltip="Keep each block's checkpointed input in RAM (pinned) instead of VRAM until "
+                                         "the backward pass (same result). With an fp8 MODEL (UNETLoader "
+                                         "weight_dtype fp8_e4m3fn) and LoRA rank 16 the paper's 544x960x93 then "
+                                         "fits a 48 GB card; costs RAM (about 36 GB at 544p) and a copy each way "
+                                         "per block."),
                 io.Latent.Input("trajectories", optional=True,
                                 tooltip="Connect the Trajectory Dump's output: training then starts after the "
                                         "dump has written its samples."),
@@ -122,7 +128,7 @@ class AccVideoTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, synvid_folder, steps, lora_rank, learning_rate, lambda_adv, training_seed,
-                output_name, trajectories=None) -> io.NodeOutput:
+                output_name, offload_activations=None, trajectories=None) -> io.NodeOutput:
         import os
         from pathlib import Path
 
@@ -142,7 +148,8 @@ class AccVideoTrain(io.ComfyNode):
             teacher = _comfy.teacher_transformer(model)
             cfg = node_config(data_root=root, steps=steps[0], lora_rank=rank, lr=learning_rate[0],
                               lambda_adv=lambda_adv[0], seed=training_seed[0],
-                              device=str(model.load_device), samples=samples)
+                              device=str(model.load_device), samples=samples,
+                              offload=bool(offload_activations and offload_activations[0]))
             run = run_folder(out_dir / RUNS_FOLDER, name, cfg, teacher)
             result = _train(cfg, teacher, run, cls.hidden.unique_id)
         except (ConfigError, SynVidError) as err:

@@ -37,7 +37,7 @@ PUBLISHED_INPUTS = {
     "AccVideoSaveVideo": ["images", "fps", "filename_prefix", "crf"],
     "AccVideoPromptList": ["prompts", "first_seed"],
     "AccVideoTrain": ["model", "synvid_folder", "steps", "lora_rank", "learning_rate", "lambda_adv",
-                      "training_seed", "output_name", "trajectories"],
+                      "training_seed", "output_name", "offload_activations", "trajectories"],
 }
 
 

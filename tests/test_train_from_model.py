@@ -91,7 +91,7 @@ def data(tmp_path_factory) -> Path:
 
 def _cfg(data: Path, **kw):
     cfg = node_config(data_root=data, steps=kw.pop("steps", 3), lora_rank=kw.pop("lora_rank", 4), lr=3e-3,
-                      lambda_adv=0.1, seed=0, device="cpu", samples=7)
+                      lambda_adv=0.1, seed=0, device="cpu", samples=7, offload=kw.pop("offload", False))
     cfg.loss.head_width, cfg.loss.head_groups, cfg.log.plot = 16, 8, False
     return cfg
 
@@ -115,6 +115,10 @@ def test_run_key_changes_with_every_input_but_not_the_folder(data, tmp_path):
     assert run_folder(tmp_path, "n", _cfg(data, steps=4), teacher) != base
     assert run_folder(tmp_path, "n", _cfg(data), tiny_transformer(seed=1)) != base
     assert run_key(_cfg(data), "teacher", "data a") != run_key(_cfg(data), "teacher", "data b")
+    # offloading the checkpoints does not change the result (tests/test_train_lora.py): switching it on to get an
+    # interrupted run through resumes that run
+    offloaded = _cfg(data, offload=True)
+    assert offloaded.model.offload_checkpoints and run_folder(tmp_path, "n", offloaded, teacher) == base
 
 
 def test_interrupt_checkpoints_and_a_rerun_resumes_to_the_uninterrupted_result(data, tmp_path, monkeypatch):

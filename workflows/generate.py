@@ -386,7 +386,7 @@ def distill() -> Graph:
                    model=teacher, positive=cond, latent_image=latent, prompt=(prompts, 0), seed=(prompts, 1))
     trained = g.add("AccVideoTrain", (1200, 0), {"synvid_folder": DISTILL_FOLDER, "steps": 1200, "lora_rank": 64,
                                                  "learning_rate": 1e-4, "lambda_adv": 0.1, "training_seed": 0,
-                                                 "output_name": "accvideo_student"},
+                                                 "output_name": "accvideo_student", "offload_activations": False},
                     model=teacher, trajectories=dumped)
     held_out = g.add("CLIPTextEncode", (380, 420), {"text": PROMPT}, title="Prompt (not in the data set)",
                      clip=clip)

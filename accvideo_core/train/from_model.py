@@ -57,10 +57,15 @@ def data_identity(root: str | Path) -> str:
     return json.dumps(load_manifest(root)["samples"], sort_keys=True)
 
 
+RESULT_NEUTRAL = (("log", "out_dir"), ("model", "offload_checkpoints"))  # config fields that never change a result
+
+
 def run_key(cfg: TrainConfig, teacher_fingerprint: str, data: str) -> str:
-    """16 hex digits over the config (without its output folder), the teacher and the data set."""
+    """16 hex digits over the config (without the fields of ``RESULT_NEUTRAL``: an interrupted run resumes after
+    e.g. offloading was switched on), the teacher and the data set."""
     config = cfg.to_dict()
-    config["log"] = {k: v for k, v in config["log"].items() if k != "out_dir"}
+    for section, name in RESULT_NEUTRAL:
+        config[section] = {k: v for k, v in config[section].items() if k != name}
     text = json.dumps({"config": config, "teacher": teacher_fingerprint, "data": data}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -73,13 +78,13 @@ def run_folder(runs: str | Path, name: str, cfg: TrainConfig, teacher: nn.Module
 
 
 def node_config(*, data_root: str | Path, steps: int, lora_rank: int, lr: float, lambda_adv: float, seed: int,
-                device: str, samples: int) -> TrainConfig:
+                device: str, samples: int, offload: bool = False) -> TrainConfig:
     """The trainer config of the node's inputs; every other field keeps the trainer's default (docs/training.md),
     except the batch: the paper's 32 samples per iteration, or all training samples of a smaller data set."""
     val = 4
     train_samples = max(1, samples - min(val, samples - 1))
     return config_from_dict({
-        "model": {"lora_rank": lora_rank},
+        "model": {"lora_rank": lora_rank, "offload_checkpoints": offload},
         "data": {"root": str(data_root), "val_samples": val},
         "optim": {"steps": steps, "lr": lr, "seed": seed, "total_batch": min(32, train_samples)},
         "loss": {"lambda_adv": lambda_adv, "adversarial": lambda_adv > 0},

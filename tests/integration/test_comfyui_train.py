@@ -137,8 +137,8 @@ def test_train_node_trains_a_lora_on_fp8_weights_and_refuses_a_full_fine_tune_of
     fine-tune of fp8 weights) is refused, naming the LoRA mode and the bf16 file."""
     from accvideo_core.lora import load_lora
 
-    wf, ids = _distill("synvid/train_fp8", "train_fp8", prompts=5, steps=2)
-    wf[ids["UNETLoader"]]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    wf, ids = _distill("synvid/train_fp8", "train_fp8", prompts=5, steps=2, offload_activations=True)
+    wf[ids["UNETLoader"]]["inputs"]["weight_dtype"] = "fp8_e4m3fn"   # with offloading: the 24-48 GB setting
     for nid in [k for k, v in wf.items() if v["class_type"] in ("AccVideoVAEDecode", "AccVideoSaveVideo",
                                                                  "VAELoader")]:
         del wf[nid]
@@ -153,6 +153,8 @@ def test_train_node_trains_a_lora_on_fp8_weights_and_refuses_a_full_fine_tune_of
     assert name == "train_fp8.safetensors" and len(lora.modules) > 0 and not lora.unused
     student, teacher5 = (saved(comfy_api, n)["latent"] for n in ("fp8_student", "fp8_teacher"))
     assert (student - teacher5).abs().max() > 1e-4, "the returned MODEL is still the fp8 teacher"
+    run = [r for r in (comfy_api.output / "accvideo_runs").glob("train_fp8_*") if (r / "config.json").is_file()]
+    assert len(run) == 1 and json.loads((run[0] / "config.json").read_text())["model"]["offload_checkpoints"]
 
     wf[ids["AccVideoTrain"]]["inputs"].update(lora_rank=0, output_name="train_fp8_full")
     err = error_of(comfy_api.run(wf))
