@@ -506,8 +506,8 @@ def test_student_lora_in_native_comfyui_equals_the_merged_student(tmp_path, comf
 def test_torchrun_trains_on_an_fp8_base_like_one_process(synvid, tmp_path):
     """Under torchrun + FSDP2 (2 ranks, one launch) the fp8 base is read on rank 0, sent exactly and sharded in
     fp8: a ComfyUI fp8_scaled teacher on 2 data-parallel ranks and ``model.fp8_base`` with sequence parallelism 2
-    end like one process (<= 1e-4), and a one-process fp8_base checkpoint resumes on 2 ranks (same base
-    fingerprint) to the same end."""
+    and offloaded checkpoints end like one process (<= 1e-4), and a one-process fp8_base checkpoint resumes on 2
+    ranks (same base fingerprint) to the same end."""
     fp8_file, _ = _fp8_rounded_copy(synvid / "teacher.safetensors", tmp_path, scaled=True)
     common = dict(optim={"steps": 4, "total_batch": 2, "lr": LORA_LR, "segments_per_iteration": 2},
                   data={"val_samples": 2}, log={"plot": False, "ckpt_every": 2, "keep_checkpoints": 0})
@@ -520,7 +520,8 @@ def test_torchrun_trains_on_an_fp8_base_like_one_process(synvid, tmp_path):
     Trainer(cfg("one_scaled", scaled)).run()
     Trainer(cfg("one_base", base)).run()
     run_torchrun([(cfg("dp2_scaled", scaled), None, None),
-                  (cfg("sp2_base", base, runtime={"sequence_parallel": 2}), None, None),
+                  (cfg("sp2_base", {**base, "offload_checkpoints": True}, runtime={"sequence_parallel": 2}), None,
+                   None),
                   (cfg("to_dp2", base), str(tmp_path / "one_base/checkpoints/step_0000002"), None)],
                  tmp_path / "jobs.json")
     for run, one in (("dp2_scaled", "one_scaled"), ("sp2_base", "one_base"), ("to_dp2", "one_base")):

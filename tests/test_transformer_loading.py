@@ -154,6 +154,27 @@ def test_fp8_weights_stay_fp8_and_compute_in_the_compute_dtype(model, inputs, tm
     assert torch.equal(_out(load_transformer(saved, dtype=torch.float32), inputs), _out(loaded, inputs))
 
 
+def test_fp8_linear_under_autocast_up_casts_to_the_autocast_dtype(monkeypatch):
+    """Inside autocast (the trainer on CUDA) the fp8 weight goes straight to bf16, the dtype the matmul runs in:
+    the same output as a bf16 layer of the same values, and no fp32 copy of the weight on the way."""
+    from accvideo_core.models import loading
+
+    layer = torch.nn.Linear(16, 8)
+    layer.weight = torch.nn.Parameter(layer.weight.detach().to(FP8), requires_grad=False)
+    layer.__class__ = FP8Linear
+    layer.register_buffer("scale_weight", None)
+    plain = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    plain.load_state_dict({"weight": layer.weight.to(torch.bfloat16), "bias": layer.bias.to(torch.bfloat16)})
+    x = torch.randn(3, 16)
+    seen = []
+    up_cast = loading.dequantized
+    monkeypatch.setattr(loading, "dequantized", lambda w, s, dtype: seen.append(dtype) or up_cast(w, s, dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = layer(x), plain(x)
+    assert seen == [torch.bfloat16] and got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert layer(x).dtype == torch.float32 and seen[-1] == torch.float32   # outside autocast: the input's dtype
+
+
 def test_storage_dtype_fp8_quantizes_block_linears(model, inputs):
     loaded = load_transformer(model.state_dict(), dtype=torch.float32, storage_dtype=FP8)
     assert loaded.single_blocks[1].linear2.weight.dtype == FP8

@@ -48,7 +48,8 @@ def dequantized(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.d
 
 
 class FP8Linear(nn.Linear):
-    """``nn.Linear`` whose weight is stored in fp8 and up-cast to the input's dtype on every call.
+    """``nn.Linear`` whose weight is stored in fp8 and up-cast on every call: to autocast's dtype inside autocast
+    (the dtype the matmul runs in; no fp32 copy of the weight), else to the input's dtype.
 
     ``scale_weight`` (a scalar buffer, ComfyUI's "fp8_scaled" files) multiplies the up-cast weight when present.
     """
@@ -56,8 +57,10 @@ class FP8Linear(nn.Linear):
     scale_weight: torch.Tensor | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = dequantized(self.weight, getattr(self, "scale_weight", None), x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        weight = dequantized(self.weight, getattr(self, "scale_weight", None), dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(x, weight, bias)
 
 
