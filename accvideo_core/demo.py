@@ -158,7 +158,7 @@ def run_training(config: dict, run_dir: Path, fresh: bool) -> tuple[Path, bool]:
     cfg = config_from_dict(json.loads(json.dumps(config)))
     wanted = json.loads(json.dumps(cfg.to_dict()))
     done = run_dir / "demo_done.json"
-    if not fresh and student.is_file() and done.is_file() and json.loads(done.read_text()) == wanted:
+    if not fresh and student.is_file() and _finished_config(done) == wanted:
         say(f"reusing the finished training run in {run_dir} (--fresh retrains)")
         return student, True
     if run_dir.exists():
@@ -173,6 +173,15 @@ def run_training(config: dict, run_dir: Path, fresh: bool) -> tuple[Path, bool]:
         trainer.close()
     write_json(wanted, done)
     return student, False
+
+
+def _finished_config(done: Path) -> dict | None:
+    """The config a finished run recorded, resolved like a new one: a field added to the trainer since then reads
+    as its default (the run stays reusable unless the new field's value changes); ``None`` if none or unreadable."""
+    try:
+        return json.loads(json.dumps(config_from_dict(json.loads(done.read_text())).to_dict()))
+    except (OSError, ValueError, ConfigError):
+        return None
 
 
 CHANCE_LOSS = 2 * math.log(2)  # the non-saturating discriminator loss of a head that cannot tell real from fake

@@ -73,7 +73,12 @@ def test_demo_runs_end_to_end_reduced(tmp_path, capsys):
     assert "Fresh heads of the same kind" in md and "| AccVideo student's chain |" in md
     assert count_frames(tmp_path / "side_by_side.mp4") == 17
     assert (tmp_path / "side_by_side.gif").stat().st_size > 1000
-    # a second run continues: nothing is re-dumped and both finished trainings are reused
+    # a second run continues: nothing is re-dumped and both finished trainings are reused, also when a run was
+    # recorded before the trainer gained a field (it reads as its default)
+    marker = sorted(tmp_path.glob("*/demo_done.json"))[0]
+    old = json.loads(marker.read_text())
+    del old["model"]["fp8_base"]
+    marker.write_text(json.dumps(old))
     assert main(["--out", str(tmp_path), "--synvid-samples", "3", "--train-steps", "1", "--batch", "2",
                  "--heldout-prompts", "1", "--seeds-per-prompt", "1", "--shown", "1", "--threads", "1",
                  "--probe-updates", "0", "--heads-only-steps", "1"]) == 0

@@ -228,6 +228,7 @@ def export_final(tr: Trainer) -> dict[str, str]:
         return files
     sd = tr.student.state_dict()
     full = D.full_tensor
+
     def materialize(name: str, _: torch.Tensor) -> torch.Tensor:
         module = name.removesuffix(".weight")
         weight = full(sd[name])
