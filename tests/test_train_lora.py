@@ -505,9 +505,9 @@ def test_student_lora_in_native_comfyui_equals_the_merged_student(tmp_path, comf
 
 def test_torchrun_trains_on_an_fp8_base_like_one_process(synvid, tmp_path):
     """Under torchrun + FSDP2 (2 ranks, one launch) the fp8 base is read on rank 0, sent exactly and sharded in
-    fp8: a ComfyUI fp8_scaled teacher on 2 data-parallel ranks and ``model.fp8_base`` with sequence parallelism 2
-    and offloaded checkpoints end like one process (<= 1e-4), and a one-process fp8_base checkpoint resumes on 2
-    ranks (same base fingerprint) to the same end."""
+    fp8: a ComfyUI fp8_scaled teacher (adapters from ``lora_init``) on 2 data-parallel ranks and
+    ``model.fp8_base`` with sequence parallelism 2 and offloaded checkpoints end like one process (<= 1e-4), and
+    a one-process fp8_base checkpoint resumes on 2 ranks (same base fingerprint) to the same end."""
     fp8_file, _ = _fp8_rounded_copy(synvid / "teacher.safetensors", tmp_path, scaled=True)
     common = dict(optim={"steps": 4, "total_batch": 2, "lr": LORA_LR, "segments_per_iteration": 2},
                   data={"val_samples": 2}, log={"plot": False, "ckpt_every": 2, "keep_checkpoints": 0})
@@ -516,7 +516,9 @@ def test_torchrun_trains_on_an_fp8_base_like_one_process(synvid, tmp_path):
         return make_cfg(synvid, tmp_path / name, model={"lora_rank": 4, "gradient_checkpointing": True, **model},
                         **common, **extra)
 
-    scaled, base = {"teacher": str(fp8_file)}, {"fp8_base": True}
+    model, adapters = _adapted(rank=2, alpha=2.0)   # the scaled runs start from a LoRA file (rank 0 builds it)
+    scaled = {"teacher": str(fp8_file), "lora_init": str(_save(model, adapters, tmp_path / "init.safetensors"))}
+    base = {"fp8_base": True}
     Trainer(cfg("one_scaled", scaled)).run()
     Trainer(cfg("one_base", base)).run()
     run_torchrun([(cfg("dp2_scaled", scaled), None, None),
