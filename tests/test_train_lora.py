@@ -531,3 +531,33 @@ def test_torchrun_trains_on_an_fp8_base_like_one_process(synvid, tmp_path):
         for name in ("student.safetensors", "student_lora.safetensors"):
             assert max_abs_diff(read_state_dict(tmp_path / run / name), read_state_dict(tmp_path / one / name)) \
                 <= 1e-4, (run, name)
+
+
+def test_memory_advice_names_the_settings_that_fit(synvid, tmp_path, monkeypatch):
+    """On CUDA the trainer compares train.estimate's peak for its own run with the device and, when it does not
+    fit, says which settings would (also inside an out-of-memory error)."""
+    from accvideo_core.models.transformer_hunyuan_video import TransformerConfig
+    from accvideo_core.train.estimate import estimate, memory_advice
+
+    video = dict(frames=93, height=544, width=960, gpus=1)
+    peak, text = memory_advice(TransformerConfig(), 24, lora_rank=16, **video)
+    assert peak == pytest.approx(70.03, abs=0.01) and "more than the device's 24.0 GB" in text
+    assert text.endswith("it fits with model.offload_checkpoints = true and model.fp8_base = true (22.5 GB, 36 GB "
+                         "of host memory per GPU)")
+    _, text = memory_advice(TransformerConfig(), 48, lora_rank=16, **video)
+    assert "it fits with model.offload_checkpoints = true (35.0 GB" in text and "or with model.offload" in text
+    _, text = memory_advice(TransformerConfig(), 80, lora_rank=16, **video)
+    assert text.endswith("the device has 80.0 GB")
+    _, text = memory_advice(TransformerConfig(), 24, **video)   # a full fine-tune on one card: nothing fits
+    assert "do not bring it under that" in text and "a LoRA (model.lora_rank > 0)" in text
+    # the trainer's own run: its model, the SynVid's latent grid and text length, its micro-batch and mode
+    trainer = Trainer(make_cfg(synvid, tmp_path / "run", model={"lora_rank": 4}, optim={"micro_batch": 2}))
+    peak, text = trainer.memory_advice(1e-6)
+    want = estimate(trainer.teacher.config, latent=(2, 4, 6), text_tokens=7, gpus=1, lora_rank=4, micro_batch=2,
+                    head_width=32)
+    assert trainer.latent_grid == (2, 4, 6) and peak == pytest.approx(want.peak) and "it fits with" not in text
+    trainer.memory_note = text
+    monkeypatch.setattr(trainer, "train_step", lambda step: (_ for _ in ()).throw(torch.OutOfMemoryError("OOM")))
+    monkeypatch.setattr(trainer, "validate", lambda: {})
+    with pytest.raises(torch.OutOfMemoryError, match="OOM\nby python -m accvideo_core.train.estimate this run"):
+        trainer.run()

@@ -84,12 +84,15 @@ def forward_flops(model: HunyuanVideoTransformer3D, image_tokens: int, text_toke
     return flops
 
 
-def estimate(config: TransformerConfig, *, frames: int, height: int, width: int, gpus: int, sp: int = 1,
+def estimate(config: TransformerConfig, *, frames: int = 0, height: int = 0, width: int = 0, gpus: int, sp: int = 1,
              text_tokens: int = 256, ema: bool = False, segments: int = 5, head_width: int = 256,
-             lora_rank: int = 0, fp8_base: bool = False, offload: bool = False) -> Estimate:
+             lora_rank: int = 0, fp8_base: bool = False, offload: bool = False,
+             latent: tuple[int, int, int] | None = None, micro_batch: int = 1) -> Estimate:
     """``lora_rank > 0``: the LoRA mode (one frozen bf16 base; fp32 adapters with gradients and AdamW states);
     ``fp8_base``: its block linears in fp8 (``model.fp8_base``); ``offload``: the checkpointed block inputs in host
-    memory (``model.offload_checkpoints``), so a forward graph keeps no per-block tensor on the GPU."""
+    memory (``model.offload_checkpoints``), so a forward graph keeps no per-block tensor on the GPU. ``latent``:
+    the latent grid (T, H, W) instead of the video size (e.g. read from a SynVid sample); ``micro_batch``: samples
+    per forward (activations scale with it)."""
     if fp8_base and not lora_rank:
         raise ValueError("fp8_base is a LoRA-mode setting (lora_rank > 0)")
     if gpus % sp or config.num_heads % sp:
@@ -102,7 +105,7 @@ def estimate(config: TransformerConfig, *, frames: int, height: int, width: int,
     biggest_block = max(sum(t.numel() for t in b.parameters()) for b in list(model.double_blocks) +
                         list(model.single_blocks))
     heads = segments * sum(t.numel() for t in head.parameters())
-    _, _, t, h, w = latent_shape(frames, height, width)
+    t, h, w = latent or latent_shape(frames, height, width)[2:]
     pt, ph, pw = config.patch_size
     image_tokens = (t // pt) * (h // ph) * (w // pw)
     tokens = image_tokens + text_tokens
@@ -125,16 +128,45 @@ def estimate(config: TransformerConfig, *, frames: int, height: int, width: int,
     if ema:
         static["EMA fp32"] = 4 * p / gpus
     # one bf16 [tokens, hidden] tensor of an SP rank: 1/sp of the image tokens (rounded up), every text token
-    hidden = (-(-image_tokens // sp) + text_tokens) * config.hidden_size * 2
+    hidden = (-(-image_tokens // sp) + text_tokens) * config.hidden_size * 2 * micro_batch
     graph = config.num_layers * hidden                      # checkpointed block inputs of one forward graph
     host = 2 * graph if offload else 0                      # offloaded: both graphs' inputs in host memory
     graph = OFFLOAD_ON_DEVICE * hidden if offload else graph
     recompute = (RECOMPUTE_FACTOR + (ALL_TO_ALL_BUFFERS if sp > 1 else 0)) * hidden
-    features = 2 * image_tokens * config.hidden_size * 2    # gathered teacher features + their gradient (heads)
+    features = 2 * image_tokens * config.hidden_size * 2 * micro_batch   # gathered teacher features + gradient
     activations = {"trajectory phase": graph + recompute, "adversarial phase": 2 * graph + recompute + features}
     return Estimate(p, tokens, {k: v / GB for k, v in static.items()},
                     {k: v / GB for k, v in activations.items()}, forward_flops(model, image_tokens, text_tokens),
                     host / GB)
+
+
+def memory_advice(config: TransformerConfig, device_gb: float, **run) -> tuple[float, str]:
+    """(estimated peak GB per GPU, a sentence) for a run (``estimate``'s keyword arguments) on a device of
+    ``device_gb``: when the peak exceeds it, the sentence names the settings that would fit (offloaded
+    checkpoints; in LoRA mode an fp8 base; both) or, when none does, what else to change."""
+    e = estimate(config, **run)
+    need = (f"by python -m accvideo_core.train.estimate this run needs about {e.peak:.1f} GB per GPU (static "
+            f"{sum(e.static.values()):.1f} + activations {max(e.activations.values()):.1f})")
+    if e.peak <= device_gb:
+        return e.peak, f"{need}; the device has {device_gb:.1f} GB"
+    options = [({"offload": True}, "model.offload_checkpoints = true")]
+    if run.get("lora_rank"):
+        options += [({"fp8_base": True}, "model.fp8_base = true"),
+                    ({"offload": True, "fp8_base": True}, "model.offload_checkpoints = true and model.fp8_base = true")]
+    fits = []
+    for change, name in options:
+        if all(run.get(k) == v for k, v in change.items()):
+            continue   # already set
+        alt = estimate(config, **{**run, **change})
+        if alt.peak <= device_gb:
+            fits.append(f"{name} ({alt.peak:.1f} GB" + (f", {alt.host_gb:.0f} GB of host memory per GPU)"
+                                                        if alt.host_gb else ")"))
+    smaller = "a lower model.lora_rank" if run.get("lora_rank") else "a LoRA (model.lora_rank > 0)"
+    fix = ("; it fits with " + ", or with ".join(fits)) if fits else (
+        "; the offloading / fp8 settings do not bring it under that: train on fewer frames or a smaller size, "
+        f"{smaller}, or spread it over several GPUs (torchrun: FSDP2 shards the weights, "
+        "runtime.sequence_parallel the activations)")
+    return e.peak, f"{need}, more than the device's {device_gb:.1f} GB{fix}"
 
 
 PLAN_VIDEOS = ((93, 544, 960), (129, 720, 1280))

@@ -94,6 +94,7 @@ class Trainer:
         data = build_data(cfg, self.info)
         self.stream, self.val_records, self.bad_samples = data.stream, data.val_records, data.bad_samples
         self.key_steps, self.key_sigmas = data.key_steps, data.key_sigmas
+        self.latent_grid, self.text_tokens = data.latent_grid, data.text_tokens
         models = build_models(cfg, self.info, teacher, bf16=self.bf16)
         self.student, self.teacher, self.ema, self.heads = models.student, models.teacher, models.ema, models.heads
         self.opt, self.head_opt, self.feature_layers = models.opt, models.head_opt, models.feature_layers
@@ -109,6 +110,12 @@ class Trainer:
         self.in_iteration: InIteration | None = None  # set when a stop request ends an iteration early
         self.resume_in_iteration: dict | None = None  # a checkpoint's unfinished iteration (load_checkpoint)
         self.validation_pending = False  # a stop request cut a validation short: the resume makes it first
+        self.memory_note = ""   # on CUDA: the estimate of this run against the device (in an out-of-memory error)
+        if self.device.type == "cuda":
+            device_gb = torch.cuda.get_device_properties(self.device).total_memory / 1e9
+            peak, self.memory_note = self.memory_advice(device_gb)
+            if peak > device_gb and self.info.is_main:
+                print(f"warning: {self.memory_note}", file=sys.stderr, flush=True)
         if ckdir is not None:
             load_checkpoint(self, ckdir)
         self.monitor = Monitor(self.out, total_steps=cfg.optim.steps, start_step=self.step,
@@ -166,9 +173,22 @@ class Trainer:
         except _StopRequested as stop:   # all ranks agreed: the trainer is at a consistent point
             path = save_checkpoint(self)
             raise Interrupted(f"{stop}; resume with --resume {path}") from None
+        except torch.OutOfMemoryError as err:   # say what the estimate says and what would fit
+            raise torch.OutOfMemoryError(f"{err}\n{self.memory_note}" if self.memory_note else str(err)) from err
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+
+    def memory_advice(self, device_gb: float) -> tuple[float, str]:
+        """``train.estimate``'s peak GB per GPU for this run (its model, data size, mode and settings) and what to
+        change when it exceeds ``device_gb`` (:func:`~accvideo_core.train.estimate.memory_advice`)."""
+        from accvideo_core.train.estimate import memory_advice
+
+        c, m = self.cfg, self.cfg.model
+        return memory_advice(self.teacher.config, device_gb, latent=self.latent_grid, text_tokens=self.text_tokens,
+                             gpus=self.info.world, sp=self.info.sp, ema=c.optim.ema_decay > 0,
+                             segments=c.data.segments, head_width=c.loss.head_width, lora_rank=m.lora_rank,
+                             fp8_base=m.fp8_base, offload=m.offload_checkpoints, micro_batch=c.optim.micro_batch)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # Under torchrun a Ctrl-C reaches a worker twice (terminal + the agent forwarding it): repeats within

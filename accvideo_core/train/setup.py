@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from accvideo_core.synvid.format import SynVidDataset, SynVidError, key_steps_for, read_sample
+from accvideo_core.synvid.format import SynVidDataset, SynVidError, SynVidSample, key_steps_for, read_sample
 from accvideo_core.train import distributed as D
 from accvideo_core.train import lora_mode
 from accvideo_core.train.batching import Record, SampleStream, sample_record
@@ -32,6 +32,8 @@ class Data:
     key_steps: list[int]
     key_sigmas: list[float]
     bad_samples: list[str] = field(default_factory=list)
+    latent_grid: tuple[int, int, int] = (1, 1, 1)   # (T, H, W) of the first readable sample's latents
+    text_tokens: int = 0                            # its text length (padding included)
 
 
 @dataclass
@@ -67,7 +69,8 @@ def build_data(cfg: TrainConfig, info: D.DistInfo) -> Data:
     else:
         n_val = max(0, min(cfg.data.val_samples, n - info.dp))
         val_ds, val_idx, train_idx = train_ds, list(range(n - n_val, n)), list(range(n - n_val))
-    key_sigmas = _key_sigmas(train_ds, train_idx, key_steps)
+    first = _first_sample(train_ds, train_idx, key_steps)
+    key_sigmas = [float(first.sigmas[j]) for j in key_steps]
     bad: list[str] = []
 
     def report_bad(index: int, err: SynVidError) -> None:
@@ -82,16 +85,17 @@ def build_data(cfg: TrainConfig, info: D.DistInfo) -> Data:
     stream = SampleStream(train_ds, train_idx, rank=info.dp_rank, world=info.dp, seed=cfg.optim.seed,
                           on_error=report_bad, check=check_sigmas)
     val_records = [sample_record(sample, -1 - i) for i, sample in val_ds.iter_valid(val_idx, on_error=report_bad)]
-    return Data(stream, val_records, key_steps, key_sigmas, bad)
+    return Data(stream, val_records, key_steps, key_sigmas, bad, tuple(first.latents.shape[-3:]),
+                first.text_states.shape[0])
 
 
-def _key_sigmas(ds: SynVidDataset, indices: list[int], key_steps: list[int]) -> list[float]:
+def _first_sample(ds: SynVidDataset, indices: list[int], key_steps: list[int]) -> SynVidSample:
+    """The first readable training sample (one latent read): the data set's key sigmas and sizes."""
     for i in indices:
         try:
-            s = read_sample(ds.path(i), steps=key_steps[:1], check_finite=False)
+            return read_sample(ds.path(i), steps=key_steps[:1], check_finite=False)
         except SynVidError:
             continue
-        return [float(s.sigmas[j]) for j in key_steps]
     raise SynVidError(f"{ds.root}: no readable training sample")
 
 
