@@ -549,13 +549,22 @@ def test_memory_advice_names_the_settings_that_fit(synvid, tmp_path, monkeypatch
     _, text = memory_advice(TransformerConfig(), 80, lora_rank=16, **video)
     assert text.endswith("the device has 80.0 GB")
     _, text = memory_advice(TransformerConfig(), 24, **video)   # a full fine-tune on one card: nothing fits
-    assert "do not bring it under that" in text and "a LoRA (model.lora_rank > 0)" in text
+    assert "brings it under that" in text and "a LoRA (model.lora_rank > 0)" in text
+    from accvideo_core.train.from_model import HostedTrainer   # the AccVideo Train node names its own inputs
+
+    _, text = memory_advice(TransformerConfig(), 24, HostedTrainer.SETTING_NAMES, lora_rank=16, **video)
+    assert text.endswith("it fits with offload_activations on and the teacher loaded in fp8 (UNETLoader "
+                         "weight_dtype fp8_e4m3fn) (22.5 GB, 36 GB of host memory per GPU)")
     # the trainer's own run: its model, the SynVid's latent grid and text length, its micro-batch and mode
     trainer = Trainer(make_cfg(synvid, tmp_path / "run", model={"lora_rank": 4}, optim={"micro_batch": 2}))
     peak, text = trainer.memory_advice(1e-6)
     want = estimate(trainer.teacher.config, latent=(2, 4, 6), text_tokens=7, gpus=1, lora_rank=4, micro_batch=2,
                     head_width=32)
     assert trainer.latent_grid == (2, 4, 6) and peak == pytest.approx(want.peak) and "it fits with" not in text
+    fp8 = Trainer(make_cfg(synvid, tmp_path / "fp8", model={"lora_rank": 4, "fp8_base": True}))
+    assert fp8.memory_advice(1e-6)[0] == pytest.approx(estimate(
+        trainer.teacher.config, latent=(2, 4, 6), text_tokens=7, gpus=1, lora_rank=4, head_width=32,
+        fp8_base=True).peak)   # the base the trainer holds decides, here model.fp8_base
     trainer.memory_note = text
     monkeypatch.setattr(trainer, "train_step", lambda step: (_ for _ in ()).throw(torch.OutOfMemoryError("OOM")))
     monkeypatch.setattr(trainer, "validate", lambda: {})

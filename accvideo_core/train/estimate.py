@@ -140,19 +140,24 @@ def estimate(config: TransformerConfig, *, frames: int = 0, height: int = 0, wid
                     host / GB)
 
 
-def memory_advice(config: TransformerConfig, device_gb: float, **run) -> tuple[float, str]:
+SETTING_NAMES = {"offload": "model.offload_checkpoints = true", "fp8_base": "model.fp8_base = true"}
+
+
+def memory_advice(config: TransformerConfig, device_gb: float, names: dict[str, str] = SETTING_NAMES,
+                  **run) -> tuple[float, str]:
     """(estimated peak GB per GPU, a sentence) for a run (``estimate``'s keyword arguments) on a device of
     ``device_gb``: when the peak exceeds it, the sentence names the settings that would fit (offloaded
-    checkpoints; in LoRA mode an fp8 base; both) or, when none does, what else to change."""
+    checkpoints; in LoRA mode an fp8 base; both; ``names`` spells them, e.g. as a host's inputs) or, when none
+    does, what else to change."""
     e = estimate(config, **run)
     need = (f"by python -m accvideo_core.train.estimate this run needs about {e.peak:.1f} GB per GPU (static "
             f"{sum(e.static.values()):.1f} + activations {max(e.activations.values()):.1f})")
     if e.peak <= device_gb:
         return e.peak, f"{need}; the device has {device_gb:.1f} GB"
-    options = [({"offload": True}, "model.offload_checkpoints = true")]
+    options = [({"offload": True}, names["offload"])]
     if run.get("lora_rank"):
-        options += [({"fp8_base": True}, "model.fp8_base = true"),
-                    ({"offload": True, "fp8_base": True}, "model.offload_checkpoints = true and model.fp8_base = true")]
+        options += [({"fp8_base": True}, names["fp8_base"]),
+                    ({"offload": True, "fp8_base": True}, f"{names['offload']} and {names['fp8_base']}")]
     fits = []
     for change, name in options:
         if all(run.get(k) == v for k, v in change.items()):
@@ -163,7 +168,8 @@ def memory_advice(config: TransformerConfig, device_gb: float, **run) -> tuple[f
                                                         if alt.host_gb else ")"))
     smaller = "a lower model.lora_rank" if run.get("lora_rank") else "a LoRA (model.lora_rank > 0)"
     fix = ("; it fits with " + ", or with ".join(fits)) if fits else (
-        "; the offloading / fp8 settings do not bring it under that: train on fewer frames or a smaller size, "
+        f"; neither {names['offload']} nor {names['fp8_base']} brings it under that: train on fewer frames or a "
+        "smaller size, "
         f"{smaller}, or spread it over several GPUs (torchrun: FSDP2 shards the weights, "
         "runtime.sequence_parallel the activations)")
     return e.peak, f"{need}, more than the device's {device_gb:.1f} GB{fix}"

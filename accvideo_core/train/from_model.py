@@ -112,6 +112,8 @@ class HostedTrainer(Trainer):
     run writes a checkpoint and raises :class:`~accvideo_core.train.loop.Interrupted`, as on Ctrl-C."""
 
     NOTE_SECONDS = 2.0
+    SETTING_NAMES = {"offload": "offload_activations on",
+                     "fp8_base": "the teacher loaded in fp8 (UNETLoader weight_dtype fp8_e4m3fn)"}
 
     def __init__(self, cfg: TrainConfig, *, on_progress: Callable[[int, int, str], None],
                  should_stop: Callable[[], bool], on_note: Callable[[str], None] = lambda line: None,
