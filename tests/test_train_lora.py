@@ -117,8 +117,9 @@ def test_checkpoint_recompute_sees_the_switch_of_its_forward():
 
 
 def test_offloaded_checkpoints_give_the_same_gradients(monkeypatch):
-    """``offload``: every checkpointed block keeps host copies of its hidden-state inputs (img and txt of a double
-    block, the joint stream of a single block, the final layer's input) and the gradients stay bit-identical."""
+    """``offload``: every checkpointed block saves host copies of its hidden-state inputs (img and txt of a double
+    block, the joint stream of a single block, the final layer's input; not the shared rotary tables) for its
+    recompute, and the gradients stay bit-identical."""
     from accvideo_core.models import transformer_hunyuan_video as thv
 
     model, adapters = _adapted()
@@ -130,7 +131,8 @@ def test_offloaded_checkpoints_give_the_same_gradients(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(ckpt, offloaded))
     c = model.config   # the student's forward (every block + final layer), then the features up to layer 3
     assert len(copies) == (2 * c.num_double_blocks + c.num_single_blocks + 1) + 2 * 2 + 1
-    assert all(t.device.type == "cpu" for t in copies) and sum(t.requires_grad for t in copies) > len(copies) // 2
+    # saved values, not graph nodes: the gradients never travel through host memory
+    assert all(t.device.type == "cpu" and not t.requires_grad for t in copies)
     with pytest.raises(ConfigError, match="offload_checkpoints needs model.gradient_checkpointing"):
         config_from_dict({"model": {"offload_checkpoints": True, "gradient_checkpointing": False}})
 

@@ -9,6 +9,7 @@ sequence; padded text tokens are never attended to. The token refiner attends wi
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -368,17 +369,27 @@ class PatchEmbed(nn.Module):
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A differentiable copy of ``t`` in host memory (pinned and asynchronous when ``t`` is on CUDA)."""
+    """A copy of ``t`` in host memory (pinned and asynchronous when ``t`` is on CUDA)."""
     host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
-    return host.copy_(t, non_blocking=t.is_cuda)
+    return host.copy_(t.detach(), non_blocking=t.is_cuda)
 
 
-def _on_device(block: nn.Module, device: torch.device, streams: int) -> Callable[..., Any]:
-    """``block`` called with its first ``streams`` arguments copied back to ``device`` (in the forward and in
-    the backward's recompute)."""
-    def run(*args: Any) -> Any:
-        return block(*(t.to(device, non_blocking=True) for t in args[:streams]), *args[streams:])
-    return run
+def _saved_on_host(streams: tuple[torch.Tensor, ...]) -> torch.autograd.graph.saved_tensors_hooks:
+    """While active, autograd saves these tensors (a checkpointed block's hidden-state inputs, which the checkpoint
+    keeps for its recompute) as host copies and copies them back to their device when the backward pass needs
+    them; every other saved tensor (the rotary tables all blocks share, the conditioning vector) stays put."""
+    pointers = {t.data_ptr() for t in streams}
+
+    def pack(t: torch.Tensor) -> Any:
+        return (t.device, _to_host(t)) if t.data_ptr() in pointers else t
+
+    def unpack(saved: Any) -> torch.Tensor:
+        if isinstance(saved, tuple):
+            device, host = saved
+            return host.to(device, non_blocking=True)
+        return saved
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 @dataclass
@@ -432,7 +443,8 @@ class HunyuanVideoTransformer3D(nn.Module):
     def enable_gradient_checkpointing(self, enabled: bool = True, *, offload: bool = False) -> None:
         """Recompute each block in the backward pass (training memory ~ one block's activations). ``offload``: each
         block's checkpointed input (its hidden-state streams) waits for the backward pass in host memory (pinned
-        on CUDA), so the device holds no per-block activations, at one device-host copy each way per block."""
+        on CUDA, through saved-tensor hooks), so the device holds no per-block activations, at one device-host copy
+        each way per block and forward graph."""
         self.gradient_checkpointing = enabled
         self.offload_checkpoints = enabled and offload
 
@@ -538,9 +550,8 @@ class HunyuanVideoTransformer3D(nn.Module):
         """Run ``block`` (checkpointed when training); its first ``streams`` arguments are the hidden states."""
         if not (self.gradient_checkpointing and torch.is_grad_enabled()):
             return block(*args)
-        if self.offload_checkpoints:
-            block, args = _on_device(block, args[0].device, streams), (*map(_to_host, args[:streams]), *args[streams:])
-        return checkpoint(block, *args, use_reentrant=False, context_fn=self.checkpoint_context_fn)
+        with _saved_on_host(args[:streams]) if self.offload_checkpoints else contextlib.nullcontext():
+            return checkpoint(block, *args, use_reentrant=False, context_fn=self.checkpoint_context_fn)
 
     def _run_blocks(self, p: _Prepared, layers: int) -> torch.Tensor:
         """Run the first ``layers`` blocks (double first); returns the image tokens ``[B, N, hidden]`` (this rank's
