@@ -119,6 +119,10 @@ def test_run_key_changes_with_every_input_but_not_the_folder(data, tmp_path):
     # interrupted run through resumes that run
     offloaded = _cfg(data, offload=True)
     assert offloaded.model.offload_checkpoints and run_folder(tmp_path, "n", offloaded, teacher) == base
+    merged = _cfg(data)   # the node's LoRA runs skip the merged export; a run that wrote it is still reused
+    assert not merged.log.export_merged and _cfg(data, lora_rank=0).log.export_merged
+    merged.log.export_merged = True
+    assert run_folder(tmp_path, "n", merged, teacher) == base
 
 
 def test_interrupt_checkpoints_and_a_rerun_resumes_to_the_uninterrupted_result(data, tmp_path, monkeypatch):

@@ -57,7 +57,9 @@ def data_identity(root: str | Path) -> str:
     return json.dumps(load_manifest(root)["samples"], sort_keys=True)
 
 
-RESULT_NEUTRAL = (("log", "out_dir"), ("model", "offload_checkpoints"))  # config fields that never change a result
+# config fields that never change what the node uses (the trained student): a run keyed without them is reused
+# or resumed when only they changed
+RESULT_NEUTRAL = (("log", "out_dir"), ("model", "offload_checkpoints"), ("log", "export_merged"))
 
 
 def run_key(cfg: TrainConfig, teacher_fingerprint: str, data: str) -> str:
@@ -80,7 +82,8 @@ def run_folder(runs: str | Path, name: str, cfg: TrainConfig, teacher: nn.Module
 def node_config(*, data_root: str | Path, steps: int, lora_rank: int, lr: float, lambda_adv: float, seed: int,
                 device: str, samples: int, offload: bool = False) -> TrainConfig:
     """The trainer config of the node's inputs; every other field keeps the trainer's default (docs/training.md),
-    except the batch: the paper's 32 samples per iteration, or all training samples of a smaller data set."""
+    except the batch (the paper's 32 samples per iteration, or all training samples of a smaller data set) and, in
+    LoRA mode, no merged ``student.safetensors`` (the node uses the LoRA; a merged 13B file is 26 GB)."""
     val = 4
     train_samples = max(1, samples - min(val, samples - 1))
     return config_from_dict({
@@ -89,6 +92,7 @@ def node_config(*, data_root: str | Path, steps: int, lora_rank: int, lr: float,
         "optim": {"steps": steps, "lr": lr, "seed": seed, "total_batch": min(32, train_samples)},
         "loss": {"lambda_adv": lambda_adv, "adversarial": lambda_adv > 0},
         "runtime": {"device": device, "fsdp": "off"},
+        "log": {"export_merged": lora_rank == 0},
     })
 
 
