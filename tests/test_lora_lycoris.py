@@ -165,6 +165,32 @@ def test_comfy_patches_hand_lycoris_to_comfyui_unless_terms_mix():
     torch.testing.assert_close(lin2.weights[0], want)
 
 
+def test_loha_and_lokr_factor_exactly_into_a_cheaper_low_rank_pair():
+    """``FactoredTerm.low_rank``: LoHa through the row-/column-wise Kronecker products (rank r1 r2), LoKr through
+    kron(A1 B1, A2 B2) = kron(A1, A2) kron(B1, B2) (a whole factor times an identity); None when the rank would cost
+    more than the dense matrix."""
+    from accvideo_core.lora.formats import FactoredTerm
+
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    cases = [
+        FactoredTerm("loha", {"hada_w1_a": r(96, 2), "hada_w1_b": r(2, 64), "hada_w2_a": r(96, 3),
+                              "hada_w2_b": r(3, 64)}, alpha=4.0),                                # rank 6
+        FactoredTerm("lokr", {"lokr_w1": r(4, 2), "lokr_w2_a": r(24, 2), "lokr_w2_b": r(2, 32)}, alpha=1.0),  # 2 x 2
+        FactoredTerm("lokr", {"lokr_w1_a": r(8, 1), "lokr_w1_b": r(1, 4), "lokr_w2_a": r(12, 2),
+                              "lokr_w2_b": r(2, 16)}, alpha=3.0),                               # 1 x 2
+    ]
+    for term in cases:
+        up, down = term.low_rank(dtype=torch.float64)
+        assert up.shape[1] < min(term.matrix_shape)
+        torch.testing.assert_close(up @ down, term.matrix(dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    dense = FactoredTerm("lokr", {"lokr_w1": r(8, 4), "lokr_w2": r(16, 8)})   # rank 4 x 8: cheaper as a matrix
+    assert dense.low_rank() is None
+
+
 def test_loha_runs_unmerged_on_fp8_weights():
     if not FP8_DTYPES:
         pytest.skip("this torch build has no float8 dtypes")
@@ -182,7 +208,8 @@ def test_loha_runs_unmerged_on_fp8_weights():
     tensors["diffusion_model.double_blocks.1.img_mlp.fc1.lokr_w2"] = torch.randn(16, 8, generator=gen) * 0.3
     lora = load_lora(tensors)
     inputs = tiny_inputs(fp8.config)
-    LoraStack(fp8).add(lora, 0.7)
+    stack = LoraStack(fp8)
+    stack.add(lora, 0.7)
     assert all(torch.equal(fp8.state_dict()[k].view(torch.uint8), v.view(torch.uint8))
                for k, v in fp8_state.items() if v.dtype == torch.float8_e4m3fn), "an fp8 weight was modified"
     merged = tiny_transformer(seed=4)
@@ -190,6 +217,12 @@ def test_loha_runs_unmerged_on_fp8_weights():
     merged.load_state_dict(merge_into_state_dict(upcast, [(lora, 0.7)]))
     with torch.no_grad():
         torch.testing.assert_close(fp8(**inputs, guidance=6.0), merged(**inputs, guidance=6.0), rtol=1e-4, atol=1e-5)
+    # the LoHa layers run as low-rank factors (rank 2 x 2, no dense delta kept); the LoKr of two whole factors as
+    # its dense matrix (rank 4 x 8 would cost more)
+    cache = {key[0]: value for key, value in stack.entries[0].cache.items()}   # (low_rank, dense, bias)
+    qkv, fc1 = cache["double_blocks.0.img_attn_qkv"], cache["double_blocks.1.img_mlp.fc1"]
+    assert qkv[0][0].shape == (96, 4) and qkv[1] is None
+    assert fc1[0] is None and fc1[1].shape == (128, 32)
 
 
 def test_unusable_lycoris_modules_are_left_out_whole_and_said_why(caplog):

@@ -299,11 +299,11 @@ class LoraStack:
             weight = self._params[f"{module}.weight"]
             low_rank = None
             full = None
-            if weight.ndim == 2 and patch.up is not None:
-                low_rank = ((patch.up.flatten(1).float() * patch.scale).to(x), patch.down.flatten(1).to(x))
-                full = patch.dense_delta(weight.shape, device=x.device)
+            if weight.ndim == 2 and patch.changes_weight:   # LoRA, LoHa and LoKr as low-rank factors where exact
+                low_rank, full = patch.low_rank_and_dense(weight.shape, device=x.device)
+                low_rank = None if low_rank is None else (low_rank[0].to(x), low_rank[1].to(x))
                 full = None if full is None else full.to(x.dtype)
-            elif patch.changes_weight:  # conv weights, full differences, LoHa / LoKr: one dense delta
+            elif patch.changes_weight:  # conv weights: one dense delta
                 full = patch.weight_delta(weight.shape, device=x.device).to(x.dtype)
             bias = None if patch.diff_b is None else patch.diff_b.to(x)
             entry.cache[key] = (low_rank, full, bias)

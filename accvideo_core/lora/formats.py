@@ -144,6 +144,36 @@ class FactoredTerm:
             product = torch.kron(self._matrix("lokr_w1", dtype, device), self._matrix("lokr_w2", dtype, device))
         return product * self.scale
 
+    def _pair(self, name: str, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """One factor matrix as ``(a, b)`` with ``a @ b`` equal to it: as stored, or a whole matrix times an
+        identity on its smaller side."""
+        f = self.factors
+        if name not in f:
+            return (f[f"{name}_a"].to(device=device, dtype=dtype).flatten(1),
+                    f[f"{name}_b"].to(device=device, dtype=dtype).flatten(1))
+        whole = f[name].to(device=device, dtype=dtype).flatten(1)
+        rows, cols = whole.shape
+        eye = torch.eye(min(rows, cols), device=device, dtype=dtype)
+        return (eye, whole) if rows <= cols else (whole, eye)
+
+    def low_rank(self, *, dtype: torch.dtype = torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(up, down)`` with ``up @ down`` exactly ``delta_W`` (scale in ``up``), when that rank is cheaper than
+        the dense matrix (``rank * (rows + cols) < rows * cols``), else None. LoHa: ``(A1 B1) * (A2 B2)`` is
+        ``(A1 . A2)(B1 . B2)`` with the row-wise / column-wise Kronecker products (rank r1 r2); LoKr:
+        ``kron(A1 B1, A2 B2) = kron(A1, A2) kron(B1, B2)``."""
+        (a1, b1), (a2, b2) = (self._pair(n, dtype, device) for n in (
+            ("hada_w1", "hada_w2") if self.kind == "loha" else ("lokr_w1", "lokr_w2")))
+        rows, cols = self.matrix_shape
+        rank = a1.shape[1] * a2.shape[1]
+        if rank * (rows + cols) >= rows * cols:
+            return None
+        if self.kind == "loha":
+            up = (a1[:, :, None] * a2[:, None, :]).reshape(rows, rank)
+            down = (b1[:, None, :] * b2[None, :, :]).reshape(rank, cols)
+        else:
+            up, down = torch.kron(a1, a2), torch.kron(b1, b2)
+        return up * self.scale, down
+
     def check(self, module: str) -> None:
         """Raise :class:`LoraFormatError` when the factors do not multiply (a broken file)."""
         f = self.factors
@@ -251,6 +281,28 @@ class ModulePatch:
         down = self.down.to(device=device, dtype=dtype).flatten(1)
         delta = (up @ down).reshape(shape) * self.scale
         return delta if dense is None else delta + dense
+
+    def low_rank_and_dense(self, shape: torch.Size | tuple[int, ...], *, dtype: torch.dtype = torch.float32,
+                           device: torch.device | str | None = None
+                           ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+        """The weight change as one ``(up, down)`` pair (scale in ``up``; the low-rank term and every LoHa / LoKr
+        term with a cheaper exact factorization, concatenated along the rank) plus a dense rest (``diff`` and
+        the other terms), each None when empty. For matrices (``[out, in]`` weights)."""
+        self._check_weight(shape)
+        ups, downs = [], []
+        if self.up is not None:
+            ups.append(self.up.to(device=device, dtype=dtype).flatten(1) * self.scale)
+            downs.append(self.down.to(device=device, dtype=dtype).flatten(1))
+        dense = None if self.diff is None else self.diff.to(device=device, dtype=dtype)
+        for term in self.factored:
+            pair = term.low_rank(dtype=dtype, device=device)
+            if pair is None:
+                part = term.matrix(dtype=dtype, device=device).reshape(shape)
+                dense = part if dense is None else dense + part
+            else:
+                ups.append(pair[0])
+                downs.append(pair[1])
+        return ((torch.cat(ups, 1), torch.cat(downs, 0)) if ups else None), dense
 
     def dense_delta(self, shape: torch.Size | tuple[int, ...], *, dtype: torch.dtype = torch.float32,
                     device: torch.device | str | None = None) -> torch.Tensor | None:
