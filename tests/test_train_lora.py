@@ -572,3 +572,32 @@ def test_memory_advice_names_the_settings_that_fit(synvid, tmp_path, monkeypatch
     monkeypatch.setattr(trainer, "validate", lambda: {})
     with pytest.raises(torch.OutOfMemoryError, match="OOM\nby python -m accvideo_core.train.estimate this run"):
         trainer.run()
+
+
+def test_estimate_of_a_config_file_reads_only_headers(synvid, tmp_path, capsys):
+    """``train.estimate --config run.json [--set ...] [--device-gb G]``: the run's memory before anything is
+    loaded (the teacher's architecture from its header, the size from the SynVid's first sample), as the trainer
+    itself computes it; an fp8 teacher file counts as an fp8 base; unreadable inputs exit 2 with one line."""
+    from accvideo_core.models.loading import load_transformer
+    from accvideo_core.train.estimate import estimate, main
+
+    cfg = make_cfg(synvid, tmp_path / "run", model={"lora_rank": 4, "offload_checkpoints": True,
+                                                    "gradient_checkpointing": True}, optim={"micro_batch": 2})
+    (tmp_path / "run.json").write_text(json.dumps(cfg.to_dict()))
+    assert main(["--config", str(tmp_path / "run.json"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = estimate(load_transformer(synvid / "teacher.safetensors").config, latent=(2, 4, 6), text_tokens=7, gpus=1,
+                    lora_rank=4, offload=True, micro_batch=2, head_width=32)
+    assert got["peak_gb"] == pytest.approx(want.peak) and got["host_gb"] == pytest.approx(want.host_gb) and want.host_gb > 0
+    trainer = Trainer(cfg)   # the trainer's own figure for the same run
+    assert trainer.memory_advice(1.0)[0] == pytest.approx(want.peak)
+    assert main(["--config", str(tmp_path / "run.json"), "--set", "model.offload_checkpoints=false",
+                 "--device-gb", "1e-6"]) == 0
+    out = capsys.readouterr().out
+    assert "latent (2, 4, 6)" in out and "LoRA rank 4" in out and "offloaded" not in out.splitlines()[0]
+    assert "more than the device's 0.0 GB" in out
+    fp8_file, _ = _fp8_rounded_copy(synvid / "teacher.safetensors", tmp_path)
+    assert main(["--config", str(tmp_path / "run.json"), "--set", f"model.teacher={json.dumps(str(fp8_file))}"]) == 0
+    assert "fp8 base" in capsys.readouterr().out.splitlines()[0]
+    assert main(["--config", str(tmp_path / "missing.json")]) == 2
+    assert capsys.readouterr().err.startswith("error: config file not found")

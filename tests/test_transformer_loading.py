@@ -93,6 +93,26 @@ def test_pt_wrappers_prefixes_and_diffusers_layout_load_identically(model, input
     assert torch.equal(_out(load_transformer({"diffusion_model." + k: v for k, v in sd.items()}), inputs), ref)
 
 
+def test_read_config_takes_the_architecture_from_the_header(model, tmp_path):
+    """``read_config``: the config ``load_transformer`` reads, from a safetensors header alone (original, ComfyUI
+    prefix, diffusers layout, fp8_scaled), and from a whole read for other formats."""
+    from accvideo_core.models.loading import read_config
+
+    sd = model.state_dict()
+    fp8 = {k: v.to(FP8) if v.dim() == 2 else v for k, v in sd.items()}
+    fp8["single_blocks.0.linear1.scale_weight"] = torch.tensor(0.5)
+    files = {"original.safetensors": sd, "comfy.safetensors": {"model.diffusion_model." + k: v for k, v in sd.items()},
+             "diffusers.safetensors": original_to_diffusers(sd), "fp8.safetensors": fp8}
+    for name, tensors in files.items():
+        save_safetensors(tensors, tmp_path / name)
+        assert read_config(tmp_path / name) == model.config, name
+    save_torch({"module": sd}, tmp_path / "wrapped.pt")
+    assert read_config(tmp_path / "wrapped.pt") == model.config
+    save_safetensors({"decoder.conv_in.weight": torch.zeros(4, 4, 3, 3, 3)}, tmp_path / "vae.safetensors")
+    with pytest.raises(CheckpointError, match="vae.safetensors: .*not a HunyuanVideo transformer: detected a VAE"):
+        read_config(tmp_path / "vae.safetensors")
+
+
 def _comfy_internal_names(key: str) -> str:
     """ComfyUI's own renaming of original HunyuanVideo keys on load (comfy/supported_models.py, v0.3.x)."""
     key = key.replace("txt_in.t_embedder.mlp.0.", "txt_in.t_embedder.in_layer.").replace(

@@ -226,6 +226,36 @@ def _read_source(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> tupl
     return sd, _stored_config(read_metadata(path), str(path)), str(path)
 
 
+def header_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as meta tensors (names, shapes, dtypes from its header; nothing read)."""
+    from safetensors import safe_open
+
+    from ..utils.dtypes import SAFETENSORS
+
+    with safe_open(str(path), framework="pt") as fh:
+        slices = {k: fh.get_slice(k) for k in fh.keys()}
+        return {k: torch.empty(v.get_shape(), dtype=SAFETENSORS.get(v.get_dtype(), torch.float32), device="meta")
+                for k, v in slices.items()}
+
+
+def read_config(path: str | os.PathLike) -> TransformerConfig:
+    """The architecture of a checkpoint file, as :func:`load_transformer` reads it, without loading its weights
+    when it is a safetensors file (the shapes come from the header); other formats are read whole."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return load_transformer(path).config
+    raw = {k: v for k, v in header_tensors(path).items()
+           if not k.endswith((".scale_weight", ".scale_input", "scaled_fp8"))}
+    stored = _stored_config(read_metadata(path), str(path))
+    axes = stored.get("rope_axes")
+    try:
+        sd, _ = to_original_layout(raw)
+        return config_from_state_dict(sd, rope_axes=tuple(axes) if axes else None,
+                                      rope_theta=float(stored.get("rope_theta", 256.0)))
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
 def _stored_config(meta: Mapping[str, str], name: str) -> dict:
     """The config :func:`save_transformer` wrote into the metadata ({} when none), checked to be a valid config."""
     if CONFIG_METADATA_KEY not in meta:

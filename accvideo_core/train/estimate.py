@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from accvideo_core.latents import latent_shape
 from accvideo_core.models.loading import BLOCK_PREFIXES
 from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig
 from accvideo_core.lora.adapters import target_names
-from accvideo_core.train.config import LORA_TARGETS
+from accvideo_core.train.config import LORA_TARGETS, TrainConfig
 from accvideo_core.train.heads import DiscriminatorHead
 
 GB = 1e9
@@ -112,7 +113,7 @@ def estimate(config: TransformerConfig, *, frames: int = 0, height: int = 0, wid
     static = {
         "student fp32 weights": 4 * p / gpus, "student fp32 gradients": 4 * p / gpus,
         "AdamW states": 8 * p / gpus, "teacher bf16": 2 * p / gpus, "heads (replicated)": 16 * heads,
-        "unsharded blocks in flight": 2 * 2 * biggest_block,
+        "unsharded blocks in flight": 2 * 2 * biggest_block if gpus > 1 else 0,   # 1 GPU: no FSDP
     }
     if lora_rank:
         adapters = sum(lora_rank * sum(model.get_submodule(n).weight.shape)
@@ -124,7 +125,7 @@ def estimate(config: TransformerConfig, *, frames: int = 0, height: int = 0, wid
         static = {**base,
                   f"adapters r{lora_rank} fp32 weights+grads+AdamW": 16 * adapters / gpus,
                   "heads (replicated)": 16 * heads,
-                  "unsharded blocks in flight": 2 * 2 * biggest_block if gpus > 1 else 0}  # 1 GPU: no FSDP
+                  "unsharded blocks in flight": 2 * 2 * biggest_block if gpus > 1 else 0}
     if ema:
         static["EMA fp32"] = 4 * p / gpus
     # one bf16 [tokens, hidden] tensor of an SP rank: 1/sp of the image tokens (rounded up), every text token
@@ -175,6 +176,34 @@ def memory_advice(config: TransformerConfig, device_gb: float, names: dict[str, 
     return e.peak, f"{need}, more than the device's {device_gb:.1f} GB{fix}"
 
 
+def run_settings(cfg: TrainConfig, *, latent: tuple[int, int, int], text_tokens: int, gpus: int, sp: int,
+                 fp8_base: bool) -> dict:
+    """``estimate``'s keyword arguments for a trainer config on ``gpus`` ranks (``sp`` per sample) and a data set
+    of this latent grid and text length; ``fp8_base``: the frozen base holds fp8 weights."""
+    return dict(latent=latent, text_tokens=text_tokens, gpus=gpus, sp=sp, ema=cfg.optim.ema_decay > 0,
+                segments=cfg.data.segments, head_width=cfg.loss.head_width, lora_rank=cfg.model.lora_rank,
+                fp8_base=fp8_base, offload=cfg.model.offload_checkpoints, micro_batch=cfg.optim.micro_batch)
+
+
+def config_run(path: str, overrides: list[str], gpus: int) -> tuple[TransformerConfig, dict]:
+    """(teacher config, ``estimate`` keyword arguments) of a trainer config file: the teacher's architecture from
+    its header, the latent grid and text length from the first sample of ``data.root``; nothing else is loaded."""
+    from accvideo_core.models.loading import header_tensors, read_config
+    from accvideo_core.synvid.format import SynVidDataset, read_sample
+    from accvideo_core.train.config import load_config
+    from accvideo_core.utils.dtypes import FP8_DTYPES
+
+    cfg = load_config(path, overrides)
+    teacher = cfg.model.teacher
+    fp8 = cfg.model.fp8_base or (teacher.endswith(".safetensors") and any(
+        t.dtype in FP8_DTYPES for t in header_tensors(teacher).values()))
+    data = SynVidDataset(cfg.data.root)
+    sample = read_sample(data.path(0), steps=[0], check_finite=False)
+    return read_config(teacher), run_settings(cfg, latent=tuple(sample.latents.shape[-3:]),
+                                              text_tokens=sample.text_states.shape[0], gpus=gpus,
+                                              sp=cfg.runtime.sequence_parallel, fp8_base=fp8)
+
+
 PLAN_VIDEOS = ((93, 544, 960), (129, 720, 1280))
 PLAN_LAYOUTS = ((8, 1), (8, 2), (8, 4), (8, 8), (16, 8), (32, 8))  # (GPUs, SP degree)
 
@@ -206,7 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=93)
     ap.add_argument("--height", type=int, default=544)
     ap.add_argument("--width", type=int, default=960)
-    ap.add_argument("--gpus", type=int, default=8)
+    ap.add_argument("--gpus", type=int, default=None, help="GPUs (ranks): default 8, with --config 1")
+    ap.add_argument("--config", help="a trainer config (.toml / .json): estimate that run (the teacher's "
+                                     "architecture from its file header, the video size from its SynVid)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="with --config: override a field, as python -m accvideo_core.train does")
+    ap.add_argument("--device-gb", type=float, default=0.0,
+                    help="with --config: compare with a GPU of this many GB and say which settings would fit")
     ap.add_argument("--sp", type=int, default=1,
                     help="Ulysses sequence-parallel degree (must divide --gpus and the 24 heads)")
     ap.add_argument("--ema", action="store_true")
@@ -221,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="LoRA mode: the checkpointed block inputs in host memory (model.offload_checkpoints)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.config:
+        return _config_estimate(args.config, args.set, args.gpus or 1, args.device_gb, args.json)
+    args.gpus = args.gpus or 8
     if (args.fp8_base or args.offload) and not args.lora_rank:
         ap.error("--fp8-base and --offload are LoRA-mode options: give --lora-rank too")
     if args.lora_rank:
@@ -239,15 +277,50 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"HunyuanVideo {e.params / 1e9:.3f} B params, {args.frames}x{args.height}x{args.width} -> {e.tokens} "
           f"tokens, {args.gpus} GPUs (FSDP2), SP degree {args.sp}")
-    for name, value in e.static.items():
-        print(f"  {name:<30}{value:8.2f} GB")
-    print(f"  {'static total':<30}{sum(e.static.values()):8.2f} GB")
-    for name, value in e.activations.items():
-        print(f"  {'activations, ' + name:<30}{value:8.2f} GB")
-    print(f"  {'peak per GPU':<30}{e.peak:8.2f} GB")
+    _print_memory(e)
     print(f"  one forward {e.forward_flops / 1e15:.2f} PFLOP; {args.iterations} iterations x 32 samples x "
           f"{args.segments} segments x {FORWARDS_PER_SEGMENT} forward-equivalents at {args.tflops:g} TFLOP/s per "
           f"GPU: {days:.1f} days (communication not counted)")
+    return 0
+
+
+def _print_memory(e: Estimate) -> None:
+    for name, value in e.static.items():
+        print(f"  {name:<44}{value:8.2f} GB")
+    print(f"  {'static total':<44}{sum(e.static.values()):8.2f} GB")
+    for name, value in e.activations.items():
+        print(f"  {'activations, ' + name:<44}{value:8.2f} GB")
+    if e.host_gb:
+        print(f"  {'host memory (offloaded checkpoints)':<44}{e.host_gb:8.2f} GB")
+    print(f"  {'peak per GPU':<44}{e.peak:8.2f} GB")
+
+
+def _config_estimate(path: str, overrides: list[str], gpus: int, device_gb: float, as_json: bool) -> int:
+    """``--config``: the memory of that run per GPU and, with ``--device-gb``, what would fit. Exit 2 (one
+    ``error:`` line) when the config, teacher or SynVid cannot be read."""
+    from accvideo_core.synvid.format import SynVidError
+    from accvideo_core.train.config import ConfigError
+    from accvideo_core.utils.io import CheckpointError
+
+    try:
+        config, run = config_run(path, overrides, gpus)
+        e = estimate(config, **run)
+    except (ConfigError, SynVidError, CheckpointError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    advice = memory_advice(config, device_gb, **run)[1] if device_gb else ""
+    if as_json:
+        print(json.dumps({"params": e.params, "tokens": e.tokens, "static_gb": e.static,
+                          "activations_gb": e.activations, "host_gb": e.host_gb, "peak_gb": e.peak,
+                          "settings": {k: v for k, v in run.items()}, "advice": advice}, indent=2))
+        return 0
+    mode = f"LoRA rank {run['lora_rank']}" if run["lora_rank"] else "full fine-tune"
+    print(f"{path}: {e.params / 1e9:.3f} B params, latent {tuple(run['latent'])} -> {e.tokens} tokens per sample, "
+          f"micro-batch {run['micro_batch']}, {mode}{', fp8 base' if run['fp8_base'] else ''}"
+          f"{', offloaded checkpoints' if run['offload'] else ''}, {gpus} GPU(s), SP degree {run['sp']}")
+    _print_memory(e)
+    if advice:
+        print(advice)
     return 0
 
 

@@ -34,7 +34,7 @@ from accvideo_core.train.checkpoint import (Lineage, export_final, load_checkpoi
                                             rng_state, save_checkpoint, set_rng_state)
 from accvideo_core.train.config import ConfigError, TrainConfig, check_batching
 from accvideo_core.train.estimate import SETTING_NAMES as CONFIG_SETTING_NAMES
-from accvideo_core.train.estimate import memory_advice
+from accvideo_core.train.estimate import memory_advice, run_settings
 from accvideo_core.train.losses import discriminator_loss, generator_loss, segment_target, trajectory_loss
 from accvideo_core.train.monitor import Monitor
 from accvideo_core.train.queues import TrajectoryQueues
@@ -186,13 +186,10 @@ class Trainer:
     def memory_advice(self, device_gb: float) -> tuple[float, str]:
         """``train.estimate``'s peak GB per GPU for this run (its model, data size, mode and settings) and what to
         change when it exceeds ``device_gb`` (:func:`~accvideo_core.train.estimate.memory_advice`)."""
-        c, m = self.cfg, self.cfg.model
         fp8 = any(p.dtype.itemsize == 1 for p in self.teacher.parameters())   # fp8_base, or an fp8 teacher
-        return memory_advice(self.teacher.config, device_gb, self.SETTING_NAMES, latent=self.latent_grid,
-                             text_tokens=self.text_tokens, gpus=self.info.world, sp=self.info.sp,
-                             ema=c.optim.ema_decay > 0, segments=c.data.segments, head_width=c.loss.head_width,
-                             lora_rank=m.lora_rank, fp8_base=fp8, offload=m.offload_checkpoints,
-                             micro_batch=c.optim.micro_batch)
+        return memory_advice(self.teacher.config, device_gb, self.SETTING_NAMES, **run_settings(
+            self.cfg, latent=self.latent_grid, text_tokens=self.text_tokens, gpus=self.info.world, sp=self.info.sp,
+            fp8_base=fp8))
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # Under torchrun a Ctrl-C reaches a worker twice (terminal + the agent forwarding it): repeats within
