@@ -2,10 +2,12 @@
 
 ``python -m accvideo_core.train.estimate [--frames 93 --height 544 --width 960 --gpus 8 --sp 1 --ema]``
 ``python -m accvideo_core.train.estimate --plan`` (the 544p / 720p table of docs/training.md)
+``python -m accvideo_core.train.estimate --lora-rank 16 [--fp8-base] [--offload]`` (LoRA mode on 1 and 8 GPUs)
+``python -m accvideo_core.train.estimate --config my_run.toml [--device-gb 24]`` (one run, and what would fit)
 
 The formulas are those of docs/training.md ("13B: memory and days"): FSDP2 over all ``gpus`` ranks (the
 sequence-parallel ranks shard the weights too), fp32 master weights, gradients and AdamW states, bf16 frozen
-teacher, per-block gradient checkpointing, micro-batch 1, O(N)-memory attention. ``sp`` = Ulysses sequence-parallel
+teacher, per-block gradient checkpointing, micro-batch 1 (unless given), O(N)-memory attention. ``sp`` = Ulysses sequence-parallel
 degree as built (``models/sequence_parallel.py``): each rank holds 1/sp of the image tokens and all text tokens,
 plus the all-to-all buffers of q/k/v; the discriminator's gathered features are full size on every rank.
 Parameter counts and forward FLOPs come from the transformer built on the meta device (exact for the config).
@@ -170,8 +172,7 @@ def memory_advice(config: TransformerConfig, device_gb: float, names: dict[str, 
     smaller = "a lower model.lora_rank" if run.get("lora_rank") else "a LoRA (model.lora_rank > 0)"
     fix = ("; it fits with " + ", or with ".join(fits)) if fits else (
         f"; neither {names['offload']} nor {names['fp8_base']} brings it under that: train on fewer frames or a "
-        "smaller size, "
-        f"{smaller}, or spread it over several GPUs (torchrun: FSDP2 shards the weights, "
+        f"smaller size, {smaller}, or spread it over several GPUs (torchrun: FSDP2 shards the weights, "
         "runtime.sequence_parallel the activations)")
     return e.peak, f"{need}, more than the device's {device_gb:.1f} GB{fix}"
 
@@ -312,7 +313,7 @@ def _config_estimate(path: str, overrides: list[str], gpus: int, device_gb: floa
     if as_json:
         print(json.dumps({"params": e.params, "tokens": e.tokens, "static_gb": e.static,
                           "activations_gb": e.activations, "host_gb": e.host_gb, "peak_gb": e.peak,
-                          "settings": {k: v for k, v in run.items()}, "advice": advice}, indent=2))
+                          "settings": run, "advice": advice}, indent=2))
         return 0
     mode = f"LoRA rank {run['lora_rank']}" if run["lora_rank"] else "full fine-tune"
     print(f"{path}: {e.params / 1e9:.3f} B params, latent {tuple(run['latent'])} -> {e.tokens} tokens per sample, "
