@@ -75,6 +75,8 @@ class Trainer:
     non-empty ``log.out_dir`` is refused unless ``overwrite`` (which removes the run files there).
     """
 
+    SETTING_NAMES = CONFIG_SETTING_NAMES   # how the memory advice names the settings (a host: its own inputs)
+
     def __init__(self, cfg: TrainConfig, *, teacher: nn.Module | None = None, resume: str | None = None,
                  overwrite: bool = False):
         self.cfg = cfg
@@ -176,12 +178,12 @@ class Trainer:
             path = save_checkpoint(self)
             raise Interrupted(f"{stop}; resume with --resume {path}") from None
         except torch.OutOfMemoryError as err:   # say what the estimate says and what would fit
-            raise torch.OutOfMemoryError(f"{err}\n{self.memory_note}" if self.memory_note else str(err)) from err
+            if not self.memory_note:
+                raise
+            raise torch.OutOfMemoryError(f"{err}\n{self.memory_note}") from err
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-
-    SETTING_NAMES = CONFIG_SETTING_NAMES   # how the memory advice names the settings (a host: its own inputs)
 
     def memory_advice(self, device_gb: float) -> tuple[float, str]:
         """``train.estimate``'s peak GB per GPU for this run (its model, data size, mode and settings) and what to
