@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..utils.dtypes import FP8_DTYPES, dtype_name, names_for, parse_dtype
-from ..utils.io import CheckpointError, StateDict, read_metadata, read_state_dict, save_safetensors_stream
+from ..utils.io import (CheckpointError, LazyCheckpoint, StateDict, read_metadata, read_state_dict,
+                        save_safetensors_stream)
 from .key_maps import (CHECKPOINT_PREFIXES, DIFFUSERS_MARKER, ORIGINAL_MARKER, comfy_internal_to_original,
                        diffusers_to_original, strip_prefix)
 from .transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig
@@ -227,23 +228,16 @@ def _read_source(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> tupl
 
 
 def header_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors as meta tensors (names, shapes, dtypes from its header; nothing read)."""
-    from safetensors import safe_open
-
-    from ..utils.dtypes import SAFETENSORS
-
-    with safe_open(str(path), framework="pt") as fh:
-        slices = {k: fh.get_slice(k) for k in fh.keys()}
-        return {k: torch.empty(v.get_shape(), dtype=SAFETENSORS.get(v.get_dtype(), torch.float32), device="meta")
-                for k, v in slices.items()}
+    """A checkpoint's tensors as meta tensors: names, shapes and dtypes from a safetensors header (nothing read)
+    or a memory-mapped weights-only pickle."""
+    with LazyCheckpoint(path) as ckpt:
+        specs = {k: ckpt.shape_dtype(k) for k in ckpt.keys()}
+    return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in specs.items()}
 
 
 def read_config(path: str | os.PathLike) -> TransformerConfig:
-    """The architecture of a checkpoint file, as :func:`load_transformer` reads it, without loading its weights
-    when it is a safetensors file (the shapes come from the header); other formats are read whole."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return load_transformer(path).config
+    """The architecture of a checkpoint file, as :func:`load_transformer` reads it, from its tensors' shapes
+    (:func:`header_tensors`: no weight is loaded)."""
     raw = {k: v for k, v in header_tensors(path).items()
            if not k.endswith((".scale_weight", ".scale_input", "scaled_fp8"))}
     stored = _stored_config(read_metadata(path), str(path))

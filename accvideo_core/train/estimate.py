@@ -187,8 +187,9 @@ def run_settings(cfg: TrainConfig, *, latent: tuple[int, int, int], text_tokens:
 
 
 def config_run(path: str, overrides: list[str], gpus: int) -> tuple[TransformerConfig, dict]:
-    """(teacher config, ``estimate`` keyword arguments) of a trainer config file: the teacher's architecture from
-    its header, the latent grid and text length from the first sample of ``data.root``; nothing else is loaded."""
+    """(teacher config, ``estimate`` keyword arguments) of a trainer config file: the teacher's architecture and
+    dtypes from its header, the latent grid and text length from the first sample of ``data.root``; no weight is
+    loaded."""
     from accvideo_core.models.loading import header_tensors, read_config
     from accvideo_core.synvid.format import SynVidDataset, read_sample
     from accvideo_core.train.config import load_config
@@ -196,8 +197,7 @@ def config_run(path: str, overrides: list[str], gpus: int) -> tuple[TransformerC
 
     cfg = load_config(path, overrides)
     teacher = cfg.model.teacher
-    fp8 = cfg.model.fp8_base or (teacher.endswith(".safetensors") and any(
-        t.dtype in FP8_DTYPES for t in header_tensors(teacher).values()))
+    fp8 = cfg.model.fp8_base or any(t.dtype in FP8_DTYPES for t in header_tensors(teacher).values())
     data = SynVidDataset(cfg.data.root)
     sample = read_sample(data.path(0), steps=[0], check_finite=False)
     return read_config(teacher), run_settings(cfg, latent=tuple(sample.latents.shape[-3:]),
