@@ -158,7 +158,8 @@ def run_training(config: dict, run_dir: Path, fresh: bool) -> tuple[Path, bool]:
     cfg = config_from_dict(json.loads(json.dumps(config)))
     wanted = json.loads(json.dumps(cfg.to_dict()))
     done = run_dir / "demo_done.json"
-    if not fresh and student.is_file() and _finished_config(done) == wanted:
+    finished = _finished_config(done)
+    if not fresh and student.is_file() and finished is not None and _portable(finished) == _portable(wanted):
         say(f"reusing the finished training run in {run_dir} (--fresh retrains)")
         return student, True
     if run_dir.exists():
@@ -182,6 +183,17 @@ def _finished_config(done: Path) -> dict | None:
         return json.loads(json.dumps(config_from_dict(json.loads(done.read_text())).to_dict()))
     except (OSError, ValueError, ConfigError):
         return None
+
+
+def _portable(config: dict) -> dict:
+    """``config`` with the demo folder it was written for (its ``log.out_dir``'s parent) spelt ``<out>``: a run
+    folder copied or moved with its demo folder stays reusable."""
+    base = str(Path(config["log"]["out_dir"]).parent)
+
+    def swap(value):
+        return "<out>" + value[len(base):] if isinstance(value, str) and value.startswith(base) else value
+
+    return {section: {k: swap(v) for k, v in values.items()} for section, values in config.items()}
 
 
 CHANCE_LOSS = 2 * math.log(2)  # the non-saturating discriminator loss of a head that cannot tell real from fake

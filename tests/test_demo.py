@@ -3,6 +3,7 @@ mp4 + GIF) at a very reduced setting, on the shipped family."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -85,6 +86,13 @@ def test_demo_runs_end_to_end_reduced(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "3 of 3 samples already present" in err and err.count("reusing the finished training run") == 2
     assert "Fresh heads" not in (tmp_path / "report.md").read_text()   # --probe-updates 0: no probe
+    # a demo folder copied elsewhere keeps its finished runs (the markers' paths are read relative to it)
+    copied = tmp_path.with_name(tmp_path.name + "_copied")
+    shutil.copytree(tmp_path, copied)
+    assert main(["--out", str(copied), "--synvid-samples", "3", "--train-steps", "1",
+                 "--batch", "2", "--heldout-prompts", "1", "--seeds-per-prompt", "1", "--shown", "1", "--threads", "1",
+                 "--probe-updates", "0", "--heads-only-steps", "1"]) == 0
+    assert capsys.readouterr().err.count("reusing the finished training run") == 2
     # a changed family (here: a different recorded fingerprint) is never mixed with the old run's data
     (tmp_path / "family.json").write_text(json.dumps({"teacher": "sha256:other"}))
     assert main(["--out", str(tmp_path), "--synvid-samples", "3", "--train-steps", "1", "--batch", "2",
