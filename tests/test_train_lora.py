@@ -385,6 +385,8 @@ def test_lora_resume_after_kill_is_bit_exact(synvid, tmp_path, fmt):
         Trainer(make_cfg(synvid, tmp_path / "b", log={"plot": False}), resume="auto")
     with pytest.raises(ConfigError, match="resume it with the run's own model.lora_rank, not 2"):
         Trainer(make_cfg(synvid, tmp_path / "b", model={"lora_rank": 2}), resume="auto")
+    with pytest.raises(ConfigError, match="trained on another base .* model.fp8_base setting"):   # fp8-rounded
+        Trainer(make_cfg(synvid, tmp_path / "b", model={"lora_rank": 4, "fp8_base": True}), resume="auto")
 
 
 def test_torchrun_lora_with_sequence_parallel_lora_init_and_resume(synvid, tmp_path):

@@ -193,7 +193,8 @@ def check_resume(tr: Trainer, ckdir: Path, state: dict[str, Any]) -> None:
     saved = state.get("base_fingerprint", "")
     if rank and saved and tr.base_fingerprint and saved != tr.base_fingerprint:
         raise ConfigError(f"{ckdir} was trained on another base (fingerprint {saved}, model.teacher gives "
-                          f"{tr.base_fingerprint}); resume with the base it was trained on")
+                          f"{tr.base_fingerprint}); resume with the base it was trained on (the same teacher file "
+                          "and model.fp8_base setting: an fp8-rounded base is another base)")
 
 
 def load_full_checkpoint(tr: Trainer, ckdir: Path) -> None:
