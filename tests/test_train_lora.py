@@ -256,12 +256,32 @@ def _fp8_rounded_copy(src: Path, dst: Path, *, scaled: bool = False) -> tuple[Pa
     return dst / "fp8.safetensors", dst / "fp32_of_fp8.safetensors"
 
 
+def _fp8_base_values(src: Path, dst: Path) -> Path:
+    """The fp32 file of exactly the values ``model.fp8_base`` trains on (block linears quantized with a per-layer
+    scale by ``apply_fp8_layout``, then de-scaled)."""
+    from accvideo_core.models.loading import (apply_fp8_layout, block_linears_layout, dequantized, fp8_layout,
+                                              load_transformer, save_transformer)
+
+    model = load_transformer(src, dtype=torch.float32)
+    apply_fp8_layout(model, block_linears_layout(model))
+    assert fp8_layout(model) and all(shape == [] for _, shape in fp8_layout(model).values())   # scaled, per layer
+    sd = model.state_dict()
+    plain = {k: v for k, v in sd.items() if not k.endswith(".scale_weight")}
+    for key, value in plain.items():
+        if value.dtype == torch.float8_e4m3fn:
+            plain[key] = dequantized(value, sd[key.removesuffix("weight") + "scale_weight"], torch.float32)
+    save_transformer(load_transformer(plain), dst / "fp32_of_fp8_base.safetensors")
+    return dst / "fp32_of_fp8_base.safetensors"
+
+
 @pytest.mark.parametrize("source", ["fp8_base", "fp8_file", "fp8_scaled_file"])
 def test_an_fp8_base_trains_exactly_like_the_fp32_copy_of_its_values(synvid, tmp_path, source):
     """LoRA mode on a frozen fp8 base (``model.fp8_base`` on a bf16/fp32 teacher, or an fp8 / ComfyUI fp8_scaled
     teacher file) computes with the up-cast weights: the same run on an fp32 file holding exactly those values
     gives the same adapters, metrics and exports, while the base's block linears stay 1 byte per weight."""
     fp8_file, oracle = _fp8_rounded_copy(synvid / "teacher.safetensors", tmp_path, scaled=source == "fp8_scaled_file")
+    if source == "fp8_base":
+        oracle = _fp8_base_values(synvid / "teacher.safetensors", tmp_path)
     kw = dict(optim={"steps": 2, "lr": LORA_LR, "segment_updates": "joint"}, log={"plot": False})
     model = {"lora_rank": 4, "gradient_checkpointing": True,   # fp8_base: the 24 GB setting, with offloading
              **({"fp8_base": True, "offload_checkpoints": True} if source == "fp8_base" else {"teacher": str(fp8_file)})}

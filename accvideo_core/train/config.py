@@ -27,7 +27,7 @@ class ModelConfig:
     lora_alpha: float = 0.0                 # adapter scale = alpha / rank; 0 = alpha equal to the rank (scale 1)
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # linear layers with adapters (fnmatch)
     lora_init: str = ""                     # start the adapters from a LoRA file (any format accvideo_core.lora reads)
-    fp8_base: bool = False                  # LoRA mode: frozen base's block linears in float8_e4m3fn (half of bf16)
+    fp8_base: bool = False                  # LoRA mode: frozen base's block linears in scaled float8_e4m3fn
 
 
 @dataclass

@@ -21,7 +21,7 @@ from accvideo_core.train import lora_mode
 from accvideo_core.train.batching import Record, SampleStream, sample_record
 from accvideo_core.train.config import ConfigError, TrainConfig
 from accvideo_core.train.heads import build_heads, default_feature_layers
-from accvideo_core.utils.dtypes import parse_dtype
+from accvideo_core.utils.dtypes import FP8_DTYPES, parse_dtype
 
 @dataclass
 class Data:
@@ -164,10 +164,9 @@ def _teacher(cfg: TrainConfig, info: D.DistInfo, teacher: nn.Module | None,
         else:
             _check_not_fp8(loaded)
             layout = {}
-        full_sd = loaded.state_dict()
-        for module, (fp8, _) in layout.items():   # rounded to fp8, sent in `dtype` (gloo cannot send fp8; exact)
-            key = f"{module}.weight"
-            full_sd[key] = full_sd[key].to(parse_dtype(fp8)).to(dtype)
+        apply_fp8_layout(loaded, layout)   # quantized as one process would (scales included)
+        # sent in `dtype`, exactly (gloo has no fp8 type); every rank's shards take them back in fp8
+        full_sd = {k: v.to(dtype) if v.dtype in FP8_DTYPES else v for k, v in loaded.state_dict().items()}
         shared = [loaded.config.to_dict(), layout]
         del loaded
     torch.distributed.broadcast_object_list(shared, src=0)
