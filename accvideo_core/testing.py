@@ -86,6 +86,21 @@ def tiny_transformer(seed: int = 0, **config_overrides: Any):
     return randomize_(HunyuanVideoTransformer3D(tiny_transformer_config(**config_overrides)), seed).eval()
 
 
+def dequantized_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An fp8 (possibly scaled) state dict as the fp32 values its layers compute with, ``scale_weight`` keys
+    dropped: the oracle that fp8-stored models are compared with."""
+    from .models.loading import FP8_DTYPES, dequantized
+
+    out = {}
+    for key, value in sd.items():
+        if key.endswith(".scale_weight"):
+            continue
+        if value.dtype in FP8_DTYPES:
+            value = dequantized(value, sd.get(key.removesuffix("weight") + "scale_weight"), torch.float32)
+        out[key] = value.float() if value.is_floating_point() else value
+    return out
+
+
 def tiny_inputs(config: TransformerConfig, *, batch: int = 1, frames: int = 2, height: int = 4, width: int = 6,
                 text_len: int = 7, valid: list[int] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random model inputs for ``config``: latents ``[B, C, frames, height, width]``, sigma*1000 timesteps, text

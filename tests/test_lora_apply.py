@@ -7,7 +7,7 @@ import torch
 
 from accvideo_core.lora import LoraStack, load_lora, merge_into_state_dict
 from accvideo_core.models.loading import FP8_DTYPES, load_transformer
-from accvideo_core.testing import tiny_inputs, tiny_transformer
+from accvideo_core.testing import dequantized_state, tiny_inputs, tiny_transformer
 
 H = 32
 
@@ -97,7 +97,7 @@ def test_fp8_weights_stay_unmerged_and_lora_runs_at_runtime():
             assert torch.equal(after_state[k].view(torch.uint8), v.view(torch.uint8)), f"{k} was modified"
     assert not torch.equal(after_state["time_in.mlp.0.weight"], fp8_state["time_in.mlp.0.weight"])
     # reference: the up-cast fp8 weights in fp32 with the LoRA merged exactly
-    upcast = {k: v.float() if v.is_floating_point() else v for k, v in fp8_state.items()}
+    upcast = dequantized_state(fp8_state)   # fp8 weights x their per-layer scales
     merged = tiny_transformer(seed=4)
     merged.load_state_dict(merge_into_state_dict(upcast, [(lora, 0.6)]))
     with torch.no_grad():

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from accvideo_core.lora import extract, load_lora, merge_into_state_dict
 from accvideo_core.lora.__main__ import main as cli_main
 from accvideo_core.models import key_maps
+from accvideo_core.models.loading import quantize_fp8
 from accvideo_core.testing import tiny_transformer
 from accvideo_core.utils.io import CheckpointError, save_safetensors, save_torch
 from tests.integration.comfy_probe import run_probe
@@ -233,7 +234,8 @@ def test_merge_checkpoint_streams_and_equals_in_memory_merge(tmp_path, capsys):
         assert got[k].dtype == torch.bfloat16
         torch.testing.assert_close(got[k].float(), want[k].float(), rtol=1e-2, atol=1e-3, msg=k)
     load_transformer(out)  # loads strictly
-    # fp8 output through the CLI: linear weights fp8, the rest bf16, each rounded once from the fp32 merge
+    # fp8 output through the CLI: linear weights fp8 with a per-layer scale (ComfyUI's fp8_scaled form, with its
+    # marker), the rest bf16, each rounded once from the fp32 merge
     code = cli_main(["merge", "--base", str(tmp_path / "base_diffusers.safetensors"), "--lora", f"{lora}:0.7",
                      "--out", str(tmp_path / "fp8.safetensors"), "--dtype", "fp8"])
     assert code == 0 and "[merge]" in capsys.readouterr().err
@@ -242,9 +244,14 @@ def test_merge_checkpoint_streams_and_equals_in_memory_merge(tmp_path, capsys):
     assert fp8["double_blocks.0.img_attn_qkv.weight"].dtype == torch.float8_e4m3fn
     assert fp8["double_blocks.0.img_attn_qkv.bias"].dtype == torch.bfloat16
     key = "double_blocks.0.img_attn_qkv.weight"
-    assert torch.equal(fp8[key].float(), single[key].float().to(torch.float8_e4m3fn).float())
+    quantized, scale = quantize_fp8(single[key], torch.float8_e4m3fn)
+    assert torch.equal(fp8[key].view(torch.uint8), quantized.view(torch.uint8))
+    assert torch.equal(fp8["double_blocks.0.img_attn_qkv.scale_weight"], scale) and "scaled_fp8" in fp8
     bias = "final_layer.adaLN_modulation.1.bias"
     assert torch.equal(fp8[bias], single[bias].bfloat16())
+    loaded = load_transformer(tmp_path / "fp8.safetensors", dtype=torch.float32)   # read back de-scaled
+    torch.testing.assert_close(loaded.state_dict()[key].float() * loaded.state_dict()[key[:-6] + "scale_weight"],
+                               single[key].float(), rtol=2 ** -4, atol=2 ** -10 * float(scale))
 
 
 def test_cli_merge_default_dtype_keeps_each_tensors_dtype(tmp_path, capsys):

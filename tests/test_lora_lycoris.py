@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from accvideo_core.lora import LoraFormatError, LoraStack, comfy_patches, load_lora, merge_into_state_dict
 from accvideo_core.models.loading import FP8_DTYPES, load_transformer
-from accvideo_core.testing import tiny_inputs, tiny_transformer
+from accvideo_core.testing import dequantized_state, tiny_inputs, tiny_transformer
 
 TARGETS = ["img_attn_qkv", "txt_mlp.fc2", "linear1", "img_mod.linear"]
 
@@ -213,7 +213,7 @@ def test_loha_runs_unmerged_on_fp8_weights():
     assert all(torch.equal(fp8.state_dict()[k].view(torch.uint8), v.view(torch.uint8))
                for k, v in fp8_state.items() if v.dtype == torch.float8_e4m3fn), "an fp8 weight was modified"
     merged = tiny_transformer(seed=4)
-    upcast = {k: v.float() if v.is_floating_point() else v for k, v in fp8_state.items()}
+    upcast = dequantized_state(fp8_state)   # fp8 weights x their per-layer scales
     merged.load_state_dict(merge_into_state_dict(upcast, [(lora, 0.7)]))
     with torch.no_grad():
         torch.testing.assert_close(fp8(**inputs, guidance=6.0), merged(**inputs, guidance=6.0), rtol=1e-4, atol=1e-5)

@@ -10,7 +10,7 @@ import torch
 
 from accvideo_core.lora import LoraStack, extract, load_lora
 from accvideo_core.lora.adapters import add_adapters, merge_adapters
-from accvideo_core.testing import tiny_transformer
+from accvideo_core.testing import dequantized_state, tiny_transformer
 from accvideo_core.train import lora_mode
 from accvideo_core.train.config import LORA_TARGETS, ConfigError, config_from_dict
 from accvideo_core.train.loop import Trainer
@@ -259,18 +259,13 @@ def _fp8_rounded_copy(src: Path, dst: Path, *, scaled: bool = False) -> tuple[Pa
 def _fp8_base_values(src: Path, dst: Path) -> Path:
     """The fp32 file of exactly the values ``model.fp8_base`` trains on (block linears quantized with a per-layer
     scale by ``apply_fp8_layout``, then de-scaled)."""
-    from accvideo_core.models.loading import (apply_fp8_layout, block_linears_layout, dequantized, fp8_layout,
-                                              load_transformer, save_transformer)
+    from accvideo_core.models.loading import (apply_fp8_layout, block_linears_layout, fp8_layout, load_transformer,
+                                              save_transformer)
 
     model = load_transformer(src, dtype=torch.float32)
     apply_fp8_layout(model, block_linears_layout(model))
     assert fp8_layout(model) and all(shape == [] for _, shape in fp8_layout(model).values())   # scaled, per layer
-    sd = model.state_dict()
-    plain = {k: v for k, v in sd.items() if not k.endswith(".scale_weight")}
-    for key, value in plain.items():
-        if value.dtype == torch.float8_e4m3fn:
-            plain[key] = dequantized(value, sd[key.removesuffix("weight") + "scale_weight"], torch.float32)
-    save_transformer(load_transformer(plain), dst / "fp32_of_fp8_base.safetensors")
+    save_transformer(load_transformer(dequantized_state(model.state_dict())), dst / "fp32_of_fp8_base.safetensors")
     return dst / "fp32_of_fp8_base.safetensors"
 
 

@@ -342,9 +342,14 @@ def test_cli_info_and_convert(model, inputs, tmp_path, capsys):
     assert "diffusers layout" in printed and '"num_single_blocks": 2' in printed
     main(["convert", str(src), str(tmp_path / "orig.safetensors"), "--fp8"])
     converted = load_transformer(tmp_path / "orig.safetensors", dtype=torch.float32)
-    assert converted.single_blocks[0].linear1.weight.dtype == FP8
+    # every Linear in fp8 with its own scale (the file is read the same way by ComfyUI), the rest in fp32
+    assert converted.single_blocks[0].linear1.weight.dtype == FP8 and converted.single_blocks[0].linear1.scale_weight
+    assert converted.txt_in.input_embedder.weight.dtype == FP8 and converted.img_in.proj.weight.dtype == torch.float32
     expected = load_transformer(model.state_dict(), dtype=torch.float32, storage_dtype=FP8)
+    expected = load_transformer(save_transformer(expected, tmp_path / "expected.safetensors"), dtype=torch.float32)
     assert torch.equal(_out(converted, inputs), _out(expected, inputs))
+    out, ref = _out(converted, inputs), _out(model, inputs)
+    assert (out - ref).norm() / ref.norm() < 0.1
 
 
 def test_stored_config_is_validated_against_the_tensors(tmp_path):
@@ -398,3 +403,42 @@ def test_comfy_internal_names_have_one_table_both_ways():
     sd = tiny_transformer(seed=2).state_dict()
     internal = {key_maps.original_to_comfy_key(k): v for k, v in sd.items()}
     assert len(internal) == len(sd) and key_maps.comfy_internal_to_original(internal).keys() == sd.keys()
+
+
+_SCALED_PROBE = r'''
+model = comfy.sd.load_diffusion_model(ARGS[0])
+dm = model.model.diffusion_model
+out = {name: (m.weight.float() * m.scale_weight.float()).contiguous() for name, m in dm.named_modules()
+       if isinstance(m, torch.nn.Linear) and getattr(m, "scale_weight", None) is not None}
+save_file(out, ARGS[1])
+print("PROBE" + json.dumps({"linears": sum(isinstance(m, torch.nn.Linear) for m in dm.modules()),
+                            "scaled": len(out)}))
+'''
+
+
+@pytest.mark.integration
+def test_native_comfyui_reads_our_fp8_scaled_weights(tmp_path, comfyui_path):
+    """A file of ``convert --fp8`` (``load_transformer(storage_dtype=fp8)`` + ``save_transformer``): native ComfyUI
+    finds a scale for every Linear and its effective weights (fp8 x scale) equal ours exactly."""
+    import json
+
+    from accvideo_core.lora import comfy_names
+    from accvideo_core.testing import dequantized_state
+    from accvideo_core.utils.io import read_state_dict
+    from safetensors.torch import load_file
+    from tests.integration.comfy_probe import run_probe
+
+    model = tiny_transformer(seed=3, comfy_compatible=True)
+    path = save_transformer(load_transformer(model.state_dict(), dtype=torch.float32, storage_dtype=FP8),
+                            tmp_path / "fp8_scaled.safetensors")
+    ours = dequantized_state({k: v for k, v in read_state_dict(path).items() if k != "scaled_fp8"})
+    run = run_probe(_SCALED_PROBE, str(comfyui_path), str(path), str(tmp_path / "effective.safetensors"),
+                    folder=tmp_path, timeout=600)
+    report = json.loads(run.stdout.split("PROBE", 1)[1])
+    theirs = load_file(tmp_path / "effective.safetensors")
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert report["scaled"] == report["linears"] == len(theirs)
+    assert len(theirs) == len(linears)   # every Linear scaled, embedders and final layer included
+    for name in linears:
+        comfy = comfy_names.to_comfy_key(f"{name}.weight").removesuffix(".weight")
+        assert torch.equal(theirs[comfy], ours[f"{name}.weight"]), name

@@ -14,12 +14,14 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
+from accvideo_core.models.loading import quantize_fp8
+from accvideo_core.utils.dtypes import FP8_DTYPES
 from accvideo_core.utils.io import save_safetensors_stream
 
 from .apply import LoraLike, as_lora, match
 from .extract import Progress, WeightSource
 
-FP8 = "fp8"  # linear weights in float8_e4m3fn, everything else bf16
+FP8 = "fp8"  # linear weights in float8_e4m3fn with a per-layer scale (ComfyUI's fp8_scaled form), the rest bf16
 
 
 def _output_dtype(key: str, shape: tuple[int, ...], stored: torch.dtype, dtype: torch.dtype | str | None
@@ -38,7 +40,8 @@ def merge_checkpoint(base: str | os.PathLike | Mapping[str, torch.Tensor], loras
 
     ``base``: original, ComfyUI or diffusers layout, safetensors or weights-only pickle (keys that are not part of
     the transformer are left out). ``dtype``: None keeps each tensor's dtype; a float dtype converts every float
-    tensor; ``"fp8"`` stores 2-D linear weights as float8_e4m3fn and the rest as bf16.
+    tensor; ``"fp8"`` stores 2-D linear weights as float8_e4m3fn with a per-layer ``scale_weight``
+    (``models.loading.quantize_fp8``) and ComfyUI's ``scaled_fp8`` marker, the rest as bf16.
     Every LoRA is accounted for like :func:`accvideo_core.lora.match` (error when nothing fits, one warning line
     for a partial match).
     """
@@ -69,10 +72,23 @@ def merge_checkpoint(base: str | os.PathLike | Mapping[str, torch.Tensor], loras
                     delta = patch.weight_delta(tensor.shape) if param == "weight" else patch.bias_delta(tensor.shape)
                     if delta is not None:
                         total = tensor.float() + strength * delta if total is None else total + strength * delta
-                yield (tensor if total is None else total).to(out_dtypes[key])
+                value = tensor if total is None else total
+                if out_dtypes[key] in FP8_DTYPES:
+                    yield from quantize_fp8(value, out_dtypes[key])   # the weight, then its scale
+                else:
+                    yield value.to(out_dtypes[key])
+            if scaled:
+                yield torch.empty(0, dtype=torch.float8_e4m3fn)   # ComfyUI's marker of a scaled fp8 file
             if progress is not None:
                 progress(len(keys), len(keys), "")
 
-        save_safetensors_stream([(k, out_dtypes[k], metas[k][0]) for k in keys], merged(), out,
-                                metadata={"format": "pt", "accvideo_merged_loras": sources})
+        specs = []
+        for k in keys:
+            specs.append((k, out_dtypes[k], metas[k][0]))
+            if out_dtypes[k] in FP8_DTYPES:
+                specs.append((k.removesuffix("weight") + "scale_weight", torch.float32, ()))
+        scaled = len(specs) > len(keys)
+        if scaled:
+            specs.append(("scaled_fp8", torch.float8_e4m3fn, (0,)))
+        save_safetensors_stream(specs, merged(), out, metadata={"format": "pt", "accvideo_merged_loras": sources})
     return Path(out)

@@ -318,7 +318,8 @@ def load_transformer(source: str | os.PathLike | Mapping[str, torch.Tensor], *, 
     """Build a :class:`HunyuanVideoTransformer3D` from a checkpoint path or a state dict (eval mode).
 
     dtype: compute dtype (default: the file's float dtype; bf16 for fp8 files). storage_dtype: pass
-    ``torch.float8_e4m3fn`` to store the Linear weights of a bf16/fp32 file in fp8 (half the memory of bf16);
+    ``torch.float8_e4m3fn`` to store the block Linear weights of a bf16/fp32 file in fp8 with a per-layer scale
+    (:func:`quantize_fp8`; half the memory of bf16);
     fp8 weights in the file are always kept in fp8. rope_axes: needed only for head dims other than 128 whose
     file carries no config metadata (files written by :func:`save_transformer` do).
     """
@@ -369,9 +370,11 @@ def load_transformer(source: str | os.PathLike | Mapping[str, torch.Tensor], *, 
         module_name, _, leaf = key.rpartition(".")
         keep_fp8 = leaf == "weight" and module_name in linears and (
             value.dtype in FP8_DTYPES or (storage_dtype in FP8_DTYPES and module_name.startswith(BLOCK_PREFIXES)))
-        if keep_fp8:
-            target = value.dtype if value.dtype in FP8_DTYPES else storage_dtype
-            tensors[key] = value.to(device=device, dtype=target)
+        if keep_fp8 and value.dtype in FP8_DTYPES:
+            tensors[key] = value.to(device)
+        elif keep_fp8:   # quantized with a per-layer scale (as model.fp8_base; ComfyUI's fp8_scaled form)
+            quantized, scales[module_name] = quantize_fp8(value, storage_dtype)
+            tensors[key] = quantized.to(device)
         else:
             tensors[key] = value.to(device=device, dtype=compute if value.is_floating_point() else value.dtype)
         if keep_fp8 or module_name in scales:
@@ -392,7 +395,9 @@ def save_transformer(model: HunyuanVideoTransformer3D, path: str | os.PathLike, 
     """Atomically write ``model`` as an original-layout safetensors file with its config in the metadata.
 
     fp8 weights are written as fp8; when some carry a ``scale_weight`` the ``scaled_fp8`` marker key that ComfyUI
-    uses to recognise scaled fp8 files is added. ``dtype``: cast floating-point weights; ``metadata``: extra
+    uses to recognise scaled fp8 files is added, and every other Linear weight is written quantized with its own
+    scale (:func:`quantize_fp8`): ComfyUI reads a marked file with every Linear in fp8 (scale 1 where a layer has
+    none), so both readers see the same weights. ``dtype``: cast floating-point weights; ``metadata``: extra
     entries next to the config. The file is written one tensor at a time; ``materialize(name, value)`` turns a
     ``state_dict()`` value into the full CPU tensor just before it is written (e.g. gathering a sharded
     parameter), so a sharded model is never held in full.
@@ -403,15 +408,26 @@ def save_transformer(model: HunyuanVideoTransformer3D, path: str | os.PathLike, 
     def cast(t: torch.Tensor) -> torch.dtype:
         return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
 
-    specs = [(name, cast(t), tuple(t.shape)) for name, t in tensors.items()]
-    if any(k.endswith(".scale_weight") for k in tensors):
+    scaled = dtype is None and any(k.endswith(".scale_weight") for k in tensors)
+    quantize = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                and not isinstance(m, FP8Linear)} if scaled else set()
+    specs = []
+    for name, t in tensors.items():
+        if name in quantize:
+            specs += [(name, FP8_DTYPES[0], tuple(t.shape)), (f"{name[:-len('weight')]}scale_weight", torch.float32, ())]
+        else:
+            specs.append((name, cast(t), tuple(t.shape)))
+    if scaled:
         specs.append(("scaled_fp8", FP8_DTYPES[0], (0,)))
 
     def stream() -> Iterator[torch.Tensor]:
         for name, t in tensors.items():
-            full = materialize(name, t) if materialize is not None else t
-            yield full.detach().to("cpu", cast(t))
-        if specs[-1][0] == "scaled_fp8":
+            full = (materialize(name, t) if materialize is not None else t).detach()
+            if name in quantize:
+                yield from (part.to("cpu") for part in quantize_fp8(full, FP8_DTYPES[0]))
+            else:
+                yield full.to("cpu", cast(t))
+        if scaled:
             yield torch.empty(0, dtype=FP8_DTYPES[0])
 
     return save_safetensors_stream(specs, stream(), path, metadata=meta)
@@ -434,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("path")
     convert.add_argument("out")
     convert.add_argument("--dtype", choices=names_for(*_COMPUTE_DTYPES), help="weight dtype (default: keep the file's)")
-    convert.add_argument("--fp8", action="store_true", help="store the block Linear weights as float8_e4m3fn")
+    convert.add_argument("--fp8", action="store_true", help="store the block Linear weights as float8_e4m3fn with "
+                         "a per-layer scale (ComfyUI's fp8_scaled form)")
     args = parser.parse_args(argv)
     try:
         (_info if args.command == "info" else _convert)(args)

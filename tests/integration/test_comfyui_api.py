@@ -162,6 +162,51 @@ def test_sampler_equals_native_ksampler(comfy_api):
     assert diff <= 1e-4
 
 
+def test_our_fp8_scaled_files_sample_in_comfyui_like_their_de_scaled_values(comfy_api):
+    """`loading convert --fp8` and `lora merge --dtype fp8` write every Linear weight in fp8 with a per-layer
+    scale_weight and the scaled_fp8 marker: native UNETLoader reads them and samples close to the fp32 file of
+    their de-scaled values. Not equal: ComfyUI also stores the model's other weights (norms, biases, the patch
+    conv) in fp8 for such a file, its own choice (measured 0.7 % apart; a file with only the block Linears
+    scaled, which ComfyUI reads with the others cast unscaled, was 3.3 % apart, and a reader ignoring the scales
+    would see weights up to 448 / max|W| times too large). The exact check of the weights is
+    tests/test_transformer_loading.py::test_native_comfyui_reads_our_fp8_scaled_weights."""
+    from accvideo_core.lora.merge import FP8, merge_checkpoint
+    from accvideo_core.models.loading import load_transformer, save_transformer
+    from accvideo_core.testing import dequantized_state
+    from accvideo_core.utils.io import read_state_dict
+
+    models = comfy_api.base / "models/diffusion_models"
+    converted = save_transformer(load_transformer(models / TINY_MODEL, dtype=torch.float32,
+                                                  storage_dtype=torch.float8_e4m3fn), models / "fp8_converted.safetensors")
+    merged = merge_checkpoint(models / TINY_MODEL, [(comfy_api.base / "models/loras" / TINY_LORA, 0.5)],
+                              models / "fp8_merged.safetensors", dtype=FP8)
+    for path in (converted, merged):
+        state = read_state_dict(path)
+        assert "scaled_fp8" in state and any(k.endswith(".scale_weight") for k in state), path.name
+        plain = load_transformer(dequantized_state({k: v for k, v in state.items() if k != "scaled_fp8"}))
+        save_transformer(plain, models / f"{path.stem}_values.safetensors", dtype=torch.float32)
+    wf = tiny(api_twin("accvideo_t2v"))
+    model, = nodes_of(wf, "UNETLoader")
+    ours, = nodes_of(wf, "AccVideoSampler")
+    for nid in nodes_of(wf, "AccVideoVAEDecode") + nodes_of(wf, "AccVideoSaveVideo") + nodes_of(wf, "VAELoader"):
+        del wf[nid]
+    wf[ours]["inputs"]["seed"] = 77
+    for name in ("fp8_converted", "fp8_converted_values", "fp8_merged", "fp8_merged_values"):
+        loader = add(wf, "UNETLoader", unet_name=f"{name}.safetensors", weight_dtype="default")
+        sampled = add(wf, "AccVideoSampler", **{**wf[ours]["inputs"], "model": [loader, 0]})
+        add(wf, "AccVideoTest_SaveTensors", name=name, latent=[sampled, 0])
+    add(wf, "AccVideoTest_SaveTensors", name="fp8_reference", latent=[ours, 0])
+    entry = comfy_api.run(wf)
+    assert error_of(entry) is None, error_of(entry)
+    reference = saved(comfy_api, "fp8_reference")["latent"]
+    for name in ("fp8_converted", "fp8_merged"):
+        fp8, values = saved(comfy_api, name)["latent"], saved(comfy_api, f"{name}_values")["latent"]
+        rel = ((fp8 - values).norm() / values.norm()).item()
+        print(f"{name}: ComfyUI on the fp8_scaled file vs on its de-scaled values: relative difference {rel:.2e}; "
+              f"vs the bf16/fp32 original {((fp8 - reference).norm() / reference.norm()).item():.2e}")
+        assert rel <= 0.02, name
+
+
 def test_sampler_reports_progress_with_latent_previews(comfy_api):
     pytest.importorskip("aiohttp")
     wf = tiny(api_twin("accvideo_t2v"))
