@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="LoRA to merge, optionally with a strength (default 1.0); repeat for several")
     mg.add_argument("--out", required=True, help="output .safetensors (original layout)")
     mg.add_argument("--dtype", choices=["keep", "fp8", *names_for(*_FLOATS)], default="keep",
-                    help="output dtype; fp8 = linear weights in float8_e4m3fn, the rest bf16")
+                    help="output dtype; fp8 = linear weights in float8_e4m3fn with a per-layer scale (ComfyUI's "
+                         "fp8_scaled form), the rest bf16")
     mg.set_defaults(func=_merge)
     ins = sub.add_parser("inspect", help="detected format, modules and unused keys of a LoRA file")
     ins.add_argument("file")
