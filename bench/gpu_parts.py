@@ -232,15 +232,14 @@ def _block_flops(tokens: int, hidden: int) -> float:
 
 
 def _to_fp8(block: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``block`` whose Linear weights are stored in float8_e4m3fn and up-cast per call, the form
-    ``load_transformer`` gives community fp8 checkpoints (``FP8Linear``)."""
-    from accvideo_core.models.loading import FP8Linear
+    """A copy of ``block`` whose Linear weights are stored in float8_e4m3fn with a per-layer scale and up-cast per
+    call: the form our fp8 files, ``load_transformer(storage_dtype=...)`` and the trainer's ``model.fp8_base`` use
+    (``FP8Linear``, ``apply_fp8_layout``)."""
+    from accvideo_core.models.loading import apply_fp8_layout
 
     block = copy.deepcopy(block)
-    for module in block.modules():
-        if type(module) is torch.nn.Linear:
-            module.weight = torch.nn.Parameter(module.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
-            module.__class__ = FP8Linear
+    apply_fp8_layout(block, {name: ("float8_e4m3fn", []) for name, module in block.named_modules()
+                             if type(module) is torch.nn.Linear})
     return block
 
 
