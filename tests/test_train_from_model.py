@@ -169,6 +169,33 @@ def test_interrupt_checkpoints_and_a_rerun_resumes_to_the_uninterrupted_result(d
 
 
 # ------------------------------------------------------------------------------------- node schemas (stand-in)
+def test_a_run_larger_than_the_gpu_warns_in_the_console_and_the_node(data, tmp_path, monkeypatch, capsys):
+    """On a GPU the trainer compares the estimate of its run with the device's memory (here a CPU run told its
+    device holds 1 kB): a warning naming what would fit, printed and shown in the node's text before the first
+    iteration; the same text goes into an out-of-memory error. A run that fits warns nothing."""
+    from accvideo_core.train import loop
+    from accvideo_core.train.from_model import HostedTrainer
+
+    notes: list[str] = []
+
+    def cfg(name: str):
+        c = _cfg(data, steps=1)
+        c.log.out_dir = str(tmp_path / name)
+        return c
+
+    monkeypatch.setattr(loop, "device_memory_gb", lambda device: 1e-6)
+    trainer = HostedTrainer(cfg("small"), teacher=tiny_transformer(seed=0), on_progress=lambda *a: None,
+                            should_stop=lambda: False, on_note=notes.append)
+    assert trainer.memory_warning == trainer.memory_note and "more than the device's 0.0 GB" in trainer.memory_note
+    assert notes == [f"warning: {trainer.memory_warning}"] and "offload_activations on" in notes[0]
+    assert f"warning: {trainer.memory_warning}" in capsys.readouterr().err
+    monkeypatch.setattr(loop, "device_memory_gb", lambda device: 1000.0)
+    notes.clear()
+    roomy = HostedTrainer(cfg("roomy"), teacher=tiny_transformer(seed=0), on_progress=lambda *a: None,
+                          should_stop=lambda: False, on_note=notes.append)
+    assert roomy.memory_warning == "" and "the device has 1000.0 GB" in roomy.memory_note and notes == []
+
+
 def test_train_node_lists_synvid_folders_and_refuses_paths_leaving_the_output(tmp_path):
     out = tmp_path / "output"
     for folder in ("synvid/a", "synvid/deep/b", "accvideo_runs/x_1"):

@@ -125,6 +125,8 @@ class HostedTrainer(Trainer):
         super().__init__(cfg, **kwargs)
         self.on_progress, self.should_stop, self.on_note = on_progress, should_stop, on_note
         self._last_line, self._last_host_note = "", time.monotonic()
+        if self.memory_warning:   # shown in the node before the first iteration, not only in the console
+            on_note(f"warning: {self.memory_warning}")
 
     def train_step(self, step: int) -> dict[str, float]:
         metrics = super().train_step(step)

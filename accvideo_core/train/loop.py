@@ -67,6 +67,11 @@ class InIteration:
     norms: list[float]
 
 
+def device_memory_gb(device: torch.device) -> float:
+    """The device's total memory in GB (10^9 bytes); 0 for the CPU (no limit the trainer checks)."""
+    return torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else 0.0
+
+
 class Trainer:
     """Builds data, student, frozen teacher, heads, optimizers and queues from a :class:`TrainConfig`.
 
@@ -114,12 +119,14 @@ class Trainer:
         self.in_iteration: InIteration | None = None  # set when a stop request ends an iteration early
         self.resume_in_iteration: dict | None = None  # a checkpoint's unfinished iteration (load_checkpoint)
         self.validation_pending = False  # a stop request cut a validation short: the resume makes it first
-        self.memory_note = ""   # on CUDA: the estimate of this run against the device (in an out-of-memory error)
-        if self.device.type == "cuda":
-            device_gb = torch.cuda.get_device_properties(self.device).total_memory / 1e9
+        # on a GPU: the estimate of this run against its memory (in an out-of-memory error; a warning when over)
+        self.memory_note = self.memory_warning = ""
+        device_gb = device_memory_gb(self.device)
+        if device_gb:
             peak, self.memory_note = self.memory_advice(device_gb)
             if peak > device_gb and self.info.is_main:
-                print(f"warning: {self.memory_note}", file=sys.stderr, flush=True)
+                self.memory_warning = self.memory_note
+                print(f"warning: {self.memory_warning}", file=sys.stderr, flush=True)
         if ckdir is not None:
             load_checkpoint(self, ckdir)
         self.monitor = Monitor(self.out, total_steps=cfg.optim.steps, start_step=self.step,
