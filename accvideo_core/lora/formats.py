@@ -274,7 +274,7 @@ class ModulePatch:
                      device: torch.device | str | None = None) -> torch.Tensor | None:
         """``scale * up @ down + diff + sum(factored)`` shaped like the weight, or None when the patch has no
         weight change."""
-        dense = self.dense_delta(shape, dtype=dtype, device=device)
+        dense = self._dense_part(shape, self.factored, dtype=dtype, device=device)
         if self.up is None:
             return dense
         up = self.up.to(device=device, dtype=dtype).flatten(1)
@@ -288,28 +288,21 @@ class ModulePatch:
         """The weight change as one ``(up, down)`` pair (scale in ``up``; the low-rank term and every LoHa / LoKr
         term with a cheaper exact factorization, concatenated along the rank) plus a dense rest (``diff`` and
         the other terms), each None when empty. For matrices (``[out, in]`` weights)."""
-        self._check_weight(shape)
-        ups, downs = [], []
+        pairs = [(term, term.low_rank(dtype=dtype, device=device)) for term in self.factored]
+        ups = [pair[0] for _, pair in pairs if pair is not None]
+        downs = [pair[1] for _, pair in pairs if pair is not None]
         if self.up is not None:
-            ups.append(self.up.to(device=device, dtype=dtype).flatten(1) * self.scale)
-            downs.append(self.down.to(device=device, dtype=dtype).flatten(1))
-        dense = None if self.diff is None else self.diff.to(device=device, dtype=dtype)
-        for term in self.factored:
-            pair = term.low_rank(dtype=dtype, device=device)
-            if pair is None:
-                part = term.matrix(dtype=dtype, device=device).reshape(shape)
-                dense = part if dense is None else dense + part
-            else:
-                ups.append(pair[0])
-                downs.append(pair[1])
+            ups.insert(0, self.up.to(device=device, dtype=dtype).flatten(1) * self.scale)
+            downs.insert(0, self.down.to(device=device, dtype=dtype).flatten(1))
+        dense = self._dense_part(shape, [term for term, pair in pairs if pair is None], dtype=dtype, device=device)
         return ((torch.cat(ups, 1), torch.cat(downs, 0)) if ups else None), dense
 
-    def dense_delta(self, shape: torch.Size | tuple[int, ...], *, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str | None = None) -> torch.Tensor | None:
-        """The part of the weight change that is not low-rank (``diff + sum(factored)``), or None."""
+    def _dense_part(self, shape: torch.Size | tuple[int, ...], terms: list[FactoredTerm], *, dtype: torch.dtype,
+                    device: torch.device | str | None) -> torch.Tensor | None:
+        """``diff`` plus the given LoHa / LoKr terms as weight-shaped matrices, or None when there is neither."""
         self._check_weight(shape)
         delta = None if self.diff is None else self.diff.to(device=device, dtype=dtype)
-        for term in self.factored:
+        for term in terms:
             part = term.matrix(dtype=dtype, device=device).reshape(shape)
             delta = part if delta is None else delta + part
         return delta

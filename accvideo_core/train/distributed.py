@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from accvideo_core.train.config import ConfigError
+from accvideo_core.utils.dtypes import FP8_DTYPES
 
 T = TypeVar("T")
 
@@ -203,7 +204,7 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     shards travel as bytes (gloo has no fp8 type; NCCL sends them as bytes too)."""
     if not hasattr(t, "full_tensor"):
         return t
-    if t.dtype.itemsize != 1 or t.dtype == torch.uint8:
+    if t.dtype not in FP8_DTYPES:
         return t.full_tensor()
     from torch.distributed.tensor import DTensor
 

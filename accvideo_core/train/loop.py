@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from accvideo_core.models.loading import fp8_layout
 from accvideo_core.sampling import sample_flow
 from accvideo_core.train import distributed as D
 from accvideo_core.train import lora_mode
@@ -195,10 +196,9 @@ class Trainer:
     def memory_advice(self, device_gb: float) -> tuple[float, str]:
         """``train.estimate``'s peak GB per GPU for this run (its model, data size, mode and settings) and what to
         change when it exceeds ``device_gb`` (:func:`~accvideo_core.train.estimate.memory_advice`)."""
-        fp8 = any(p.dtype.itemsize == 1 for p in self.teacher.parameters())   # fp8_base, or an fp8 teacher
         return memory_advice(self.teacher.config, device_gb, self.SETTING_NAMES, **run_settings(
             self.cfg, latent=self.latent_grid, text_tokens=self.text_tokens, gpus=self.info.world, sp=self.info.sp,
-            fp8_base=fp8))
+            fp8_base=bool(fp8_layout(self.teacher))))   # fp8_base, or an fp8 teacher
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # Under torchrun a Ctrl-C reaches a worker twice (terminal + the agent forwarding it): repeats within

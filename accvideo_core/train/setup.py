@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from accvideo_core.models.loading import apply_fp8_layout, fp8_layout, load_transformer
 from accvideo_core.synvid.format import SynVidDataset, SynVidError, SynVidSample, key_steps_for, read_sample
 from accvideo_core.train import distributed as D
 from accvideo_core.train import lora_mode
@@ -149,8 +150,6 @@ def _teacher(cfg: TrainConfig, info: D.DistInfo, teacher: nn.Module | None,
         return teacher, None
     if not cfg.model.teacher:
         raise ConfigError("model.teacher is empty: set it to the teacher checkpoint (.safetensors/.pt)")
-    from accvideo_core.models.loading import apply_fp8_layout, load_transformer
-
     if not (info.fsdp and info.world > 1):
         return load_transformer(cfg.model.teacher, dtype=dtype), None
     from accvideo_core.models.transformer_hunyuan_video import HunyuanVideoTransformer3D, TransformerConfig
@@ -211,7 +210,7 @@ def place_models(cfg: TrainConfig, info: D.DistInfo, *, student: nn.Module, teac
 
 
 def _check_not_fp8(model: nn.Module) -> None:
-    if any(p.dtype.itemsize == 1 for p in model.parameters()):
+    if fp8_layout(model):
         raise ConfigError("the teacher holds fp8 weights, which a full fine-tune cannot train (the student trains "
                           "every weight in fp32 and would start from the fp8-rounded ones). Train a LoRA instead "
                           "(model.lora_rank > 0: adapters on the frozen fp8 base, see model.fp8_base), or distil "
